@@ -1,0 +1,116 @@
+"""`create_app(settings)`: the proxy as an ASGI application. Nothing is global: two apps built side
+by side share no state."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TextIO
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from liveness_proxy.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProblemError,
+    render_problem,
+)
+from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
+from liveness_proxy.observability import Redactor, build_logger
+from liveness_proxy.openapi import build_openapi
+from liveness_proxy.routes import LivenessApi
+from liveness_proxy.runtime import start_runtime
+from liveness_proxy.settings import Settings
+
+
+def problem_response(error: ProblemError, request_id: str) -> Response:
+    headers = {"Cache-Control": "no-store", **error.headers}
+    return Response(
+        render_problem(error, request_id),
+        status_code=error.response_status(),
+        media_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+async def _handle_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemError)
+    return problem_response(exc, request_id_of(request.scope))
+
+
+async def _handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: ProblemError
+    if exc.status_code == 404:
+        error = NotFound("No such route.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed("This method is not allowed on this route.")
+        error.headers.update(exc.headers or {})
+    else:
+        error = BadRequest("The request could not be processed.")
+    return problem_response(error, request_id_of(request.scope))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+    log_stream: TextIO | None = None,
+    migrate: bool = False,
+) -> Starlette:
+    """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
+    records; `log_stream` receives the JSON log lines (stderr by default); `migrate` applies database
+    migrations at start-up (the `serve` command does it once before starting workers instead)."""
+    redactor = Redactor(
+        [
+            settings.cynopsis_client_secret.get_secret_value(),
+            settings.liveness_proxy_api_key_pepper.get_secret_value(),
+        ]
+    )
+    logger = build_logger(
+        level=settings.liveness_proxy_log_level,
+        log_format=settings.liveness_proxy_log_format,
+        redactor=redactor,
+        stream=log_stream,
+    )
+    api = LivenessApi(build_openapi())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        runtime = await start_runtime(
+            settings, logger=logger, redactor=redactor, clock=clock, wall_clock=wall_clock, migrate=migrate
+        )
+        api.runtime = runtime
+        logger.info("started", upstream=settings.cynopsis_api_base_url, token_url=settings.cynopsis_token_url)
+        try:
+            yield
+        finally:
+            api.runtime = None
+            await runtime.close()
+            logger.info("stopped")
+
+    routes = [
+        Route("/v1/liveness/session-token", api.session_token, methods=["POST"]),
+        Route("/v1/liveness/sessions", api.create_session, methods=["POST"]),
+        Route("/v1/liveness/sessions/{session_id}/result", api.result, methods=["GET"]),
+        Route("/healthz", api.health, methods=["GET"]),
+        Route("/readyz", api.readiness, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContextMiddleware, logger=logger)],
+        exception_handlers={ProblemError: _handle_problem, HTTPException: _handle_http_exception},
+        lifespan=lifespan,
+    )
+    app.state.liveness_api = api
+    return app

@@ -1,0 +1,37 @@
+"""Caller authentication: who may call the proxy, and as which subject."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.datastructures import Headers
+
+from liveness_proxy.auth.api_keys import ApiKeyAuthenticator, IssuedApiKey, new_api_key
+from liveness_proxy.auth.caller import ADMIN_SCOPE, Authenticator, Caller
+from liveness_proxy.errors import Unauthenticated
+
+__all__ = [
+    "ADMIN_SCOPE",
+    "ApiKeyAuthenticator",
+    "Authenticator",
+    "Caller",
+    "CallerAuthentication",
+    "IssuedApiKey",
+    "new_api_key",
+]
+
+
+class CallerAuthentication:
+    """Asks each authenticator in turn; the first that recognises the credential decides."""
+
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        self._authenticators = tuple(authenticators)
+
+    async def authenticate(self, headers: Headers) -> Caller:
+        for authenticator in self._authenticators:
+            caller = await authenticator.authenticate(headers)
+            if caller is not None:
+                return caller
+        if "authorization" in headers or "x-api-key" in headers:
+            raise Unauthenticated("The credential is not valid.", error="invalid_token")
+        raise Unauthenticated("Authentication is required: send an API key as 'Authorization: Bearer <key>'.")

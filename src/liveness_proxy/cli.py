@@ -1,0 +1,374 @@
+"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import orjson
+
+from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.settings import Settings
+
+EXIT_CONFIGURATION = 2
+EXIT_FAILURE = 1
+
+
+def app_from_environment() -> object:
+    """The app factory uvicorn's workers call (`serve --workers N`): each worker reads the same settings."""
+    from liveness_proxy.app import create_app
+
+    return create_app(Settings.load())
+
+
+def _load_settings() -> Settings:
+    return Settings.load()
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from liveness_proxy.app import create_app
+
+    settings = _load_settings()
+    settings.require_proxy_secrets()
+    host = args.host or settings.liveness_proxy_host
+    port = settings.liveness_proxy_port if args.port is None else args.port
+    # Migrations run once here, not in each worker, so workers never race on the schema.
+    asyncio.run(_upgrade(settings))
+    common: dict[str, object] = {
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,  # our own access log is structured and redacted
+        "server_header": False,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 10,
+    }
+    if args.workers > 1:
+        uvicorn.run(
+            "liveness_proxy.cli:app_from_environment", factory=True, workers=args.workers, **common  # type: ignore[arg-type]
+        )
+    else:
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+    return 0
+
+
+async def _upgrade(settings: Settings) -> None:
+    from liveness_proxy.store import create_engine, upgrade_database
+
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        await upgrade_database(engine)
+    finally:
+        await engine.dispose()
+
+
+# -- db ---------------------------------------------------------------------------------------------
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from liveness_proxy.settings import redact_url
+
+    settings = _load_settings()
+    asyncio.run(_upgrade(settings))
+    print(f"database is at the latest schema: {redact_url(settings.database_url)}")
+    return 0
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    settings.require_api_key_pepper()
+    issued = asyncio.run(_create_key(settings, subject=args.subject, scopes=args.scope or [], name=args.name))
+    if args.json:
+        print(orjson.dumps({"id": issued[0], "key": issued[1]}).decode())
+    else:
+        print(f"created API key {issued[0]} for subject {args.subject!r}; it is shown only once:", file=sys.stderr)
+        print(issued[1])
+    return 0
+
+
+async def _create_key(settings: Settings, *, subject: str, scopes: Sequence[str], name: str) -> tuple[str, str]:
+    from liveness_proxy.auth import new_api_key
+    from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        await upgrade_database(engine)
+        try:
+            issued = new_api_key(
+                pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
+                subject=subject,
+                scopes=scopes,
+                name=name or subject,
+                now=time.time(),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"keys create: {exc}") from None
+        await ApiKeyStore(engine).add(issued.stored)
+        return issued.key_id, issued.key
+    finally:
+        await engine.dispose()
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+
+    async def run() -> None:
+        from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            await upgrade_database(engine)
+            keys = await ApiKeyStore(engine).list()
+        finally:
+            await engine.dispose()
+        if args.json:
+            for key in keys:
+                print(
+                    orjson.dumps(
+                        {
+                            "id": key.key_id,
+                            "name": key.name,
+                            "subject": key.subject,
+                            "scopes": list(key.scopes),
+                            "created_at": key.created_at,
+                            "revoked_at": key.revoked_at,
+                        }
+                    ).decode()
+                )
+            return
+        print(f"{'ID':<18} {'SUBJECT':<24} {'STATE':<8} {'CREATED (UTC)':<20} {'SCOPES':<24} NAME")
+        for key in keys:
+            state = "revoked" if key.revoked_at is not None else "active"
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.created_at))
+            print(f"{key.key_id:<18} {key.subject:<24} {state:<8} {created:<20} {' '.join(key.scopes):<24} {key.name}")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+
+    async def run() -> bool:
+        from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            await upgrade_database(engine)
+            return await ApiKeyStore(engine).revoke(args.key_id, revoked_at=time.time())
+        finally:
+            await engine.dispose()
+
+    if asyncio.run(run()):
+        print(f"revoked {args.key_id} (running proxies stop accepting it within LIVENESS_PROXY_API_KEY_CACHE_SECONDS)")
+        return 0
+    print(f"no active key with id {args.key_id!r}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+# -- check ------------------------------------------------------------------------------------------
+
+
+def cmd_check(_args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    for name, value in settings.redacted_summary().items():
+        print(f"{name}={value}")
+    settings.require_proxy_secrets()
+    return asyncio.run(_check_live(settings))
+
+
+async def _check_live(settings: Settings) -> int:
+    from liveness_proxy.store import create_engine, current_revision, ping
+    from liveness_proxy.upstream import ClientCredentialsFetcher, TokenEndpointError, create_http_session
+
+    ok = True
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        await ping(engine)
+        revision = await current_revision(engine)
+        print(f"database: reachable (schema revision {revision or 'none: run `liveness-proxy db upgrade`'})")
+    except Exception as exc:
+        print(f"database: FAILED ({type(exc).__name__})")
+        ok = False
+    finally:
+        await engine.dispose()
+    async with create_http_session(
+        max_connections=4,
+        connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
+        total_timeout_seconds=settings.cynopsis_timeout_seconds,
+    ) as http:
+        fetcher = ClientCredentialsFetcher(
+            http,
+            token_url=settings.cynopsis_token_url,
+            client_id=settings.cynopsis_client_id,
+            client_secret=settings.cynopsis_client_secret.get_secret_value,
+            default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
+            max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
+        )
+        try:
+            token = await fetcher.fetch()
+            print(f"upstream token: obtained (lifetime {int(token.lifetime_seconds)} s; value hidden)")
+        except TokenEndpointError as exc:
+            print(f"upstream token: FAILED ({exc})")
+            ok = False
+    print("check: OK" if ok else "check: FAILED")
+    return 0 if ok else EXIT_FAILURE
+
+
+# -- audit ------------------------------------------------------------------------------------------
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+
+    async def run() -> None:
+        from liveness_proxy.store import AuditLog, create_engine
+
+        engine = create_engine(settings.database_url, pool_size=1)
+        out = sys.stdout.buffer
+        try:
+            async for record in AuditLog(engine).iterate():
+                out.write(orjson.dumps(record) + b"\n")
+        finally:
+            await engine.dispose()
+            out.flush()
+
+    asyncio.run(run())
+    return 0
+
+
+# -- sandbox and demo -------------------------------------------------------------------------------
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from liveness_proxy.sandbox import SandboxConfig, serve_sandbox
+
+    config = SandboxConfig(
+        client_id=args.client_id,
+        client_secret=args.client_secret,
+        domain_id=args.domain_id,
+        control_enabled=args.control,
+    )
+    print(
+        f"sandbox Cynopsis API on http://{args.host}:{args.port} "
+        f"(client_id={args.client_id}, domain={args.domain_id}, control API {'on' if args.control else 'off'})",
+        file=sys.stderr,
+    )
+    try:
+        asyncio.run(serve_sandbox(config, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from liveness_proxy.demo import run_demo
+
+    try:
+        return asyncio.run(
+            run_demo(
+                directory=args.dir,
+                host=args.host,
+                port=args.port,
+                sandbox_port=args.sandbox_port,
+                walkthrough_only=args.walkthrough_only,
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liveness-proxy",
+        description="A security-first backend proxy for the Cynopsis Liveness API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy from configuration")
+    serve.add_argument("--host", default=None, help="bind address (default LIVENESS_PROXY_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (default LIVENESS_PROXY_PORT)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.set_defaults(handler=cmd_serve)
+
+    sandbox = commands.add_parser("sandbox", help="run only the simulated Cynopsis API")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8081)
+    sandbox.add_argument("--client-id", default="sandbox-client")
+    sandbox.add_argument("--client-secret", default="sandbox-secret")
+    sandbox.add_argument("--domain-id", default="sandbox-domain")
+    sandbox.add_argument("--control", action="store_true", help="enable the /_sandbox control API")
+    sandbox.set_defaults(handler=cmd_sandbox)
+
+    demo = commands.add_parser("demo", help="sandbox + proxy in one command, with a demo API key")
+    demo.add_argument("--dir", default=".liveness-demo", help="folder for the demo database and pepper")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--sandbox-port", type=int, default=8081)
+    demo.add_argument(
+        "--walkthrough-only",
+        action="store_true",
+        help="run the whole flow once against the started services, print it, and exit",
+    )
+    demo.set_defaults(handler=cmd_demo)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", help="create a key (printed once, last line of stdout)")
+    create.add_argument("--subject", required=True, help="the subject sessions are bound to")
+    create.add_argument("--scope", action="append", help="a scope, e.g. liveness:admin (repeatable)")
+    create.add_argument("--name", default="", help="a label for humans")
+    create.add_argument("--json", action="store_true", help='print {"id": ..., "key": ...}')
+    create.set_defaults(handler=cmd_keys_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+
+    check = commands.add_parser("check", help="validate configuration and fetch an upstream token")
+    check.set_defaults(handler=cmd_check)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    db.add_parser("upgrade", help="apply migrations").set_defaults(handler=cmd_db_upgrade)
+
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    export = audit.add_parser("export", help="print every audit record")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.set_defaults(handler=cmd_audit_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigurationError as exc:
+        print(f"liveness-proxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIGURATION
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Every error the proxy raises on purpose, and its one rendering as RFC 9457 problem details.
+
+The tree:
+
+    LivenessProxyError
+    ├── ConfigurationError            a setting is missing or invalid (start-up, CLI)
+    └── ProblemError                  answered to the caller as application/problem+json
+        ├── BadRequest                400  body is not JSON, session id malformed, ...
+        ├── Unauthenticated           401  missing or wrong credentials (+ WWW-Authenticate)
+        ├── Forbidden                 403
+        ├── NotFound                  404  unknown route, unknown or foreign session
+        ├── MethodNotAllowed          405
+        ├── PayloadTooLarge           413
+        ├── UnsupportedMediaType      415
+        ├── UnprocessableContent      422  JSON that is not the expected shape
+        ├── RateLimited               429  (+ Retry-After)
+        ├── InternalError             500  a bug: the caller sees only the request id
+        ├── ServiceUnavailable        503  (+ Retry-After) readiness, overload
+        └── UpstreamError             the Cynopsis API failed us
+            ├── UpstreamTimeout       504
+            ├── UpstreamUnavailable   502  refused, reset, 5xx
+            ├── UpstreamMalformed     502  not JSON, not an object, too large, missing session id
+            ├── UpstreamRateLimited   429  (+ the upstream's Retry-After)
+            ├── UpstreamRejected      4xx  the upstream refused the request; same status, sanitized detail
+            └── TokenUnavailable      503  (+ Retry-After) no upstream access token can be had now
+
+A `ProblemError` carries only text written here, never upstream bodies, secrets or stack traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import orjson
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:liveness-proxy:problem:"
+
+
+class LivenessProxyError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigurationError(LivenessProxyError):
+    """A setting is missing or invalid. The message names the variable, never its value."""
+
+
+class ProblemError(LivenessProxyError):
+    """An error that is answered to the caller as problem details."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_TYPE_PREFIX + self.slug
+
+    def response_status(self) -> int:
+        return self.status
+
+
+class BadRequest(ProblemError):
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+
+class Unauthenticated(ProblemError):
+    status = 401
+    slug = "unauthenticated"
+    title = "Authentication required"
+
+    def __init__(self, detail: str, *, error: str | None = None) -> None:
+        challenge = 'Bearer realm="liveness-proxy"'
+        if error:
+            challenge += f', error="{error}"'
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ProblemError):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
+class NotFound(ProblemError):
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class MethodNotAllowed(ProblemError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+
+
+class PayloadTooLarge(ProblemError):
+    status = 413
+    slug = "payload-too-large"
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(ProblemError):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class UnprocessableContent(ProblemError):
+    status = 422
+    slug = "unprocessable-content"
+    title = "Unprocessable content"
+
+
+class RateLimited(ProblemError):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
+        self.retry_after_seconds = max(1, retry_after_seconds)
+
+
+class InternalError(ProblemError):
+    status = 500
+    slug = "internal-error"
+    title = "Internal error"
+
+
+class ServiceUnavailable(ProblemError):
+    status = 503
+    slug = "service-unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int | None = None) -> None:
+        headers = {"Retry-After": str(max(1, retry_after_seconds))} if retry_after_seconds is not None else None
+        super().__init__(detail, headers=headers)
+
+
+class UpstreamError(ProblemError):
+    """The Cynopsis API did not give a usable answer. `upstream_status` is for the audit log."""
+
+    status = 502
+    slug = "upstream-error"
+    title = "Upstream error"
+
+    def __init__(
+        self, detail: str, *, upstream_status: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(detail, headers=headers)
+        self.upstream_status = upstream_status
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    slug = "upstream-timeout"
+    title = "Upstream timed out"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    slug = "upstream-unavailable"
+    title = "Upstream unavailable"
+
+
+class UpstreamMalformed(UpstreamError):
+    status = 502
+    slug = "upstream-malformed"
+    title = "Upstream sent an unusable response"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    slug = "upstream-rate-limited"
+    title = "Upstream rate limit"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int, upstream_status: int = 429) -> None:
+        super().__init__(
+            detail, upstream_status=upstream_status, headers={"Retry-After": str(max(1, retry_after_seconds))}
+        )
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream answered 4xx: the caller sees the same status and a detail written here."""
+
+    slug = "upstream-rejected"
+    title = "Upstream rejected the request"
+
+    def __init__(self, detail: str, *, upstream_status: int) -> None:
+        super().__init__(detail, upstream_status=upstream_status)
+
+    def response_status(self) -> int:
+        return self.upstream_status or 502
+
+
+class TokenUnavailable(UpstreamError):
+    status = 503
+    slug = "upstream-token-unavailable"
+    title = "Upstream access token unavailable"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int, upstream_status: int | None = None) -> None:
+        super().__init__(
+            detail, upstream_status=upstream_status, headers={"Retry-After": str(max(1, retry_after_seconds))}
+        )
+
+
+def render_problem(error: ProblemError, request_id: str, instance: str | None = None) -> bytes:
+    """The problem+json body of `error`. Field order is fixed so bodies are easy to diff and to test."""
+    body: dict[str, object] = {
+        "type": error.type_uri,
+        "title": error.title,
+        "status": error.response_status(),
+        "detail": error.detail,
+        "request_id": request_id,
+    }
+    if instance is not None:
+        body["instance"] = instance
+    return orjson.dumps(body)

@@ -1,0 +1,103 @@
+"""Pure-ASGI middleware: request id, access log, and the last-resort error answer."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, render_problem
+
+_REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id RequestContextMiddleware put on this request (a fresh one if it did not run)."""
+    state = scope.get("state")
+    if isinstance(state, dict):
+        value = state.get("request_id")
+        if isinstance(value, str):
+            return value
+    return new_request_id()
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the caller's X-Request-ID when well-formed, else a new one),
+    echoes it on the response, writes one access-log line, and turns any unhandled exception into
+    a 500 problem that carries nothing but the request id."""
+
+    def __init__(self, app: ASGIApp, *, logger: structlog.typing.FilteringBoundLogger) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = self._request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        encoded_id = request_id.encode("ascii")
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", encoded_id))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            self.logger.exception("unhandled_error", request_id=request_id, path=scope.get("path", ""))
+            if not response_started:
+                status = 500
+                body = render_problem(
+                    InternalError("An internal error occurred; quote the request id when reporting it."),
+                    request_id,
+                )
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store"),
+                            (b"x-request-id", encoded_id),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            self.logger.info(
+                "request",
+                request_id=request_id,
+                method=scope.get("method", ""),
+                path=scope.get("path", ""),
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                subject=state.get("subject"),
+            )
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                if _REQUEST_ID_PATTERN.fullmatch(value):
+                    return value.decode("ascii")
+                break
+        return new_request_id()

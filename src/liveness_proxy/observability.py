@@ -1,0 +1,97 @@
+"""Structured logs (structlog, JSON lines) with one redaction step that every line passes through.
+
+Nothing secret should reach a log call in the first place; the redactor is the second line of
+defence: it replaces any known secret value (client secret, pepper, the access tokens we obtained)
+and anything shaped like an API key or a bearer credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections import deque
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+REDACTED = "[REDACTED]"
+_CREDENTIAL_PATTERNS = re.compile(
+    r"lpk_[0-9a-f]{16}_[A-Za-z0-9_-]+"  # our API keys
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]+"  # any bearer credential
+    r"|(?i:client_secret)=[^&\s]+"  # a form-encoded client secret
+)
+_MAX_KNOWN_SECRETS = 16
+
+
+class Redactor:
+    """A structlog processor that scrubs secrets from every value of an event, nested ones too."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._static = tuple(secret for secret in secrets if len(secret) >= 8)
+        # Access tokens rotate: remember the last few so an old one in a late log line is caught.
+        self._dynamic: deque[str] = deque(maxlen=_MAX_KNOWN_SECRETS)
+
+    def add_secret(self, secret: str) -> None:
+        if len(secret) >= 8:
+            self._dynamic.append(secret)
+
+    def scrub(self, text: str) -> str:
+        for secret in (*self._static, *self._dynamic):
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return _CREDENTIAL_PATTERNS.sub(REDACTED, text)
+
+    def _scrub_value(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if depth > 8:
+            return value
+        if isinstance(value, dict):
+            return {key: self._scrub_value(item, depth + 1) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub_value(item, depth + 1) for item in value]
+        return value
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        for key, value in event_dict.items():
+            event_dict[key] = self._scrub_value(value)
+        return event_dict
+
+
+def _orjson_text(obj: Any, **_kwargs: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def build_logger(
+    *, level: str, log_format: str, redactor: Redactor, stream: TextIO | None = None
+) -> structlog.typing.FilteringBoundLogger:
+    """A logger of this app's own (no global structlog configuration, so two apps can differ)."""
+    renderer: structlog.typing.Processor
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_text)
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redactor,
+        renderer,
+    ]
+    logger: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
+        structlog.WriteLogger(stream or sys.stderr),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        cache_logger_on_first_use=True,
+    )
+    return logger
+
+
+def safe_headers(headers: MutableMapping[str, str]) -> dict[str, str]:
+    """Headers fit for a log line: credentials replaced."""
+    hidden = {"authorization", "x-api-key", "cookie", "proxy-authorization"}
+    return {name: (REDACTED if name.lower() in hidden else value) for name, value in headers.items()}

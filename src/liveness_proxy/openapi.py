@@ -1,0 +1,175 @@
+"""The OpenAPI 3.1 document, generated once per app from the models in `schemas`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from liveness_proxy import __version__
+from liveness_proxy.schemas import json_schema_components
+
+SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+_SECURITY = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problem(description: str, *, retry_after: bool = False, authenticate: bool = False) -> dict[str, Any]:
+    headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if retry_after:
+        headers["Retry-After"] = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+    if authenticate:
+        headers["WWW-Authenticate"] = {"description": "Bearer challenge.", "schema": {"type": "string"}}
+    return {
+        "description": description,
+        "headers": headers,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
+
+
+def _ok(description: str, schema: str, status_headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    headers.update(status_headers or {})
+    return {"description": description, "headers": headers, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _upstream_errors() -> dict[str, Any]:
+    return {
+        "401": _problem("Missing or invalid credentials.", authenticate=True),
+        "429": _problem("Rate limited (by the proxy or by the liveness service).", retry_after=True),
+        "500": _problem("Internal error."),
+        "502": _problem("The liveness service failed or answered something unusable."),
+        "503": _problem("No upstream access token can be obtained right now.", retry_after=True),
+        "504": _problem("The liveness service did not answer in time."),
+    }
+
+
+def _body_errors() -> dict[str, Any]:
+    return {
+        "400": _problem("The body is not valid JSON."),
+        "413": _problem("The body is larger than LIVENESS_PROXY_MAX_BODY_BYTES."),
+        "415": _problem("The body is not application/json."),
+        "422": _problem("The body is JSON but not an object."),
+    }
+
+
+def _rejections() -> dict[str, Any]:
+    return {
+        "4XX": _problem("The liveness service rejected the request; same status, sanitized detail."),
+    }
+
+
+def build_openapi() -> dict[str, Any]:
+    session_id_parameter = {
+        "name": "session_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": SESSION_ID_PATTERN},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "liveness-proxy",
+            "version": __version__,
+            "description": "Authenticated, audited access to the Cynopsis Liveness API. "
+            "Errors are RFC 9457 problem details carrying the request id.",
+        },
+        "paths": {
+            "/v1/liveness/session-token": {
+                "post": {
+                    "operationId": "getSessionToken",
+                    "summary": "Start a liveness workflow: a one-time session token for the frontend SDK.",
+                    "security": _SECURITY,
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("SessionTokenRequest")}},
+                    },
+                    "responses": {
+                        "200": _ok("The upstream session token.", "SessionTokenResponse"),
+                        **_body_errors(),
+                        **_upstream_errors(),
+                        **_rejections(),
+                    },
+                }
+            },
+            "/v1/liveness/sessions": {
+                "post": {
+                    "operationId": "createSession",
+                    "summary": "Create a liveness session, bound to the calling subject.",
+                    "security": _SECURITY,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("CreateSessionRequest")}},
+                    },
+                    "responses": {
+                        "201": _ok(
+                            "The upstream session; its id is now bound to the caller.",
+                            "SessionResponse",
+                            {"Location": {"description": "The result URL.", "schema": {"type": "string"}}},
+                        ),
+                        **_body_errors(),
+                        **_upstream_errors(),
+                        **_rejections(),
+                    },
+                }
+            },
+            "/v1/liveness/sessions/{session_id}/result": {
+                "get": {
+                    "operationId": "getLivenessResult",
+                    "summary": "The session's result; only its creator or a liveness:admin caller may read it.",
+                    "security": _SECURITY,
+                    "parameters": [session_id_parameter],
+                    "responses": {
+                        "200": _ok("The result, biometric fields removed by default.", "LivenessResult"),
+                        "400": _problem("The session id is malformed."),
+                        "404": _problem("No such session for this caller."),
+                        **_upstream_errors(),
+                        **_rejections(),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "The process is alive.",
+                    "security": [],
+                    "responses": {"200": _ok("Alive.", "Health")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readiness",
+                    "summary": "The store is reachable and an upstream access token is cached or obtainable.",
+                    "security": [],
+                    "responses": {
+                        "200": _ok("Ready.", "Readiness"),
+                        "503": _problem("Not ready; `checks` names what failed.", retry_after=True),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": json_schema_components(),
+            "headers": {
+                "X-Request-ID": {
+                    "description": "The request id (the caller's own when well-formed), also in every problem body.",
+                    "schema": {"type": "string"},
+                }
+            },
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key (lpk_…)."},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }

@@ -1,0 +1,134 @@
+"""The parts a running proxy is made of, built once per app at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from liveness_proxy.auth import ApiKeyAuthenticator, CallerAuthentication
+from liveness_proxy.errors import ProblemError, render_problem
+from liveness_proxy.observability import Redactor
+from liveness_proxy.privacy import BiometricFilter
+from liveness_proxy.settings import Settings
+from liveness_proxy.store import ApiKeyStore, AuditLog, SessionOwnership, create_engine, ping, upgrade_database
+from liveness_proxy.upstream import (
+    ClientCredentialsFetcher,
+    CynopsisClient,
+    CynopsisEndpoints,
+    TokenEndpointError,
+    TokenManager,
+    create_http_session,
+)
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    http: aiohttp.ClientSession
+    tokens: TokenManager
+    cynopsis: CynopsisClient
+    ownership: SessionOwnership
+    audit: AuditLog
+    api_keys: ApiKeyStore
+    authentication: CallerAuthentication
+    biometrics: BiometricFilter
+    logger: structlog.typing.FilteringBoundLogger
+    wall_clock: Callable[[], float]
+
+    async def ping_store(self) -> None:
+        await ping(self.engine)
+
+    @staticmethod
+    def render_problem(error: ProblemError, request_id: str) -> bytes:
+        return render_problem(error, request_id)
+
+    async def close(self) -> None:
+        await self.tokens.close()
+        await self.http.close()
+        await self.engine.dispose()
+
+
+async def start_runtime(
+    settings: Settings,
+    *,
+    logger: structlog.typing.FilteringBoundLogger,
+    redactor: Redactor,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+    migrate: bool = False,
+) -> Runtime:
+    """Builds every part from settings. `clock` drives token expiry (monotonic by default)."""
+    settings.require_proxy_secrets()
+    engine = create_engine(settings.database_url)
+    if migrate:
+        await upgrade_database(engine)
+    http = create_http_session(
+        max_connections=settings.cynopsis_max_connections,
+        connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
+        total_timeout_seconds=settings.cynopsis_timeout_seconds,
+    )
+
+    def log_token_failure(error: TokenEndpointError) -> None:
+        logger.warning("upstream_token_failed", reason=str(error), upstream_status=error.status)
+
+    fetcher = ClientCredentialsFetcher(
+        http,
+        token_url=settings.cynopsis_token_url,
+        client_id=settings.cynopsis_client_id,
+        client_secret=settings.cynopsis_client_secret.get_secret_value,
+        default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
+        max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
+    )
+    tokens = TokenManager(
+        fetcher,
+        refresh_margin=settings.token_refresh_margin,
+        failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
+        clock=clock,
+        on_failure=log_token_failure,
+        on_new_token=redactor.add_secret,
+    )
+    cynopsis = CynopsisClient(
+        http,
+        tokens,
+        endpoints=CynopsisEndpoints(
+            api_base_url=settings.cynopsis_api_base_url,
+            session_token_path=settings.cynopsis_session_token_path,
+            session_path=settings.cynopsis_session_path,
+            result_path=settings.cynopsis_result_path,
+        ),
+        domain_id=settings.cynopsis_domain_id,
+        max_response_bytes=settings.cynopsis_max_response_bytes,
+    )
+    api_keys = ApiKeyStore(engine)
+    authentication = CallerAuthentication(
+        [
+            ApiKeyAuthenticator(
+                api_keys,
+                pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
+                cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
+                clock=clock,
+            )
+        ]
+    )
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        http=http,
+        tokens=tokens,
+        cynopsis=cynopsis,
+        ownership=SessionOwnership(engine),
+        audit=AuditLog(engine),
+        api_keys=api_keys,
+        authentication=authentication,
+        biometrics=BiometricFilter(
+            settings.liveness_proxy_biometric_fields, enabled=settings.liveness_proxy_strip_biometrics
+        ),
+        logger=logger,
+        wall_clock=wall_clock,
+    )

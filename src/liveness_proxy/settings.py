@@ -1,0 +1,253 @@
+"""Configuration: one typed object, read from the environment (and a `.env` file).
+
+Every field name is the documented environment variable, lower-cased: `cynopsis_token_url` is read
+from `CYNOPSIS_TOKEN_URL`. Secrets are `SecretStr` and can also be given as `<NAME>_FILE`, a path to
+a file holding the value (how Docker and Kubernetes mount secrets). `Settings.load()` turns every
+validation failure into a `ConfigurationError` whose message names the variable and the problem,
+and never the value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from liveness_proxy.errors import ConfigurationError
+
+DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"
+DEMO_API_BASE_URL = "https://crm-demo.cynopsis.co"
+DEFAULT_DATABASE_URL = "sqlite:///./liveness-proxy.db"
+
+# Fields that may be given as NAME_FILE instead of NAME.
+_FILE_BACKED_FIELDS = (
+    "cynopsis_client_id",
+    "cynopsis_client_secret",
+    "liveness_proxy_api_key_pepper",
+    "liveness_proxy_database_url",
+)
+_MIN_PEPPER_LENGTH = 32
+_PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "xxx", "todo"})
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All settings of one proxy deployment. Build with `Settings.load()` or with keyword arguments."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- Upstream (Cynopsis) -------------------------------------------------------------------
+    cynopsis_token_url: str = DEMO_TOKEN_URL
+    cynopsis_api_base_url: str = DEMO_API_BASE_URL
+    cynopsis_client_id: str = Field(default="", repr=False)
+    cynopsis_client_id_file: Path | None = None
+    cynopsis_client_secret: SecretStr = SecretStr("")
+    cynopsis_client_secret_file: Path | None = None
+    cynopsis_domain_id: str = ""
+    cynopsis_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    cynopsis_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    cynopsis_session_token_path: str = "/service/liveness-v2/get_session_token"
+    cynopsis_session_path: str = "/service/liveness-v2/liveness_session"
+    cynopsis_result_path: str = "/service/liveness-v2/liveness_result/{session_id}"
+    cynopsis_session_id_fields: Annotated[list[str], NoDecode] = ["session_id", "sessionId"]
+    cynopsis_max_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    cynopsis_max_connections: int = Field(default=1000, ge=1)
+    cynopsis_token_default_lifetime_seconds: int = Field(default=300, ge=10)
+    cynopsis_token_max_lifetime_seconds: int = Field(default=86400, ge=60)
+    cynopsis_token_refresh_margin_seconds: int = Field(default=300, ge=1)
+    cynopsis_token_failure_backoff_seconds: float = Field(default=5.0, gt=0, le=300)
+
+    # --- The proxy itself ----------------------------------------------------------------------
+    liveness_proxy_host: str = "127.0.0.1"
+    liveness_proxy_port: int = Field(default=8080, ge=0, le=65535)
+    liveness_proxy_database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    liveness_proxy_database_url_file: Path | None = None
+    liveness_proxy_api_key_pepper: SecretStr = SecretStr("")
+    liveness_proxy_api_key_pepper_file: Path | None = None
+    liveness_proxy_api_key_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
+    liveness_proxy_max_body_bytes: int = Field(default=65536, ge=2, le=16 * 1024 * 1024)
+    liveness_proxy_strip_biometrics: bool = True
+    liveness_proxy_biometric_fields: Annotated[list[str], NoDecode] = ["reference_image", "audit_images"]
+    liveness_proxy_log_level: Literal["debug", "info", "warning", "error"] = "info"
+    liveness_proxy_log_format: Literal["json", "console"] = "json"
+
+    @field_validator("cynopsis_session_id_fields", "liveness_proxy_biometric_fields", mode="before")
+    @classmethod
+    def _parse_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("liveness_proxy_log_level", "liveness_proxy_log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("cynopsis_token_url", "cynopsis_api_base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials in the URL")
+        return value.rstrip("/") if value.endswith("/") and parts.path not in ("", "/") else value
+
+    @field_validator("cynopsis_session_token_path", "cynopsis_session_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or "#" in value:
+            raise ValueError("must be an absolute path starting with '/', without query or fragment")
+        return value
+
+    @field_validator("cynopsis_result_path")
+    @classmethod
+    def _check_result_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.count("{session_id}") != 1 or "?" in value or "#" in value:
+            raise ValueError("must be an absolute path containing '{session_id}' exactly once")
+        return value
+
+    @field_validator("cynopsis_session_id_fields")
+    @classmethod
+    def _check_id_fields(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one field")
+        return value
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> Settings:
+        # Frozen model: values read from *_FILE are written with object.__setattr__ on purpose.
+        for name in _FILE_BACKED_FIELDS:
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            env_name = name.upper()
+            try:
+                content = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{env_name}_FILE: cannot read the file ({exc.strerror})") from None
+            if not content:
+                raise ValueError(f"{env_name}_FILE: the file is empty")
+            current = getattr(self, name)
+            object.__setattr__(self, name, SecretStr(content) if isinstance(current, SecretStr) else content)
+        return self
+
+    # -- derived values ---------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL with an async driver, whatever form the operator wrote."""
+        return async_database_url(self.liveness_proxy_database_url.get_secret_value())
+
+    def token_refresh_margin(self, lifetime_seconds: float) -> float:
+        """How long before expiry to refresh: the configured margin, but at most a third of a short token's life."""
+        return min(float(self.cynopsis_token_refresh_margin_seconds), math.floor(lifetime_seconds / 3))
+
+    def require_upstream_credentials(self) -> None:
+        """Checks what talking to Cynopsis needs; raises ConfigurationError naming the first gap."""
+        if not self.cynopsis_client_id:
+            raise ConfigurationError("CYNOPSIS_CLIENT_ID: required (or CYNOPSIS_CLIENT_ID_FILE)")
+        if not self.cynopsis_client_secret.get_secret_value():
+            raise ConfigurationError("CYNOPSIS_CLIENT_SECRET: required (or CYNOPSIS_CLIENT_SECRET_FILE)")
+        if not self.cynopsis_domain_id:
+            raise ConfigurationError("CYNOPSIS_DOMAIN_ID: required")
+        if not re.fullmatch(r"[\x21-\x7e]{1,256}", self.cynopsis_domain_id):
+            raise ConfigurationError("CYNOPSIS_DOMAIN_ID: must be 1-256 printable characters without spaces")
+
+    def require_api_key_pepper(self) -> None:
+        """Checks the pepper that API-key hashes depend on."""
+        pepper = self.liveness_proxy_api_key_pepper.get_secret_value()
+        if not pepper:
+            raise ConfigurationError(
+                "LIVENESS_PROXY_API_KEY_PEPPER: required (or LIVENESS_PROXY_API_KEY_PEPPER_FILE); "
+                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if len(pepper) < _MIN_PEPPER_LENGTH or pepper.lower() in _PLACEHOLDER_SECRETS:
+            raise ConfigurationError(
+                f"LIVENESS_PROXY_API_KEY_PEPPER: must be a random value of at least {_MIN_PEPPER_LENGTH} characters"
+            )
+
+    def require_proxy_secrets(self) -> None:
+        """Everything a running proxy cannot do without."""
+        self.require_upstream_credentials()
+        self.require_api_key_pepper()
+
+    @classmethod
+    def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+        """Reads the environment (and `env_file` if it exists); raises ConfigurationError on any problem."""
+        try:
+            return cls(_env_file=env_file, **overrides)
+        except ValidationError as exc:
+            raise ConfigurationError(describe_validation_error(exc)) from None
+        except ValueError as exc:  # raised by _read_secret_files outside pydantic's wrapping
+            raise ConfigurationError(str(exc)) from None
+
+    def redacted_summary(self) -> dict[str, str]:
+        """What `check` prints: every setting, secrets replaced by whether they are set."""
+        summary: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown = "set (hidden)" if value.get_secret_value() else "not set"
+                if name == "liveness_proxy_database_url":
+                    shown = redact_url(value.get_secret_value())
+            elif name == "cynopsis_client_id":
+                shown = f"{value[:3]}… (hidden)" if value else "not set"
+            elif isinstance(value, list):
+                shown = ",".join(str(item) for item in value)
+            else:
+                shown = "" if value is None else str(value)
+            summary[name.upper()] = shown
+        return summary
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line: the first failing variable and the problem, never the rejected value."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    location = ".".join(str(part) for part in first["loc"]) or "configuration"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["loc"]:
+        return f"{location.upper()}: {message}"
+    return message
+
+
+def async_database_url(url: str) -> str:
+    """Maps plain `sqlite://` and `postgresql://` URLs to the async drivers this service uses."""
+    if url.startswith("sqlite:///") or url.startswith("sqlite://"):
+        return "sqlite+aiosqlite" + url.removeprefix("sqlite")
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+    return url
+
+
+def redact_url(url: str) -> str:
+    """A database URL with any password replaced, for display."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def settings_from_mapping(values: Mapping[str, Any]) -> Settings:
+    """Builds settings from explicit values only (no environment, no .env): for tests and embedding."""
+    try:
+        return Settings(_env_file=None, **{key.lower(): value for key, value in values.items()})
+    except ValidationError as exc:
+        raise ConfigurationError(describe_validation_error(exc)) from None

@@ -1,0 +1,198 @@
+"""Repositories: the only code that writes SQL. Each takes the engine it works on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from liveness_proxy.store.tables import api_keys, audit_records, liveness_sessions
+
+
+class SessionAlreadyBound(Exception):
+    """The upstream returned a session id that is already bound: never overwrite an owner."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOwner:
+    session_id: str
+    subject: str
+    credential_id: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    occurred_at: float
+    request_id: str
+    subject: str | None
+    credential_id: str | None
+    action: str
+    session_id: str | None
+    status: int
+    upstream_status: int | None
+    latency_ms: float
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredApiKey:
+    key_id: str
+    name: str
+    subject: str
+    scopes: tuple[str, ...]
+    secret_hash: str
+    created_at: float
+    revoked_at: float | None
+
+
+class SessionOwnership:
+    """Which subject created which upstream session. A small positive cache sits in front of reads:
+    a binding never changes once written, so a cached owner can never be stale."""
+
+    def __init__(self, engine: AsyncEngine, *, cache_size: int = 10_000) -> None:
+        self._engine = engine
+        self._cache: dict[str, SessionOwner] = {}
+        self._cache_size = cache_size
+
+    async def bind(
+        self, owner: SessionOwner, request_id: str, *, audit: AuditRecord | None = None
+    ) -> None:
+        """Writes the binding (and, in the same transaction, its audit record). Durable on return."""
+        async with self._engine.begin() as connection:
+            try:
+                await connection.execute(
+                    insert(liveness_sessions).values(
+                        session_id=owner.session_id,
+                        subject=owner.subject,
+                        credential_id=owner.credential_id,
+                        created_at=owner.created_at,
+                        request_id=request_id,
+                    )
+                )
+            except IntegrityError:
+                raise SessionAlreadyBound(owner.session_id) from None
+            if audit is not None:
+                await _insert_audit(connection, [audit])
+        self._remember(owner)
+
+    async def owner_of(self, session_id: str) -> SessionOwner | None:
+        cached = self._cache.get(session_id)
+        if cached is not None:
+            return cached
+        async with self._engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(
+                        liveness_sessions.c.session_id,
+                        liveness_sessions.c.subject,
+                        liveness_sessions.c.credential_id,
+                        liveness_sessions.c.created_at,
+                    ).where(liveness_sessions.c.session_id == session_id)
+                )
+            ).first()
+        if row is None:
+            return None  # not cached: the session may be bound by another process a moment later
+        owner = SessionOwner(row.session_id, row.subject, row.credential_id, row.created_at)
+        self._remember(owner)
+        return owner
+
+    def _remember(self, owner: SessionOwner) -> None:
+        if len(self._cache) >= self._cache_size:
+            # Drop the oldest entry (dicts keep insertion order): bounded memory, no LRU bookkeeping.
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[owner.session_id] = owner
+
+
+class AuditLog:
+    """Append-only audit records. `append` returns once the record is committed."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def append(self, record: AuditRecord) -> None:
+        async with self._engine.begin() as connection:
+            await _insert_audit(connection, [record])
+
+    async def iterate(self, *, batch_size: int = 1000) -> AsyncIterator[dict[str, Any]]:
+        """Every record in order of insertion, as plain dicts (for export)."""
+        last_id = 0
+        while True:
+            async with self._engine.connect() as connection:
+                rows = (
+                    await connection.execute(
+                        select(audit_records)
+                        .where(audit_records.c.id > last_id)
+                        .order_by(audit_records.c.id)
+                        .limit(batch_size)
+                    )
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield dict(row._mapping)
+            last_id = rows[-1].id
+
+    async def count(self) -> int:
+        async with self._engine.connect() as connection:
+            total = (await connection.execute(select(func.count()).select_from(audit_records))).scalar_one()
+        return int(total)
+
+
+async def _insert_audit(connection: AsyncConnection, records: Sequence[AuditRecord]) -> None:
+    await connection.execute(insert(audit_records), [asdict(record) for record in records])
+
+
+class ApiKeyStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def add(self, key: StoredApiKey) -> None:
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                insert(api_keys).values(
+                    key_id=key.key_id,
+                    name=key.name,
+                    subject=key.subject,
+                    scopes=" ".join(key.scopes),
+                    secret_hash=key.secret_hash,
+                    created_at=key.created_at,
+                    revoked_at=key.revoked_at,
+                )
+            )
+
+    async def get(self, key_id: str) -> StoredApiKey | None:
+        async with self._engine.connect() as connection:
+            row = (await connection.execute(select(api_keys).where(api_keys.c.key_id == key_id))).first()
+        return None if row is None else _stored_key(row._mapping)
+
+    async def list(self) -> list[StoredApiKey]:
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(select(api_keys).order_by(api_keys.c.created_at))).all()
+        return [_stored_key(row._mapping) for row in rows]
+
+    async def revoke(self, key_id: str, *, revoked_at: float) -> bool:
+        """Marks the key revoked; False when no such active key exists."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(
+                update(api_keys)
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=revoked_at)
+            )
+        return bool(result.rowcount)
+
+
+def _stored_key(row: Any) -> StoredApiKey:
+    return StoredApiKey(
+        key_id=row["key_id"],
+        name=row["name"],
+        subject=row["subject"],
+        scopes=tuple(row["scopes"].split()),
+        secret_hash=row["secret_hash"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )

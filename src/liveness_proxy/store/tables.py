@@ -1,0 +1,61 @@
+"""The schema, as SQLAlchemy Core tables. One schema for SQLite and PostgreSQL; Alembic migrates it.
+
+Times are stored as UTC epoch seconds (float): comparable, sortable and identical on both engines.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Which caller created which upstream liveness session: the basis of every result-read decision.
+liveness_sessions = Table(
+    "liveness_sessions",
+    metadata,
+    Column("session_id", String(128), primary_key=True),
+    Column("subject", String(255), nullable=False),
+    Column("credential_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("request_id", String(128), nullable=False),
+)
+Index("ix_liveness_sessions_subject_created_at", liveness_sessions.c.subject, liveness_sessions.c.created_at)
+
+# API keys: only the keyed hash (HMAC-SHA256 with the server pepper) of the secret part is stored.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("scopes", Text, nullable=False),  # space-separated, as in OAuth2
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+# One row per liveness request, accepted or rejected. Never secrets, tokens, keys or images.
+audit_records = Table(
+    "audit_records",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("occurred_at", Float, nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("subject", String(255), nullable=True),
+    Column("credential_id", String(64), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("session_id", String(128), nullable=True),
+    Column("status", Integer, nullable=False),
+    Column("upstream_status", Integer, nullable=True),
+    Column("latency_ms", Float, nullable=False),
+    Column("problem", String(64), nullable=True),
+)
+Index("ix_audit_records_occurred_at", audit_records.c.occurred_at)

@@ -1,0 +1,172 @@
+"""The three Cynopsis liveness calls, with the access token and domain id injected.
+
+Status handling branches on the HTTP status only (never on upstream text):
+2xx -> the JSON object; 401 -> drop that token, get a new one, retry once; 429 -> UpstreamRateLimited
+with its Retry-After; 404 on a result -> NotFound; other 4xx -> UpstreamRejected (same status);
+3xx, 5xx, persistent 401/403, non-JSON -> 502; timeouts -> 504.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from liveness_proxy.errors import (
+    NotFound,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from liveness_proxy.upstream.tokens import AccessToken, TokenManager
+from liveness_proxy.upstream.transport import UpstreamResponse, parse_retry_after, read_bounded
+
+_ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResult:
+    status: int
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CynopsisEndpoints:
+    api_base_url: str
+    session_token_path: str
+    session_path: str
+    result_path: str  # contains "{session_id}" once
+
+    def url(self, path: str) -> str:
+        return self.api_base_url.rstrip("/") + path
+
+
+class CynopsisClient:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        tokens: TokenManager,
+        *,
+        endpoints: CynopsisEndpoints,
+        domain_id: str,
+        max_response_bytes: int,
+    ) -> None:
+        self._http = http
+        self._tokens = tokens
+        self._endpoints = endpoints
+        self._domain_id = domain_id
+        self._max_response_bytes = max_response_bytes
+        self._session_token_url = endpoints.url(endpoints.session_token_path)
+        self._session_url = endpoints.url(endpoints.session_path)
+
+    async def get_session_token(self, body: dict[str, Any], request_id: str) -> UpstreamResult:
+        return await self._call("POST", self._session_token_url, orjson.dumps(body), request_id)
+
+    async def create_session(self, body: dict[str, Any], request_id: str) -> UpstreamResult:
+        return await self._call("POST", self._session_url, orjson.dumps(body), request_id)
+
+    async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
+        # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
+        path = self._endpoints.result_path.replace("{session_id}", session_id)
+        return await self._call("GET", self._endpoints.url(path), None, request_id, is_result=True)
+
+    async def _call(
+        self, method: str, url: str, body: bytes | None, request_id: str, *, is_result: bool = False
+    ) -> UpstreamResult:
+        token = await self._tokens.get()
+        answer = await self._send(method, url, body, token, request_id)
+        if answer.status == 401:
+            # Rejected token (revoked or expired early): replace it once, and retry once. The
+            # upstream did not process a request it refused to authenticate, so a POST is safe too.
+            self._tokens.invalidate(token)
+            token = await self._tokens.get()
+            answer = await self._send(method, url, body, token, request_id)
+        return self._interpret(answer, is_result=is_result)
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None, token: AccessToken, request_id: str
+    ) -> UpstreamResponse:
+        headers = {
+            "Authorization": f"Bearer {token.value}",
+            "X-Domain-Id": self._domain_id,
+            "X-Request-ID": request_id,
+            "Accept": "application/json",
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        # One retry at most: after a failure to connect (nothing was sent, any method is safe), or
+        # for a GET after a dropped keep-alive connection. A POST that may have reached the
+        # upstream is never sent twice.
+        for attempt in (1, 2):
+            try:
+                async with self._http.request(
+                    method, url, data=body, headers=headers, allow_redirects=False
+                ) as response:
+                    return await read_bounded(response, self._max_response_bytes)
+            except TimeoutError:
+                raise UpstreamTimeout("The liveness service did not answer in time.") from None
+            except aiohttp.ClientConnectorError:
+                if attempt == 1:
+                    continue
+                raise UpstreamUnavailable("The liveness service could not be reached.") from None
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 1 and method == "GET":
+                    continue
+                raise UpstreamUnavailable("The liveness service closed the connection.") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("The connection to the liveness service failed.") from None
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _interpret(self, answer: UpstreamResponse, *, is_result: bool) -> UpstreamResult:
+        status = answer.status
+        if 200 <= status < 300:
+            return UpstreamResult(status=status, payload=self._parse_object(answer))
+        if status == 429:
+            raise UpstreamRateLimited(
+                "The liveness service is rate limiting requests; retry later.",
+                retry_after_seconds=parse_retry_after(answer.retry_after),
+            )
+        if status in (401, 403):
+            raise UpstreamUnavailable(
+                "The liveness service refused the proxy's credentials.", upstream_status=status
+            )
+        if status == 404 and is_result:
+            raise NotFound("No such liveness session.")
+        if 400 <= status < 500 and status != 404:
+            code = _upstream_error_code(answer.body)
+            detail = "The liveness service rejected the request"
+            detail += f" ({code})." if code else "."
+            raise UpstreamRejected(detail, upstream_status=status)
+        raise UpstreamUnavailable(f"The liveness service failed (HTTP {status}).", upstream_status=status)
+
+    def _parse_object(self, answer: UpstreamResponse) -> dict[str, Any]:
+        if "json" not in answer.content_type:
+            raise UpstreamMalformed("The liveness service sent a non-JSON response.", upstream_status=answer.status)
+        try:
+            payload = orjson.loads(answer.body)
+        except orjson.JSONDecodeError:
+            raise UpstreamMalformed(
+                "The liveness service sent malformed JSON.", upstream_status=answer.status
+            ) from None
+        if not isinstance(payload, dict):
+            raise UpstreamMalformed(
+                "The liveness service sent JSON that is not an object.", upstream_status=answer.status
+            )
+        return payload
+
+
+def _upstream_error_code(body: bytes) -> str | None:
+    """The upstream's machine-readable error code, only if it is a short identifier; never free text."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    code = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(code, str) and _ERROR_CODE_PATTERN.fullmatch(code):
+        return code
+    return None

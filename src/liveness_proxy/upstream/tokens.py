@@ -1,0 +1,242 @@
+"""The upstream access token: fetched with client credentials, cached, refreshed ahead of expiry.
+
+One token serves the whole process. At most one token request is in flight at a time (every caller
+that needs a token while one is being fetched awaits that same fetch). A token in its refresh window
+is still handed out while one background refresh runs. When the token endpoint fails, the cached
+token is used until its real expiry; with none left, callers get `TokenUnavailable` at once for a
+short backoff instead of piling up on a dead endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from liveness_proxy.errors import TokenUnavailable, UpstreamError
+from liveness_proxy.upstream.transport import read_bounded
+
+MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+MAX_ACCESS_TOKEN_LENGTH = 8192
+# An access token goes into a header: printable ASCII only, so it can never split a header line.
+_ACCESS_TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    value: str = field(repr=False)
+    expires_at: float
+    refresh_at: float
+
+
+class TokenEndpointError(Exception):
+    """The token endpoint did not give a usable token. The message never contains a secret."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedToken:
+    value: str = field(repr=False)
+    lifetime_seconds: float
+
+
+class TokenFetcher(Protocol):
+    async def fetch(self) -> FetchedToken: ...
+
+
+class ClientCredentialsFetcher:
+    """`POST token_url` with `grant_type=client_credentials` (form-encoded), as Cynopsis documents."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        *,
+        token_url: str,
+        client_id: str,
+        client_secret: Callable[[], str],
+        default_lifetime_seconds: float,
+        max_lifetime_seconds: float,
+    ) -> None:
+        self._http = http
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._default_lifetime = default_lifetime_seconds
+        self._max_lifetime = max_lifetime_seconds
+
+    async def fetch(self) -> FetchedToken:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret(),
+        }
+        try:
+            async with self._http.post(
+                self._token_url, data=form, headers={"Accept": "application/json"}, allow_redirects=False
+            ) as response:
+                answer = await read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)
+        except TimeoutError:
+            raise TokenEndpointError("token endpoint timed out") from None
+        except aiohttp.ClientError as exc:
+            raise TokenEndpointError(f"token endpoint unreachable ({type(exc).__name__})") from None
+        except UpstreamError:
+            raise TokenEndpointError("token endpoint response too large") from None
+        if answer.status != 200:
+            reason = _oauth_error_code(answer.body)
+            suffix = f" ({reason})" if reason else ""
+            raise TokenEndpointError(f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status)
+        return self._parse(answer.body)
+
+    def _parse(self, body: bytes) -> FetchedToken:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise TokenEndpointError("token response is not JSON", status=200) from None
+        if not isinstance(payload, dict):
+            raise TokenEndpointError("token response is not a JSON object", status=200)
+        token = payload.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise TokenEndpointError("token response has no access_token", status=200)
+        if len(token) > MAX_ACCESS_TOKEN_LENGTH or not _ACCESS_TOKEN_PATTERN.fullmatch(token):
+            raise TokenEndpointError("token response has an access_token of an unusable form", status=200)
+        token_type = payload.get("token_type", "Bearer")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise TokenEndpointError("token response has a token_type other than Bearer", status=200)
+        return FetchedToken(value=token, lifetime_seconds=self._lifetime(payload.get("expires_in")))
+
+    def _lifetime(self, expires_in: Any) -> float:
+        if expires_in is None:
+            return self._default_lifetime
+        if isinstance(expires_in, str) and expires_in.strip().isdigit():
+            expires_in = int(expires_in)
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
+            raise TokenEndpointError("token response has an invalid expires_in", status=200)
+        if expires_in <= 0:
+            raise TokenEndpointError("token response has a non-positive expires_in", status=200)
+        return min(float(expires_in), self._max_lifetime)
+
+
+def _oauth_error_code(body: bytes) -> str | None:
+    """The OAuth2 `error` code of an error body, only if it is a short plain token (never free text)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, str) and re.fullmatch(r"[a-z_]{1,64}", error):
+        return error
+    return None
+
+
+class TokenManager:
+    """Hands out a valid upstream access token; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        fetcher: TokenFetcher,
+        *,
+        refresh_margin: Callable[[float], float],
+        failure_backoff_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[TokenEndpointError], None] | None = None,
+        on_new_token: Callable[[str], None] | None = None,
+    ) -> None:
+        self._fetcher = fetcher
+        self._refresh_margin = refresh_margin
+        self._failure_backoff = failure_backoff_seconds
+        self._clock = clock
+        self._on_failure = on_failure
+        self._on_new_token = on_new_token
+        self._token: AccessToken | None = None
+        self._inflight: asyncio.Task[AccessToken] | None = None
+        self._failed_until = 0.0
+        self._last_failure_status: int | None = None
+        self.fetch_count = 0
+
+    @property
+    def cached(self) -> AccessToken | None:
+        """The cached token if it has not expired."""
+        token = self._token
+        if token is not None and self._clock() < token.expires_at:
+            return token
+        return None
+
+    async def get(self) -> AccessToken:
+        now = self._clock()
+        token = self._token
+        if token is not None and now < token.expires_at:
+            if now >= token.refresh_at and now >= self._failed_until:
+                self._start_refresh()  # in the background: this caller keeps the still-valid token
+            return token
+        if now < self._failed_until:
+            raise TokenUnavailable(
+                "The upstream access token cannot be obtained right now.",
+                retry_after_seconds=math.ceil(self._failed_until - now),
+                upstream_status=self._last_failure_status,
+            )
+        return await asyncio.shield(self._start_refresh())
+
+    def invalidate(self, rejected: AccessToken) -> None:
+        """Drops the token the upstream rejected, unless a newer one already replaced it."""
+        if self._token is rejected:
+            self._token = None
+
+    async def close(self) -> None:
+        task = self._inflight
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _start_refresh(self) -> asyncio.Task[AccessToken]:
+        if self._inflight is None or self._inflight.done():
+            task = asyncio.get_running_loop().create_task(self._refresh(), name="upstream-token-refresh")
+            # A background refresh may fail with nobody awaiting it; its failure is already recorded.
+            task.add_done_callback(_consume_exception)
+            self._inflight = task
+        return self._inflight
+
+    async def _refresh(self) -> AccessToken:
+        self.fetch_count += 1
+        # Lifetimes count from before the request: the token may have been minted just after we asked.
+        started = self._clock()
+        try:
+            fetched = await self._fetcher.fetch()
+        except TokenEndpointError as exc:
+            now = self._clock()
+            self._failed_until = now + self._failure_backoff
+            self._last_failure_status = exc.status
+            if self._on_failure is not None:
+                self._on_failure(exc)
+            raise TokenUnavailable(
+                "The upstream access token cannot be obtained right now.",
+                retry_after_seconds=math.ceil(self._failure_backoff),
+                upstream_status=exc.status,
+            ) from None
+        token = AccessToken(
+            value=fetched.value,
+            expires_at=started + fetched.lifetime_seconds,
+            refresh_at=started + fetched.lifetime_seconds - self._refresh_margin(fetched.lifetime_seconds),
+        )
+        if self._on_new_token is not None:
+            self._on_new_token(token.value)
+        self._token = token
+        self._failed_until = 0.0
+        return token
+
+
+def _consume_exception(task: asyncio.Task[AccessToken]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,90 @@
+"""The one HTTP client session a process uses to talk to Cynopsis, and bounded body reading."""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from liveness_proxy import __version__
+from liveness_proxy.errors import UpstreamMalformed
+
+USER_AGENT = f"liveness-proxy/{__version__}"
+MAX_RETRY_AFTER_SECONDS = 3600
+
+
+def create_http_session(
+    *, max_connections: int, connect_timeout_seconds: float, total_timeout_seconds: float
+) -> aiohttp.ClientSession:
+    """One pooled session per process: connection reuse is most of an upstream call's cost.
+
+    Redirects are never followed (an `Authorization` header must not travel to a host we did not
+    configure), proxies from the environment are ignored, and cookies are not kept.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=total_timeout_seconds,
+            connect=connect_timeout_seconds,
+        ),
+        headers={"User-Agent": USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        raise_for_status=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    status: int
+    body: bytes
+    content_type: str
+    retry_after: str | None
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> UpstreamResponse:
+    """Reads the whole body, refusing more than `limit` bytes (after decompression)."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise UpstreamMalformed("The liveness service sent a response that is too large.", upstream_status=response.status)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        total += len(chunk)
+        if total > limit:
+            raise UpstreamMalformed(
+                "The liveness service sent a response that is too large.", upstream_status=response.status
+            )
+        chunks.append(chunk)
+    headers: CIMultiDictProxy[str] = response.headers
+    return UpstreamResponse(
+        status=response.status,
+        body=b"".join(chunks),
+        content_type=headers.get("Content-Type", "").lower(),
+        retry_after=headers.get("Retry-After"),
+    )
+
+
+def parse_retry_after(value: str | None, *, default: int = 1, now: float | None = None) -> int:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), bounded to [1, 3600]."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        return max(1, min(int(value), MAX_RETRY_AFTER_SECONDS))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    delta = when.timestamp() - (time.time() if now is None else now)
+    return max(1, min(math.ceil(delta), MAX_RETRY_AFTER_SECONDS))

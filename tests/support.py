@@ -1,0 +1,213 @@
+"""Test harness: real servers on loopback, each in a thread with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.types import ASGIApp
+
+from liveness_proxy.app import create_app
+from liveness_proxy.auth import new_api_key
+from liveness_proxy.routes import LivenessApi
+from liveness_proxy.runtime import Runtime
+from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
+from liveness_proxy.settings import Settings, settings_from_mapping
+from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+
+TEST_PEPPER = "test-pepper-" + "p" * 40
+CLIENT_ID = "test-client"
+CLIENT_SECRET = "test-client-secret-s3cr3t-value"
+DOMAIN_ID = "test-domain"
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn on 127.0.0.1 and an OS-chosen port, in a background thread."""
+
+    def __init__(self, app: ASGIApp, *, lifespan: str = "on") -> None:
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan=lifespan,  # type: ignore[arg-type]
+            access_log=False,
+            loop="asyncio",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 15.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start in time")
+            time.sleep(0.005)
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@dataclass
+class Keys:
+    alice: str
+    bob: str
+    admin: str
+    revocable: str
+    revocable_id: str
+
+
+@dataclass
+class ProxyHarness:
+    """A proxy and its sandbox upstream, both served over loopback, sharing one manual clock."""
+
+    url: str
+    sandbox: Sandbox
+    sandbox_url: str
+    clock: ManualClock
+    settings: Settings
+    keys: Keys
+    log: io.StringIO
+    app: Any
+    responses: list[bytes] = field(default_factory=list)
+
+    @property
+    def runtime(self) -> Runtime:
+        api: LivenessApi = self.app.state.liveness_api
+        assert api.runtime is not None
+        return api.runtime
+
+    def client(self) -> httpx.Client:
+        """A client for the proxy that keeps every response (headers and body) for leak scans."""
+
+        def keep(response: httpx.Response) -> None:
+            response.read()
+            self.responses.append(str(response.headers).encode() + b"\n" + response.content)
+
+        return httpx.Client(base_url=self.url, event_hooks={"response": [keep]}, timeout=10)
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.keys.alice}"}
+
+    def log_text(self) -> str:
+        return self.log.getvalue()
+
+    def upstream_paths(self) -> list[str]:
+        return [record.raw_path for record in self.sandbox.request_log]
+
+
+def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "CYNOPSIS_TOKEN_URL": f"{sandbox_url}/oauth/token",
+        "CYNOPSIS_API_BASE_URL": sandbox_url,
+        "CYNOPSIS_CLIENT_ID": CLIENT_ID,
+        "CYNOPSIS_CLIENT_SECRET": CLIENT_SECRET,
+        "CYNOPSIS_DOMAIN_ID": DOMAIN_ID,
+        "CYNOPSIS_TIMEOUT_SECONDS": 1.0,
+        "CYNOPSIS_CONNECT_TIMEOUT_SECONDS": 0.5,
+        "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{database_path}",
+        "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
+        "LIVENESS_PROXY_API_KEY_CACHE_SECONDS": 0,
+        "LIVENESS_PROXY_LOG_LEVEL": "debug",
+    }
+    values.update(overrides)
+    return settings_from_mapping(values)
+
+
+async def _prepare_database(settings: Settings) -> Keys:
+    engine = create_engine(settings.database_url, pool_size=1)
+    pepper = settings.liveness_proxy_api_key_pepper.get_secret_value().encode()
+    try:
+        await upgrade_database(engine)
+        store = ApiKeyStore(engine)
+        made = {}
+        for label, subject, scopes in (
+            ("alice", "alice", []),
+            ("bob", "bob", []),
+            ("admin", "ops", ["liveness:admin"]),
+            ("revocable", "carol", []),
+        ):
+            issued = new_api_key(pepper=pepper, subject=subject, scopes=scopes, name=label, now=time.time())
+            await store.add(issued.stored)
+            made[label] = issued
+    finally:
+        await engine.dispose()
+    return Keys(
+        alice=made["alice"].key,
+        bob=made["bob"].key,
+        admin=made["admin"].key,
+        revocable=made["revocable"].key,
+        revocable_id=made["revocable"].key_id,
+    )
+
+
+@dataclass
+class Harness:
+    """Starts and stops a sandbox + proxy pair; used by the `proxy` fixture and by tests that
+    need special settings."""
+
+    tmp_path: Path
+    sandbox_config: dict[str, Any] = field(default_factory=dict)
+    proxy_overrides: dict[str, Any] = field(default_factory=dict)
+    _servers: list[ServerThread] = field(default_factory=list)
+
+    def __enter__(self) -> ProxyHarness:
+        clock = ManualClock()
+        sandbox = Sandbox(
+            SandboxConfig(
+                client_id=CLIENT_ID,
+                client_secret=CLIENT_SECRET,
+                domain_id=DOMAIN_ID,
+                control_enabled=True,
+                clock=clock,
+                **self.sandbox_config,
+            )
+        )
+        sandbox_server = ServerThread(sandbox.app, lifespan="off").start()
+        self._servers.append(sandbox_server)
+        settings = proxy_settings(sandbox_server.url, self.tmp_path / "proxy.db", **self.proxy_overrides)
+        keys = asyncio.run(_prepare_database(settings))
+        log = io.StringIO()
+        app = create_app(settings, clock=clock.now, log_stream=log)
+        proxy_server = ServerThread(app).start()
+        self._servers.append(proxy_server)
+        return ProxyHarness(
+            url=proxy_server.url,
+            sandbox=sandbox,
+            sandbox_url=sandbox_server.url,
+            clock=clock,
+            settings=settings,
+            keys=keys,
+            log=log,
+            app=app,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for server in reversed(self._servers):
+            server.stop()
+
+
+def harness(tmp_path: Path, **kwargs: Any) -> Iterator[ProxyHarness]:
+    with Harness(tmp_path, **kwargs) as running:
+        yield running
