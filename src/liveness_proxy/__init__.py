@@ -5,7 +5,7 @@ Public API: `create_app(settings)` builds the ASGI app; `Settings` holds the con
 
 __version__ = "0.1.0"
 
-from liveness_proxy.app import create_app  # noqa: E402  (after __version__, which submodules read)
-from liveness_proxy.settings import Settings  # noqa: E402
+from liveness_proxy.app import create_app
+from liveness_proxy.settings import Settings
 
 __all__ = ["Settings", "__version__", "create_app"]

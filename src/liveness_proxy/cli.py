@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.workers > 1:
         uvicorn.run(
-            "liveness_proxy.cli:app_from_environment", factory=True, workers=args.workers, **common  # type: ignore[arg-type]
+            "liveness_proxy.cli:app_from_environment",
+            factory=True,
+            workers=args.workers,
+            **common,  # type: ignore[arg-type]
         )
     else:
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
@@ -93,12 +97,17 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps({"id": issued[0], "key": issued[1]}).decode())
     else:
-        print(f"created API key {issued[0]} for subject {args.subject!r}; it is shown only once:", file=sys.stderr)
+        print(
+            f"created API key {issued[0]} for subject {args.subject!r}; it is shown only once:",
+            file=sys.stderr,
+        )
         print(issued[1])
     return 0
 
 
-async def _create_key(settings: Settings, *, subject: str, scopes: Sequence[str], name: str) -> tuple[str, str]:
+async def _create_key(
+    settings: Settings, *, subject: str, scopes: Sequence[str], name: str
+) -> tuple[str, str]:
     from liveness_proxy.auth import new_api_key
     from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 
@@ -152,7 +161,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         for key in keys:
             state = "revoked" if key.revoked_at is not None else "active"
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.created_at))
-            print(f"{key.key_id:<18} {key.subject:<24} {state:<8} {created:<20} {' '.join(key.scopes):<24} {key.name}")
+            print(
+                f"{key.key_id:<18} {key.subject:<24} {state:<8} {created:<20} "
+                f"{' '.join(key.scopes):<24} {key.name}"
+            )
 
     asyncio.run(run())
     return 0
@@ -172,7 +184,10 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
             await engine.dispose()
 
     if asyncio.run(run()):
-        print(f"revoked {args.key_id} (running proxies stop accepting it within LIVENESS_PROXY_API_KEY_CACHE_SECONDS)")
+        print(
+            f"revoked {args.key_id} (running proxies stop accepting it within "
+            "LIVENESS_PROXY_API_KEY_CACHE_SECONDS)"
+        )
         return 0
     print(f"no active key with id {args.key_id!r}", file=sys.stderr)
     return EXIT_FAILURE
@@ -263,13 +278,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     )
     print(
         f"sandbox Cynopsis API on http://{args.host}:{args.port} "
-        f"(client_id={args.client_id}, domain={args.domain_id}, control API {'on' if args.control else 'off'})",
+        f"(client_id={args.client_id}, domain={args.domain_id}, "
+        f"control API {'on' if args.control else 'off'})",
         file=sys.stderr,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_sandbox(config, args.host, args.port))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -142,7 +142,9 @@ class ServiceUnavailable(ProblemError):
     title = "Service unavailable"
 
     def __init__(self, detail: str, *, retry_after_seconds: int | None = None) -> None:
-        headers = {"Retry-After": str(max(1, retry_after_seconds))} if retry_after_seconds is not None else None
+        headers = (
+            {"Retry-After": str(max(1, retry_after_seconds))} if retry_after_seconds is not None else None
+        )
         super().__init__(detail, headers=headers)
 
 

@@ -22,7 +22,7 @@ def request_id_of(scope: Scope) -> str:
     """The id RequestContextMiddleware put on this request (a fresh one if it did not run)."""
     state = scope.get("state")
     if isinstance(state, dict):
-        value = state.get("request_id")
+        value: object = state.get("request_id")
         if isinstance(value, str):
             return value
     return new_request_id()
@@ -98,6 +98,6 @@ class RequestContextMiddleware:
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
                 if _REQUEST_ID_PATTERN.fullmatch(value):
-                    return value.decode("ascii")
+                    return bytes(value).decode("ascii")
                 break
         return new_request_id()

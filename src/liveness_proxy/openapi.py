@@ -8,7 +8,7 @@ from liveness_proxy import __version__
 from liveness_proxy.schemas import json_schema_components
 
 SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
-_SECURITY = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -18,7 +18,10 @@ def _ref(name: str) -> dict[str, str]:
 def _problem(description: str, *, retry_after: bool = False, authenticate: bool = False) -> dict[str, Any]:
     headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     if retry_after:
-        headers["Retry-After"] = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+        headers["Retry-After"] = {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "integer"},
+        }
     if authenticate:
         headers["WWW-Authenticate"] = {"description": "Bearer challenge.", "schema": {"type": "string"}}
     return {
@@ -31,7 +34,11 @@ def _problem(description: str, *, retry_after: bool = False, authenticate: bool 
 def _ok(description: str, schema: str, status_headers: dict[str, Any] | None = None) -> dict[str, Any]:
     headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     headers.update(status_headers or {})
-    return {"description": description, "headers": headers, "content": {"application/json": {"schema": _ref(schema)}}}
+    return {
+        "description": description,
+        "headers": headers,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
 
 
 def _upstream_errors() -> dict[str, Any]:
@@ -117,7 +124,8 @@ def build_openapi() -> dict[str, Any]:
             "/v1/liveness/sessions/{session_id}/result": {
                 "get": {
                     "operationId": "getLivenessResult",
-                    "summary": "The session's result; only its creator or a liveness:admin caller may read it.",
+                    "summary": "The session's result; only its creator or a liveness:admin caller "
+                    "may read it.",
                     "security": _SECURITY,
                     "parameters": [session_id_parameter],
                     "responses": {
@@ -154,7 +162,10 @@ def build_openapi() -> dict[str, Any]:
                     "summary": "This document.",
                     "security": [],
                     "responses": {
-                        "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
                     },
                 }
             },
@@ -163,7 +174,8 @@ def build_openapi() -> dict[str, Any]:
             "schemas": json_schema_components(),
             "headers": {
                 "X-Request-ID": {
-                    "description": "The request id (the caller's own when well-formed), also in every problem body.",
+                    "description": "The request id (the caller's own when well-formed), "
+                    "also in every problem body.",
                     "schema": {"type": "string"},
                 }
             },

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from liveness_proxy.auth import Caller
 from liveness_proxy.errors import (
     BadRequest,
+    NotFound,
     PayloadTooLarge,
     ProblemError,
     ServiceUnavailable,
@@ -27,7 +28,6 @@ from liveness_proxy.errors import (
     UnsupportedMediaType,
     UpstreamError,
     UpstreamMalformed,
-    NotFound,
 )
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.runtime import Runtime
@@ -110,7 +110,9 @@ class LivenessApi:
         request_id = request_id_of(request.scope)
         answer = await rt.cynopsis.create_session(body, request_id)
         audit.upstream_status = answer.status
-        session_id = self._session_id_from(answer.payload, rt.settings.cynopsis_session_id_fields, answer.status)
+        session_id = self._session_id_from(
+            answer.payload, rt.settings.cynopsis_session_id_fields, answer.status
+        )
         audit.session_id = session_id
         occurred_at = rt.wall_clock()
         owner = SessionOwner(
@@ -124,7 +126,8 @@ class LivenessApi:
             await rt.ownership.bind(owner, request_id, audit=audit.record(request_id, 201, None, occurred_at))
         except SessionAlreadyBound:
             raise UpstreamMalformed(
-                "The liveness service returned a session id that is already in use.", upstream_status=answer.status
+                "The liveness service returned a session id that is already in use.",
+                upstream_status=answer.status,
             ) from None
         audit.written = True
         location = f"/v1/liveness/sessions/{session_id}/result"
@@ -162,9 +165,12 @@ class LivenessApi:
             if isinstance(value, str) and SESSION_ID_PATTERN.fullmatch(value):
                 return value
             raise UpstreamMalformed(
-                "The liveness service returned a session id of an unusable form.", upstream_status=upstream_status
+                "The liveness service returned a session id of an unusable form.",
+                upstream_status=upstream_status,
             )
-        raise UpstreamMalformed("The liveness service returned no session id.", upstream_status=upstream_status)
+        raise UpstreamMalformed(
+            "The liveness service returned no session id.", upstream_status=upstream_status
+        )
 
     async def _audited(
         self,
@@ -185,7 +191,9 @@ class LivenessApi:
             if isinstance(error, UpstreamError) and error.upstream_status is not None:
                 audit.upstream_status = error.upstream_status
         if not audit.written:
-            await rt.audit.append(audit.record(request_id_of(request.scope), status, problem, rt.wall_clock()))
+            await rt.audit.append(
+                audit.record(request_id_of(request.scope), status, problem, rt.wall_clock())
+            )
         if failure is not None:
             raise failure
         assert response is not None
@@ -214,7 +222,10 @@ class LivenessApi:
                 checks["upstream_token"] = f"failed: {getattr(exc, 'slug', 'timeout')}"
         if all(value == "ok" for value in checks.values()):
             return json_response({"status": "ready", "checks": checks})
-        error = ServiceUnavailable("Not ready: " + ", ".join(sorted(k for k, v in checks.items() if v != "ok")), retry_after_seconds=5)
+        error = ServiceUnavailable(
+            "Not ready: " + ", ".join(sorted(k for k, v in checks.items() if v != "ok")),
+            retry_after_seconds=5,
+        )
         body = orjson.loads(rt.render_problem(error, request_id_of(request.scope)))
         body["checks"] = checks
         return Response(

@@ -15,7 +15,14 @@ from liveness_proxy.errors import ProblemError, render_problem
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
 from liveness_proxy.settings import Settings
-from liveness_proxy.store import ApiKeyStore, AuditLog, SessionOwnership, create_engine, ping, upgrade_database
+from liveness_proxy.store import (
+    ApiKeyStore,
+    AuditLog,
+    SessionOwnership,
+    create_engine,
+    ping,
+    upgrade_database,
+)
 from liveness_proxy.upstream import (
     ClientCredentialsFetcher,
     CynopsisClient,

@@ -25,7 +25,9 @@ class SessionTokenResponse(_OpenObject):
 
 
 class CreateSessionRequest(_OpenObject):
-    session_token: str | None = Field(default=None, description="The token from POST /v1/liveness/session-token.")
+    session_token: str | None = Field(
+        default=None, description="The token from POST /v1/liveness/session-token."
+    )
 
 
 class SessionResponse(_OpenObject):
@@ -36,8 +38,12 @@ class SessionResponse(_OpenObject):
 
 class LivenessResult(_OpenObject):
     session_id: str | None = None
-    status: str | None = Field(default=None, description="CREATED, IN_PROGRESS, SUCCEEDED, FAILED or EXPIRED.")
-    confidence: float | None = Field(default=None, description="0-100; the integrator sets the pass threshold.")
+    status: str | None = Field(
+        default=None, description="CREATED, IN_PROGRESS, SUCCEEDED, FAILED or EXPIRED."
+    )
+    confidence: float | None = Field(
+        default=None, description="0-100; the integrator sets the pass threshold."
+    )
     redacted_fields: list[str] | None = Field(
         default=None, description="Biometric fields the proxy removed from the upstream result."
     )

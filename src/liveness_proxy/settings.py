@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         return async_database_url(self.liveness_proxy_database_url.get_secret_value())
 
     def token_refresh_margin(self, lifetime_seconds: float) -> float:
-        """How long before expiry to refresh: the configured margin, but at most a third of a short token's life."""
+        """Seconds before expiry to refresh: the set margin, at most a third of a short token's life."""
         return min(float(self.cynopsis_token_refresh_margin_seconds), math.floor(lifetime_seconds / 3))
 
     def require_upstream_credentials(self) -> None:
@@ -179,7 +179,8 @@ class Settings(BaseSettings):
             )
         if len(pepper) < _MIN_PEPPER_LENGTH or pepper.lower() in _PLACEHOLDER_SECRETS:
             raise ConfigurationError(
-                f"LIVENESS_PROXY_API_KEY_PEPPER: must be a random value of at least {_MIN_PEPPER_LENGTH} characters"
+                "LIVENESS_PROXY_API_KEY_PEPPER: must be a random value of at least "
+                f"{_MIN_PEPPER_LENGTH} characters"
             )
 
     def require_proxy_secrets(self) -> None:
@@ -228,7 +229,7 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def async_database_url(url: str) -> str:
     """Maps plain `sqlite://` and `postgresql://` URLs to the async drivers this service uses."""
-    if url.startswith("sqlite:///") or url.startswith("sqlite://"):
+    if url.startswith(("sqlite:///", "sqlite://")):
         return "sqlite+aiosqlite" + url.removeprefix("sqlite")
     for prefix in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
         if url.startswith(prefix):

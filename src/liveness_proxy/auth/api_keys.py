@@ -44,9 +44,7 @@ def looks_like_api_key(credential: str) -> bool:
     return credential.startswith(API_KEY_PREFIX)
 
 
-def new_api_key(
-    *, pepper: bytes, subject: str, scopes: Iterable[str], name: str, now: float
-) -> IssuedApiKey:
+def new_api_key(*, pepper: bytes, subject: str, scopes: Iterable[str], name: str, now: float) -> IssuedApiKey:
     if not SUBJECT_PATTERN.fullmatch(subject):
         raise ValueError("subject must be 1-255 characters without control characters")
     scope_tuple = tuple(dict.fromkeys(scopes))
@@ -115,7 +113,9 @@ class ApiKeyAuthenticator:
         if not hmac.compare_digest(expected, digest) or stored is None or stored.revoked_at is not None:
             self._cache.pop(cache_key, None)
             raise Unauthenticated("The API key is not valid.", error="invalid_token")
-        caller = Caller(subject=stored.subject, scopes=frozenset(stored.scopes), credential_id=f"key:{key_id}")
+        caller = Caller(
+            subject=stored.subject, scopes=frozenset(stored.scopes), credential_id=f"key:{key_id}"
+        )
         if self._cache_seconds > 0:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))

@@ -35,19 +35,21 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _demo_pepper(directory: Path) -> str:
-    path = directory / "api-key-pepper"
+def _prepare_folder(directory: str) -> tuple[Path, str]:
+    """The demo folder, and the pepper kept there so demo keys stay valid across runs."""
+    folder = Path(directory).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "api-key-pepper"
     if not path.exists():
         path.write_text(secrets.token_urlsafe(48), encoding="utf-8")
         path.chmod(0o600)
-    return path.read_text(encoding="utf-8").strip()
+    return folder, path.read_text(encoding="utf-8").strip()
 
 
 async def run_demo(
     *, directory: str, host: str, port: int, sandbox_port: int, walkthrough_only: bool = False
 ) -> int:
-    folder = Path(directory).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, pepper = await asyncio.to_thread(_prepare_folder, directory)
     sandbox_secret = secrets.token_urlsafe(24)  # new every run: nothing to leak between runs
     sandbox = Sandbox(
         SandboxConfig(
@@ -76,7 +78,7 @@ async def run_demo(
             "CYNOPSIS_CLIENT_SECRET": sandbox_secret,
             "CYNOPSIS_DOMAIN_ID": "demo-domain",
             "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{folder / 'liveness-proxy.db'}",
-            "LIVENESS_PROXY_API_KEY_PEPPER": _demo_pepper(folder),
+            "LIVENESS_PROXY_API_KEY_PEPPER": pepper,
             "LIVENESS_PROXY_LOG_FORMAT": "console",
             "LIVENESS_PROXY_LOG_LEVEL": "warning" if walkthrough_only else "info",
         }
@@ -97,7 +99,12 @@ async def run_demo(
 
     proxy_server = EmbeddedServer(
         uvicorn.Config(
-            create_app(settings), host=host, port=port, log_level="warning", access_log=False, server_header=False
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
         )
     )
     proxy_task = asyncio.create_task(proxy_server.serve())
@@ -186,7 +193,9 @@ async def _run_walkthrough(proxy_url: str, sandbox_url: str, key: str) -> int:
                 return payload
 
         try:
-            token = await step("1 session-token", "POST", f"{proxy_url}/v1/liveness/session-token", headers=auth)
+            token = await step(
+                "1 session-token", "POST", f"{proxy_url}/v1/liveness/session-token", headers=auth
+            )
             session = await step(
                 "2 create session",
                 "POST",

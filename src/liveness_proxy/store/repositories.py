@@ -59,9 +59,7 @@ class SessionOwnership:
         self._cache: dict[str, SessionOwner] = {}
         self._cache_size = cache_size
 
-    async def bind(
-        self, owner: SessionOwner, request_id: str, *, audit: AuditRecord | None = None
-    ) -> None:
+    async def bind(self, owner: SessionOwner, request_id: str, *, audit: AuditRecord | None = None) -> None:
         """Writes the binding (and, in the same transaction, its audit record). Durable on return."""
         async with self._engine.begin() as connection:
             try:

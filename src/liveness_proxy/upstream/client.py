@@ -146,7 +146,9 @@ class CynopsisClient:
 
     def _parse_object(self, answer: UpstreamResponse) -> dict[str, Any]:
         if "json" not in answer.content_type:
-            raise UpstreamMalformed("The liveness service sent a non-JSON response.", upstream_status=answer.status)
+            raise UpstreamMalformed(
+                "The liveness service sent a non-JSON response.", upstream_status=answer.status
+            )
         try:
             payload = orjson.loads(answer.body)
         except orjson.JSONDecodeError:

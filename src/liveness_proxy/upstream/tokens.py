@@ -10,6 +10,7 @@ short backoff instead of piling up on a dead endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import time
@@ -94,7 +95,9 @@ class ClientCredentialsFetcher:
         if answer.status != 200:
             reason = _oauth_error_code(answer.body)
             suffix = f" ({reason})" if reason else ""
-            raise TokenEndpointError(f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status)
+            raise TokenEndpointError(
+                f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status
+            )
         return self._parse(answer.body)
 
     def _parse(self, body: bytes) -> FetchedToken:
@@ -119,7 +122,11 @@ class ClientCredentialsFetcher:
             return self._default_lifetime
         if isinstance(expires_in, str) and expires_in.strip().isdigit():
             expires_in = int(expires_in)
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
+        if (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int | float)
+            or not math.isfinite(expires_in)
+        ):
             raise TokenEndpointError("token response has an invalid expires_in", status=200)
         if expires_in <= 0:
             raise TokenEndpointError("token response has a non-positive expires_in", status=200)
@@ -195,10 +202,8 @@ class TokenManager:
         task = self._inflight
         if task is not None and not task.done():
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
 
     def _start_refresh(self) -> asyncio.Task[AccessToken]:
         if self._inflight is None or self._inflight.done():

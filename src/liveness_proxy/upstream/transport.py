@@ -56,7 +56,9 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> Upstream
     """Reads the whole body, refusing more than `limit` bytes (after decompression)."""
     declared = response.content_length
     if declared is not None and declared > limit:
-        raise UpstreamMalformed("The liveness service sent a response that is too large.", upstream_status=response.status)
+        raise UpstreamMalformed(
+            "The liveness service sent a response that is too large.", upstream_status=response.status
+        )
     chunks: list[bytes] = []
     total = 0
     async for chunk in response.content.iter_chunked(64 * 1024):

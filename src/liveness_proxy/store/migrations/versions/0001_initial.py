@@ -26,9 +26,7 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.PrimaryKeyConstraint("session_id", name="pk_liveness_sessions"),
     )
-    op.create_index(
-        "ix_liveness_sessions_subject_created_at", "liveness_sessions", ["subject", "created_at"]
-    )
+    op.create_index("ix_liveness_sessions_subject_created_at", "liveness_sessions", ["subject", "created_at"])
     op.create_table(
         "api_keys",
         sa.Column("key_id", sa.String(32), nullable=False),
