@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import httpx
 import pytest
@@ -292,27 +294,17 @@ def test_create_session_without_session_id_is_502(proxy: ProxyHarness, client: h
     )
 
 
-def test_upstream_refusing_connections_is_502(proxy: ProxyHarness, make_proxy: object) -> None:
-    from liveness_proxy.settings import settings_from_mapping
-
+def test_upstream_refusing_connections_is_502(
+    make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
+) -> None:
     # A port with nothing listening: bind, read the port, close.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
-    runtime = proxy.runtime
-    values = {k.upper(): v for k, v in proxy.settings.model_dump().items() if not k.endswith("_file")}
-    values["CYNOPSIS_API_BASE_URL"] = f"http://127.0.0.1:{dead_port}"
-    assert settings_from_mapping({**values}).cynopsis_api_base_url.endswith(str(dead_port))
-    endpoints = runtime.cynopsis._endpoints
-    runtime.cynopsis._endpoints = type(endpoints)(
-        api_base_url=f"http://127.0.0.1:{dead_port}",
-        session_token_path=endpoints.session_token_path,
-        session_path=endpoints.session_path,
-        result_path=endpoints.result_path,
-    )
-    runtime.cynopsis._session_token_url = f"http://127.0.0.1:{dead_port}{endpoints.session_token_path}"
-    with proxy.client() as client:
-        assert_problem(client.post(SESSION_TOKEN, headers=proxy.auth()), 502, "upstream-unavailable")
+    overrides = {"CYNOPSIS_API_BASE_URL": f"http://127.0.0.1:{dead_port}"}
+    with make_proxy(proxy_overrides=overrides) as running, running.client() as client:
+        assert_problem(client.post(SESSION_TOKEN, headers=running.auth()), 502, "upstream-unavailable")
+        assert running.sandbox.tokens_issued == 1  # the token endpoint still worked
 
 
 def test_upstream_404_on_a_bound_session_is_404(proxy: ProxyHarness, client: httpx.Client) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = settings.liveness_proxy_port if args.port is None else args.port
     # Migrations run once here, not in each worker, so workers never race on the schema.
     asyncio.run(_upgrade(settings))
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
+    # kills the process; a drained, cleanly stopped server should exit 0 instead.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     common: dict[str, object] = {
         "host": host,
         "port": port,
@@ -63,6 +68,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
     return 0
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    sys.exit(0)
 
 
 async def _upgrade(settings: Settings) -> None:

@@ -132,7 +132,8 @@ class AuditLog:
             if not rows:
                 return
             for row in rows:
-                yield dict(row._mapping)
+                # Column names come back as quoted_name (a str subclass): make them plain str.
+                yield {str(key): value for key, value in row._mapping.items()}
             last_id = rows[-1].id
 
     async def count(self) -> int:

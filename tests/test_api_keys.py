@@ -1,0 +1,84 @@
+"""API keys: shown once, stored only as a keyed hash, verified against exactly one row."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from pathlib import Path
+
+import pytest
+from starlette.datastructures import Headers
+
+from liveness_proxy.auth import ApiKeyAuthenticator, new_api_key
+from liveness_proxy.errors import Unauthenticated
+from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+
+PEPPER = b"k" * 48
+
+
+def test_key_format_and_stored_hash() -> None:
+    issued = new_api_key(pepper=PEPPER, subject="alice", scopes=["liveness:admin"], name="n", now=1.0)
+    prefix, key_id, secret = issued.key.split("_", 2)
+    assert prefix == "lpk"
+    assert key_id == issued.key_id
+    assert len(secret) >= 40
+    assert issued.stored.secret_hash == hmac.new(PEPPER, secret.encode(), hashlib.sha256).hexdigest()
+    assert secret not in repr(issued.stored)
+    assert issued.stored.scopes == ("liveness:admin",)
+
+
+@pytest.mark.parametrize(
+    ("subject", "scopes"), [("", []), ("a\nb", []), ("ok", ["has space"]), ("ok", ['q"'])]
+)
+def test_invalid_subject_or_scope_is_refused(subject: str, scopes: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"subject|scope"):
+        new_api_key(pepper=PEPPER, subject=subject, scopes=scopes, name="n", now=1.0)
+
+
+async def test_verification_needs_the_same_pepper_and_a_live_key(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}", pool_size=1)
+    try:
+        await upgrade_database(engine)
+        store = ApiKeyStore(engine)
+        issued = new_api_key(pepper=PEPPER, subject="alice", scopes=[], name="n", now=1.0)
+        await store.add(issued.stored)
+        right = ApiKeyAuthenticator(store, pepper=PEPPER, cache_seconds=0)
+        wrong_pepper = ApiKeyAuthenticator(store, pepper=b"x" * 48, cache_seconds=0)
+        caller = await right.authenticate(Headers({"x-api-key": issued.key}))
+        assert caller is not None
+        assert (caller.subject, caller.credential_id) == ("alice", f"key:{issued.key_id}")
+        with pytest.raises(Unauthenticated):
+            await wrong_pepper.verify(issued.key)
+        with pytest.raises(Unauthenticated):
+            await right.verify(issued.key[:-1] + ("A" if issued.key[-1] != "A" else "B"))
+        assert await store.revoke(issued.key_id, revoked_at=2.0)
+        assert not await store.revoke(issued.key_id, revoked_at=3.0)
+        with pytest.raises(Unauthenticated):
+            await right.verify(issued.key)
+    finally:
+        await engine.dispose()
+
+
+async def test_cache_serves_verified_keys_without_the_store(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}", pool_size=1)
+    now = [100.0]
+    try:
+        await upgrade_database(engine)
+        store = ApiKeyStore(engine)
+        issued = new_api_key(pepper=PEPPER, subject="alice", scopes=[], name="n", now=1.0)
+        await store.add(issued.stored)
+        authenticator = ApiKeyAuthenticator(store, pepper=PEPPER, cache_seconds=10, clock=lambda: now[0])
+        await authenticator.verify(issued.key)
+        await store.revoke(issued.key_id, revoked_at=2.0)
+        assert (await authenticator.verify(issued.key)).subject == "alice"  # within the cache time
+        now[0] += 11
+        with pytest.raises(Unauthenticated):
+            await authenticator.verify(issued.key)
+    finally:
+        await engine.dispose()
+
+
+def test_bearer_without_key_prefix_is_not_taken_for_an_api_key() -> None:
+    authenticator = ApiKeyAuthenticator(ApiKeyStore(None), pepper=PEPPER, cache_seconds=0)  # type: ignore[arg-type]
+    assert asyncio.run(authenticator.authenticate(Headers({"authorization": "Bearer eyJhbGciOi"}))) is None

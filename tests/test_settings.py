@@ -1,0 +1,138 @@
+"""Configuration: documented variable names, *_FILE secrets, one-line errors that never show values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.settings import Settings, async_database_url, redact_url
+
+REQUIRED = {
+    "CYNOPSIS_CLIENT_ID": "client-1",
+    "CYNOPSIS_CLIENT_SECRET": "super-secret-value-1",
+    "CYNOPSIS_DOMAIN_ID": "domain-1",
+    "LIVENESS_PROXY_API_KEY_PEPPER": "q" * 40,
+}
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name, value in REQUIRED.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_defaults_follow_the_upstream_notes(environment: pytest.MonkeyPatch) -> None:
+    settings = Settings.load()
+    settings.require_proxy_secrets()
+    assert settings.cynopsis_token_url == "https://crm-demo.cynopsis.co/oauth/token"
+    assert settings.cynopsis_session_token_path == "/service/liveness-v2/get_session_token"
+    assert settings.cynopsis_session_path == "/service/liveness-v2/liveness_session"
+    assert settings.cynopsis_result_path == "/service/liveness-v2/liveness_result/{session_id}"
+    assert settings.cynopsis_session_id_fields == ["session_id", "sessionId"]
+    assert settings.liveness_proxy_host == "127.0.0.1"
+    assert settings.liveness_proxy_port == 8080
+    assert settings.liveness_proxy_max_body_bytes == 65536
+    assert settings.database_url == "sqlite+aiosqlite:///./liveness-proxy.db"
+
+
+def test_environment_variables_are_read(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("CYNOPSIS_API_BASE_URL", "https://d1.cynopsis.co")
+    environment.setenv("LIVENESS_PROXY_PORT", "9000")
+    environment.setenv("CYNOPSIS_TIMEOUT_SECONDS", "2.5")
+    environment.setenv("CYNOPSIS_SESSION_ID_FIELDS", "id, sessionId")
+    settings = Settings.load()
+    assert settings.cynopsis_api_base_url == "https://d1.cynopsis.co"
+    assert settings.liveness_proxy_port == 9000
+    assert settings.cynopsis_timeout_seconds == 2.5
+    assert settings.cynopsis_session_id_fields == ["id", "sessionId"]
+
+
+def test_dotenv_file_is_read(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    environment.delenv("CYNOPSIS_DOMAIN_ID")
+    (tmp_path / ".env").write_text("CYNOPSIS_DOMAIN_ID=from-dotenv\n")
+    assert Settings.load().cynopsis_domain_id == "from-dotenv"
+
+
+def test_secrets_can_come_from_files(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    environment.delenv("CYNOPSIS_CLIENT_SECRET")
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text("secret-from-file\n")
+    environment.setenv("CYNOPSIS_CLIENT_SECRET_FILE", str(secret_file))
+    pepper_file = tmp_path / "pepper"
+    pepper_file.write_text("f" * 48)
+    environment.setenv("LIVENESS_PROXY_API_KEY_PEPPER_FILE", str(pepper_file))
+    settings = Settings.load()
+    assert settings.cynopsis_client_secret.get_secret_value() == "secret-from-file"
+    assert settings.liveness_proxy_api_key_pepper.get_secret_value() == "f" * 48
+
+
+def test_unreadable_secret_file_names_the_variable(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    environment.setenv("CYNOPSIS_CLIENT_SECRET_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigurationError, match=r"^CYNOPSIS_CLIENT_SECRET_FILE: cannot read the file"):
+        Settings.load()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LIVENESS_PROXY_PORT", "eighty", "LIVENESS_PROXY_PORT: "),
+        ("LIVENESS_PROXY_PORT", "70000", "LIVENESS_PROXY_PORT: "),
+        ("CYNOPSIS_TOKEN_URL", "ftp://x", "CYNOPSIS_TOKEN_URL: must be an absolute http(s) URL"),
+        (
+            "CYNOPSIS_API_BASE_URL",
+            "https://user:pw@host",
+            "CYNOPSIS_API_BASE_URL: must not carry credentials",
+        ),
+        ("CYNOPSIS_RESULT_PATH", "/result", "CYNOPSIS_RESULT_PATH: must be an absolute path containing"),
+        ("CYNOPSIS_TIMEOUT_SECONDS", "-1", "CYNOPSIS_TIMEOUT_SECONDS: "),
+        ("LIVENESS_PROXY_LOG_LEVEL", "loud", "LIVENESS_PROXY_LOG_LEVEL: "),
+    ],
+)
+def test_invalid_values_stop_with_one_line_naming_the_variable(
+    environment: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    environment.setenv(name, value)
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.load()
+    text = str(raised.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_missing_required_secret_names_the_variable(environment: pytest.MonkeyPatch, missing: str) -> None:
+    environment.delenv(missing)
+    settings = Settings.load()
+    with pytest.raises(ConfigurationError, match=f"^{missing}: required"):
+        settings.require_proxy_secrets()
+
+
+def test_weak_pepper_is_refused(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("LIVENESS_PROXY_API_KEY_PEPPER", "changeme")
+    with pytest.raises(ConfigurationError, match=r"^LIVENESS_PROXY_API_KEY_PEPPER: must be a random value"):
+        Settings.load().require_proxy_secrets()
+
+
+def test_errors_and_summaries_never_show_secret_values(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("LIVENESS_PROXY_DATABASE_URL", "postgresql://app:db-password-9@db/liveness")
+    settings = Settings.load()
+    summary = "\n".join(f"{k}={v}" for k, v in settings.redacted_summary().items())
+    for secret in ("super-secret-value-1", "q" * 40, "db-password-9", "client-1"):
+        assert secret not in summary
+        assert secret not in repr(settings)
+    assert "CYNOPSIS_CLIENT_SECRET=set (hidden)" in summary
+    environment.setenv("LIVENESS_PROXY_MAX_BODY_BYTES", "super-secret-value-1")
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.load()
+    assert "super-secret-value-1" not in str(raised.value)
+
+
+def test_database_urls_get_async_drivers() -> None:
+    assert async_database_url("sqlite:///data/x.db") == "sqlite+aiosqlite:///data/x.db"
+    assert async_database_url("postgresql://u:p@h/db") == "postgresql+asyncpg://u:p@h/db"
+    assert async_database_url("postgres://h/db") == "postgresql+asyncpg://h/db"
+    assert redact_url("postgresql+asyncpg://u:p4ss@h/db") == "postgresql+asyncpg://u:***@h/db"
