@@ -282,16 +282,14 @@ def test_upstream_faults_map_to_documented_problems(
     assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
 
 
-def test_create_session_without_session_id_is_502(proxy: ProxyHarness, client: httpx.Client) -> None:
+def test_create_session_with_malformed_answer_is_502_and_binds_nothing(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
     token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
-    proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="oversized", size_bytes=1000))
-    response = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
-    # The oversized body here is small, valid JSON, with an id "x" -- a usable id: bound and returned.
-    assert response.status_code == 201
     proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="malformed"))
-    assert_problem(
-        client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token}), 502, "upstream-malformed"
-    )
+    response = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+    assert_problem(response, 502, "upstream-malformed")
+    assert proxy.runtime.ownership._cache == {}
 
 
 def test_upstream_refusing_connections_is_502(
@@ -360,3 +358,25 @@ def test_openapi_document_covers_every_route(client: httpx.Client) -> None:
         assert name in document["components"]["schemas"]
     result = document["paths"]["/v1/liveness/sessions/{session_id}/result"]["get"]
     assert {"200", "400", "401", "404", "429", "502", "503", "504"} <= set(result["responses"])
+
+
+def test_a_post_that_may_have_reached_the_upstream_is_not_retried(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
+    proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="timeout", hang_seconds=3))
+    proxy.sandbox.reset_log()
+    response = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+    assert_problem(response, 504, "upstream-timeout")
+    assert [r.path for r in proxy.sandbox.request_log] == ["/service/liveness-v2/liveness_session"]
+
+
+def test_create_session_answer_without_any_session_id_is_502(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
+    # A 200 whose JSON object carries no session id (the fault body is {"error": ..., "message": ...}).
+    proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="status", status=200))
+    response = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+    assert_problem(response, 502, "upstream-malformed")
+    assert "no session id" in response.json()["detail"]

@@ -146,3 +146,20 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_token_with_non_positive_lifetime_is_refused(
+    make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
+) -> None:
+    with make_proxy(sandbox_config={"token_lifetime_seconds": 0}) as running, running.client() as http:
+        response = http.post(SESSION_TOKEN, headers=running.auth())
+        assert response.status_code == 503
+        assert "non-positive expires_in" in running.log_text()
+
+
+def test_huge_lifetime_is_capped(make_proxy: Callable[..., AbstractContextManager[ProxyHarness]]) -> None:
+    with make_proxy(sandbox_config={"token_lifetime_seconds": 10**9}) as running, running.client() as http:
+        assert http.post(SESSION_TOKEN, headers=running.auth()).status_code == 200
+        token = running.runtime.tokens.cached
+        assert token is not None
+        assert token.expires_at - running.clock.now() == running.settings.cynopsis_token_max_lifetime_seconds

@@ -1,0 +1,78 @@
+"""Biometric minimisation and log redaction, on their own."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from liveness_proxy.observability import REDACTED, Redactor, build_logger
+from liveness_proxy.privacy import BiometricFilter
+from liveness_proxy.upstream.transport import parse_retry_after
+
+
+def test_biometric_fields_are_removed_in_any_spelling_and_depth() -> None:
+    strip = BiometricFilter(["reference_image", "audit_images"])
+    payload = {
+        "session_id": "s",
+        "ReferenceImage": {"Bytes": "AAAA"},
+        "details": {"auditImages": [{"bytes": "BBBB"}], "score": 1},
+        "history": [{"reference-image": "CCCC", "ok": True}],
+    }
+    cleaned, removed = strip.apply(payload)
+    assert cleaned == {"session_id": "s", "details": {"score": 1}, "history": [{"ok": True}]}
+    assert removed == ["ReferenceImage", "auditImages", "reference-image"]
+
+
+def test_biometric_filter_can_be_turned_off() -> None:
+    payload = {"reference_image": "AAAA"}
+    assert BiometricFilter(["reference_image"], enabled=False).apply(payload) == (payload, [])
+
+
+def test_pathologically_deep_results_are_cut_rather_than_passed_through() -> None:
+    deep: dict[str, object] = {"reference_image": "AAAA"}
+    for _ in range(40):
+        deep = {"nested": deep}
+    cleaned, _ = BiometricFilter(["reference_image"]).apply(deep)
+    assert "AAAA" not in json.dumps(cleaned)
+
+
+def test_redactor_scrubs_known_secrets_and_credential_shapes() -> None:
+    redactor = Redactor(["client-secret-value"])
+    redactor.add_secret("access-token-value-123")
+    text = (
+        "secret=client-secret-value token=access-token-value-123 "
+        "key=lpk_0123456789abcdef_abcdefghijklmnopqrstuvwxyz012345 "
+        "header=Bearer eyJhbGciOiJSUzI1NiJ9.x.y form=client_secret=abc&x=1"
+    )
+    scrubbed = redactor.scrub(text)
+    for leaked in (
+        "client-secret-value",
+        "access-token-value-123",
+        "lpk_0123",
+        "eyJhbGci",
+        "client_secret=abc",
+    ):
+        assert leaked not in scrubbed
+    assert scrubbed.count(REDACTED) == 5
+
+
+def test_every_log_line_passes_the_redactor_nested_values_too() -> None:
+    stream = io.StringIO()
+    redactor = Redactor(["pepper-pepper-pepper"])
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=stream)
+    logger.info("event", detail={"inner": ["pepper-pepper-pepper"]}, note="Bearer abc.def")
+    logger.debug("hidden at info level")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["detail"] == {"inner": [REDACTED]}
+    assert record["note"] == REDACTED
+
+
+def test_retry_after_is_bounded_and_tolerant() -> None:
+    assert parse_retry_after("7") == 7
+    assert parse_retry_after("0") == 1
+    assert parse_retry_after("999999") == 3600
+    assert parse_retry_after("soon") == 1
+    assert parse_retry_after(None, default=3) == 3
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10
