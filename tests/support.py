@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
 from liveness_proxy.app import create_app
@@ -21,7 +23,7 @@ from liveness_proxy.routes import LivenessApi
 from liveness_proxy.runtime import Runtime
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
 from liveness_proxy.settings import Settings, settings_from_mapping
-from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+from liveness_proxy.store import ApiKeyStore, AuditLog, create_engine, upgrade_database
 
 TEST_PEPPER = "test-pepper-" + "p" * 40
 CLIENT_ID = "test-client"
@@ -116,6 +118,33 @@ class ProxyHarness:
     def upstream_paths(self) -> list[str]:
         return [record.raw_path for record in self.sandbox.request_log]
 
+    def create_session(self, client: httpx.Client, key: str | None = None) -> str:
+        """Session token, then session, through the proxy; returns the bound session id."""
+        token = client.post("/v1/liveness/session-token", headers=self.auth(key)).json()["session_token"]
+        response = client.post("/v1/liveness/sessions", headers=self.auth(key), json={"session_token": token})
+        assert response.status_code == 201, response.text
+        session_id: str = response.json()["session_id"]
+        assert response.headers["location"] == f"/v1/liveness/sessions/{session_id}/result"
+        return session_id
+
+    def audit_rows(self) -> list[dict[str, Any]]:
+        """Every audit record, read through a separate engine (so only committed rows are seen)."""
+
+        async def read() -> list[dict[str, Any]]:
+            async with self.database() as engine:
+                return [row async for row in AuditLog(engine).iterate()]
+
+        return asyncio.run(read())
+
+    @contextlib.asynccontextmanager
+    async def database(self) -> AsyncIterator[AsyncEngine]:
+        """An engine of the test's own on the proxy's database."""
+        engine = create_engine(self.settings.database_url, pool_size=1)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
+
 
 def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
@@ -126,6 +155,7 @@ def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> S
         "CYNOPSIS_DOMAIN_ID": DOMAIN_ID,
         "CYNOPSIS_TIMEOUT_SECONDS": 1.0,
         "CYNOPSIS_CONNECT_TIMEOUT_SECONDS": 0.5,
+        "CYNOPSIS_TOKEN_TIMEOUT_SECONDS": 0.5,
         "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{database_path}",
         "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
         "LIVENESS_PROXY_API_KEY_CACHE_SECONDS": 0,

@@ -7,14 +7,6 @@ import httpx
 from support import DOMAIN_ID, ProxyHarness
 
 
-def _create_session(client: httpx.Client, proxy: ProxyHarness, key: str | None = None) -> str:
-    token = client.post("/v1/liveness/session-token", headers=proxy.auth(key)).json()["session_token"]
-    response = client.post("/v1/liveness/sessions", headers=proxy.auth(key), json={"session_token": token})
-    assert response.status_code == 201, response.text
-    session_id: str = response.json()["session_id"]
-    return session_id
-
-
 def test_session_token_returns_the_upstream_one_time_token(proxy: ProxyHarness, client: httpx.Client) -> None:
     response = client.post("/v1/liveness/session-token", headers=proxy.auth())
     assert response.status_code == 200
@@ -26,7 +18,7 @@ def test_session_token_returns_the_upstream_one_time_token(proxy: ProxyHarness, 
 
 
 def test_create_session_binds_it_and_points_at_the_result(proxy: ProxyHarness, client: httpx.Client) -> None:
-    session_id = _create_session(client, proxy)
+    session_id = proxy.create_session(client)
     owner = proxy.app.state.liveness_api.runtime.ownership
     assert owner._cache[session_id].subject == "alice"
     response = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
@@ -37,7 +29,7 @@ def test_create_session_binds_it_and_points_at_the_result(proxy: ProxyHarness, c
 def test_completed_live_session_reads_succeeded_without_images(
     proxy: ProxyHarness, client: httpx.Client
 ) -> None:
-    session_id = _create_session(client, proxy)
+    session_id = proxy.create_session(client)
     proxy.sandbox.complete_session(session_id, live=True)
     body = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth()).json()
     assert body["status"] == "SUCCEEDED"
@@ -48,7 +40,7 @@ def test_completed_live_session_reads_succeeded_without_images(
 
 
 def test_spoof_session_reads_failed(proxy: ProxyHarness, client: httpx.Client) -> None:
-    session_id = _create_session(client, proxy)
+    session_id = proxy.create_session(client)
     proxy.sandbox.complete_session(session_id, live=False)
     body = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth()).json()
     assert body["status"] == "FAILED"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import httpx
 
 from liveness_proxy.sandbox import Fault
-from liveness_proxy.store import AuditLog, create_engine
 from support import CLIENT_SECRET, TEST_PEPPER, ProxyHarness
 
 SESSION_TOKEN = "/v1/liveness/session-token"
@@ -61,17 +59,10 @@ def test_nothing_written_contains_a_secret_token_key_or_image(
     key_secrets = {key.rsplit("_", 1)[1] for key in keys}
     forbidden = {CLIENT_SECRET, TEST_PEPPER, *access_tokens, *keys, *key_secrets}
 
-    async def audit_text() -> str:
-        engine = create_engine(proxy.settings.database_url, pool_size=1)
-        try:
-            return "\n".join([str(row) async for row in AuditLog(engine).iterate()])
-        finally:
-            await engine.dispose()
-
     captured = {
         "responses": b"\n".join(proxy.responses).decode("utf-8", "replace"),
         "logs": proxy.log_text(),
-        "audit": asyncio.run(audit_text()),
+        "audit": "\n".join(str(row) for row in proxy.audit_rows()),
     }
     assert captured["logs"].count('"event":"request"') >= 10
     for where, text in captured.items():

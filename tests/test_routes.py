@@ -16,15 +16,6 @@ SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"
 
 
-def create_session(client: httpx.Client, proxy: ProxyHarness, key: str | None = None) -> str:
-    token = client.post(SESSION_TOKEN, headers=proxy.auth(key)).json()["session_token"]
-    response = client.post(SESSIONS, headers=proxy.auth(key), json={"session_token": token})
-    assert response.status_code == 201, response.text
-    assert response.headers["location"] == f"/v1/liveness/sessions/{response.json()['session_id']}/result"
-    session_id: str = response.json()["session_id"]
-    return session_id
-
-
 def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, object]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -43,7 +34,7 @@ def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str
 def test_another_subject_gets_the_same_404_as_for_an_unknown_session(
     proxy: ProxyHarness, client: httpx.Client
 ) -> None:
-    session_id = create_session(client, proxy, proxy.keys.alice)
+    session_id = proxy.create_session(client, proxy.keys.alice)
     calls_before = len(proxy.sandbox.request_log)
     foreign = client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth(proxy.keys.bob))
     unknown = client.get(
@@ -56,37 +47,31 @@ def test_another_subject_gets_the_same_404_as_for_an_unknown_session(
 
 
 def test_admin_scope_reads_any_session(proxy: ProxyHarness, client: httpx.Client) -> None:
-    session_id = create_session(client, proxy, proxy.keys.alice)
+    session_id = proxy.create_session(client, proxy.keys.alice)
     response = client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth(proxy.keys.admin))
     assert response.status_code == 200
     assert response.json()["session_id"] == session_id
 
 
-def test_upstream_session_id_already_bound_is_refused(proxy: ProxyHarness, client: httpx.Client) -> None:
-    session_id = create_session(client, proxy, proxy.keys.alice)
-    # The store is the authority: a second binding of the same id (a confused or hostile upstream)
-    # must not hand alice's session to bob.
-    import asyncio
-
-    from liveness_proxy.store import SessionAlreadyBound, SessionOwner
-
-    with pytest.raises(SessionAlreadyBound):
-        asyncio.run(
-            _bind_again(
-                proxy, SessionOwner(session_id=session_id, subject="bob", credential_id="x", created_at=0.0)
-            )
-        )
-
-
-async def _bind_again(proxy: ProxyHarness, owner: object) -> None:
-    from liveness_proxy.store import SessionOwner, SessionOwnership, create_engine
-
-    assert isinstance(owner, SessionOwner)
-    engine = create_engine(proxy.settings.database_url, pool_size=1)
-    try:
-        await SessionOwnership(engine).bind(owner, "req")
-    finally:
-        await engine.dispose()
+def test_an_upstream_session_id_that_is_already_bound_is_never_rebound(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    # A confused or hostile upstream answers two creates with the same id ("x", from the fault body).
+    for key in (proxy.keys.alice, proxy.keys.bob):
+        token = client.post(SESSION_TOKEN, headers=proxy.auth(key)).json()["session_token"]
+        proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="oversized", size_bytes=100))
+        answer = client.post(SESSIONS, headers=proxy.auth(key), json={"session_token": token})
+        if key == proxy.keys.alice:
+            assert answer.status_code == 201
+            assert answer.json()["session_id"] == "x"
+        else:
+            body = assert_problem(answer, 502, "upstream-malformed")
+            assert "already in use" in str(body["detail"])
+    proxy.sandbox.reset_log()
+    assert_problem(client.get(f"{SESSIONS}/x/result", headers=proxy.auth(proxy.keys.bob)), 404, "not-found")
+    assert proxy.upstream_paths() == []  # bob is stopped by the ownership check
+    client.get(f"{SESSIONS}/x/result", headers=proxy.auth(proxy.keys.alice))
+    assert proxy.upstream_paths() == ["/service/liveness-v2/liveness_result/x"]  # alice still owns it
 
 
 # -- path injection ----------------------------------------------------------------------------------
@@ -140,7 +125,7 @@ def test_raw_dot_segments_are_not_normalised_into_another_route(proxy: ProxyHarn
 
 
 def test_valid_ids_reach_exactly_the_result_path(proxy: ProxyHarness, client: httpx.Client) -> None:
-    session_id = create_session(client, proxy)
+    session_id = proxy.create_session(client)
     proxy.sandbox.reset_log()
     client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth())
     assert proxy.upstream_paths() == [f"/service/liveness-v2/liveness_result/{session_id}"]
@@ -177,19 +162,23 @@ def test_x_api_key_header_is_accepted(proxy: ProxyHarness, client: httpx.Client)
     assert client.post(SESSION_TOKEN, headers={"X-API-Key": proxy.keys.alice}).status_code == 200
 
 
+def test_two_credentials_in_one_request_are_refused(proxy: ProxyHarness, client: httpx.Client) -> None:
+    headers = {**proxy.auth(proxy.keys.alice), "X-API-Key": proxy.keys.bob}
+    response = client.post(SESSION_TOKEN, headers=headers)
+    assert_problem(response, 401, "unauthenticated")
+    assert 'error="invalid_request"' in response.headers["www-authenticate"]
+
+
 def test_a_revoked_key_stops_working(proxy: ProxyHarness, client: httpx.Client) -> None:
     import asyncio
 
-    from liveness_proxy.store import ApiKeyStore, create_engine
+    from liveness_proxy.store import ApiKeyStore
 
     assert client.post(SESSION_TOKEN, headers=proxy.auth(proxy.keys.revocable)).status_code == 200
 
     async def revoke() -> None:
-        engine = create_engine(proxy.settings.database_url, pool_size=1)
-        try:
+        async with proxy.database() as engine:
             assert await ApiKeyStore(engine).revoke(proxy.keys.revocable_id, revoked_at=1.0)
-        finally:
-            await engine.dispose()
 
     asyncio.run(revoke())
     assert_problem(
@@ -209,6 +198,7 @@ def test_a_revoked_key_stops_working(proxy: ProxyHarness, client: httpx.Client) 
         (b'{"a": "' + b"x" * 70000 + b'"}', "application/json", 413, "payload-too-large"),
         (b"\xff\xfe{}", "application/json", 400, "bad-request"),
         (b"[" * 5000 + b"]" * 5000, "application/json", 400, "bad-request"),
+        (b'{"a":' + b"[" * 300 + b"]" * 300 + b"}", "application/json", 422, "unprocessable-content"),
     ],
 )
 def test_bad_bodies_get_the_documented_problem(
@@ -305,10 +295,47 @@ def test_upstream_refusing_connections_is_502(
         assert running.sandbox.tokens_issued == 1  # the token endpoint still worked
 
 
-def test_upstream_404_on_a_bound_session_is_404(proxy: ProxyHarness, client: httpx.Client) -> None:
-    session_id = create_session(client, proxy)
+def test_upstream_404_on_a_bound_session_looks_like_any_other_404(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    session_id = proxy.create_session(client)
     proxy.sandbox.inject_fault(Fault(target="liveness_result", kind="status", status=404))
-    assert_problem(client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth()), 404, "not-found")
+    upstream_404 = client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth())
+    ours = client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth(proxy.keys.bob))
+    first, second = assert_problem(upstream_404, 404, "not-found"), assert_problem(ours, 404, "not-found")
+    assert (first["title"], first["detail"]) == (second["title"], second["detail"])
+
+
+def test_upstream_404_on_a_post_is_a_configuration_fault_not_a_404(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    proxy.sandbox.inject_fault(Fault(target="session_token", kind="status", status=404))
+    assert_problem(client.post(SESSION_TOKEN, headers=proxy.auth()), 502, "upstream-unavailable")
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"session_id": "abc"}, "abc"),
+        ({"sessionId": "abc"}, "abc"),
+        ({"session_id": None, "sessionId": "def"}, "def"),
+        ({"session_id": "../x"}, None),
+        ({"session_id": 42}, None),
+        ({"session_id": "a" * 129}, None),
+        ({}, None),
+    ],
+)
+def test_session_id_is_taken_from_the_configured_fields_and_validated(
+    payload: dict[str, object], expected: str | None
+) -> None:
+    from liveness_proxy.errors import UpstreamMalformed
+    from liveness_proxy.routes import session_id_from
+
+    if expected is None:
+        with pytest.raises(UpstreamMalformed):
+            session_id_from(payload, ["session_id", "sessionId"], 200)
+    else:
+        assert session_id_from(payload, ["session_id", "sessionId"], 200) == expected
 
 
 # -- request ids, health, readiness, OpenAPI ---------------------------------------------------------

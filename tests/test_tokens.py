@@ -80,8 +80,14 @@ def test_cached_token_is_used_while_the_token_endpoint_is_down(
     assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
     proxy.sandbox.inject_fault(Fault(target="token", kind="status", status=503, count=1000))
     proxy.clock.advance(28800 - 100)  # in the refresh window: refreshes fail, the token still works
+    assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+    _wait_for(lambda: proxy.sandbox.token_requests == 2)  # the background refresh was tried, and failed
     for _ in range(3):
         assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+    assert proxy.sandbox.token_requests == 2  # no new attempt within the failure backoff
+    proxy.clock.advance(proxy.settings.cynopsis_token_failure_backoff_seconds + 0.1)
+    assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+    _wait_for(lambda: proxy.sandbox.token_requests == 3)  # after it, the refresh is tried again
     assert proxy.sandbox.tokens_issued == 1
     assert "upstream_token_failed" in proxy.log_text()
 
@@ -110,6 +116,9 @@ def test_failure_is_remembered_only_briefly(proxy: ProxyHarness, client: httpx.C
     proxy.sandbox.inject_fault(Fault(target="token", kind="status", status=500, count=1))
     assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 503
     proxy.clock.advance(proxy.settings.cynopsis_token_failure_backoff_seconds + 0.1)
+    # After the backoff one new attempt starts in the background; this caller is not held for it.
+    assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 503
+    _wait_for(lambda: proxy.sandbox.tokens_issued == 1)
     assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
 
 
@@ -163,3 +172,63 @@ def test_huge_lifetime_is_capped(make_proxy: Callable[..., AbstractContextManage
         token = running.runtime.tokens.cached
         assert token is not None
         assert token.expires_at - running.clock.now() == running.settings.cynopsis_token_max_lifetime_seconds
+
+
+async def test_hanging_token_endpoint_never_queues_callers_past_the_token_timeout(
+    proxy: ProxyHarness,
+) -> None:
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+        assert (await http.post(SESSION_TOKEN, headers=proxy.auth())).status_code == 200
+        proxy.sandbox.inject_fault(Fault(target="token", kind="timeout", hang_seconds=3, count=1000))
+        proxy.clock.advance(28800 + 1)
+
+        async def timed_burst() -> tuple[list[int], float]:
+            started = time.perf_counter()
+            answers = await asyncio.gather(
+                *(http.post(SESSION_TOKEN, headers=proxy.auth()) for _ in range(20))
+            )
+            return [answer.status_code for answer in answers], time.perf_counter() - started
+
+        # The first burst shares one token request, which gives up at CYNOPSIS_TOKEN_TIMEOUT_SECONDS.
+        statuses, elapsed = await timed_burst()
+        assert statuses == [503] * 20
+        assert proxy.settings.cynopsis_token_timeout_seconds <= elapsed < 2.5
+        assert proxy.sandbox.token_requests == 2
+        # From then on nobody waits: within the backoff, and after it (a background attempt runs).
+        statuses, elapsed = await timed_burst()
+        assert statuses == [503] * 20
+        assert elapsed < 0.45
+        proxy.clock.advance(proxy.settings.cynopsis_token_failure_backoff_seconds + 0.1)
+        statuses, elapsed = await timed_burst()
+        assert statuses == [503] * 20
+        assert elapsed < 0.45
+    _wait_for(lambda: proxy.sandbox.token_requests == 3)
+
+
+def test_an_upstream_rejecting_every_token_does_not_cause_a_token_request_per_call(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+    proxy.sandbox.inject_fault(Fault(target="session_token", kind="status", status=401, count=1000))
+    for _ in range(20):
+        assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 502
+    assert proxy.sandbox.token_requests == 2  # one replacement per backoff interval, not one per call
+    proxy.clock.advance(proxy.settings.cynopsis_token_failure_backoff_seconds + 0.1)
+    assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 502
+    assert proxy.sandbox.token_requests == 3
+
+
+async def test_a_late_rejection_of_an_old_token_does_not_drop_its_replacement(proxy: ProxyHarness) -> None:
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        assert (await http.post(SESSION_TOKEN, headers=proxy.auth())).status_code == 200
+        tokens = proxy.runtime.tokens
+        old = tokens.cached
+        assert old is not None
+        proxy.clock.advance(28800 - 100)  # refresh window: the next call refreshes in the background
+        assert (await http.post(SESSION_TOKEN, headers=proxy.auth())).status_code == 200
+        _wait_for(lambda: proxy.sandbox.tokens_issued == 2)
+        new = tokens.cached
+        assert new is not None
+        assert new is not old
+        tokens.invalidate(old)  # a request that used the old token comes back with 401 only now
+        assert tokens.cached is new

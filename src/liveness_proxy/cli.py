@@ -8,12 +8,23 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from liveness_proxy.auth import new_api_key
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.settings import Settings
+from liveness_proxy.settings import Settings, redact_url
+from liveness_proxy.store import (
+    ApiKeyStore,
+    AuditLog,
+    create_engine,
+    current_revision,
+    ping,
+    upgrade_database,
+)
+from liveness_proxy.upstream import ClientCredentialsFetcher, TokenEndpointError, create_http_session
 
 EXIT_CONFIGURATION = 2
 EXIT_FAILURE = 1
@@ -26,8 +37,16 @@ def app_from_environment() -> object:
     return create_app(Settings.load())
 
 
-def _load_settings() -> Settings:
-    return Settings.load()
+@contextlib.asynccontextmanager
+async def _database(settings: Settings, *, migrate: bool = True) -> AsyncIterator[AsyncEngine]:
+    """A one-connection engine for a command; migrated first unless the command only reads."""
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        if migrate:
+            await upgrade_database(engine)
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -38,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from liveness_proxy.app import create_app
 
-    settings = _load_settings()
+    settings = Settings.load()
     settings.require_proxy_secrets()
     host = args.host or settings.liveness_proxy_host
     port = settings.liveness_proxy_port if args.port is None else args.port
@@ -75,22 +94,15 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 
 async def _upgrade(settings: Settings) -> None:
-    from liveness_proxy.store import create_engine, upgrade_database
-
-    engine = create_engine(settings.database_url, pool_size=1)
-    try:
-        await upgrade_database(engine)
-    finally:
-        await engine.dispose()
+    async with _database(settings):
+        pass
 
 
 # -- db ---------------------------------------------------------------------------------------------
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:
-    from liveness_proxy.settings import redact_url
-
-    settings = _load_settings()
+    settings = Settings.load()
     asyncio.run(_upgrade(settings))
     print(f"database is at the latest schema: {redact_url(settings.database_url)}")
     return 0
@@ -100,7 +112,7 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = Settings.load()
     settings.require_api_key_pepper()
     issued = asyncio.run(_create_key(settings, subject=args.subject, scopes=args.scope or [], name=args.name))
     if args.json:
@@ -117,12 +129,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 async def _create_key(
     settings: Settings, *, subject: str, scopes: Sequence[str], name: str
 ) -> tuple[str, str]:
-    from liveness_proxy.auth import new_api_key
-    from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
-
-    engine = create_engine(settings.database_url, pool_size=1)
-    try:
-        await upgrade_database(engine)
+    async with _database(settings) as engine:
         try:
             issued = new_api_key(
                 pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
@@ -135,22 +142,14 @@ async def _create_key(
             raise ConfigurationError(f"keys create: {exc}") from None
         await ApiKeyStore(engine).add(issued.stored)
         return issued.key_id, issued.key
-    finally:
-        await engine.dispose()
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = Settings.load()
 
     async def run() -> None:
-        from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
-
-        engine = create_engine(settings.database_url, pool_size=1)
-        try:
-            await upgrade_database(engine)
+        async with _database(settings) as engine:
             keys = await ApiKeyStore(engine).list()
-        finally:
-            await engine.dispose()
         if args.json:
             for key in keys:
                 print(
@@ -180,17 +179,11 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = Settings.load()
 
     async def run() -> bool:
-        from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
-
-        engine = create_engine(settings.database_url, pool_size=1)
-        try:
-            await upgrade_database(engine)
+        async with _database(settings) as engine:
             return await ApiKeyStore(engine).revoke(args.key_id, revoked_at=time.time())
-        finally:
-            await engine.dispose()
 
     if asyncio.run(run()):
         print(
@@ -206,7 +199,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_check(_args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = Settings.load()
     for name, value in settings.redacted_summary().items():
         print(f"{name}={value}")
     settings.require_proxy_secrets()
@@ -214,20 +207,17 @@ def cmd_check(_args: argparse.Namespace) -> int:
 
 
 async def _check_live(settings: Settings) -> int:
-    from liveness_proxy.store import create_engine, current_revision, ping
-    from liveness_proxy.upstream import ClientCredentialsFetcher, TokenEndpointError, create_http_session
-
     ok = True
-    engine = create_engine(settings.database_url, pool_size=1)
-    try:
-        await ping(engine)
-        revision = await current_revision(engine)
-        print(f"database: reachable (schema revision {revision or 'none: run `liveness-proxy db upgrade`'})")
-    except Exception as exc:
-        print(f"database: FAILED ({type(exc).__name__})")
-        ok = False
-    finally:
-        await engine.dispose()
+    async with _database(settings, migrate=False) as engine:
+        try:
+            await ping(engine)
+            revision = await current_revision(engine)
+            print(
+                f"database: reachable (schema revision {revision or 'none: run `liveness-proxy db upgrade`'})"
+            )
+        except Exception as exc:
+            print(f"database: FAILED ({type(exc).__name__})")
+            ok = False
     async with create_http_session(
         max_connections=4,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
@@ -240,6 +230,7 @@ async def _check_live(settings: Settings) -> int:
             client_secret=settings.cynopsis_client_secret.get_secret_value,
             default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
             max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
+            timeout_seconds=settings.cynopsis_token_timeout_seconds,
         )
         try:
             token = await fetcher.fetch()
@@ -255,19 +246,14 @@ async def _check_live(settings: Settings) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = Settings.load()
 
     async def run() -> None:
-        from liveness_proxy.store import AuditLog, create_engine
-
-        engine = create_engine(settings.database_url, pool_size=1)
         out = sys.stdout.buffer
-        try:
+        async with _database(settings, migrate=False) as engine:
             async for record in AuditLog(engine).iterate():
                 out.write(orjson.dumps(record) + b"\n")
-        finally:
-            await engine.dispose()
-            out.flush()
+        out.flush()
 
     asyncio.run(run())
     return 0

@@ -7,7 +7,6 @@ The tree:
     └── ProblemError                  answered to the caller as application/problem+json
         ├── BadRequest                400  body is not JSON, session id malformed, ...
         ├── Unauthenticated           401  missing or wrong credentials (+ WWW-Authenticate)
-        ├── Forbidden                 403
         ├── NotFound                  404  unknown route, unknown or foreign session
         ├── MethodNotAllowed          405
         ├── PayloadTooLarge           413
@@ -22,6 +21,7 @@ The tree:
             ├── UpstreamMalformed     502  not JSON, not an object, too large, missing session id
             ├── UpstreamRateLimited   429  (+ the upstream's Retry-After)
             ├── UpstreamRejected      4xx  the upstream refused the request; same status, sanitized detail
+            ├── UpstreamNotFound      404  the upstream does not know the session (looks like NotFound)
             └── TokenUnavailable      503  (+ Retry-After) no upstream access token can be had now
 
 A `ProblemError` carries only text written here, never upstream bodies, secrets or stack traces.
@@ -82,12 +82,6 @@ class Unauthenticated(ProblemError):
         if error:
             challenge += f', error="{error}"'
         super().__init__(detail, headers={"WWW-Authenticate": challenge})
-
-
-class Forbidden(ProblemError):
-    status = 403
-    slug = "forbidden"
-    title = "Forbidden"
 
 
 class NotFound(ProblemError):
@@ -204,19 +198,32 @@ class UpstreamRejected(UpstreamError):
         return self.upstream_status or 502
 
 
+class UpstreamNotFound(UpstreamError):
+    """The upstream answered 404 for a session: the caller sees exactly what NotFound shows."""
+
+    status = NotFound.status
+    slug = NotFound.slug
+    title = NotFound.title
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, upstream_status=404)
+
+
 class TokenUnavailable(UpstreamError):
+    """No access token. `upstream_status` stays None: the liveness API was never called."""
+
     status = 503
     slug = "upstream-token-unavailable"
     title = "Upstream access token unavailable"
 
-    def __init__(self, detail: str, *, retry_after_seconds: int, upstream_status: int | None = None) -> None:
-        super().__init__(
-            detail, upstream_status=upstream_status, headers={"Retry-After": str(max(1, retry_after_seconds))}
-        )
+    def __init__(self, detail: str, *, retry_after_seconds: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
 
 
-def render_problem(error: ProblemError, request_id: str, instance: str | None = None) -> bytes:
-    """The problem+json body of `error`. Field order is fixed so bodies are easy to diff and to test."""
+def render_problem(
+    error: ProblemError, request_id: str, extensions: Mapping[str, object] | None = None
+) -> bytes:
+    """The problem+json body of `error`, plus RFC 9457 extension members (e.g. readiness checks)."""
     body: dict[str, object] = {
         "type": error.type_uri,
         "title": error.title,
@@ -224,6 +231,6 @@ def render_problem(error: ProblemError, request_id: str, instance: str | None = 
         "detail": error.detail,
         "request_id": request_id,
     }
-    if instance is not None:
-        body["instance"] = instance
+    if extensions:
+        body.update(extensions)
     return orjson.dumps(body)

@@ -7,6 +7,7 @@ import secrets
 import time
 
 import structlog
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, render_problem
@@ -61,6 +62,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = 499  # nobody is left to answer; not an error of ours
         except Exception:
             self.logger.exception("unhandled_error", request_id=request_id, path=scope.get("path", ""))
             if not response_started:

@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections import deque
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 import orjson
@@ -89,9 +89,3 @@ def build_logger(
         cache_logger_on_first_use=True,
     )
     return logger
-
-
-def safe_headers(headers: MutableMapping[str, str]) -> dict[str, str]:
-    """Headers fit for a log line: credentials replaced."""
-    hidden = {"authorization", "x-api-key", "cookie", "proxy-authorization"}
-    return {name: (REDACTED if name.lower() in hidden else value) for name, value in headers.items()}

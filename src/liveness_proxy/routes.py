@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from liveness_proxy.auth import Caller
 from liveness_proxy.errors import (
+    PROBLEM_CONTENT_TYPE,
     BadRequest,
     NotFound,
     PayloadTooLarge,
@@ -28,6 +29,7 @@ from liveness_proxy.errors import (
     UnsupportedMediaType,
     UpstreamError,
     UpstreamMalformed,
+    render_problem,
 )
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.runtime import Runtime
@@ -65,10 +67,21 @@ class AuditContext:
         )
 
 
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     merged = dict(NO_STORE)
     merged.update(headers or {})
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=merged)
+    return Response(body, status_code=status, media_type="application/json", headers=merged)
+
+
+def encode_upstream(payload: dict[str, Any], upstream_status: int) -> bytes:
+    """Upstream JSON re-encoded for the caller. orjson reads deeper nesting than it writes (1024 vs
+    254 levels): such an answer is unusable, not a crash."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise UpstreamMalformed(
+            "The liveness service sent JSON nested too deeply.", upstream_status=upstream_status
+        ) from None
 
 
 class LivenessApi:
@@ -101,7 +114,7 @@ class LivenessApi:
         body = await read_json_object(request, rt.settings.liveness_proxy_max_body_bytes, allow_empty=True)
         answer = await rt.cynopsis.get_session_token(body, request_id_of(request.scope))
         audit.upstream_status = answer.status
-        return json_response(answer.payload)
+        return json_response(encode_upstream(answer.payload, answer.status))
 
     async def _create_session(self, request: Request, audit: AuditContext) -> Response:
         rt = self._rt()
@@ -110,10 +123,11 @@ class LivenessApi:
         request_id = request_id_of(request.scope)
         answer = await rt.cynopsis.create_session(body, request_id)
         audit.upstream_status = answer.status
-        session_id = self._session_id_from(
-            answer.payload, rt.settings.cynopsis_session_id_fields, answer.status
-        )
+        session_id = session_id_from(answer.payload, rt.settings.cynopsis_session_id_fields, answer.status)
         audit.session_id = session_id
+        # Encoded before binding: once the binding and its "201" audit record are committed,
+        # nothing may fail on the way to the caller.
+        encoded = encode_upstream(answer.payload, answer.status)
         occurred_at = rt.wall_clock()
         owner = SessionOwner(
             session_id=session_id,
@@ -131,7 +145,7 @@ class LivenessApi:
             ) from None
         audit.written = True
         location = f"/v1/liveness/sessions/{session_id}/result"
-        return json_response(answer.payload, status=201, headers={"Location": location})
+        return json_response(encoded, status=201, headers={"Location": location})
 
     async def _result(self, request: Request, audit: AuditContext) -> Response:
         rt = self._rt()
@@ -149,28 +163,12 @@ class LivenessApi:
         payload, removed = rt.biometrics.apply(answer.payload)
         if removed:
             payload["redacted_fields"] = removed
-        return json_response(payload)
+        return json_response(encode_upstream(payload, answer.status))
 
     async def _authenticate(self, request: Request, rt: Runtime) -> Caller:
         caller = await rt.authentication.authenticate(request.headers)
         request.scope["state"]["subject"] = caller.subject
         return caller
-
-    @staticmethod
-    def _session_id_from(payload: dict[str, Any], field_names: list[str], upstream_status: int) -> str:
-        for name in field_names:
-            value = payload.get(name)
-            if value is None:
-                continue
-            if isinstance(value, str) and SESSION_ID_PATTERN.fullmatch(value):
-                return value
-            raise UpstreamMalformed(
-                "The liveness service returned a session id of an unusable form.",
-                upstream_status=upstream_status,
-            )
-        raise UpstreamMalformed(
-            "The liveness service returned no session id.", upstream_status=upstream_status
-        )
 
     async def _audited(
         self,
@@ -180,29 +178,37 @@ class LivenessApi:
     ) -> Response:
         rt = self._rt()
         audit = AuditContext(action=action)
-        failure: ProblemError | None = None
-        response: Response | None = None
         try:
             response = await handler(request, audit)
-            status, problem = response.status_code, None
         except ProblemError as error:
-            failure = error
-            status, problem = error.response_status(), error.slug
             if isinstance(error, UpstreamError) and error.upstream_status is not None:
                 audit.upstream_status = error.upstream_status
-        if not audit.written:
-            await rt.audit.append(
-                audit.record(request_id_of(request.scope), status, problem, rt.wall_clock())
-            )
-        if failure is not None:
-            raise failure
-        assert response is not None
+            await self._append_audit(rt, request, audit, error.response_status(), error.slug)
+            raise
+        except ClientDisconnect:
+            # The caller went away mid-body: nothing was forwarded. 499, as nginx records it.
+            await self._append_audit(rt, request, audit, 499, "client-disconnected")
+            raise
+        except Exception:
+            # A bug or a failing store: still one record (if the store takes it), then a 500.
+            await self._append_audit(rt, request, audit, 500, "internal-error")
+            raise
+        await self._append_audit(rt, request, audit, response.status_code, None)
         return response
+
+    @staticmethod
+    async def _append_audit(
+        rt: Runtime, request: Request, audit: AuditContext, status: int, problem: str | None
+    ) -> None:
+        if audit.written:
+            return
+        audit.written = True
+        await rt.audit.append(audit.record(request_id_of(request.scope), status, problem, rt.wall_clock()))
 
     # -- operational routes --------------------------------------------------------------------
 
     async def health(self, _request: Request) -> Response:
-        return json_response({"status": "ok"})
+        return json_response(b'{"status":"ok"}')
 
     async def readiness(self, request: Request) -> Response:
         rt = self._rt()
@@ -221,17 +227,13 @@ class LivenessApi:
             except (ProblemError, TimeoutError) as exc:
                 checks["upstream_token"] = f"failed: {getattr(exc, 'slug', 'timeout')}"
         if all(value == "ok" for value in checks.values()):
-            return json_response({"status": "ready", "checks": checks})
-        error = ServiceUnavailable(
-            "Not ready: " + ", ".join(sorted(k for k, v in checks.items() if v != "ok")),
-            retry_after_seconds=5,
-        )
-        body = orjson.loads(rt.render_problem(error, request_id_of(request.scope)))
-        body["checks"] = checks
+            return json_response(orjson.dumps({"status": "ready", "checks": checks}))
+        failed = ", ".join(sorted(name for name, value in checks.items() if value != "ok"))
+        error = ServiceUnavailable(f"Not ready: {failed}.", retry_after_seconds=5)
         return Response(
-            orjson.dumps(body),
-            status_code=503,
-            media_type="application/problem+json",
+            render_problem(error, request_id_of(request.scope), {"checks": checks}),
+            status_code=error.status,
+            media_type=PROBLEM_CONTENT_TYPE,
             headers={**NO_STORE, **error.headers},
         )
 
@@ -239,8 +241,23 @@ class LivenessApi:
         return Response(self._openapi_body, media_type="application/json")
 
 
-async def read_json_object(request: Request, max_bytes: int, *, allow_empty: bool) -> dict[str, Any]:
-    """The request body as a JSON object, enforcing size and media type before reading it all."""
+def session_id_from(payload: dict[str, Any], field_names: list[str], upstream_status: int) -> str:
+    """The session id of a create-session answer: the first configured field present, validated."""
+    for name in field_names:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str) and SESSION_ID_PATTERN.fullmatch(value):
+            return value
+        raise UpstreamMalformed(
+            "The liveness service returned a session id of an unusable form.", upstream_status=upstream_status
+        )
+    raise UpstreamMalformed("The liveness service returned no session id.", upstream_status=upstream_status)
+
+
+async def read_json_object(request: Request, max_bytes: int, *, allow_empty: bool) -> bytes:
+    """The request body, a JSON object, re-encoded; size and media type are enforced before the body
+    is read. Re-encoding means the upstream never sees duplicate keys or other parser-dependent input."""
     headers = request.headers
     declared = headers.get("content-length")
     if declared is not None:
@@ -249,7 +266,7 @@ async def read_json_object(request: Request, max_bytes: int, *, allow_empty: boo
         if int(declared) > max_bytes:
             raise PayloadTooLarge(f"The body must be at most {max_bytes} bytes.")
         if int(declared) == 0 and allow_empty:
-            return {}
+            return b"{}"
     content_type = headers.get("content-type")
     media_type = (content_type or "").split(";", 1)[0].strip()
     if content_type is not None and not _JSON_MEDIA_TYPE.fullmatch(media_type):
@@ -261,7 +278,7 @@ async def read_json_object(request: Request, max_bytes: int, *, allow_empty: boo
             raise PayloadTooLarge(f"The body must be at most {max_bytes} bytes.")
     if not body:
         if allow_empty:
-            return {}
+            return b"{}"
         raise BadRequest("A JSON object body is required.")
     if content_type is None:
         raise UnsupportedMediaType("The body must be sent with Content-Type: application/json.")
@@ -271,4 +288,7 @@ async def read_json_object(request: Request, max_bytes: int, *, allow_empty: boo
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise UnprocessableContent("The body must be a JSON object.")
-    return payload
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise UnprocessableContent("The body is nested too deeply.") from None

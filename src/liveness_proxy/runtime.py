@@ -11,7 +11,6 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import ApiKeyAuthenticator, CallerAuthentication
-from liveness_proxy.errors import ProblemError, render_problem
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
 from liveness_proxy.settings import Settings
@@ -51,10 +50,6 @@ class Runtime:
     async def ping_store(self) -> None:
         await ping(self.engine)
 
-    @staticmethod
-    def render_problem(error: ProblemError, request_id: str) -> bytes:
-        return render_problem(error, request_id)
-
     async def close(self) -> None:
         await self.tokens.close()
         await self.http.close()
@@ -91,6 +86,7 @@ async def start_runtime(
         client_secret=settings.cynopsis_client_secret.get_secret_value,
         default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
         max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
+        timeout_seconds=settings.cynopsis_token_timeout_seconds,
     )
     tokens = TokenManager(
         fetcher,

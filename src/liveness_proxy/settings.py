@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     cynopsis_domain_id: str = ""
     cynopsis_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     cynopsis_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    cynopsis_token_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     cynopsis_session_token_path: str = "/service/liveness-v2/get_session_token"
     cynopsis_session_path: str = "/service/liveness-v2/liveness_session"
     cynopsis_result_path: str = "/service/liveness-v2/liveness_result/{session_id}"

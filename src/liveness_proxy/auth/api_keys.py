@@ -127,6 +127,11 @@ def presented_api_key(headers: Headers) -> str | None:
     """The API key the request carries, if any: `X-API-Key`, or a Bearer credential with our prefix."""
     explicit = headers.get("x-api-key")
     if explicit is not None:
+        if "authorization" in headers:
+            # Two credentials: refuse rather than pick one, so no proxy in front can smuggle a second.
+            raise Unauthenticated(
+                "Send one credential: Authorization or X-API-Key, not both.", error="invalid_request"
+            )
         return explicit.strip()
     bearer = bearer_credential(headers)
     if bearer is not None and looks_like_api_key(bearer):

@@ -2,13 +2,17 @@
 
 Status handling branches on the HTTP status only (never on upstream text):
 2xx -> the JSON object; 401 -> drop that token, get a new one, retry once; 429 -> UpstreamRateLimited
-with its Retry-After; 404 on a result -> NotFound; other 4xx -> UpstreamRejected (same status);
-3xx, 5xx, persistent 401/403, non-JSON -> 502; timeouts -> 504.
+with its Retry-After; 404 on a result -> UpstreamNotFound; 404 on a POST (our configured path is
+wrong) -> 502; other 4xx -> UpstreamRejected (same status); 3xx, 5xx, persistent 401/403,
+non-JSON -> 502; timeouts -> 504.
+
+Nothing is retried here but the single 401 case. aiohttp itself re-sends an idempotent request (our
+GET) once when a pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST
+that may have reached the upstream is never sent twice.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,17 +20,20 @@ import aiohttp
 import orjson
 
 from liveness_proxy.errors import (
-    NotFound,
     UpstreamMalformed,
+    UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
-from liveness_proxy.upstream.transport import UpstreamResponse, parse_retry_after, read_bounded
-
-_ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+from liveness_proxy.upstream.transport import (
+    UpstreamResponse,
+    parse_retry_after,
+    read_bounded,
+    upstream_error_code,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +71,13 @@ class CynopsisClient:
         self._session_token_url = endpoints.url(endpoints.session_token_path)
         self._session_url = endpoints.url(endpoints.session_path)
 
-    async def get_session_token(self, body: dict[str, Any], request_id: str) -> UpstreamResult:
-        return await self._call("POST", self._session_token_url, orjson.dumps(body), request_id)
+    async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
+        """`body` is a JSON object, already encoded."""
+        return await self._call("POST", self._session_token_url, body, request_id)
 
-    async def create_session(self, body: dict[str, Any], request_id: str) -> UpstreamResult:
-        return await self._call("POST", self._session_url, orjson.dumps(body), request_id)
+    async def create_session(self, body: bytes, request_id: str) -> UpstreamResult:
+        """`body` is a JSON object, already encoded."""
+        return await self._call("POST", self._session_url, body, request_id)
 
     async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
         # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
@@ -81,11 +90,13 @@ class CynopsisClient:
         token = await self._tokens.get()
         answer = await self._send(method, url, body, token, request_id)
         if answer.status == 401:
-            # Rejected token (revoked or expired early): replace it once, and retry once. The
-            # upstream did not process a request it refused to authenticate, so a POST is safe too.
+            # Rejected token (revoked or expired early): replace it, and retry once. The upstream
+            # did not process a request it refused to authenticate, so a POST is safe too. If the
+            # token manager keeps the token (one was replaced moments ago), there is no retry.
             self._tokens.invalidate(token)
-            token = await self._tokens.get()
-            answer = await self._send(method, url, body, token, request_id)
+            fresh = await self._tokens.get()
+            if fresh is not token:
+                answer = await self._send(method, url, body, fresh, request_id)
         return self._interpret(answer, is_result=is_result)
 
     async def _send(
@@ -99,28 +110,17 @@ class CynopsisClient:
         }
         if body is not None:
             headers["Content-Type"] = "application/json"
-        # One retry at most: after a failure to connect (nothing was sent, any method is safe), or
-        # for a GET after a dropped keep-alive connection. A POST that may have reached the
-        # upstream is never sent twice.
-        for attempt in (1, 2):
-            try:
-                async with self._http.request(
-                    method, url, data=body, headers=headers, allow_redirects=False
-                ) as response:
-                    return await read_bounded(response, self._max_response_bytes)
-            except TimeoutError:
-                raise UpstreamTimeout("The liveness service did not answer in time.") from None
-            except aiohttp.ClientConnectorError:
-                if attempt == 1:
-                    continue
-                raise UpstreamUnavailable("The liveness service could not be reached.") from None
-            except aiohttp.ServerDisconnectedError:
-                if attempt == 1 and method == "GET":
-                    continue
-                raise UpstreamUnavailable("The liveness service closed the connection.") from None
-            except aiohttp.ClientError:
-                raise UpstreamUnavailable("The connection to the liveness service failed.") from None
-        raise AssertionError("unreachable: the second attempt returns or raises")
+        try:
+            async with self._http.request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                return await read_bounded(response, self._max_response_bytes)
+        except TimeoutError:
+            raise UpstreamTimeout("The liveness service did not answer in time.") from None
+        except aiohttp.ClientConnectorError:
+            raise UpstreamUnavailable("The liveness service could not be reached.") from None
+        except aiohttp.ClientError:
+            raise UpstreamUnavailable("The connection to the liveness service failed.") from None
 
     def _interpret(self, answer: UpstreamResponse, *, is_result: bool) -> UpstreamResult:
         status = answer.status
@@ -136,9 +136,9 @@ class CynopsisClient:
                 "The liveness service refused the proxy's credentials.", upstream_status=status
             )
         if status == 404 and is_result:
-            raise NotFound("No such liveness session.")
+            raise UpstreamNotFound("No such liveness session.")
         if 400 <= status < 500 and status != 404:
-            code = _upstream_error_code(answer.body)
+            code = upstream_error_code(answer.body)
             detail = "The liveness service rejected the request"
             detail += f" ({code})." if code else "."
             raise UpstreamRejected(detail, upstream_status=status)
@@ -160,15 +160,3 @@ class CynopsisClient:
                 "The liveness service sent JSON that is not an object.", upstream_status=answer.status
             )
         return payload
-
-
-def _upstream_error_code(body: bytes) -> str | None:
-    """The upstream's machine-readable error code, only if it is a short identifier; never free text."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    code = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(code, str) and _ERROR_CODE_PATTERN.fullmatch(code):
-        return code
-    return None

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 
 from liveness_proxy.errors import TokenUnavailable, UpstreamError
-from liveness_proxy.upstream.transport import read_bounded
+from liveness_proxy.upstream.transport import parse_seconds, read_bounded, upstream_error_code
 
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
 MAX_ACCESS_TOKEN_LENGTH = 8192
@@ -67,8 +67,10 @@ class ClientCredentialsFetcher:
         client_secret: Callable[[], str],
         default_lifetime_seconds: float,
         max_lifetime_seconds: float,
+        timeout_seconds: float,
     ) -> None:
         self._http = http
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._token_url = token_url
         self._client_id = client_id
         self._client_secret = client_secret
@@ -83,7 +85,11 @@ class ClientCredentialsFetcher:
         }
         try:
             async with self._http.post(
-                self._token_url, data=form, headers={"Accept": "application/json"}, allow_redirects=False
+                self._token_url,
+                data=form,
+                headers={"Accept": "application/json"},
+                allow_redirects=False,
+                timeout=self._timeout,
             ) as response:
                 answer = await read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)
         except TimeoutError:
@@ -93,7 +99,7 @@ class ClientCredentialsFetcher:
         except UpstreamError:
             raise TokenEndpointError("token endpoint response too large") from None
         if answer.status != 200:
-            reason = _oauth_error_code(answer.body)
+            reason = upstream_error_code(answer.body)
             suffix = f" ({reason})" if reason else ""
             raise TokenEndpointError(
                 f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status
@@ -120,8 +126,11 @@ class ClientCredentialsFetcher:
     def _lifetime(self, expires_in: Any) -> float:
         if expires_in is None:
             return self._default_lifetime
-        if isinstance(expires_in, str) and expires_in.strip().isdigit():
-            expires_in = int(expires_in)
+        if isinstance(expires_in, str):
+            parsed = parse_seconds(expires_in.strip())
+            if parsed is None:
+                raise TokenEndpointError("token response has an invalid expires_in", status=200)
+            expires_in = parsed
         if (
             isinstance(expires_in, bool)
             or not isinstance(expires_in, int | float)
@@ -131,18 +140,6 @@ class ClientCredentialsFetcher:
         if expires_in <= 0:
             raise TokenEndpointError("token response has a non-positive expires_in", status=200)
         return min(float(expires_in), self._max_lifetime)
-
-
-def _oauth_error_code(body: bytes) -> str | None:
-    """The OAuth2 `error` code of an error body, only if it is a short plain token (never free text)."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, str) and re.fullmatch(r"[a-z_]{1,64}", error):
-        return error
-    return None
 
 
 class TokenManager:
@@ -166,9 +163,13 @@ class TokenManager:
         self._on_new_token = on_new_token
         self._token: AccessToken | None = None
         self._inflight: asyncio.Task[AccessToken] | None = None
+        # After a failed attempt: no new attempt before _failed_until, and while _degraded, callers
+        # without a token are answered at once instead of waiting on the next attempt.
         self._failed_until = 0.0
-        self._last_failure_status: int | None = None
-        self.fetch_count = 0
+        self._degraded = False
+        # A token the upstream rejects is replaced at most once per backoff interval, so an
+        # upstream that rejects every token cannot turn each caller request into a token request.
+        self._forced_refresh_not_before = 0.0
 
     @property
     def cached(self) -> AccessToken | None:
@@ -185,24 +186,32 @@ class TokenManager:
             if now >= token.refresh_at and now >= self._failed_until:
                 self._start_refresh()  # in the background: this caller keeps the still-valid token
             return token
-        if now < self._failed_until:
-            raise TokenUnavailable(
-                "The upstream access token cannot be obtained right now.",
-                retry_after_seconds=math.ceil(self._failed_until - now),
-                upstream_status=self._last_failure_status,
-            )
-        return await asyncio.shield(self._start_refresh())
+        if now >= self._failed_until:
+            attempt = self._start_refresh()
+            if not self._degraded:
+                return await asyncio.shield(attempt)
+            # The endpoint failed last time: this attempt runs in the background, callers don't queue.
+        raise TokenUnavailable(
+            "The upstream access token cannot be obtained right now.",
+            retry_after_seconds=max(1, math.ceil(self._failed_until - now)),
+        )
 
     def invalidate(self, rejected: AccessToken) -> None:
-        """Drops the token the upstream rejected, unless a newer one already replaced it."""
-        if self._token is rejected:
-            self._token = None
+        """Drops the token the upstream rejected, unless a newer one already replaced it, or a
+        rejected token was already replaced within the backoff interval."""
+        if self._token is not rejected:
+            return
+        now = self._clock()
+        if now < self._forced_refresh_not_before:
+            return
+        self._forced_refresh_not_before = now + self._failure_backoff
+        self._token = None
 
     async def close(self) -> None:
         task = self._inflight
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError, TokenUnavailable):
                 await task
 
     def _start_refresh(self) -> asyncio.Task[AccessToken]:
@@ -214,21 +223,23 @@ class TokenManager:
         return self._inflight
 
     async def _refresh(self) -> AccessToken:
-        self.fetch_count += 1
         # Lifetimes count from before the request: the token may have been minted just after we asked.
         started = self._clock()
         try:
             fetched = await self._fetcher.fetch()
-        except TokenEndpointError as exc:
-            now = self._clock()
-            self._failed_until = now + self._failure_backoff
-            self._last_failure_status = exc.status
+        except Exception as exc:
+            failure = (
+                exc
+                if isinstance(exc, TokenEndpointError)
+                else TokenEndpointError(f"token request failed ({type(exc).__name__})")
+            )
+            self._failed_until = self._clock() + self._failure_backoff
+            self._degraded = True
             if self._on_failure is not None:
-                self._on_failure(exc)
+                self._on_failure(failure)
             raise TokenUnavailable(
                 "The upstream access token cannot be obtained right now.",
                 retry_after_seconds=math.ceil(self._failure_backoff),
-                upstream_status=exc.status,
             ) from None
         token = AccessToken(
             value=fetched.value,
@@ -239,6 +250,7 @@ class TokenManager:
             self._on_new_token(token.value)
         self._token = token
         self._failed_until = 0.0
+        self._degraded = False
         return token
 
 

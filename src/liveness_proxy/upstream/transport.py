@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 import time
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 from multidict import CIMultiDictProxy
 
 from liveness_proxy import __version__
@@ -15,6 +17,9 @@ from liveness_proxy.errors import UpstreamMalformed
 
 USER_AGENT = f"liveness-proxy/{__version__}"
 MAX_RETRY_AFTER_SECONDS = 3600
+# ASCII digits only, and few of them: str.isdigit() accepts "²", and int() refuses 4,300+ digits.
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def create_http_session(
@@ -77,12 +82,29 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> Upstream
     )
 
 
+def parse_seconds(value: str) -> int | None:
+    """A non-negative whole number of seconds written as ASCII digits, else None."""
+    return int(value) if _DIGITS.fullmatch(value) else None
+
+
+def upstream_error_code(body: bytes) -> str | None:
+    """The `error` code of a JSON error body, only if it is a short identifier; never free text."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    code = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(code, str) and _ERROR_CODE_PATTERN.fullmatch(code):
+        return code
+    return None
+
+
 def parse_retry_after(value: str | None, *, default: int = 1, now: float | None = None) -> int:
     """Seconds from a Retry-After header (delta-seconds or HTTP date), bounded to [1, 3600]."""
     if not value:
         return default
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS.fullmatch(value):
         return max(1, min(int(value), MAX_RETRY_AFTER_SECONDS))
     try:
         when = email.utils.parsedate_to_datetime(value)
