@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import new_api_key
 from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.runtime import token_fetcher
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -24,7 +25,7 @@ from liveness_proxy.store import (
     ping,
     upgrade_database,
 )
-from liveness_proxy.upstream import ClientCredentialsFetcher, TokenEndpointError, create_http_session
+from liveness_proxy.upstream import TokenEndpointError, create_http_session
 
 EXIT_CONFIGURATION = 2
 EXIT_FAILURE = 1
@@ -223,17 +224,8 @@ async def _check_live(settings: Settings) -> int:
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
         total_timeout_seconds=settings.cynopsis_timeout_seconds,
     ) as http:
-        fetcher = ClientCredentialsFetcher(
-            http,
-            token_url=settings.cynopsis_token_url,
-            client_id=settings.cynopsis_client_id,
-            client_secret=settings.cynopsis_client_secret.get_secret_value,
-            default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
-            max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
-            timeout_seconds=settings.cynopsis_token_timeout_seconds,
-        )
         try:
-            token = await fetcher.fetch()
+            token = await token_fetcher(http, settings).fetch()
             print(f"upstream token: obtained (lifetime {int(token.lifetime_seconds)} s; value hidden)")
         except TokenEndpointError as exc:
             print(f"upstream token: FAILED ({exc})")

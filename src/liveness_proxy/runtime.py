@@ -56,6 +56,19 @@ class Runtime:
         await self.engine.dispose()
 
 
+def token_fetcher(http: aiohttp.ClientSession, settings: Settings) -> ClientCredentialsFetcher:
+    """The client-credentials token request, as configured (also used by `liveness-proxy check`)."""
+    return ClientCredentialsFetcher(
+        http,
+        token_url=settings.cynopsis_token_url,
+        client_id=settings.cynopsis_client_id,
+        client_secret=settings.cynopsis_client_secret.get_secret_value,
+        default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
+        max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
+        timeout_seconds=settings.cynopsis_token_timeout_seconds,
+    )
+
+
 async def start_runtime(
     settings: Settings,
     *,
@@ -79,17 +92,8 @@ async def start_runtime(
     def log_token_failure(error: TokenEndpointError) -> None:
         logger.warning("upstream_token_failed", reason=str(error), upstream_status=error.status)
 
-    fetcher = ClientCredentialsFetcher(
-        http,
-        token_url=settings.cynopsis_token_url,
-        client_id=settings.cynopsis_client_id,
-        client_secret=settings.cynopsis_client_secret.get_secret_value,
-        default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
-        max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
-        timeout_seconds=settings.cynopsis_token_timeout_seconds,
-    )
     tokens = TokenManager(
-        fetcher,
+        token_fetcher(http, settings),
         refresh_margin=settings.token_refresh_margin,
         failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
         clock=clock,
