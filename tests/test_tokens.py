@@ -174,35 +174,38 @@ def test_huge_lifetime_is_capped(make_proxy: Callable[..., AbstractContextManage
         assert token.expires_at - running.clock.now() == running.settings.cynopsis_token_max_lifetime_seconds
 
 
-async def test_hanging_token_endpoint_never_queues_callers_past_the_token_timeout(
-    proxy: ProxyHarness,
+def test_hanging_token_endpoint_never_queues_callers_past_the_token_timeout(
+    make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
 ) -> None:
-    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
-        assert (await http.post(SESSION_TOKEN, headers=proxy.auth())).status_code == 200
-        proxy.sandbox.inject_fault(Fault(target="token", kind="timeout", hang_seconds=3, count=1000))
-        proxy.clock.advance(28800 + 1)
+    token_timeout = 1.5  # long enough that "waited for it" and "answered at once" cannot be confused
+    with make_proxy(proxy_overrides={"CYNOPSIS_TOKEN_TIMEOUT_SECONDS": token_timeout}) as proxy:
 
         async def timed_burst() -> tuple[list[int], float]:
-            started = time.perf_counter()
-            answers = await asyncio.gather(
-                *(http.post(SESSION_TOKEN, headers=proxy.auth()) for _ in range(20))
-            )
-            return [answer.status_code for answer in answers], time.perf_counter() - started
+            async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+                started = time.perf_counter()
+                answers = await asyncio.gather(
+                    *(http.post(SESSION_TOKEN, headers=proxy.auth()) for _ in range(20))
+                )
+                return [answer.status_code for answer in answers], time.perf_counter() - started
 
-        # The first burst shares one token request, which gives up at CYNOPSIS_TOKEN_TIMEOUT_SECONDS.
-        statuses, elapsed = await timed_burst()
+        with proxy.client() as http:
+            assert http.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+        proxy.sandbox.inject_fault(Fault(target="token", kind="timeout", hang_seconds=10, count=1000))
+        proxy.clock.advance(28800 + 1)
+        # The first burst shares one token request, which gives up after the token timeout.
+        statuses, elapsed = asyncio.run(timed_burst())
         assert statuses == [503] * 20
-        assert proxy.settings.cynopsis_token_timeout_seconds <= elapsed < 2.5
+        assert token_timeout <= elapsed < token_timeout + 2.0
         assert proxy.sandbox.token_requests == 2
         # From then on nobody waits: within the backoff, and after it (a background attempt runs).
-        statuses, elapsed = await timed_burst()
+        statuses, elapsed = asyncio.run(timed_burst())
         assert statuses == [503] * 20
-        assert elapsed < 0.45
+        assert elapsed < token_timeout / 2
         proxy.clock.advance(proxy.settings.cynopsis_token_failure_backoff_seconds + 0.1)
-        statuses, elapsed = await timed_burst()
+        statuses, elapsed = asyncio.run(timed_burst())
         assert statuses == [503] * 20
-        assert elapsed < 0.45
-    _wait_for(lambda: proxy.sandbox.token_requests == 3)
+        assert elapsed < token_timeout / 2
+        _wait_for(lambda: proxy.sandbox.token_requests == 3)
 
 
 def test_an_upstream_rejecting_every_token_does_not_cause_a_token_request_per_call(

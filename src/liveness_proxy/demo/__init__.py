@@ -116,7 +116,7 @@ async def run_demo(
             return 1
         await asyncio.sleep(0.01)
     proxy_url = f"http://{host}:{_bound_port(proxy_server)}"
-    print(_walkthrough(proxy_url, sandbox_url, issued.key), flush=True)
+    print(_walkthrough(proxy_url, sandbox_url, issued.key, folder / "liveness-proxy.db"), flush=True)
 
     exit_code = 0
     try:
@@ -149,13 +149,13 @@ async def _wait_for_interrupt() -> None:
     await stop.wait()
 
 
-def _walkthrough(proxy_url: str, sandbox_url: str, key: str) -> str:
+def _walkthrough(proxy_url: str, sandbox_url: str, key: str, database: Path) -> str:
     pick = "python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])'"
     return f"""
 liveness-proxy demo is running.
   proxy:   {proxy_url}   (OpenAPI: {proxy_url}/openapi.json)
   sandbox: {sandbox_url} (simulated Cynopsis API, control API on)
-  data:    SQLite in {os.path.relpath(Path.cwd())}/ (see --dir)
+  data:    SQLite at {os.path.relpath(database)} (choose the folder with --dir)
 
 A demo API key for subject {DEMO_SUBJECT!r} was created (shown once):
   {key}
@@ -173,7 +173,7 @@ Copy and paste, step by step:
   # 4. read the result: only the creator (or a liveness:admin key) may; face images are removed
   curl -s {proxy_url}/v1/liveness/sessions/$SESSION/result -H "Authorization: Bearer $KEY"; echo
   # every call above is in the audit log:
-  #   LIVENESS_PROXY_DATABASE_URL=sqlite:///.liveness-demo/liveness-proxy.db liveness-proxy audit export
+  #   LIVENESS_PROXY_DATABASE_URL=sqlite:///{database} .venv/bin/liveness-proxy audit export
 
 Press Ctrl+C to stop.
 """
