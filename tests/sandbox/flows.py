@@ -40,6 +40,10 @@ def bearer_headers(access_token: str, domain_id: str = DEFAULTS["domain_id"]) ->
     return {"Authorization": f"Bearer {access_token}", "X-Domain-Id": domain_id}
 
 
+async def post_session_token(client: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
+    return await client.post(SESSION_TOKEN_PATH, headers=headers, json={})
+
+
 async def fetch_session_token(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
     response = await client.post(SESSION_TOKEN_PATH, headers=headers, json={})
     assert response.status_code == 200, response.text

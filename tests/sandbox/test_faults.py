@@ -14,16 +14,12 @@ from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig
 from .flows import (
     RESULT_PATH_PREFIX,
     SESSION_PATH,
-    SESSION_TOKEN_PATH,
     create_session,
     fetch_access_token,
     fetch_result,
+    post_session_token,
     request_token,
 )
-
-
-async def get_session_token(client: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
-    return await client.post(SESSION_TOKEN_PATH, headers=headers, json={})
 
 
 async def test_status_fault_answers_with_that_status(client: httpx.AsyncClient, sandbox: Sandbox) -> None:
@@ -121,7 +117,7 @@ async def test_fault_waits_for_its_endpoint(client: httpx.AsyncClient, sandbox: 
     token = await fetch_access_token(client)
     sandbox.inject_fault(Fault(target="session_token", kind="status", status=502))
     await request_token(client)
-    response = await get_session_token(
+    response = await post_session_token(
         client, {"Authorization": f"Bearer {token}", "X-Domain-Id": "sandbox-domain"}
     )
     assert response.status_code == 502
@@ -136,7 +132,7 @@ async def test_fault_comes_before_authentication(client: httpx.AsyncClient, sand
 async def test_liveness_session_fault_does_not_use_up_the_session_token(
     client: httpx.AsyncClient, sandbox: Sandbox, auth_headers: dict[str, str]
 ) -> None:
-    session_token = (await get_session_token(client, auth_headers)).json()["session_token"]
+    session_token = (await post_session_token(client, auth_headers)).json()["session_token"]
     sandbox.inject_fault(Fault(target="liveness_session", kind="status"))
     body = {"session_token": session_token}
     first = await client.post(SESSION_PATH, headers=auth_headers, json=body)
@@ -158,7 +154,7 @@ async def test_any_target_hits_every_upstream_endpoint(
     sandbox.inject_fault(Fault(target="any", kind="status", count=4, status=502))
     statuses = [
         (await request_token(client)).status_code,
-        (await get_session_token(client, auth_headers)).status_code,
+        (await post_session_token(client, auth_headers)).status_code,
         (await client.post(SESSION_PATH, headers=auth_headers, json={"session_token": "x"})).status_code,
         (await fetch_result(client, auth_headers, "x")).status_code,
     ]
