@@ -3,8 +3,10 @@
 One token serves the whole process. At most one token request is in flight at a time (every caller
 that needs a token while one is being fetched awaits that same fetch). A token in its refresh window
 is still handed out while one background refresh runs. When the token endpoint fails, the cached
-token is used until its real expiry; with none left, callers get `TokenUnavailable` at once for a
-short backoff instead of piling up on a dead endpoint.
+token is used until its real expiry. With none left, callers get `TokenUnavailable` at once instead
+of piling up on a dead or hanging endpoint: no new attempt within a short backoff, and after it one
+attempt in the background that nobody waits for. Only a first token (nothing failed before) is
+waited for, bounded by the token request's own timeout.
 """
 
 from __future__ import annotations
