@@ -9,7 +9,7 @@ import pytest
 
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
 
-from .flows import bearer_headers, fetch_access_token
+from .flows import asgi_client, bearer_headers, fetch_access_token
 
 
 @pytest.fixture
@@ -29,9 +29,7 @@ def sandbox(config: SandboxConfig) -> Sandbox:
 
 @pytest.fixture
 async def client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox"
-    ) as client:
+    async with asgi_client(sandbox) as client:
         yield client
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import httpx
+
+from liveness_proxy.sandbox import Sandbox
 
 DEFAULTS = {
     "client_id": "sandbox-client",
@@ -63,3 +68,12 @@ async def create_session(client: httpx.AsyncClient, headers: dict[str, str]) -> 
 
 async def fetch_result(client: httpx.AsyncClient, headers: dict[str, str], session_id: str) -> httpx.Response:
     return await client.get(RESULT_PATH_PREFIX + session_id, headers=headers)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that talks to the sandbox app in-process."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox"
+    ) as client:
+        yield client

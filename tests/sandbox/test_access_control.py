@@ -115,10 +115,14 @@ async def test_authentication_is_checked_before_the_domain(client: httpx.AsyncCl
     assert response.status_code == 401
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [("POST", SESSION_TOKEN_PATH), ("POST", SESSION_PATH), ("GET", RESULT_PATH_PREFIX + "some-id")],
-)
+LIVENESS_ENDPOINTS = [
+    ("POST", SESSION_TOKEN_PATH),
+    ("POST", SESSION_PATH),
+    ("GET", RESULT_PATH_PREFIX + "some-id"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), LIVENESS_ENDPOINTS)
 async def test_every_liveness_endpoint_requires_a_token(
     client: httpx.AsyncClient, method: str, path: str
 ) -> None:
@@ -126,10 +130,7 @@ async def test_every_liveness_endpoint_requires_a_token(
     assert response.status_code == 401
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [("POST", SESSION_TOKEN_PATH), ("POST", SESSION_PATH), ("GET", RESULT_PATH_PREFIX + "some-id")],
-)
+@pytest.mark.parametrize(("method", "path"), LIVENESS_ENDPOINTS)
 async def test_every_liveness_endpoint_requires_the_domain(
     client: httpx.AsyncClient, method: str, path: str
 ) -> None:

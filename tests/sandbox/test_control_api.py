@@ -9,7 +9,14 @@ import pytest
 
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
 
-from .flows import bearer_headers, create_session, fetch_access_token, fetch_result, request_token
+from .flows import (
+    asgi_client,
+    bearer_headers,
+    create_session,
+    fetch_access_token,
+    fetch_result,
+    request_token,
+)
 
 
 @pytest.fixture
@@ -19,9 +26,7 @@ def controlled(clock: ManualClock) -> Sandbox:
 
 @pytest.fixture
 async def control_client(controlled: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=controlled.app), base_url="http://sandbox"
-    ) as client:
+    async with asgi_client(controlled) as client:
         yield client
 
 

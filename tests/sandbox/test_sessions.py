@@ -148,22 +148,21 @@ async def test_new_session_result_is_created_without_images(
     }
 
 
-async def test_live_completion_succeeds_with_default_confidence(
-    client: httpx.AsyncClient, auth_headers: dict[str, str], sandbox: Sandbox
+@pytest.mark.parametrize(
+    ("live", "status", "confidence"), [(True, "SUCCEEDED", 98.2), (False, "FAILED", 12.3)]
+)
+async def test_completion_sets_status_and_default_confidence(
+    client: httpx.AsyncClient,
+    auth_headers: dict[str, str],
+    sandbox: Sandbox,
+    live: bool,
+    status: str,
+    confidence: float,
 ) -> None:
     session_id = await create_session(client, auth_headers)
-    sandbox.complete_session(session_id, live=True)
+    sandbox.complete_session(session_id, live=live)
     body = (await fetch_result(client, auth_headers, session_id)).json()
-    assert (body["status"], body["confidence"]) == ("SUCCEEDED", 98.2)
-
-
-async def test_spoof_completion_fails_with_low_confidence(
-    client: httpx.AsyncClient, auth_headers: dict[str, str], sandbox: Sandbox
-) -> None:
-    session_id = await create_session(client, auth_headers)
-    sandbox.complete_session(session_id, live=False)
-    body = (await fetch_result(client, auth_headers, session_id)).json()
-    assert (body["status"], body["confidence"]) == ("FAILED", 12.3)
+    assert (body["status"], body["confidence"]) == (status, confidence)
 
 
 async def test_completion_confidence_can_be_chosen(
