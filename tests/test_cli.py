@@ -127,12 +127,16 @@ def test_db_upgrade_creates_the_schema(env: dict[str, str], tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     import sqlite3
 
+    from alembic.script import ScriptDirectory
+
+    from liveness_proxy.store.database import alembic_config
+
     with sqlite3.connect(tmp_path / "cli.db") as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         version = connection.execute("SELECT version_num FROM alembic_version").fetchone()[0]
         journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
     assert {"liveness_sessions", "api_keys", "audit_records"} <= tables
-    assert version == "0001"
+    assert version == ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert journal == "wal"
 
 

@@ -125,8 +125,8 @@ class LivenessApi:
         audit.upstream_status = answer.status
         session_id = session_id_from(answer.payload, rt.settings.cynopsis_session_id_fields, answer.status)
         audit.session_id = session_id
-        # Encoded before binding: once the binding and its "201" audit record are committed,
-        # nothing may fail on the way to the caller.
+        # Encoded before binding: once the binding is committed, nothing may fail on the way to
+        # the caller.
         encoded = encode_upstream(answer.payload, answer.status)
         occurred_at = rt.wall_clock()
         owner = SessionOwner(
@@ -136,14 +136,15 @@ class LivenessApi:
             created_at=occurred_at,
         )
         try:
-            # The binding and its audit record commit together, before the caller sees the id.
-            await rt.ownership.bind(owner, request_id, audit=audit.record(request_id, 201, None, occurred_at))
+            await rt.ownership.bind(owner, request_id)
         except SessionAlreadyBound:
             raise UpstreamMalformed(
                 "The liveness service returned a session id that is already in use.",
                 upstream_status=answer.status,
             ) from None
-        audit.written = True
+        # The binding is durable before its audit record (written by _audited), and both before the
+        # caller sees the id: a crash in between leaves a binding nobody was told of, never an
+        # unaudited answer.
         location = f"/v1/liveness/sessions/{session_id}/result"
         return json_response(encoded, status=201, headers={"Location": location})
 

@@ -51,6 +51,7 @@ class Runtime:
         await ping(self.engine)
 
     async def close(self) -> None:
+        await self.audit.close()
         await self.tokens.close()
         await self.http.close()
         await self.engine.dispose()

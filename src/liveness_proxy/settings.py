@@ -9,6 +9,7 @@ and never the value.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import limits
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -31,8 +33,12 @@ _FILE_BACKED_FIELDS = (
     "cynopsis_client_secret",
     "liveness_proxy_api_key_pepper",
     "liveness_proxy_database_url",
+    "liveness_proxy_metrics_token",
 )
 _MIN_PEPPER_LENGTH = 32
+_ASYMMETRIC_JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "xxx", "todo"})
 
 
@@ -86,13 +92,129 @@ class Settings(BaseSettings):
     liveness_proxy_max_body_bytes: int = Field(default=65536, ge=2, le=16 * 1024 * 1024)
     liveness_proxy_strip_biometrics: bool = True
     liveness_proxy_biometric_fields: Annotated[list[str], NoDecode] = ["reference_image", "audit_images"]
+    liveness_proxy_biometric_allow_fields: Annotated[list[str], NoDecode] = []
+    liveness_proxy_biometric_max_string_bytes: int = Field(default=512, ge=16, le=1024 * 1024)
+    liveness_proxy_pass_threshold: float | None = Field(default=None, ge=0, le=100)
     liveness_proxy_log_level: Literal["debug", "info", "warning", "error"] = "info"
     liveness_proxy_log_format: Literal["json", "console"] = "json"
 
-    @field_validator("cynopsis_session_id_fields", "liveness_proxy_biometric_fields", mode="before")
+    # --- JWT callers (the customer's identity provider) --------------------------------------
+    liveness_proxy_jwt_jwks_url: str = ""
+    liveness_proxy_jwt_public_key_file: Path | None = None
+    liveness_proxy_jwt_issuer: str = ""
+    liveness_proxy_jwt_audience: Annotated[list[str], NoDecode] = []
+    liveness_proxy_jwt_algorithms: Annotated[list[str], NoDecode] = ["RS256", "ES256"]
+    liveness_proxy_jwt_subject_claim: str = "sub"
+    liveness_proxy_jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
+    liveness_proxy_jwt_max_token_bytes: int = Field(default=8192, ge=256, le=65536)
+    liveness_proxy_jwt_jwks_cache_seconds: float = Field(default=300.0, ge=1, le=86400)
+    liveness_proxy_jwt_jwks_refetch_interval_seconds: float = Field(default=30.0, ge=0, le=3600)
+    liveness_proxy_jwt_jwks_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+
+    # --- Browsers ------------------------------------------------------------------------------
+    liveness_proxy_cors_origins: Annotated[list[str], NoDecode] = []
+    liveness_proxy_hsts_max_age_seconds: int = Field(default=31536000, ge=0)
+
+    # --- Limits and quotas (per caller subject) -------------------------------------------------
+    liveness_proxy_rate_limit_session_token: str = "10/minute"
+    liveness_proxy_rate_limit_create_session: str = "5/minute"
+    liveness_proxy_rate_limit_result: str = "120/minute"
+    liveness_proxy_daily_attempts: int = Field(default=20, ge=0)
+    liveness_proxy_upstream_concurrency: int = Field(default=64, ge=1, le=10000)
+    liveness_proxy_upstream_queue_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
+
+    # --- Audit ---------------------------------------------------------------------------------
+    liveness_proxy_audit_batch_max: int = Field(default=256, ge=1, le=10000)
+
+    # --- Metrics -------------------------------------------------------------------------------
+    liveness_proxy_metrics_enabled: bool = True
+    liveness_proxy_metrics_token: SecretStr = SecretStr("")
+    liveness_proxy_metrics_token_file: Path | None = None
+    liveness_proxy_metrics_allowed_networks: Annotated[list[str], NoDecode] = [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    ]
+
+    @field_validator(
+        "cynopsis_session_id_fields",
+        "liveness_proxy_biometric_fields",
+        "liveness_proxy_biometric_allow_fields",
+        "liveness_proxy_jwt_audience",
+        "liveness_proxy_jwt_algorithms",
+        "liveness_proxy_cors_origins",
+        "liveness_proxy_metrics_allowed_networks",
+        mode="before",
+    )
     @classmethod
     def _parse_csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("liveness_proxy_jwt_algorithms")
+    @classmethod
+    def _check_jwt_algorithms(cls, value: list[str]) -> list[str]:
+        # Asymmetric only: an HMAC "key" would have to be a shared secret, and accepting HS* beside
+        # RS*/ES* is the classic key-confusion hole. "none" is never a signature.
+        if not value:
+            raise ValueError("must name at least one algorithm")
+        for name in value:
+            if name not in _ASYMMETRIC_JWT_ALGORITHMS:
+                allowed = ", ".join(sorted(_ASYMMETRIC_JWT_ALGORITHMS))
+                raise ValueError(f"{name!r} is not allowed; choose from {allowed}")
+        return value
+
+    @field_validator("liveness_proxy_jwt_jwks_url")
+    @classmethod
+    def _check_jwks_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        return value
+
+    @field_validator("liveness_proxy_cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if origin == "*" or "*" in origin:
+                raise ValueError("wildcards are not allowed: list each origin exactly")
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return [origin.lower() for origin in value]
+
+    @field_validator(
+        "liveness_proxy_rate_limit_session_token",
+        "liveness_proxy_rate_limit_create_session",
+        "liveness_proxy_rate_limit_result",
+    )
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        if value.strip().lower() in ("", "off", "none"):
+            return "off"
+        try:
+            parsed = limits.parse_many(value)
+        except ValueError:
+            raise ValueError(
+                "must be in the limits notation, e.g. '10/minute' or '100/hour;10/minute'"
+            ) from None
+        if not parsed:
+            raise ValueError("must be in the limits notation, e.g. '10/minute'")
+        return value
+
+    @field_validator("liveness_proxy_metrics_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IP network (CIDR)") from None
+        return value
 
     @field_validator("liveness_proxy_log_level", "liveness_proxy_log_format", mode="before")
     @classmethod

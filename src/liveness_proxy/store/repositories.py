@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from liveness_proxy.store.tables import api_keys, audit_records, liveness_sessions
+from liveness_proxy.store.tables import api_keys, liveness_sessions
 
 
 class SessionAlreadyBound(Exception):
@@ -23,20 +22,6 @@ class SessionOwner:
     subject: str
     credential_id: str
     created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    occurred_at: float
-    request_id: str
-    subject: str | None
-    credential_id: str | None
-    action: str
-    session_id: str | None
-    status: int
-    upstream_status: int | None
-    latency_ms: float
-    problem: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +44,8 @@ class SessionOwnership:
         self._cache: dict[str, SessionOwner] = {}
         self._cache_size = cache_size
 
-    async def bind(self, owner: SessionOwner, request_id: str, *, audit: AuditRecord | None = None) -> None:
-        """Writes the binding (and, in the same transaction, its audit record). Durable on return."""
+    async def bind(self, owner: SessionOwner, request_id: str) -> None:
+        """Writes the binding. Durable on return."""
         async with self._engine.begin() as connection:
             try:
                 await connection.execute(
@@ -74,8 +59,6 @@ class SessionOwnership:
                 )
             except IntegrityError:
                 raise SessionAlreadyBound(owner.session_id) from None
-            if audit is not None:
-                await _insert_audit(connection, [audit])
         self._remember(owner)
 
     async def owner_of(self, session_id: str) -> SessionOwner | None:
@@ -104,46 +87,6 @@ class SessionOwnership:
             # Drop the oldest entry (dicts keep insertion order): bounded memory, no LRU bookkeeping.
             self._cache.pop(next(iter(self._cache)))
         self._cache[owner.session_id] = owner
-
-
-class AuditLog:
-    """Append-only audit records. `append` returns once the record is committed."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    async def append(self, record: AuditRecord) -> None:
-        async with self._engine.begin() as connection:
-            await _insert_audit(connection, [record])
-
-    async def iterate(self, *, batch_size: int = 1000) -> AsyncIterator[dict[str, Any]]:
-        """Every record in order of insertion, as plain dicts (for export)."""
-        last_id = 0
-        while True:
-            async with self._engine.connect() as connection:
-                rows = (
-                    await connection.execute(
-                        select(audit_records)
-                        .where(audit_records.c.id > last_id)
-                        .order_by(audit_records.c.id)
-                        .limit(batch_size)
-                    )
-                ).all()
-            if not rows:
-                return
-            for row in rows:
-                # Column names come back as quoted_name (a str subclass): make them plain str.
-                yield {str(key): value for key, value in row._mapping.items()}
-            last_id = rows[-1].id
-
-    async def count(self) -> int:
-        async with self._engine.connect() as connection:
-            total = (await connection.execute(select(func.count()).select_from(audit_records))).scalar_one()
-        return int(total)
-
-
-async def _insert_audit(connection: AsyncConnection, records: Sequence[AuditRecord]) -> None:
-    await connection.execute(insert(audit_records), [asdict(record) for record in records])
 
 
 class ApiKeyStore:

@@ -26,6 +26,11 @@ liveness_sessions = Table(
     Column("credential_id", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("request_id", String(128), nullable=False),
+    # The terminal verdict as the proxy itself read it from Cynopsis: the customer's backend can
+    # trust this record without trusting anything the frontend reports.
+    Column("verdict_status", String(32), nullable=True),
+    Column("verdict_confidence", Float, nullable=True),
+    Column("verdict_at", Float, nullable=True),
 )
 Index("ix_liveness_sessions_subject_created_at", liveness_sessions.c.subject, liveness_sessions.c.created_at)
 
