@@ -8,6 +8,8 @@ from starlette.datastructures import Headers
 
 from liveness_proxy.auth.api_keys import ApiKeyAuthenticator, IssuedApiKey, new_api_key
 from liveness_proxy.auth.caller import ADMIN_SCOPE, Authenticator, Caller
+from liveness_proxy.auth.jwks import JwksCache, KeySet, StaticKeySource
+from liveness_proxy.auth.jwt import JwtAuthenticator, JwtPolicy, jwt_authenticator_from_settings
 from liveness_proxy.errors import Unauthenticated
 
 __all__ = [
@@ -17,6 +19,12 @@ __all__ = [
     "Caller",
     "CallerAuthentication",
     "IssuedApiKey",
+    "JwksCache",
+    "JwtAuthenticator",
+    "JwtPolicy",
+    "KeySet",
+    "StaticKeySource",
+    "jwt_authenticator_from_settings",
     "new_api_key",
 ]
 
@@ -26,6 +34,12 @@ class CallerAuthentication:
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self._authenticators = tuple(authenticators)
+        # Only name JWTs in the "authentication required" answer when they would be accepted.
+        self._missing_detail = (
+            "Authentication is required: send an API key or a JWT as 'Authorization: Bearer <credential>'."
+            if any(isinstance(authenticator, JwtAuthenticator) for authenticator in self._authenticators)
+            else "Authentication is required: send an API key as 'Authorization: Bearer <key>'."
+        )
 
     async def authenticate(self, headers: Headers) -> Caller:
         for authenticator in self._authenticators:
@@ -34,4 +48,4 @@ class CallerAuthentication:
                 return caller
         if "authorization" in headers or "x-api-key" in headers:
             raise Unauthenticated("The credential is not valid.", error="invalid_token")
-        raise Unauthenticated("Authentication is required: send an API key as 'Authorization: Bearer <key>'.")
+        raise Unauthenticated(self._missing_detail)
