@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, render_problem
 
+UNMATCHED_ROUTE = "unmatched"
 _REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -27,6 +28,21 @@ def request_id_of(scope: Scope) -> str:
         if isinstance(value, str):
             return value
     return new_request_id()
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (`/v1/liveness/sessions/{session_id}/result`), never the
+    raw path: session ids stay out of logs and metric labels; UNMATCHED_ROUTE when none matched.
+
+    Starlette's router stores the matched route in `scope["route"]` (also for a method mismatch, so
+    a 405 keeps its template), in the same scope dict the middleware passed on: it is visible here
+    after the app returns, as long as no middleware in between replaces the scope with a copy.
+    """
+    template = getattr(scope.get("route"), "path", None)
+    # An empty template would be a root Mount: not informative; this app mounts nothing.
+    if isinstance(template, str) and template:
+        return template
+    return UNMATCHED_ROUTE
 
 
 class RequestContextMiddleware:
@@ -90,10 +106,11 @@ class RequestContextMiddleware:
                 "request",
                 request_id=request_id,
                 method=scope.get("method", ""),
-                path=scope.get("path", ""),
+                route=route_template(scope),
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 subject=state.get("subject"),
+                upstream_status=state.get("upstream_status"),
             )
 
     @staticmethod

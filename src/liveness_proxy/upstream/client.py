@@ -6,6 +6,10 @@ with its Retry-After; 404 on a result -> UpstreamNotFound; 404 on a POST (our co
 wrong) -> 502; other 4xx -> UpstreamRejected (same status); 3xx, 5xx, persistent 401/403,
 non-JSON -> 502; timeouts -> 504.
 
+Every HTTP exchange (the retry after a 401 too) is reported to an optional `UpstreamObserver` with its
+endpoint name, its outcome (the status, or "timeout", "connect_error", "connection_error",
+"malformed") and how long it took.
+
 Nothing is retried here but the single 401 case. aiohttp itself re-sends an idempotent request (our
 GET) once when a pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST
 that may have reached the upstream is never sent twice.
@@ -13,8 +17,9 @@ that may have reached the upstream is never sent twice.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import orjson
@@ -34,6 +39,14 @@ from liveness_proxy.upstream.transport import (
     read_bounded,
     upstream_error_code,
 )
+
+UpstreamEndpoint = Literal["session_token", "create_session", "result"]
+
+
+class UpstreamObserver(Protocol):
+    """Told about every upstream HTTP exchange, e.g. to count it; must not raise or block."""
+
+    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,46 +75,73 @@ class CynopsisClient:
         endpoints: CynopsisEndpoints,
         domain_id: str,
         max_response_bytes: int,
+        observer: UpstreamObserver | None = None,
     ) -> None:
         self._http = http
         self._tokens = tokens
         self._endpoints = endpoints
         self._domain_id = domain_id
         self._max_response_bytes = max_response_bytes
+        self._observer = observer
         self._session_token_url = endpoints.url(endpoints.session_token_path)
         self._session_url = endpoints.url(endpoints.session_path)
 
     async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
-        return await self._call("POST", self._session_token_url, body, request_id)
+        return await self._call("session_token", "POST", self._session_token_url, body, request_id)
 
     async def create_session(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
-        return await self._call("POST", self._session_url, body, request_id)
+        return await self._call("create_session", "POST", self._session_url, body, request_id)
 
     async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
         # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
         path = self._endpoints.result_path.replace("{session_id}", session_id)
-        return await self._call("GET", self._endpoints.url(path), None, request_id, is_result=True)
+        return await self._call("result", "GET", self._endpoints.url(path), None, request_id, is_result=True)
 
     async def _call(
-        self, method: str, url: str, body: bytes | None, request_id: str, *, is_result: bool = False
+        self,
+        endpoint: UpstreamEndpoint,
+        method: str,
+        url: str,
+        body: bytes | None,
+        request_id: str,
+        *,
+        is_result: bool = False,
     ) -> UpstreamResult:
         token = await self._tokens.get()
-        answer = await self._send(method, url, body, token, request_id)
+        answer, seconds = await self._send(endpoint, method, url, body, token, request_id)
         if answer.status == 401:
+            # Counted now: getting a token for the retry may fail, and the retry is an exchange of its own.
+            self._observe(endpoint, "401", seconds)
             # Rejected token (revoked or expired early): replace it, and retry once. The upstream
             # did not process a request it refused to authenticate, so a POST is safe too. If the
             # token manager keeps the token (one was replaced moments ago), there is no retry.
             self._tokens.invalidate(token)
             fresh = await self._tokens.get()
-            if fresh is not token:
-                answer = await self._send(method, url, body, fresh, request_id)
-        return self._interpret(answer, is_result=is_result)
+            if fresh is token:
+                return self._interpret(answer, is_result=is_result)
+            answer, seconds = await self._send(endpoint, method, url, body, fresh, request_id)
+        # Observed after interpreting: a 2xx whose body is unusable is counted as "malformed".
+        outcome = str(answer.status)
+        try:
+            return self._interpret(answer, is_result=is_result)
+        except UpstreamMalformed:
+            outcome = "malformed"
+            raise
+        finally:
+            self._observe(endpoint, outcome, seconds)
 
     async def _send(
-        self, method: str, url: str, body: bytes | None, token: AccessToken, request_id: str
-    ) -> UpstreamResponse:
+        self,
+        endpoint: UpstreamEndpoint,
+        method: str,
+        url: str,
+        body: bytes | None,
+        token: AccessToken,
+        request_id: str,
+    ) -> tuple[UpstreamResponse, float]:
+        """The answer and how long the exchange took; a failed exchange is observed here."""
         headers = {
             "Authorization": f"Bearer {token.value}",
             "X-Domain-Id": self._domain_id,
@@ -110,17 +150,28 @@ class CynopsisClient:
         }
         if body is not None:
             headers["Content-Type"] = "application/json"
+        started = time.perf_counter()
         try:
             async with self._http.request(
                 method, url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                return await read_bounded(response, self._max_response_bytes)
+                return await read_bounded(response, self._max_response_bytes), time.perf_counter() - started
         except TimeoutError:
+            self._observe(endpoint, "timeout", time.perf_counter() - started)
             raise UpstreamTimeout("The liveness service did not answer in time.") from None
+        except UpstreamMalformed:  # the body was over the size limit
+            self._observe(endpoint, "malformed", time.perf_counter() - started)
+            raise
         except aiohttp.ClientConnectorError:
+            self._observe(endpoint, "connect_error", time.perf_counter() - started)
             raise UpstreamUnavailable("The liveness service could not be reached.") from None
         except aiohttp.ClientError:
+            self._observe(endpoint, "connection_error", time.perf_counter() - started)
             raise UpstreamUnavailable("The connection to the liveness service failed.") from None
+
+    def _observe(self, endpoint: UpstreamEndpoint, outcome: str, seconds: float) -> None:
+        if self._observer is not None:
+            self._observer.observe_upstream(endpoint, outcome, seconds)
 
     def _interpret(self, answer: UpstreamResponse, *, is_result: bool) -> UpstreamResult:
         status = answer.status

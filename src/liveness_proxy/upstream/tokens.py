@@ -7,6 +7,9 @@ token is used until its real expiry. With none left, callers get `TokenUnavailab
 of piling up on a dead or hanging endpoint: no new attempt within a short backoff, and after it one
 attempt in the background that nobody waits for. Only a first token (nothing failed before) is
 waited for, bounded by the token request's own timeout.
+
+An optional `TokenObserver` hears of every refresh (outcome and duration) and of every `get()`: a
+hit is one answered from the cache without waiting for a token request.
 """
 
 from __future__ import annotations
@@ -55,6 +58,15 @@ class FetchedToken:
 
 class TokenFetcher(Protocol):
     async def fetch(self) -> FetchedToken: ...
+
+
+class TokenObserver(Protocol):
+    """Told about refreshes and cache use, e.g. to count them; must not raise or block."""
+
+    def token_refreshed(self, outcome: str, seconds: float) -> None:
+        """`outcome` is "ok" or "failed"; `seconds` is how long the token request took."""
+
+    def token_cache(self, hit: bool) -> None: ...
 
 
 class ClientCredentialsFetcher:
@@ -156,6 +168,7 @@ class TokenManager:
         clock: Callable[[], float] = time.monotonic,
         on_failure: Callable[[TokenEndpointError], None] | None = None,
         on_new_token: Callable[[str], None] | None = None,
+        observer: TokenObserver | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._refresh_margin = refresh_margin
@@ -163,6 +176,7 @@ class TokenManager:
         self._clock = clock
         self._on_failure = on_failure
         self._on_new_token = on_new_token
+        self._observer = observer
         self._token: AccessToken | None = None
         self._inflight: asyncio.Task[AccessToken] | None = None
         # After a failed attempt: no new attempt before _failed_until, and while _degraded, callers
@@ -187,7 +201,11 @@ class TokenManager:
         if token is not None and now < token.expires_at:
             if now >= token.refresh_at and now >= self._failed_until:
                 self._start_refresh()  # in the background: this caller keeps the still-valid token
+            if self._observer is not None:
+                self._observer.token_cache(True)
             return token
+        if self._observer is not None:
+            self._observer.token_cache(False)
         if now >= self._failed_until:
             attempt = self._start_refresh()
             if not self._degraded:
@@ -227,6 +245,8 @@ class TokenManager:
     async def _refresh(self) -> AccessToken:
         # Lifetimes count from before the request: the token may have been minted just after we asked.
         started = self._clock()
+        # Durations by a real stopwatch: `_clock` may be a test's manual clock that stands still.
+        stopwatch = time.perf_counter()
         try:
             fetched = await self._fetcher.fetch()
         except Exception as exc:
@@ -237,6 +257,8 @@ class TokenManager:
             )
             self._failed_until = self._clock() + self._failure_backoff
             self._degraded = True
+            if self._observer is not None:
+                self._observer.token_refreshed("failed", time.perf_counter() - stopwatch)
             if self._on_failure is not None:
                 self._on_failure(failure)
             raise TokenUnavailable(
@@ -253,6 +275,8 @@ class TokenManager:
         self._token = token
         self._failed_until = 0.0
         self._degraded = False
+        if self._observer is not None:
+            self._observer.token_refreshed("ok", time.perf_counter() - stopwatch)
         return token
 
 

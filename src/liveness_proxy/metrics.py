@@ -1,0 +1,323 @@
+"""Prometheus metrics: one registry per app, a pure-ASGI request middleware, and the `/metrics` handler.
+
+Nothing here is global: each `ProxyMetrics` owns its `CollectorRegistry`, so two apps in one process
+(tests, the demo) count separately and never collide on a metric name.
+
+Cardinality is bounded by construction. A label value is either a route template written in code,
+a member of a fixed set (methods, endpoints, limits, outcomes; anything else becomes "other"), or an
+HTTP status code (at most 500 distinct values). No session id, subject, key id or raw path is ever a
+label value.
+
+`/metrics` is refused (as an unknown route, 404) to clients outside the allowed networks, and needs
+`Authorization: Bearer <token>` when a metrics token is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from liveness_proxy.errors import NotFound, Unauthenticated
+from liveness_proxy.middleware import route_template
+
+# From a loopback cache hit (~1 ms) to the longest upstream timeout anyone should configure (30 s).
+LATENCY_BUCKETS_SECONDS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+# Audit group commits: one record at idle, up to the configured batch maximum under load.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+OTHER = "other"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UPSTREAM_ENDPOINTS = frozenset({"session_token", "create_session", "result"})
+# Outcomes of an upstream exchange that has no (usable) status; see upstream/client.py.
+UPSTREAM_ERROR_KINDS = frozenset({"timeout", "connect_error", "connection_error", "malformed"})
+TOKEN_REFRESH_OUTCOMES = frozenset({"ok", "failed"})
+RATE_LIMITS = frozenset({"session_token", "create_session", "result", "daily_attempts"})
+_STATUS_PATTERN = re.compile(r"[1-5][0-9][0-9]")
+
+
+def _one_of(value: str, allowed: frozenset[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+def _status_label(status: int) -> str:
+    return str(status) if 100 <= status <= 599 else OTHER
+
+
+def _upstream_outcome_label(outcome: str) -> str:
+    if outcome in UPSTREAM_ERROR_KINDS or _STATUS_PATTERN.fullmatch(outcome):
+        return outcome
+    return OTHER
+
+
+class ProxyMetrics:
+    """Every metric the proxy exposes, in a registry of its own. Label values are clamped to fixed
+    sets here, so no caller can grow the number of series by passing request data."""
+
+    def __init__(self, *, include_process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        if include_process_metrics:
+            # What the default global registry would have shown: memory, CPU, fds, GC, Python version.
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        registry = self.registry
+
+        self._requests = Counter(
+            "liveness_proxy_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self._request_duration = Histogram(
+            "liveness_proxy_http_request_duration_seconds",
+            "Time from receiving a request to sending the last byte of its answer.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self._upstream_requests = Counter(
+            "liveness_proxy_upstream_requests",
+            "HTTP exchanges with the liveness API, by endpoint and outcome (status or error kind).",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self._upstream_duration = Histogram(
+            "liveness_proxy_upstream_request_duration_seconds",
+            "Duration of one HTTP exchange with the liveness API, by endpoint and outcome.",
+            ["endpoint", "outcome"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self._token_refreshes = Counter(
+            "liveness_proxy_upstream_token_refreshes",
+            "Requests for a new upstream access token, by outcome (ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self._token_refresh_duration = Histogram(
+            "liveness_proxy_upstream_token_refresh_duration_seconds",
+            "Duration of one upstream access token request, by outcome.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self._token_cache = Counter(
+            "liveness_proxy_upstream_token_cache_lookups",
+            "Upstream access token lookups: hit when answered from the cache without waiting.",
+            ["result"],
+            registry=registry,
+        )
+        self._rate_limited = Counter(
+            "liveness_proxy_rate_limited_requests",
+            "Requests refused by one of the proxy's own rate limits or quotas, by limit.",
+            ["limit"],
+            registry=registry,
+        )
+        self._audit_batch = Histogram(
+            "liveness_proxy_audit_batch_records",
+            "Audit records written by one group commit.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._audit_commit_duration = Histogram(
+            "liveness_proxy_audit_commit_duration_seconds",
+            "Duration of one audit group commit.",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self._upstream_in_flight = Gauge(
+            "liveness_proxy_upstream_calls_in_flight",
+            "Upstream calls holding a concurrency slot now.",
+            registry=registry,
+        )
+        self._upstream_waiting = Gauge(
+            "liveness_proxy_upstream_calls_waiting",
+            "Upstream calls waiting for a concurrency slot now.",
+            registry=registry,
+        )
+        self._upstream_rejected = Counter(
+            "liveness_proxy_upstream_calls_rejected",
+            "Upstream calls refused because no concurrency slot became free in time.",
+            registry=registry,
+        )
+        # Families with labels show up only once a series exists; these are known in advance, so a
+        # dashboard sees zeros instead of gaps before the first event.
+        for outcome in sorted(TOKEN_REFRESH_OUTCOMES):
+            self._token_refreshes.labels(outcome=outcome)
+        for result in ("hit", "miss"):
+            self._token_cache.labels(result=result)
+        for limit in sorted(RATE_LIMITS):
+            self._rate_limited.labels(limit=limit)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type (the classic text format every scraper reads)."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """`route` must be a route template (or UNMATCHED_ROUTE), never a raw path."""
+        method_label = _one_of(method, KNOWN_METHODS)
+        self._requests.labels(route=route, method=method_label, status=_status_label(status)).inc()
+        self._request_duration.labels(route=route, method=method_label).observe(seconds)
+
+    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
+        """`outcome` is the HTTP status ("200") or an error kind ("timeout", "malformed", ...)."""
+        endpoint_label = _one_of(endpoint, UPSTREAM_ENDPOINTS)
+        outcome_label = _upstream_outcome_label(outcome)
+        self._upstream_requests.labels(endpoint=endpoint_label, outcome=outcome_label).inc()
+        self._upstream_duration.labels(endpoint=endpoint_label, outcome=outcome_label).observe(seconds)
+
+    def token_refreshed(self, outcome: str, seconds: float) -> None:
+        outcome_label = _one_of(outcome, TOKEN_REFRESH_OUTCOMES)
+        self._token_refreshes.labels(outcome=outcome_label).inc()
+        self._token_refresh_duration.labels(outcome=outcome_label).observe(seconds)
+
+    def token_cache(self, hit: bool) -> None:
+        self._token_cache.labels(result="hit" if hit else "miss").inc()
+
+    def rate_limited(self, limit: str) -> None:
+        self._rate_limited.labels(limit=_one_of(limit, RATE_LIMITS)).inc()
+
+    def audit_committed(self, batch_size: int, seconds: float) -> None:
+        self._audit_batch.observe(batch_size)
+        self._audit_commit_duration.observe(seconds)
+
+    def upstream_slots(self, in_flight: int, waiting: int) -> None:
+        """The concurrency limiter's state, set whenever it changes."""
+        self._upstream_in_flight.set(in_flight)
+        self._upstream_waiting.set(waiting)
+
+    def upstream_slot_rejected(self) -> None:
+        self._upstream_rejected.inc()
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by route template, method and status. Place it outside
+    (around) the router; requests that match no route are counted as "unmatched"."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ProxyMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+        client_left = False
+
+        async def receive_watching_disconnect() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_left = True
+            return message
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive_watching_disconnect, send_with_status)
+        finally:
+            if not response_started:
+                # No answer was started: the client left first (499, the access log's code, whether an
+                # inner middleware swallowed ClientDisconnect or not), or the app failed (500, which
+                # is what the error handling around us sends).
+                status = 499 if client_left else 500
+            self.metrics.observe_request(
+                route_template(scope), scope.get("method", ""), status, time.perf_counter() - started
+            )
+
+
+def _parse_networks(
+    allowed_networks: Sequence[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(network, strict=False) for network in allowed_networks)
+
+
+def _client_is_allowed(
+    host: str | None, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    if not host:
+        return False  # no peer address (e.g. a Unix socket): nothing to check against, so refuse
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; match them against IPv4 networks.
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def _bearer_credential(request: Request) -> str | None:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credential.strip() or None
+
+
+def metrics_endpoint(
+    metrics: ProxyMetrics, *, token: str, allowed_networks: Sequence[str]
+) -> Callable[[Request], Awaitable[Response]]:
+    """The `/metrics` handler.
+
+    A client outside `allowed_networks` (CIDR notation; an empty list allows nobody) gets the 404 of
+    an unknown route, whatever it sends: the endpoint's existence is not revealed. Inside them, and
+    when `token` is non-empty, `Authorization: Bearer <token>` is required (else 401). The client
+    address is the direct peer's, unless the server is configured to trust forwarded headers.
+    """
+    networks = _parse_networks(allowed_networks)
+    expected = token.encode()
+
+    async def serve_metrics(request: Request) -> Response:
+        if not _client_is_allowed(request.client.host if request.client else None, networks):
+            raise NotFound("No such route.")
+        if expected:
+            presented = _bearer_credential(request)
+            if presented is None:
+                raise Unauthenticated("A metrics token is required.")
+            if not hmac.compare_digest(presented.encode(), expected):
+                raise Unauthenticated("The metrics token is not valid.", error="invalid_token")
+        body, content_type = metrics.render()
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    return serve_metrics
