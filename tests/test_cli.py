@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -186,6 +188,10 @@ def test_serve_runs_the_flow_and_stops_on_sigterm(
     exported = run(env, "audit", "export", "--format", "jsonl")
     records = [json.loads(line) for line in exported.stdout.splitlines()]
     assert [r["action"] for r in records] == ["session_token.create", "session.create", "result.read"]
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    verified = run(env, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"3 records verified (seq 1..3); head hash {records[-1]['record_hash']}" in verified.stdout
 
 
 def test_sandbox_command_serves_the_simulated_api(tmp_path: Path) -> None:
@@ -241,3 +247,111 @@ def test_demo_walkthrough_runs_the_whole_flow(tmp_path: Path) -> None:
     assert "curl -s -X POST" in result.stdout
     assert "walkthrough: status=SUCCEEDED" in result.stdout
     assert "iVBORw0KGg" not in result.stdout  # no base64 PNG reached the caller
+
+
+# -- audit ------------------------------------------------------------------------------------------
+
+
+def _seed_audit(env: dict[str, str], times: list[float]) -> None:
+    """Audit records written through the real AuditLog, one per time given."""
+    from liveness_proxy.store import AuditLog, AuditRecord, create_engine, upgrade_database
+
+    async def seed() -> None:
+        engine = create_engine(env["LIVENESS_PROXY_DATABASE_URL"].replace("sqlite:", "sqlite+aiosqlite:", 1))
+        try:
+            await upgrade_database(engine)
+            log = AuditLog(engine)
+            for index, occurred_at in enumerate(times):
+                await log.append(
+                    AuditRecord(
+                        occurred_at, f"r{index}", "alice", "key:1", "result.read", None, 200, 200, 1.0, None
+                    )
+                )
+            await log.close()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+
+
+def test_audit_verify_passes_then_names_the_first_tampered_record(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    _seed_audit(env, [1000.0 + index for index in range(5)])
+    verified = run(env, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "audit chain OK: 5 records verified (seq 1..5); head hash " in verified.stdout
+    with sqlite3.connect(tmp_path / "cli.db") as connection:
+        connection.execute("UPDATE audit_records SET status = 403 WHERE seq = 3")
+        record_id = connection.execute("SELECT id FROM audit_records WHERE seq = 3").fetchone()[0]
+    broken = run(env, "audit", "verify")
+    assert broken.returncode == 1
+    assert f"BROKEN at seq 3 (id {record_id}): altered" in broken.stdout
+    assert "2 records verified before it" in broken.stdout
+
+
+def test_audit_verify_names_a_truncated_tail(env: dict[str, str], tmp_path: Path) -> None:
+    _seed_audit(env, [1000.0, 1001.0, 1002.0])
+    with sqlite3.connect(tmp_path / "cli.db") as connection:
+        connection.execute("DELETE FROM audit_records WHERE seq = 3")
+    broken = run(env, "audit", "verify")
+    assert broken.returncode == 1
+    assert "BROKEN at seq 3 (id -): truncated" in broken.stdout
+    assert "tail truncated" in broken.stdout
+
+
+def test_audit_export_selects_a_time_range(env: dict[str, str]) -> None:
+    base = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    _seed_audit(env, [base - 1, base, base + 1, base + 2])
+    exported = run(env, "audit", "export", "--since", "2026-01-01T00:00:00Z", "--until", str(int(base + 2)))
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [r["request_id"] for r in records] == ["r1", "r2"]
+    assert {"seq", "prev_hash", "record_hash"} <= records[0].keys()
+    naive_is_utc = run(env, "audit", "export", "--since", "2026-01-01 00:00:01")
+    assert [json.loads(line)["request_id"] for line in naive_is_utc.stdout.splitlines()] == ["r2", "r3"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--since", "yesterday"], "is neither ISO 8601"),
+        (["--until", "nan"], "is neither ISO 8601"),
+        (["--since", "2026-02-01", "--until", "2026-01-01"], "--since must be earlier than --until"),
+    ],
+)
+def test_audit_export_refuses_bad_times_with_exit_2(
+    env: dict[str, str], arguments: list[str], message: str
+) -> None:
+    result = run(env, "audit", "export", *arguments)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_audit_purge_deletes_old_records_and_verify_still_passes(env: dict[str, str], tmp_path: Path) -> None:
+    now = time.time()
+    _seed_audit(env, [now - 10 * 86400] * 3 + [now - 60] * 2)
+    purged = run(env, "audit", "purge", "--older-than", "5")
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 3 audit records older than " in purged.stdout
+    assert "the chain now starts after seq 3" in purged.stdout
+    verified = run(env, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout
+    assert "2 records verified (seq 4..5); records up to seq 3 were purged" in verified.stdout
+    with sqlite3.connect(tmp_path / "cli.db") as connection:
+        connection.execute("DELETE FROM audit_records WHERE seq = 4")
+    assert "BROKEN at seq 5" in run(env, "audit", "verify").stdout
+
+
+@pytest.mark.parametrize("days", ["0", "-1", "1.5", "x"])
+def test_audit_purge_wants_a_positive_number_of_days(env: dict[str, str], days: str) -> None:
+    result = run(env, "audit", "purge", "--older-than", days)
+    assert result.returncode == 2
+    assert "whole number of days greater than 0" in result.stderr
+
+
+def test_audit_commands_refuse_a_database_that_is_not_migrated(env: dict[str, str]) -> None:
+    result = run(env, "audit", "verify")
+    assert result.returncode == 2
+    assert "run `liveness-proxy db upgrade`" in result.stderr

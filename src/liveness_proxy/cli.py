@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
+import re
 import signal
 import sys
 import time
@@ -19,7 +21,10 @@ from liveness_proxy.runtime import token_fetcher
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
+    AuditChainBroken,
     AuditLog,
+    ChainVerdict,
+    PurgeResult,
     create_engine,
     current_revision,
     ping,
@@ -236,18 +241,109 @@ async def _check_live(settings: Settings) -> int:
 
 # -- audit ------------------------------------------------------------------------------------------
 
+_EPOCH = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def _instant(text: str) -> float:
+    """An argparse type: ISO 8601 (a time without offset is UTC) or epoch seconds, as epoch seconds."""
+    if _EPOCH.fullmatch(text):  # ASCII digits only: float() would also take "nan", "1e9" or "١٢"
+        return float(text)
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither ISO 8601 (e.g. 2026-01-31T12:00:00Z) nor epoch seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+def _positive_days(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days greater than 0")
+    return int(text)
+
+
+def _utc(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="seconds")
+
+
+@contextlib.asynccontextmanager
+async def _audit_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The audit commands never migrate (a reader must not change the schema under a running older
+    proxy); they refuse a database that is not at the schema this version writes."""
+    from alembic.script import ScriptDirectory
+
+    from liveness_proxy.store.database import alembic_config
+
+    async with _database(settings, migrate=False) as engine:
+        revision = await current_revision(engine)
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        if revision != head:
+            raise ConfigurationError(
+                f"the database schema is at revision {revision or 'none'}, this version needs {head}: "
+                "run `liveness-proxy db upgrade`"
+            )
+        yield engine
+
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        print("liveness-proxy audit export: --since must be earlier than --until", file=sys.stderr)
+        return EXIT_CONFIGURATION
     settings = Settings.load()
 
     async def run() -> None:
         out = sys.stdout.buffer
-        async with _database(settings, migrate=False) as engine:
-            async for record in AuditLog(engine).iterate():
+        async with _audit_database(settings) as engine:
+            async for record in AuditLog(engine).iterate(since=args.since, until=args.until):
                 out.write(orjson.dumps(record) + b"\n")
         out.flush()
 
     asyncio.run(run())
+    return 0
+
+
+def cmd_audit_verify(_args: argparse.Namespace) -> int:
+    settings = Settings.load()
+
+    async def run() -> ChainVerdict:
+        async with _audit_database(settings) as engine:
+            return await AuditLog(engine).verify()
+
+    verdict = asyncio.run(run())
+    if verdict.problem is not None:
+        problem = verdict.problem
+        record_id = "-" if problem.record_id is None else problem.record_id  # a truncated tail has none
+        print(
+            f"audit chain BROKEN at seq {problem.seq} (id {record_id}): "
+            f"{problem.kind}: {problem.detail}; {verdict.records} records verified before it"
+        )
+        return EXIT_FAILURE
+    span = f" (seq {verdict.first_seq}..{verdict.head_seq})" if verdict.records else ""
+    purged = f"; records up to seq {verdict.anchor_seq} were purged" if verdict.anchor_seq else ""
+    print(f"audit chain OK: {verdict.records} records verified{span}{purged}; head hash {verdict.head_hash}")
+    return 0
+
+
+def cmd_audit_purge(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    cutoff = time.time() - args.older_than * 86400
+
+    async def run() -> PurgeResult:
+        async with _audit_database(settings) as engine:
+            return await AuditLog(engine).purge(older_than=cutoff)
+
+    try:
+        result = asyncio.run(run())
+    except AuditChainBroken as exc:
+        print(f"audit purge refused, nothing more deleted: the chain is broken at {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"purged {result.purged} audit records older than {_utc(cutoff)}; "
+        f"the chain now starts after seq {result.anchor_seq}"
+    )
     return 0
 
 
@@ -355,9 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
-    export = audit.add_parser("export", help="print every audit record")
+    export = audit.add_parser("export", help="print audit records in chain order, one JSON object a line")
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument(
+        "--since",
+        type=_instant,
+        default=None,
+        help="only records at or after: ISO 8601 (UTC if no offset) or epoch",
+    )
+    export.add_argument(
+        "--until", type=_instant, default=None, help="only records before (exclusive), same forms"
+    )
     export.set_defaults(handler=cmd_audit_export)
+    verify = audit.add_parser("verify", help="check the hash chain; exit 1 naming the first bad record")
+    verify.set_defaults(handler=cmd_audit_verify)
+    purge = audit.add_parser("purge", help="delete the oldest records; the chain stays verifiable")
+    purge.add_argument(
+        "--older-than", type=_positive_days, required=True, metavar="DAYS", help="age in whole days (> 0)"
+    )
+    purge.set_defaults(handler=cmd_audit_purge)
     return parser
 
 

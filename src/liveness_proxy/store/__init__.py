@@ -1,22 +1,39 @@
 """Persistence: SQLAlchemy Core tables, repositories and migrations (SQLite by default, PostgreSQL too)."""
 
-from liveness_proxy.store.audit import AuditLog, AuditRecord
+from liveness_proxy.store.audit import (
+    AuditChainBroken,
+    AuditChainMissing,
+    AuditLog,
+    AuditLogClosed,
+    AuditRecord,
+    ChainProblem,
+    ChainVerdict,
+    PurgeResult,
+)
 from liveness_proxy.store.database import create_engine, current_revision, ping, upgrade_database
 from liveness_proxy.store.repositories import (
     ApiKeyStore,
     SessionAlreadyBound,
     SessionOwner,
     SessionOwnership,
+    SessionVerdict,
     StoredApiKey,
 )
 
 __all__ = [
     "ApiKeyStore",
+    "AuditChainBroken",
+    "AuditChainMissing",
     "AuditLog",
+    "AuditLogClosed",
     "AuditRecord",
+    "ChainProblem",
+    "ChainVerdict",
+    "PurgeResult",
     "SessionAlreadyBound",
     "SessionOwner",
     "SessionOwnership",
+    "SessionVerdict",
     "StoredApiKey",
     "create_engine",
     "current_revision",

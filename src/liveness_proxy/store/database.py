@@ -25,12 +25,13 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-    # WAL lets readers run beside the writer; synchronous=NORMAL in WAL mode keeps every committed
-    # transaction across a process crash (SIGKILL), and only an OS crash or power loss can drop the
-    # last commits. busy_timeout makes concurrent writers wait instead of failing with "locked".
+    # WAL lets readers run beside the writer. synchronous=FULL syncs the WAL at every commit, so an
+    # answered request's audit record survives an OS crash or power loss too (NORMAL survives only a
+    # process crash); audit group commit pays that sync once per batch, not once per request.
+    # busy_timeout makes concurrent writers wait instead of failing with "locked".
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

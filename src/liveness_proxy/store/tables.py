@@ -5,7 +5,19 @@ Times are stored as UTC epoch seconds (float): comparable, sortable and identica
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 metadata = MetaData(
     naming_convention={
@@ -48,6 +60,8 @@ api_keys = Table(
 )
 
 # One row per liveness request, accepted or rejected. Never secrets, tokens, keys or images.
+# Rows form a hash chain (store/audit.py defines the encoding): `seq` is assigned by the writer under
+# the chain-head lock and is contiguous, unlike `id`, which a rolled-back insert can skip.
 audit_records = Table(
     "audit_records",
     metadata,
@@ -62,5 +76,24 @@ audit_records = Table(
     Column("upstream_status", Integer, nullable=True),
     Column("latency_ms", Float, nullable=False),
     Column("problem", String(64), nullable=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("record_hash", String(64), nullable=False),
+    # Also the index that verify and export walk in chain order.
+    UniqueConstraint("seq"),
 )
 Index("ix_audit_records_occurred_at", audit_records.c.occurred_at)
+
+# The one row that says where the audit chain ends (last_seq, last_hash) and, after a purge, where
+# it now starts (anchor_seq, anchor_hash: the last purged record). It changes in the same transaction
+# as the records it covers, and writers lock it first, which serialises them across processes.
+audit_chain_head = Table(
+    "audit_chain_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_hash", String(64), nullable=False),
+    Column("anchor_seq", BigInteger, nullable=False),
+    Column("anchor_hash", String(64), nullable=False),
+    CheckConstraint("id = 1", name="single_row"),
+)
