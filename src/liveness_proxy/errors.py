@@ -7,12 +7,13 @@ The tree:
     └── ProblemError                  answered to the caller as application/problem+json
         ├── BadRequest                400  body is not JSON, session id malformed, ...
         ├── Unauthenticated           401  missing or wrong credentials (+ WWW-Authenticate)
+        ├── Forbidden                 403  authenticated, but the route needs a scope the caller lacks
         ├── NotFound                  404  unknown route, unknown or foreign session
         ├── MethodNotAllowed          405
         ├── PayloadTooLarge           413
         ├── UnsupportedMediaType      415
         ├── UnprocessableContent      422  JSON that is not the expected shape
-        ├── RateLimited               429  (+ Retry-After)
+        ├── RateLimited               429  (+ Retry-After; the body names the limit)
         ├── InternalError             500  a bug: the caller sees only the request id
         ├── ServiceUnavailable        503  (+ Retry-After) readiness, overload
         └── UpstreamError             the Cynopsis API failed us
@@ -65,6 +66,10 @@ class ProblemError(LivenessProxyError):
     def response_status(self) -> int:
         return self.status
 
+    def extensions(self) -> dict[str, object]:
+        """RFC 9457 extension members of this problem (none by default)."""
+        return {}
+
 
 class BadRequest(ProblemError):
     status = 400
@@ -82,6 +87,12 @@ class Unauthenticated(ProblemError):
         if error:
             challenge += f', error="{error}"'
         super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ProblemError):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
 
 
 class NotFound(ProblemError):
@@ -119,9 +130,13 @@ class RateLimited(ProblemError):
     slug = "rate-limited"
     title = "Too many requests"
 
-    def __init__(self, detail: str, *, retry_after_seconds: int) -> None:
+    def __init__(self, detail: str, *, retry_after_seconds: int, limit: str | None = None) -> None:
         super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
         self.retry_after_seconds = max(1, retry_after_seconds)
+        self.limit = limit
+
+    def extensions(self) -> dict[str, object]:
+        return {} if self.limit is None else {"limit": self.limit}
 
 
 class InternalError(ProblemError):
@@ -231,6 +246,7 @@ def render_problem(
         "detail": error.detail,
         "request_id": request_id,
     }
+    body.update(error.extensions())
     if extensions:
         body.update(extensions)
     return orjson.dumps(body)

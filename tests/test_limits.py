@@ -1,0 +1,174 @@
+"""Per-subject rate limits, the daily attempt cap and the cap on concurrent upstream calls."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import pytest
+
+from liveness_proxy.errors import RateLimited, ServiceUnavailable
+from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate
+from liveness_proxy.sandbox import Fault
+from support import ProxyHarness
+
+SESSION_TOKEN = "/v1/liveness/session-token"
+SESSIONS = "/v1/liveness/sessions"
+MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
+
+
+def test_session_token_limit_is_per_subject_with_retry_after_and_named_limit(make_proxy: MakeProxy) -> None:
+    with make_proxy(proxy_overrides={"LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN": "2/minute"}) as proxy:
+        with proxy.client() as client:
+            statuses = [client.post(SESSION_TOKEN, headers=proxy.auth()).status_code for _ in range(2)]
+            refused = client.post(SESSION_TOKEN, headers=proxy.auth())
+            other_subject = client.post(SESSION_TOKEN, headers=proxy.auth(proxy.keys.bob))
+        upstream_calls = proxy.upstream_paths().count("/service/liveness-v2/get_session_token")
+        rows = proxy.audit_rows()
+    assert statuses == [200, 200]
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    problem = refused.json()
+    assert problem["limit"] == "session_token"
+    assert "2/minute" in problem["detail"]
+    assert problem["request_id"] == refused.headers["x-request-id"]
+    assert other_subject.status_code == 200  # bob has a budget of his own
+    assert upstream_calls == 3  # the refused call never reached Cynopsis
+    assert rows[2]["status"] == 429
+    assert rows[2]["problem"] == "rate-limited"
+
+
+def test_result_reads_have_their_own_limit(make_proxy: MakeProxy) -> None:
+    overrides = {"LIVENESS_PROXY_RATE_LIMIT_RESULT": "1/minute"}
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+        session_id = proxy.create_session(client)
+        first = client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth())
+        second = client.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth())
+        # Session tokens and creation were not counted against the result limit.
+        another = proxy.create_session(client)
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert second.json()["limit"] == "result"
+    assert another
+
+
+def test_create_session_limit(make_proxy: MakeProxy) -> None:
+    overrides = {"LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION": "1/hour"}
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+        proxy.create_session(client)
+        token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
+        refused = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+    assert refused.status_code == 429
+    assert refused.json()["limit"] == "create_session"
+    assert int(refused.headers["retry-after"]) <= 3600
+
+
+def test_daily_attempt_cap_resets_at_utc_midnight(make_proxy: MakeProxy) -> None:
+    with make_proxy(proxy_overrides={"LIVENESS_PROXY_DAILY_ATTEMPTS": 2}) as proxy:
+        with proxy.client() as client:
+            proxy.create_session(client)
+            proxy.create_session(client)
+            token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
+            refused = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+            bob = proxy.create_session(client, proxy.keys.bob)
+        creates = proxy.upstream_paths().count("/service/liveness-v2/liveness_session")
+    assert refused.status_code == 429
+    assert refused.json()["limit"] == "daily_attempts"
+    now = dt.datetime.now(dt.UTC)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    assert abs(int(refused.headers["retry-after"]) - (midnight - now).total_seconds()) < 5
+    assert bob
+    assert creates == 3
+
+
+async def test_daily_cap_counts_per_utc_day_by_the_wall_clock() -> None:
+    now = [dt.datetime(2026, 11, 26, 23, 59, 0, tzinfo=dt.UTC).timestamp()]
+    limits = SubjectLimits(
+        LimitPolicy(session_token="off", create_session="off", result="off", daily_attempts=1),
+        wall_clock=lambda: now[0],
+    )
+    await limits.consume_attempt("alice")
+    with pytest.raises(RateLimited) as refused:
+        await limits.consume_attempt("alice")
+    assert refused.value.retry_after_seconds == 60
+    now[0] += 120  # past midnight: a new day, a new budget
+    await limits.consume_attempt("alice")
+
+
+async def test_off_disables_a_limit_and_zero_disables_the_daily_cap() -> None:
+    limits = SubjectLimits(
+        LimitPolicy(session_token="off", create_session="off", result="off", daily_attempts=0)
+    )
+    for _ in range(500):
+        await limits.check("result", "alice")
+        await limits.consume_attempt("alice")
+
+
+async def test_several_limits_in_one_setting_all_apply() -> None:
+    rejected: list[str] = []
+    limits = SubjectLimits(
+        LimitPolicy(session_token="3/hour;1/second", create_session="off", result="off", daily_attempts=0),
+        on_reject=rejected.append,
+    )
+    await limits.check("session_token", "alice")
+    with pytest.raises(RateLimited):
+        await limits.check("session_token", "alice")
+    assert rejected == ["session_token"]
+
+
+async def test_upstream_gate_lets_excess_wait_briefly_then_refuses() -> None:
+    changes: list[tuple[int, int]] = []
+    rejections: list[None] = []
+    gate = UpstreamGate(
+        2,
+        wait_seconds=0.05,
+        on_change=lambda a, b: changes.append((a, b)),
+        on_reject=lambda: rejections.append(None),
+    )
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.slot():
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert gate.in_flight == 2
+    with pytest.raises(ServiceUnavailable) as refused:
+        async with gate.slot():
+            pass
+    assert refused.value.headers["Retry-After"] == "1"
+    assert len(rejections) == 1
+    # A waiter that gets a slot within the wait is served.
+    waiter = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    assert gate.waiting == 1
+    release.set()
+    await asyncio.gather(*holders, waiter)
+    assert gate.in_flight == 0
+    assert gate.waiting == 0
+    assert max(in_flight for in_flight, _ in changes) == 2
+
+
+def test_the_proxy_caps_concurrent_upstream_calls(make_proxy: MakeProxy) -> None:
+    overrides = {
+        "LIVENESS_PROXY_UPSTREAM_CONCURRENCY": 1,
+        "LIVENESS_PROXY_UPSTREAM_QUEUE_TIMEOUT_SECONDS": 0.1,
+    }
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+        client.post(SESSION_TOKEN, headers=proxy.auth())  # warm the upstream token
+        proxy.sandbox.inject_fault(Fault(target="session_token", kind="latency", delay_seconds=0.6, count=1))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(client.post, SESSION_TOKEN, headers=proxy.auth())
+            deadline = time.monotonic() + 5
+            while proxy.runtime.upstream_gate.in_flight == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            refused = pool.submit(client.post, SESSION_TOKEN, headers=proxy.auth(proxy.keys.bob)).result()
+            assert slow.result().status_code == 200
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["content-type"] == "application/problem+json"
