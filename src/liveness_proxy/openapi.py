@@ -44,10 +44,17 @@ def _ok(description: str, schema: str, status_headers: dict[str, Any] | None = N
 def _upstream_errors() -> dict[str, Any]:
     return {
         "401": _problem("Missing or invalid credentials.", authenticate=True),
-        "429": _problem("Rate limited (by the proxy or by the liveness service).", retry_after=True),
+        "429": _problem(
+            "Rate limited: a per-caller limit or the daily attempt cap (`limit` names it), "
+            "or the liveness service's own limit.",
+            retry_after=True,
+        ),
         "500": _problem("Internal error."),
         "502": _problem("The liveness service failed or answered something unusable."),
-        "503": _problem("No upstream access token can be obtained right now.", retry_after=True),
+        "503": _problem(
+            "No upstream access token can be obtained right now, or too many upstream calls are in flight.",
+            retry_after=True,
+        ),
         "504": _problem("The liveness service did not answer in time."),
     }
 
@@ -137,6 +144,24 @@ def build_openapi() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/liveness/sessions/{session_id}": {
+                "get": {
+                    "operationId": "getSessionRecord",
+                    "summary": "Admin only (liveness:admin): the session's owner and the verdict the proxy "
+                    "read from Cynopsis, for a backend that must not trust the frontend.",
+                    "security": _SECURITY,
+                    "parameters": [session_id_parameter],
+                    "responses": {
+                        "200": _ok("The session record.", "SessionRecord"),
+                        "400": _problem("The session id is malformed."),
+                        "401": _problem("Missing or invalid credentials.", authenticate=True),
+                        "403": _problem("The caller lacks the liveness:admin scope."),
+                        "404": _problem("No such session."),
+                        "429": _problem("Rate limited (the result-read limit).", retry_after=True),
+                        "500": _problem("Internal error."),
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "operationId": "health",
@@ -153,6 +178,23 @@ def build_openapi() -> dict[str, Any]:
                     "responses": {
                         "200": _ok("Ready.", "Readiness"),
                         "503": _problem("Not ready; `checks` names what failed.", retry_after=True),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics (text format). Only from "
+                    "LIVENESS_PROXY_METRICS_ALLOWED_NETWORKS; with LIVENESS_PROXY_METRICS_TOKEN set, also "
+                    "needs that bearer token. Absent when LIVENESS_PROXY_METRICS_ENABLED is false.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format 0.0.4.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _problem("The metrics token is missing or wrong.", authenticate=True),
+                        "404": _problem("The client is outside the allowed networks."),
                     },
                 }
             },
@@ -180,7 +222,11 @@ def build_openapi() -> dict[str, Any]:
                 }
             },
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key (lpk_…)."},
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key (lpk_…) or, when configured, a JWT of the identity provider.",
+                },
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
         },

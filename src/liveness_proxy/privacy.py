@@ -1,9 +1,22 @@
-"""Biometric minimisation: face images never leave the proxy unless the operator asks for them."""
+"""Biometric minimisation: face images never leave the proxy unless the operator asks for them.
+
+A result is reduced to what a frontend needs (status, confidence, decision fields). Removed are:
+the named biometric fields (deny list, any spelling, any depth), and any string that looks like
+encoded binary data (base64 or a `data:` URI) longer than a small bound, whatever its field is
+called, so a renamed or new image field upstream does not slip through. Fields on the allow list
+are kept even if they look like binary data; the deny list wins over the allow list.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
+
+# Base64 (standard or URL-safe alphabet, optional padding, line breaks allowed as in MIME).
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+_DATA_URI = re.compile(r"data:[^,;]{0,100}(;[^,]{0,100})?,", re.IGNORECASE)
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "EXPIRED"})
 
 
 def _normalise(name: str) -> str:
@@ -11,16 +24,36 @@ def _normalise(name: str) -> str:
     return name.replace("_", "").replace("-", "").lower()
 
 
-class BiometricFilter:
-    """Removes the configured fields (any spelling, at any depth) from an upstream JSON object."""
+def looks_like_binary(value: str, max_bytes: int) -> bool:
+    """True for a string longer than `max_bytes` that is base64 text or a data: URI."""
+    if len(value) <= max_bytes:
+        return False
+    if _DATA_URI.match(value):
+        return True
+    # Prose has spaces and punctuation base64 lacks; a long run of the alphabet is an encoding.
+    return " " not in value[:256] and _BASE64_TEXT.fullmatch(value) is not None
 
-    def __init__(self, field_names: Iterable[str], *, enabled: bool = True, max_depth: int = 16) -> None:
-        self._fields = frozenset(_normalise(name) for name in field_names)
-        self._enabled = enabled and bool(self._fields)
+
+class BiometricFilter:
+    """Removes biometric payloads from an upstream JSON object."""
+
+    def __init__(
+        self,
+        field_names: Iterable[str],
+        *,
+        enabled: bool = True,
+        allow_fields: Iterable[str] = (),
+        max_string_bytes: int = 512,
+        max_depth: int = 16,
+    ) -> None:
+        self._deny = frozenset(_normalise(name) for name in field_names)
+        self._allow = frozenset(_normalise(name) for name in allow_fields) - self._deny
+        self._enabled = enabled
+        self._max_string_bytes = max_string_bytes
         self._max_depth = max_depth
 
     def apply(self, payload: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The payload without biometric fields, and the names that were removed."""
+        """The payload without biometric payloads, and the names of the fields removed."""
         if not self._enabled:
             return payload, []
         removed: list[str] = []
@@ -34,11 +67,38 @@ class BiometricFilter:
         if isinstance(value, dict):
             kept: dict[str, Any] = {}
             for key, item in value.items():
-                if _normalise(key) in self._fields:
+                normalised = _normalise(key)
+                if normalised in self._deny:
+                    removed.append(key)
+                elif normalised in self._allow:
+                    kept[key] = item
+                elif self._is_binary(item):
                     removed.append(key)
                 else:
                     kept[key] = self._strip(item, removed, depth + 1)
             return kept
         if isinstance(value, list):
-            return [self._strip(item, removed, depth + 1) for item in value]
+            return [self._strip(item, removed, depth + 1) for item in value if not self._is_binary(item)]
         return value
+
+    def _is_binary(self, value: Any) -> bool:
+        if isinstance(value, str):
+            return looks_like_binary(value, self._max_string_bytes)
+        if isinstance(value, list) and value:
+            # A list of images (audit_images under another name): binary if every item is.
+            return all(
+                isinstance(item, str) and looks_like_binary(item, self._max_string_bytes) for item in value
+            )
+        return False
+
+
+def derived_pass(payload: dict[str, Any], threshold: float) -> bool | None:
+    """`passed` for a result: None while the session is not finished, else whether it succeeded
+    with a confidence at or above the operator's threshold (Cynopsis itself gives no boolean)."""
+    status = payload.get("status")
+    if status not in TERMINAL_STATUSES:
+        return None
+    confidence = payload.get("confidence")
+    if status != "SUCCEEDED" or isinstance(confidence, bool) or not isinstance(confidence, int | float):
+        return False
+    return float(confidence) >= threshold

@@ -47,6 +47,29 @@ class LivenessResult(_OpenObject):
     redacted_fields: list[str] | None = Field(
         default=None, description="Biometric fields the proxy removed from the upstream result."
     )
+    passed: bool | None = Field(
+        default=None,
+        description="Only with LIVENESS_PROXY_PASS_THRESHOLD: SUCCEEDED and confidence at or above it; "
+        "null while the session is not finished.",
+    )
+
+
+class SessionVerdict(BaseModel):
+    status: str = Field(description="The terminal status the proxy itself read from Cynopsis.")
+    confidence: float | None
+    recorded_at: str = Field(description="ISO 8601, UTC.")
+    passed: bool | None = Field(default=None, description="Only with LIVENESS_PROXY_PASS_THRESHOLD.")
+
+
+class SessionRecord(BaseModel):
+    """What the proxy knows about a session: its owner and the verdict it read upstream."""
+
+    session_id: str
+    subject: str
+    credential_id: str
+    created_at: str = Field(description="ISO 8601, UTC.")
+    request_id: str
+    verdict: SessionVerdict | None
 
 
 class Problem(BaseModel):
@@ -58,6 +81,10 @@ class Problem(BaseModel):
     detail: str
     request_id: str
     checks: dict[str, str] | None = None
+    limit: str | None = Field(
+        default=None,
+        description="On 429 from the proxy: session_token, create_session, result or daily_attempts.",
+    )
 
 
 class Health(BaseModel):
@@ -78,6 +105,8 @@ def json_schema_components() -> dict[str, Any]:
         CreateSessionRequest,
         SessionResponse,
         LivenessResult,
+        SessionVerdict,
+        SessionRecord,
         Problem,
         Health,
         Readiness,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -17,11 +17,22 @@ class SessionAlreadyBound(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionVerdict:
+    """The terminal outcome of a session, as the proxy read it from Cynopsis."""
+
+    status: str
+    confidence: float | None
+    recorded_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class SessionOwner:
     session_id: str
     subject: str
     credential_id: str
     created_at: float
+    request_id: str = ""
+    verdict: SessionVerdict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +47,9 @@ class StoredApiKey:
 
 
 class SessionOwnership:
-    """Which subject created which upstream session. A small positive cache sits in front of reads:
-    a binding never changes once written, so a cached owner can never be stale."""
+    """Which subject created which upstream session, and the verdict read for it. A small positive
+    cache sits in front of reads: the owner never changes once written, so a cached owner can never
+    be stale (the verdict may be newer in the store: the admin route reads it `fresh`)."""
 
     def __init__(self, engine: AsyncEngine, *, cache_size: int = 10_000) -> None:
         self._engine = engine
@@ -61,29 +73,52 @@ class SessionOwnership:
                 raise SessionAlreadyBound(owner.session_id) from None
         self._remember(owner)
 
-    async def owner_of(self, session_id: str) -> SessionOwner | None:
-        cached = self._cache.get(session_id)
-        if cached is not None:
-            return cached
+    async def owner_of(self, session_id: str, *, fresh: bool = False) -> SessionOwner | None:
+        """The binding of `session_id`; `fresh` skips the cache (to see a verdict another replica
+        recorded)."""
+        if not fresh:
+            cached = self._cache.get(session_id)
+            if cached is not None:
+                return cached
         async with self._engine.connect() as connection:
             row = (
                 await connection.execute(
-                    select(
-                        liveness_sessions.c.session_id,
-                        liveness_sessions.c.subject,
-                        liveness_sessions.c.credential_id,
-                        liveness_sessions.c.created_at,
-                    ).where(liveness_sessions.c.session_id == session_id)
+                    select(liveness_sessions).where(liveness_sessions.c.session_id == session_id)
                 )
             ).first()
         if row is None:
             return None  # not cached: the session may be bound by another process a moment later
-        owner = SessionOwner(row.session_id, row.subject, row.credential_id, row.created_at)
+        verdict = None
+        if row.verdict_status is not None:
+            verdict = SessionVerdict(row.verdict_status, row.verdict_confidence, row.verdict_at)
+        owner = SessionOwner(
+            row.session_id, row.subject, row.credential_id, row.created_at, row.request_id, verdict
+        )
         self._remember(owner)
         return owner
 
+    async def record_verdict(self, owner: SessionOwner, verdict: SessionVerdict) -> SessionOwner:
+        """Stores the terminal verdict with the binding, unless this process already stored the same
+        one (a result read again and again costs no write)."""
+        known = owner.verdict
+        if known is not None and (known.status, known.confidence) == (verdict.status, verdict.confidence):
+            return owner
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                update(liveness_sessions)
+                .where(liveness_sessions.c.session_id == owner.session_id)
+                .values(
+                    verdict_status=verdict.status,
+                    verdict_confidence=verdict.confidence,
+                    verdict_at=verdict.recorded_at,
+                )
+            )
+        updated = replace(owner, verdict=verdict)
+        self._remember(updated)
+        return updated
+
     def _remember(self, owner: SessionOwner) -> None:
-        if len(self._cache) >= self._cache_size:
+        if owner.session_id not in self._cache and len(self._cache) >= self._cache_size:
             # Drop the oldest entry (dicts keep insertion order): bounded memory, no LRU bookkeeping.
             self._cache.pop(next(iter(self._cache)))
         self._cache[owner.session_id] = owner

@@ -1,0 +1,154 @@
+"""Biometric minimisation of results, the derived `passed`, and the server-side verdict record."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import httpx
+
+from liveness_proxy.privacy import BiometricFilter, derived_pass, looks_like_binary
+from support import ProxyHarness
+
+MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
+IMAGE_TEXT = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4).decode()
+
+
+def test_base64_payloads_go_whatever_their_field_is_called() -> None:
+    strip = BiometricFilter(["reference_image"], max_string_bytes=64)
+    payload = {
+        "status": "SUCCEEDED",
+        "confidence": 97.5,
+        "decision": "LIVE",
+        "faceCrop": IMAGE_TEXT,
+        "frames": [IMAGE_TEXT, IMAGE_TEXT],
+        "extra": {"thumbnail": "data:image/jpeg;base64," + IMAGE_TEXT[:100]},
+        "mixed": ["short", IMAGE_TEXT],
+        "message": "The user blinked twice and then turned the head to the left as asked. " * 3,
+    }
+    cleaned, removed = strip.apply(payload)
+    assert cleaned == {
+        "status": "SUCCEEDED",
+        "confidence": 97.5,
+        "decision": "LIVE",
+        "extra": {},
+        "mixed": ["short"],
+        "message": payload["message"],
+    }
+    assert removed == ["faceCrop", "frames", "thumbnail"]
+    assert IMAGE_TEXT[:40] not in json.dumps(cleaned)
+
+
+def test_allow_list_keeps_a_field_and_the_deny_list_wins_over_it() -> None:
+    strip = BiometricFilter(
+        ["reference_image"], allow_fields=["signature", "reference_image"], max_string_bytes=64
+    )
+    cleaned, removed = strip.apply({"signature": IMAGE_TEXT, "reference_image": "x", "blob": IMAGE_TEXT})
+    assert cleaned == {"signature": IMAGE_TEXT}
+    assert removed == ["blob", "reference_image"]
+
+
+def test_short_or_prose_strings_are_not_binary() -> None:
+    assert not looks_like_binary("A" * 64, 64)
+    assert looks_like_binary("A" * 65, 64)
+    assert not looks_like_binary("word " * 40, 64)
+    assert looks_like_binary("data:image/png;base64,AAAA" + "A" * 100, 64)
+
+
+def test_derived_pass_needs_a_finished_successful_session_above_the_threshold() -> None:
+    assert derived_pass({"status": "SUCCEEDED", "confidence": 90.0}, 90) is True
+    assert derived_pass({"status": "SUCCEEDED", "confidence": 89.99}, 90) is False
+    assert derived_pass({"status": "FAILED", "confidence": 99.0}, 90) is False
+    assert derived_pass({"status": "SUCCEEDED", "confidence": True}, 0.5) is False
+    assert derived_pass({"status": "SUCCEEDED"}, 90) is False
+    assert derived_pass({"status": "IN_PROGRESS", "confidence": 99.0}, 90) is None
+
+
+def test_results_carry_no_images_by_default(proxy: ProxyHarness, client: httpx.Client) -> None:
+    session_id = proxy.create_session(client)
+    proxy.sandbox.complete_session(session_id, live=True, confidence=98.25)
+    body = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth()).json()
+    assert body["status"] == "SUCCEEDED"
+    assert body["confidence"] == 98.25
+    assert set(body["redacted_fields"]) == {"reference_image", "audit_images"}
+    assert "passed" not in body  # no threshold configured
+
+
+def test_threshold_adds_passed_and_the_admin_route_shows_the_verdict(make_proxy: MakeProxy) -> None:
+    with make_proxy(proxy_overrides={"LIVENESS_PROXY_PASS_THRESHOLD": 90}) as proxy, proxy.client() as client:
+        live = proxy.create_session(client)
+        spoof = proxy.create_session(client)
+        pending = proxy.create_session(client)
+        before = client.get(f"/v1/liveness/sessions/{live}", headers=proxy.auth(proxy.keys.admin)).json()
+        proxy.sandbox.complete_session(live, live=True, confidence=95.0)
+        proxy.sandbox.complete_session(spoof, live=False, confidence=12.0)
+        results = {
+            session_id: client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth()).json()
+            for session_id in (live, spoof, pending)
+        }
+        records = {
+            session_id: client.get(
+                f"/v1/liveness/sessions/{session_id}", headers=proxy.auth(proxy.keys.admin)
+            )
+            for session_id in (live, spoof, pending)
+        }
+        owner_asks = client.get(f"/v1/liveness/sessions/{live}", headers=proxy.auth())
+        unknown = client.get("/v1/liveness/sessions/no-such-session", headers=proxy.auth(proxy.keys.admin))
+        audit = proxy.audit_rows()
+    assert before["verdict"] is None
+    assert results[live]["passed"] is True
+    assert results[spoof]["passed"] is False
+    assert results[pending]["passed"] is None
+    live_record = records[live].json()
+    assert live_record["subject"] == "alice"
+    assert live_record["session_id"] == live
+    assert live_record["verdict"]["status"] == "SUCCEEDED"
+    assert live_record["verdict"]["confidence"] == 95.0
+    assert live_record["verdict"]["passed"] is True
+    assert live_record["created_at"].endswith("+00:00")
+    assert records[spoof].json()["verdict"]["status"] == "FAILED"
+    assert records[pending].json()["verdict"] is None
+    assert owner_asks.status_code == 403
+    assert owner_asks.json()["type"] == "urn:liveness-proxy:problem:forbidden"
+    assert unknown.status_code == 404
+    assert [row["status"] for row in audit if row["action"] == "session.read"] == [
+        200,
+        200,
+        200,
+        200,
+        403,
+        404,
+    ]
+
+
+def test_the_verdict_is_stored_with_the_binding(proxy: ProxyHarness, client: httpx.Client) -> None:
+    session_id = proxy.create_session(client)
+    proxy.sandbox.complete_session(session_id, live=True, confidence=77.0)
+    client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
+
+    import sqlite3
+
+    database = proxy.settings.liveness_proxy_database_url.get_secret_value().removeprefix("sqlite:///")
+    with sqlite3.connect(database) as connection:
+        row = connection.execute(
+            "SELECT verdict_status, verdict_confidence, verdict_at FROM liveness_sessions"
+            " WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+    assert row[0] == "SUCCEEDED"
+    assert row[1] == 77.0
+    assert row[2] > 0
+
+
+def test_no_image_bytes_reach_the_database(proxy: ProxyHarness, client: httpx.Client) -> None:
+    session_id = proxy.create_session(client)
+    proxy.sandbox.complete_session(session_id, live=True)
+    for key in (proxy.keys.alice, proxy.keys.admin):
+        client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth(key))
+    database = Path(proxy.settings.liveness_proxy_database_url.get_secret_value().removeprefix("sqlite:///"))
+    stored = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
+    assert session_id.encode() in stored  # the scan does see the data it is looking through
+    assert base64.b64encode(b"\x89PNG\r\n\x1a\n")[:10] not in stored
