@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.settings import Settings, async_database_url, redact_url
+from liveness_proxy.settings import Settings, async_database_url, redact_url, settings_from_mapping
 
 REQUIRED = {
     "CYNOPSIS_CLIENT_ID": "client-1",
@@ -136,3 +136,38 @@ def test_database_urls_get_async_drivers() -> None:
     assert async_database_url("postgresql://u:p@h/db") == "postgresql+asyncpg://u:p@h/db"
     assert async_database_url("postgres://h/db") == "postgresql+asyncpg://h/db"
     assert redact_url("postgresql+asyncpg://u:p4ss@h/db") == "postgresql+asyncpg://u:***@h/db"
+
+
+def test_jwks_url_must_be_https_except_on_loopback() -> None:
+    for url in ("http://idp.example.com/jwks.json", "https://user:pw@idp.example.com/jwks.json", "ftp://x/y"):
+        with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_JWT_JWKS_URL"):
+            settings_from_mapping({"LIVENESS_PROXY_JWT_JWKS_URL": url})
+    for url in ("https://idp.example.com/jwks.json", "http://127.0.0.1:9000/jwks", "http://localhost/jwks"):
+        assert settings_from_mapping({"LIVENESS_PROXY_JWT_JWKS_URL": url}).liveness_proxy_jwt_jwks_url == url
+
+
+def test_security_settings_refuse_dangerous_values() -> None:
+    for name, value in (
+        ("LIVENESS_PROXY_JWT_ALGORITHMS", "RS256,none"),
+        ("LIVENESS_PROXY_JWT_ALGORITHMS", "HS256"),
+        ("LIVENESS_PROXY_CORS_ORIGINS", "*"),
+        ("LIVENESS_PROXY_CORS_ORIGINS", "https://*.example.com"),
+        ("LIVENESS_PROXY_CORS_ORIGINS", "https://app.example.com/path"),
+        ("LIVENESS_PROXY_RATE_LIMIT_RESULT", "lots"),
+        ("LIVENESS_PROXY_METRICS_ALLOWED_NETWORKS", "10.0.0.0/33"),
+        ("LIVENESS_PROXY_JWT_JWKS_REFETCH_INTERVAL_SECONDS", "0"),
+    ):
+        with pytest.raises(ConfigurationError, match=name):
+            settings_from_mapping({name: value})
+
+
+def test_upstream_urls_must_be_https_except_on_loopback_or_when_allowed() -> None:
+    with pytest.raises(ConfigurationError, match="CYNOPSIS_TOKEN_URL: must use https"):
+        settings_from_mapping({"CYNOPSIS_TOKEN_URL": "http://crm.cynopsis.co/oauth/token"})
+    with pytest.raises(ConfigurationError, match="CYNOPSIS_API_BASE_URL: must use https"):
+        settings_from_mapping({"CYNOPSIS_API_BASE_URL": "http://10.0.0.5:8081"})
+    assert settings_from_mapping({"CYNOPSIS_API_BASE_URL": "http://127.0.0.1:8081"})
+    allowed = settings_from_mapping(
+        {"CYNOPSIS_API_BASE_URL": "http://sandbox:8081", "CYNOPSIS_ALLOW_PLAIN_HTTP": "true"}
+    )
+    assert allowed.cynopsis_api_base_url == "http://sandbox:8081"

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TextIO
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from liveness_proxy.browser import CorsMiddleware, SecurityHeadersMiddleware
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -23,6 +25,7 @@ from liveness_proxy.errors import (
     ProblemError,
     render_problem,
 )
+from liveness_proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
 from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
 from liveness_proxy.observability import Redactor, build_logger
 from liveness_proxy.openapi import build_openapi
@@ -74,6 +77,8 @@ def create_app(
         [
             settings.cynopsis_client_secret.get_secret_value(),
             settings.liveness_proxy_api_key_pepper.get_secret_value(),
+            settings.liveness_proxy_metrics_token.get_secret_value(),
+            urlsplit(settings.liveness_proxy_database_url.get_secret_value()).password or "",
         ]
     )
     logger = build_logger(
@@ -83,11 +88,18 @@ def create_app(
         stream=log_stream,
     )
     api = LivenessApi(build_openapi())
+    metrics = ProxyMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         runtime = await start_runtime(
-            settings, logger=logger, redactor=redactor, clock=clock, wall_clock=wall_clock, migrate=migrate
+            settings,
+            logger=logger,
+            redactor=redactor,
+            metrics=metrics,
+            clock=clock,
+            wall_clock=wall_clock,
+            migrate=migrate,
         )
         api.runtime = runtime
         logger.info("started", upstream=settings.cynopsis_api_base_url, token_url=settings.cynopsis_token_url)
@@ -102,13 +114,29 @@ def create_app(
         Route("/v1/liveness/session-token", api.session_token, methods=["POST"]),
         Route("/v1/liveness/sessions", api.create_session, methods=["POST"]),
         Route("/v1/liveness/sessions/{session_id}/result", api.result, methods=["GET"]),
+        Route("/v1/liveness/sessions/{session_id}", api.session_record, methods=["GET"]),
         Route("/healthz", api.health, methods=["GET"]),
         Route("/readyz", api.readiness, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
+    if settings.liveness_proxy_metrics_enabled:
+        serve_metrics = metrics_endpoint(
+            metrics,
+            token=settings.liveness_proxy_metrics_token.get_secret_value(),
+            allowed_networks=settings.liveness_proxy_metrics_allowed_networks,
+        )
+        routes.append(Route("/metrics", serve_metrics, methods=["GET"]))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContextMiddleware, logger=logger)],
+        middleware=[
+            # Outermost first: security headers land on every answer, even the last-resort 500.
+            Middleware(
+                SecurityHeadersMiddleware, hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds
+            ),
+            Middleware(RequestContextMiddleware, logger=logger),
+            Middleware(MetricsMiddleware, metrics=metrics),
+            Middleware(CorsMiddleware, origins=settings.liveness_proxy_cors_origins),
+        ],
         exception_handlers={ProblemError: _handle_problem, HTTPException: _handle_http_exception},
         lifespan=lifespan,
     )

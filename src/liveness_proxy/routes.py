@@ -7,6 +7,8 @@ response is sent: a caller never holds a result the audit log does not know abou
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,10 +19,11 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from liveness_proxy.auth import Caller
+from liveness_proxy.auth import ADMIN_SCOPE, Caller
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     ProblemError,
@@ -32,8 +35,9 @@ from liveness_proxy.errors import (
     render_problem,
 )
 from liveness_proxy.middleware import request_id_of
+from liveness_proxy.privacy import TERMINAL_STATUSES, derived_pass
 from liveness_proxy.runtime import Runtime
-from liveness_proxy.store import AuditRecord, SessionAlreadyBound, SessionOwner
+from liveness_proxy.store import AuditRecord, SessionAlreadyBound, SessionOwner, SessionVerdict
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9.+-]*\+)?json", re.IGNORECASE)
@@ -108,20 +112,30 @@ class LivenessApi:
     async def result(self, request: Request) -> Response:
         return await self._audited(request, "result.read", self._result)
 
+    async def session_record(self, request: Request) -> Response:
+        return await self._audited(request, "session.read", self._session_record)
+
     async def _session_token(self, request: Request, audit: AuditContext) -> Response:
         rt = self._rt()
-        audit.caller = await self._authenticate(request, rt)
+        caller = audit.caller = await self._authenticate(request, rt)
+        await rt.limits.check("session_token", caller.subject)
         body = await read_json_object(request, rt.settings.liveness_proxy_max_body_bytes, allow_empty=True)
-        answer = await rt.cynopsis.get_session_token(body, request_id_of(request.scope))
+        async with rt.upstream_gate.slot():
+            answer = await rt.cynopsis.get_session_token(body, request_id_of(request.scope))
         audit.upstream_status = answer.status
         return json_response(encode_upstream(answer.payload, answer.status))
 
     async def _create_session(self, request: Request, audit: AuditContext) -> Response:
         rt = self._rt()
         caller = audit.caller = await self._authenticate(request, rt)
+        await rt.limits.check("create_session", caller.subject)
         body = await read_json_object(request, rt.settings.liveness_proxy_max_body_bytes, allow_empty=False)
+        # Counted once the request is well-formed and about to cost an upstream session: an
+        # attempt that fails upstream still counts (the cap is a brute-force bound, not a bill).
+        await rt.limits.consume_attempt(caller.subject)
         request_id = request_id_of(request.scope)
-        answer = await rt.cynopsis.create_session(body, request_id)
+        async with rt.upstream_gate.slot():
+            answer = await rt.cynopsis.create_session(body, request_id)
         audit.upstream_status = answer.status
         session_id = session_id_from(answer.payload, rt.settings.cynopsis_session_id_fields, answer.status)
         audit.session_id = session_id
@@ -134,6 +148,7 @@ class LivenessApi:
             subject=caller.subject,
             credential_id=caller.credential_id,
             created_at=occurred_at,
+            request_id=request_id,
         )
         try:
             await rt.ownership.bind(owner, request_id)
@@ -155,16 +170,53 @@ class LivenessApi:
         if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
             raise BadRequest("The session id must be 1-128 characters of A-Z, a-z, 0-9, '_' and '-'.")
         audit.session_id = session_id
+        await rt.limits.check("result", caller.subject)
         owner = await rt.ownership.owner_of(session_id)
         # A foreign session and an unknown one are indistinguishable to the caller, on purpose.
         if owner is None or (owner.subject != caller.subject and not caller.is_admin):
             raise NotFound("No such liveness session.")
-        answer = await rt.cynopsis.get_result(session_id, request_id_of(request.scope))
+        async with rt.upstream_gate.slot():
+            answer = await rt.cynopsis.get_result(session_id, request_id_of(request.scope))
         audit.upstream_status = answer.status
+        await self._record_verdict(rt, owner, answer.payload)
         payload, removed = rt.biometrics.apply(answer.payload)
         if removed:
             payload["redacted_fields"] = removed
+        threshold = rt.settings.liveness_proxy_pass_threshold
+        if threshold is not None:
+            payload["passed"] = derived_pass(payload, threshold)
         return json_response(encode_upstream(payload, answer.status))
+
+    @staticmethod
+    async def _record_verdict(rt: Runtime, owner: SessionOwner, payload: dict[str, Any]) -> None:
+        status = payload.get("status")
+        if status not in TERMINAL_STATUSES:
+            return
+        confidence = payload.get("confidence")
+        if (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, int | float)
+            or not math.isfinite(confidence)
+        ):
+            confidence = None
+        await rt.ownership.record_verdict(
+            owner, SessionVerdict(status=str(status), confidence=confidence, recorded_at=rt.wall_clock())
+        )
+
+    async def _session_record(self, request: Request, audit: AuditContext) -> Response:
+        rt = self._rt()
+        caller = audit.caller = await self._authenticate(request, rt)
+        if not caller.is_admin:
+            raise Forbidden(f"This route needs the '{ADMIN_SCOPE}' scope.")
+        session_id = request.path_params["session_id"]
+        if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise BadRequest("The session id must be 1-128 characters of A-Z, a-z, 0-9, '_' and '-'.")
+        audit.session_id = session_id
+        await rt.limits.check("result", caller.subject)
+        owner = await rt.ownership.owner_of(session_id, fresh=True)
+        if owner is None:
+            raise NotFound("No such liveness session.")
+        return json_response(orjson.dumps(session_record(owner, rt.settings.liveness_proxy_pass_threshold)))
 
     async def _authenticate(self, request: Request, rt: Runtime) -> Caller:
         caller = await rt.authentication.authenticate(request.headers)
@@ -201,6 +253,8 @@ class LivenessApi:
     async def _append_audit(
         rt: Runtime, request: Request, audit: AuditContext, status: int, problem: str | None
     ) -> None:
+        # For the access log line, which the middleware writes after the response.
+        request.scope["state"]["upstream_status"] = audit.upstream_status
         if audit.written:
             return
         audit.written = True
@@ -240,6 +294,34 @@ class LivenessApi:
 
     async def openapi(self, _request: Request) -> Response:
         return Response(self._openapi_body, media_type="application/json")
+
+
+def session_record(owner: SessionOwner, pass_threshold: float | None) -> dict[str, Any]:
+    """What the admin route tells about a session: who created it, when, and the verdict the
+    proxy itself read from Cynopsis (never anything the frontend claimed)."""
+    verdict: dict[str, Any] | None = None
+    if owner.verdict is not None:
+        verdict = {
+            "status": owner.verdict.status,
+            "confidence": owner.verdict.confidence,
+            "recorded_at": iso_time(owner.verdict.recorded_at),
+        }
+        if pass_threshold is not None:
+            verdict["passed"] = derived_pass(
+                {"status": owner.verdict.status, "confidence": owner.verdict.confidence}, pass_threshold
+            )
+    return {
+        "session_id": owner.session_id,
+        "subject": owner.subject,
+        "credential_id": owner.credential_id,
+        "created_at": iso_time(owner.created_at),
+        "request_id": owner.request_id,
+        "verdict": verdict,
+    }
+
+
+def iso_time(epoch_seconds: float) -> str:
+    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def session_id_from(payload: dict[str, Any], field_names: list[str], upstream_status: int) -> str:

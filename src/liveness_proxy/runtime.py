@@ -10,9 +10,17 @@ import aiohttp
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from liveness_proxy.auth import ApiKeyAuthenticator, CallerAuthentication
+from liveness_proxy.auth import (
+    ApiKeyAuthenticator,
+    Authenticator,
+    CallerAuthentication,
+    JwtAuthenticator,
+    jwt_authenticator_from_settings,
+)
+from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
+from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -44,6 +52,10 @@ class Runtime:
     api_keys: ApiKeyStore
     authentication: CallerAuthentication
     biometrics: BiometricFilter
+    limits: SubjectLimits
+    upstream_gate: UpstreamGate
+    metrics: ProxyMetrics
+    jwt: JwtAuthenticator | None
     logger: structlog.typing.FilteringBoundLogger
     wall_clock: Callable[[], float]
 
@@ -52,6 +64,8 @@ class Runtime:
 
     async def close(self) -> None:
         await self.audit.close()
+        if self.jwt is not None:
+            await self.jwt.close()
         await self.tokens.close()
         await self.http.close()
         await self.engine.dispose()
@@ -75,11 +89,13 @@ async def start_runtime(
     *,
     logger: structlog.typing.FilteringBoundLogger,
     redactor: Redactor,
+    metrics: ProxyMetrics,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
     migrate: bool = False,
 ) -> Runtime:
-    """Builds every part from settings. `clock` drives token expiry (monotonic by default)."""
+    """Builds every part from settings. `clock` drives token, cache and JWKS expiry (monotonic by
+    default); `wall_clock` stamps records and checks JWT times."""
     settings.require_proxy_secrets()
     engine = create_engine(settings.database_url)
     if migrate:
@@ -100,6 +116,7 @@ async def start_runtime(
         clock=clock,
         on_failure=log_token_failure,
         on_new_token=redactor.add_secret,
+        observer=metrics,
     )
     cynopsis = CynopsisClient(
         http,
@@ -112,18 +129,28 @@ async def start_runtime(
         ),
         domain_id=settings.cynopsis_domain_id,
         max_response_bytes=settings.cynopsis_max_response_bytes,
+        observer=metrics,
     )
     api_keys = ApiKeyStore(engine)
-    authentication = CallerAuthentication(
-        [
-            ApiKeyAuthenticator(
-                api_keys,
-                pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
-                cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
-                clock=clock,
-            )
-        ]
+    authenticators: list[Authenticator] = [
+        ApiKeyAuthenticator(
+            api_keys,
+            pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
+            cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
+            clock=clock,
+        )
+    ]
+
+    def log_jwks_failure(reason: str) -> None:
+        logger.warning("jwks_fetch_failed", reason=reason)
+
+    jwt = jwt_authenticator_from_settings(
+        settings, http=http, clock=clock, wall_clock=wall_clock, on_jwks_failure=log_jwks_failure
     )
+    if jwt is not None:
+        authenticators.append(jwt)
+        await jwt.start()  # best effort: a JWKS host that is down now is retried on demand
+    authentication = CallerAuthentication(authenticators)
     return Runtime(
         settings=settings,
         engine=engine,
@@ -131,12 +158,35 @@ async def start_runtime(
         tokens=tokens,
         cynopsis=cynopsis,
         ownership=SessionOwnership(engine),
-        audit=AuditLog(engine),
+        audit=AuditLog(
+            engine, batch_max=settings.liveness_proxy_audit_batch_max, on_commit=metrics.audit_committed
+        ),
         api_keys=api_keys,
         authentication=authentication,
         biometrics=BiometricFilter(
-            settings.liveness_proxy_biometric_fields, enabled=settings.liveness_proxy_strip_biometrics
+            settings.liveness_proxy_biometric_fields,
+            enabled=settings.liveness_proxy_strip_biometrics,
+            allow_fields=settings.liveness_proxy_biometric_allow_fields,
+            max_string_bytes=settings.liveness_proxy_biometric_max_string_bytes,
         ),
+        limits=SubjectLimits(
+            LimitPolicy(
+                session_token=settings.liveness_proxy_rate_limit_session_token,
+                create_session=settings.liveness_proxy_rate_limit_create_session,
+                result=settings.liveness_proxy_rate_limit_result,
+                daily_attempts=settings.liveness_proxy_daily_attempts,
+            ),
+            wall_clock=wall_clock,
+            on_reject=metrics.rate_limited,
+        ),
+        upstream_gate=UpstreamGate(
+            settings.liveness_proxy_upstream_concurrency,
+            wait_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds,
+            on_change=metrics.upstream_slots,
+            on_reject=metrics.upstream_slot_rejected,
+        ),
+        metrics=metrics,
+        jwt=jwt,
         logger=logger,
         wall_clock=wall_clock,
     )

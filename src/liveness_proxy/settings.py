@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     cynopsis_token_max_lifetime_seconds: int = Field(default=86400, ge=60)
     cynopsis_token_refresh_margin_seconds: int = Field(default=300, ge=1)
     cynopsis_token_failure_backoff_seconds: float = Field(default=5.0, gt=0, le=300)
+    cynopsis_allow_plain_http: bool = False
 
     # --- The proxy itself ----------------------------------------------------------------------
     liveness_proxy_host: str = "127.0.0.1"
@@ -108,7 +109,7 @@ class Settings(BaseSettings):
     liveness_proxy_jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
     liveness_proxy_jwt_max_token_bytes: int = Field(default=8192, ge=256, le=65536)
     liveness_proxy_jwt_jwks_cache_seconds: float = Field(default=300.0, ge=1, le=86400)
-    liveness_proxy_jwt_jwks_refetch_interval_seconds: float = Field(default=30.0, ge=0, le=3600)
+    liveness_proxy_jwt_jwks_refetch_interval_seconds: float = Field(default=30.0, ge=1, le=3600)
     liveness_proxy_jwt_jwks_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
 
     # --- Browsers ------------------------------------------------------------------------------
@@ -174,6 +175,11 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials in the URL")
+        # Whoever can change the JWKS in transit can mint any caller: plain http only on loopback.
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must use https (plain http is accepted for loopback addresses only)")
         return value
 
     @field_validator("liveness_proxy_cors_origins")
@@ -251,6 +257,21 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must name at least one field")
         return value
+
+    @model_validator(mode="after")
+    def _refuse_plain_http_upstream(self) -> Settings:
+        # The client secret and every access token travel to these URLs: plain http only to
+        # loopback (the built-in sandbox), or when the operator says so explicitly.
+        if self.cynopsis_allow_plain_http:
+            return self
+        for name in ("cynopsis_token_url", "cynopsis_api_base_url"):
+            parts = urlsplit(getattr(self, name))
+            if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+                raise ValueError(
+                    f"{name.upper()}: must use https (plain http only for loopback addresses, "
+                    "or with CYNOPSIS_ALLOW_PLAIN_HTTP=true)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> Settings:
@@ -338,6 +359,15 @@ class Settings(BaseSettings):
                 shown = "" if value is None else str(value)
             summary[name.upper()] = shown
         return summary
+
+
+def _is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -13,7 +13,7 @@ ADMIN_SCOPE = "liveness:admin"
 @dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated caller. `subject` owns sessions; `credential_id` names the credential
-    (an API key id, later a JWT issuer) for the audit log and never contains a secret."""
+    (`key:<id>` for an API key, `jwt:<kid>` for a JWT) for the audit log and never contains a secret."""
 
     subject: str
     scopes: frozenset[str]
