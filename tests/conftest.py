@@ -8,27 +8,54 @@ from typing import Any
 import httpx
 import pytest
 
-from support import Harness, ProxyHarness
+from support import Harness, LogScan, ProxyHarness
+
+LOG_SCAN = pytest.StashKey[LogScan]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[LOG_SCAN] = LogScan()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every proxy log line the suite produced was scanned for secrets, tokens, keys and image
+    bytes; any hit fails the run, whichever test caused it."""
+    scan = session.config.stash.get(LOG_SCAN, None)
+    if scan is None or not scan.leaks:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"SECRETS IN PROXY LOGS ({len(scan.leaks)} hits):", red=True)
+        for leak in scan.leaks[:50]:
+            reporter.write_line(f"  {leak}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[ProxyHarness]:
+def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyHarness]:
     """A proxy in front of a sandbox upstream, with keys for alice, bob, an admin and carol."""
-    with Harness(tmp_path) as running:
+    with Harness(tmp_path, log_scan=request.config.stash[LOG_SCAN], origin=request.node.nodeid) as running:
         yield running
 
 
 @pytest.fixture
-def make_proxy(tmp_path: Path) -> Callable[..., AbstractContextManager[ProxyHarness]]:
+def make_proxy(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[..., AbstractContextManager[ProxyHarness]]:
     """Builds a proxy with special settings: `with make_proxy(proxy_overrides={...}) as p:`."""
     counter = iter(range(1000))
 
     def build(**kwargs: Any) -> AbstractContextManager[ProxyHarness]:
         folder = tmp_path / f"harness-{next(counter)}"
         folder.mkdir()
-        return Harness(folder, **kwargs)
+        return Harness(folder, log_scan=request.config.stash[LOG_SCAN], origin=request.node.nodeid, **kwargs)
 
     return build
+
+
+@pytest.fixture
+def log_scan(request: pytest.FixtureRequest) -> LogScan:
+    return request.config.stash[LOG_SCAN]
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +30,41 @@ TEST_PEPPER = "test-pepper-" + "p" * 40
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-client-secret-s3cr3t-value"
 DOMAIN_ID = "test-domain"
+
+
+# What must never appear in any log line of the proxy (the whole suite's logs are scanned for these):
+# the client secret and pepper, sandbox access tokens (sbx_) and session tokens (sst_), API keys
+# with their secret part, JWTs, and the base64 PNG signature that starts every sandbox image.
+LEAK_PATTERNS = re.compile(
+    "|".join(
+        (
+            re.escape(CLIENT_SECRET),
+            re.escape(TEST_PEPPER),
+            r"sbx_[A-Za-z0-9_-]{8,}",
+            r"sst_[A-Za-z0-9_-]{8,}",
+            r"lpk_[0-9a-f]{16}_[A-Za-z0-9_-]{8,}",
+            r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.",
+            "iVBORw0KGg",
+        )
+    )
+)
+
+
+def find_leaks(text: str) -> list[str]:
+    """Every secret-shaped match in `text`, each cut short so a report never repeats a whole secret."""
+    return [match.group(0)[:12] + "…" for match in LEAK_PATTERNS.finditer(text)]
+
+
+@dataclass
+class LogScan:
+    """Collects, over a whole test run, how much proxy log was scanned and what leaked into it."""
+
+    lines_scanned: int = 0
+    leaks: list[str] = field(default_factory=list)
+
+    def scan(self, origin: str, text: str) -> None:
+        self.lines_scanned += text.count("\n")
+        self.leaks.extend(f"{origin}: {leak}" for leak in find_leaks(text))
 
 
 class ServerThread:
@@ -160,6 +196,12 @@ def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> S
         "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
         "LIVENESS_PROXY_API_KEY_CACHE_SECONDS": 0,
         "LIVENESS_PROXY_LOG_LEVEL": "debug",
+        # Limits stay on (their code runs in every test) but high enough not to interfere;
+        # tests of the limits themselves set their own.
+        "LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN": "10000/minute",
+        "LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION": "10000/minute",
+        "LIVENESS_PROXY_RATE_LIMIT_RESULT": "10000/minute",
+        "LIVENESS_PROXY_DAILY_ATTEMPTS": 10000,
     }
     values.update(overrides)
     return settings_from_mapping(values)
@@ -200,7 +242,10 @@ class Harness:
     tmp_path: Path
     sandbox_config: dict[str, Any] = field(default_factory=dict)
     proxy_overrides: dict[str, Any] = field(default_factory=dict)
+    log_scan: LogScan | None = None
+    origin: str = "harness"
     _servers: list[ServerThread] = field(default_factory=list)
+    _log: io.StringIO | None = None
 
     def __enter__(self) -> ProxyHarness:
         clock = ManualClock()
@@ -218,7 +263,7 @@ class Harness:
         self._servers.append(sandbox_server)
         settings = proxy_settings(sandbox_server.url, self.tmp_path / "proxy.db", **self.proxy_overrides)
         keys = asyncio.run(_prepare_database(settings))
-        log = io.StringIO()
+        log = self._log = io.StringIO()
         app = create_app(settings, clock=clock.now, log_stream=log)
         proxy_server = ServerThread(app).start()
         self._servers.append(proxy_server)
@@ -236,6 +281,8 @@ class Harness:
     def __exit__(self, *exc: object) -> None:
         for server in reversed(self._servers):
             server.stop()
+        if self.log_scan is not None and self._log is not None:
+            self.log_scan.scan(self.origin, self._log.getvalue())
 
 
 def harness(tmp_path: Path, **kwargs: Any) -> Iterator[ProxyHarness]:

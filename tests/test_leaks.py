@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import httpx
 
 from liveness_proxy.sandbox import Fault
-from support import CLIENT_SECRET, TEST_PEPPER, ProxyHarness
+from support import CLIENT_SECRET, TEST_PEPPER, Harness, LogScan, ProxyHarness, find_leaks
 
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"
@@ -73,3 +74,30 @@ def test_nothing_written_contains_a_secret_token_key_or_image(
         assert base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()[:10] not in text, (
             f"an image leaked into {where}"
         )
+
+
+def test_the_log_scanner_recognises_every_kind_of_secret() -> None:
+    planted = [
+        CLIENT_SECRET,
+        TEST_PEPPER,
+        "sbx_" + "a" * 43,
+        "sst_" + "b" * 32,
+        "lpk_0123456789abcdef_" + "c" * 43,
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln",
+        base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"face").decode(),
+    ]
+    for secret in planted:
+        leaks = find_leaks(f'{{"event": "request", "detail": "{secret}"}}')
+        assert len(leaks) == 1, secret
+        assert secret not in leaks[0]  # a report never repeats the whole secret
+    assert find_leaks('{"event":"request","credential_id":"0123456789abcdef","status":200}') == []
+
+
+def test_a_harness_scans_its_proxy_log_when_it_stops(tmp_path: Path) -> None:
+    scan = LogScan()
+    with Harness(tmp_path, log_scan=scan, origin="probe") as proxy, proxy.client() as client:
+        proxy.create_session(client)
+        proxy.log.write("planted sbx_" + "x" * 40 + "\n")
+    assert scan.lines_scanned >= 3
+    assert len(scan.leaks) == 1
+    assert scan.leaks[0].startswith("probe: sbx_")
