@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 import threading
 import time
@@ -180,6 +181,29 @@ class ProxyHarness:
             yield engine
         finally:
             await engine.dispose()
+
+
+def subprocess_env(upstream_url: str, database_path: Path, **extra: str) -> dict[str, str]:
+    """The environment for a `liveness-proxy` subprocess: this process's own without any proxy
+    setting, plus the sandbox upstream, its credentials, the database and `extra`."""
+    values = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))
+    }
+    values.update(
+        {
+            "CYNOPSIS_TOKEN_URL": f"{upstream_url}/oauth/token",
+            "CYNOPSIS_API_BASE_URL": upstream_url,
+            "CYNOPSIS_CLIENT_ID": CLIENT_ID,
+            "CYNOPSIS_CLIENT_SECRET": CLIENT_SECRET,
+            "CYNOPSIS_DOMAIN_ID": DOMAIN_ID,
+            "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{database_path}",
+            "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
+            **extra,
+        }
+    )
+    return values
 
 
 def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> Settings:

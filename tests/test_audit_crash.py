@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
-from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, TEST_PEPPER, ServerThread
+from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, ServerThread, subprocess_env
 from test_cli import COMMAND, free_port, run
 
 CLIENT_THREADS = 16
@@ -43,28 +43,15 @@ def upstream_url() -> Iterator[str]:
 
 @pytest.fixture
 def env(tmp_path: Path, upstream_url: str) -> dict[str, str]:
-    values = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))
-    }
-    values.update(
-        {
-            "CYNOPSIS_TOKEN_URL": f"{upstream_url}/oauth/token",
-            "CYNOPSIS_API_BASE_URL": upstream_url,
-            "CYNOPSIS_CLIENT_ID": CLIENT_ID,
-            "CYNOPSIS_CLIENT_SECRET": CLIENT_SECRET,
-            "CYNOPSIS_DOMAIN_ID": DOMAIN_ID,
-            "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'crash.db'}",
-            "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
-            # The load is the point here, not the per-subject limits.
-            "LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN": "1000000/minute",
-            "LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION": "1000000/minute",
-            "LIVENESS_PROXY_RATE_LIMIT_RESULT": "1000000/minute",
-            "LIVENESS_PROXY_DAILY_ATTEMPTS": "1000000",
-        }
+    # The load is the point here, not the per-subject limits.
+    return subprocess_env(
+        upstream_url,
+        tmp_path / "crash.db",
+        LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN="1000000/minute",
+        LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION="1000000/minute",
+        LIVENESS_PROXY_RATE_LIMIT_RESULT="1000000/minute",
+        LIVENESS_PROXY_DAILY_ATTEMPTS="1000000",
     )
-    return values
 
 
 def start_serve(env: dict[str, str], workers: int) -> tuple[subprocess.Popen[bytes], str]:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
-from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, TEST_PEPPER, ServerThread
+from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, TEST_PEPPER, ServerThread, subprocess_env
 
 COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
 
@@ -43,24 +43,7 @@ def sandbox() -> Iterator[tuple[Sandbox, str]]:
 
 @pytest.fixture
 def env(tmp_path: Path, sandbox: tuple[Sandbox, str]) -> dict[str, str]:
-    _, url = sandbox
-    values = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))
-    }
-    values.update(
-        {
-            "CYNOPSIS_TOKEN_URL": f"{url}/oauth/token",
-            "CYNOPSIS_API_BASE_URL": url,
-            "CYNOPSIS_CLIENT_ID": CLIENT_ID,
-            "CYNOPSIS_CLIENT_SECRET": CLIENT_SECRET,
-            "CYNOPSIS_DOMAIN_ID": DOMAIN_ID,
-            "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-            "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
-        }
-    )
-    return values
+    return subprocess_env(sandbox[1], tmp_path / "cli.db")
 
 
 def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
