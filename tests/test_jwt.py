@@ -503,6 +503,9 @@ def test_jwks_entries_that_cannot_verify_safely_are_skipped(keys: Keys) -> None:
         {"kty": "XYZ", "kid": "unknown-kty"},
         {**rsa_jwk(keys.rsa_1, "x"), "kid": 7},
         {**rsa_jwk(keys.rsa_1, "bad-modulus"), "n": "!!!"},
+        {**rsa_jwk(keys.rsa_1, "alg-as-list"), "alg": ["RS256"]},
+        {"kty": "OKP", "kid": "crv-as-list", "crv": ["Ed25519"], "x": "AA"},
+        {"kty": "EC", "kid": "crv-as-object", "crv": {"name": "P-256"}},
         "not an object",
     ]
     key_set = parse_jwks(orjson.dumps({"keys": entries}), ["RS256", "ES256"])

@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+import limits as limits_lib
 import pytest
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from liveness_proxy.errors import RateLimited, ServiceUnavailable
 from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate
@@ -172,3 +174,40 @@ def test_the_proxy_caps_concurrent_upstream_calls(make_proxy: MakeProxy) -> None
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     assert refused.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_request_refused_by_one_limit_uses_up_none_of_the_others() -> None:
+    policy = LimitPolicy(
+        session_token="20/hour;2/minute", create_session="off", result="off", daily_attempts=0
+    )
+    limits = SubjectLimits(policy)
+    outcomes = []
+    for _ in range(5):
+        try:
+            await limits.check("session_token", "alice")
+            outcomes.append("ok")
+        except RateLimited:
+            outcomes.append("refused")
+    assert outcomes == ["ok", "ok", "refused", "refused", "refused"]
+    hourly = limits_lib.parse("20/hour")
+    stats = await SlidingWindowCounterRateLimiter(limits._storage).get_window_stats(
+        hourly, "session_token", "alice"
+    )
+    assert stats.remaining == 18
+
+
+def test_an_outage_of_ours_costs_no_daily_attempt(make_proxy: MakeProxy) -> None:
+    with make_proxy(proxy_overrides={"LIVENESS_PROXY_DAILY_ATTEMPTS": 1}) as proxy, proxy.client() as client:
+        token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
+        proxy.sandbox.inject_fault(Fault(target="token", kind="status", status=500, count=100))
+        proxy.clock.advance(28800 + 10)  # the access token expired; the token endpoint is down
+        during_outage = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+        proxy.sandbox.clear_faults()
+        proxy.clock.advance(60)  # past the failure backoff: the next call fetches a token again
+        deadline = time.monotonic() + 5
+        while client.post(SESSION_TOKEN, headers=proxy.auth()).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        session_id = proxy.create_session(client)
+    assert during_outage.status_code == 503
+    assert session_id  # the one daily attempt was still there

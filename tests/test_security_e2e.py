@@ -124,3 +124,20 @@ def test_metrics_can_require_a_token_or_be_switched_off(make_proxy: MakeProxy) -
     assert with_token.status_code == 200
     assert absent.status_code == 404
     assert outside.status_code == 404
+
+
+def test_jwt_without_issuer_or_audience_is_accepted_but_warned_about(
+    make_proxy: MakeProxy, identity_provider: tuple[str, JwksEndpoint], signing_key: rsa.RSAPrivateKey
+) -> None:
+    jwks_url, _ = identity_provider
+    with (
+        make_proxy(proxy_overrides={"LIVENESS_PROXY_JWT_JWKS_URL": jwks_url}) as proxy,
+        proxy.client() as client,
+    ):
+        other_app = sign(signing_key, aud="some-other-app")
+        response = client.post(SESSION_TOKEN, headers={"Authorization": f"Bearer {other_app}"})
+        log = proxy.log_text()
+    assert response.status_code == 200
+    warning = next(line for line in log.splitlines() if "jwt_claims_not_checked" in line)
+    assert "LIVENESS_PROXY_JWT_ISSUER" in warning
+    assert "LIVENESS_PROXY_JWT_AUDIENCE" in warning

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 
-from liveness_proxy.privacy import BiometricFilter, derived_pass, looks_like_binary
+from liveness_proxy.privacy import BiometricFilter, derived_pass, is_terminal, looks_like_binary
+from liveness_proxy.store import (
+    SessionOwner,
+    SessionOwnership,
+    SessionVerdict,
+    create_engine,
+    upgrade_database,
+)
 from support import ProxyHarness
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -152,3 +160,43 @@ def test_no_image_bytes_reach_the_database(proxy: ProxyHarness, client: httpx.Cl
     stored = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
     assert session_id.encode() in stored  # the scan does see the data it is looking through
     assert base64.b64encode(b"\x89PNG\r\n\x1a\n")[:10] not in stored
+
+
+def test_an_allowed_field_still_loses_denied_fields_nested_in_it() -> None:
+    strip = BiometricFilter(["reference_image"], allow_fields=["details"], max_string_bytes=64)
+    cleaned, removed = strip.apply({"details": {"reference_image": IMAGE_TEXT, "blob": IMAGE_TEXT, "ok": 1}})
+    assert cleaned == {"details": {"ok": 1}}
+    assert removed == ["blob", "reference_image"]
+
+
+def test_whitespace_runs_cannot_make_the_binary_check_slow() -> None:
+    # A quadratic pattern would take minutes on this; a linear one takes milliseconds. The bound is
+    # far above either, so the test checks the algorithm, not the machine.
+    hostile = "\n" * 200_000 + "!"
+    started = time.perf_counter()
+    assert not looks_like_binary(hostile, 64)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_odd_status_types_neither_crash_nor_count_as_terminal() -> None:
+    statuses: list[object] = [[], {}, 5, None, True, "succeeded"]
+    for status in statuses:
+        assert not is_terminal(status)
+        assert derived_pass({"status": status, "confidence": 99.0}, 90) is None
+    assert is_terminal("EXPIRED")
+
+
+async def test_the_first_verdict_is_kept(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'verdict.db'}")
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine)
+        owner = SessionOwner("s-1", "alice", "key:1", 1.0, "r-1")
+        await ownership.bind(owner, "r-1")
+        first = await ownership.record_verdict(owner, SessionVerdict("SUCCEEDED", 97.0, 2.0))
+        # Another process (its own cache) later reads a different answer: history stays.
+        again = await SessionOwnership(engine).record_verdict(owner, SessionVerdict("FAILED", 3.0, 3.0))
+    finally:
+        await engine.dispose()
+    assert first.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
+    assert again.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)

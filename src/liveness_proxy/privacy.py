@@ -13,8 +13,10 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-# Base64 (standard or URL-safe alphabet, optional padding, line breaks allowed as in MIME).
-_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+# Base64 (standard or URL-safe alphabet, optional padding), matched after removing whitespace (MIME
+# line breaks): no part of the pattern can overlap another, so matching stays linear in the length.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+_WHITESPACE = re.compile(r"\s+")
 _DATA_URI = re.compile(r"data:[^,;]{0,100}(;[^,]{0,100})?,", re.IGNORECASE)
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "EXPIRED"})
 
@@ -31,7 +33,7 @@ def looks_like_binary(value: str, max_bytes: int) -> bool:
     if _DATA_URI.match(value):
         return True
     # Prose has spaces and punctuation base64 lacks; a long run of the alphabet is an encoding.
-    return " " not in value[:256] and _BASE64_TEXT.fullmatch(value) is not None
+    return " " not in value[:256] and _BASE64_TEXT.fullmatch(_WHITESPACE.sub("", value)) is not None
 
 
 class BiometricFilter:
@@ -71,7 +73,9 @@ class BiometricFilter:
                 if normalised in self._deny:
                     removed.append(key)
                 elif normalised in self._allow:
-                    kept[key] = item
+                    # The allow list exempts this field's own value from the binary check; what is
+                    # nested inside it still passes every rule (the deny list wins).
+                    kept[key] = item if isinstance(item, str) else self._strip(item, removed, depth + 1)
                 elif self._is_binary(item):
                     removed.append(key)
                 else:
@@ -92,11 +96,16 @@ class BiometricFilter:
         return False
 
 
+def is_terminal(status: object) -> bool:
+    """Whether an upstream `status` value (of any JSON type) is a finished session's status."""
+    return isinstance(status, str) and status in TERMINAL_STATUSES
+
+
 def derived_pass(payload: dict[str, Any], threshold: float) -> bool | None:
     """`passed` for a result: None while the session is not finished, else whether it succeeded
     with a confidence at or above the operator's threshold (Cynopsis itself gives no boolean)."""
     status = payload.get("status")
-    if status not in TERMINAL_STATUSES:
+    if not is_terminal(status):
         return None
     confidence = payload.get("confidence")
     if status != "SUCCEEDED" or isinstance(confidence, bool) or not isinstance(confidence, int | float):

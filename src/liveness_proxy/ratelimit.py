@@ -74,15 +74,24 @@ class SubjectLimits:
 
     async def check(self, name: LimitName, subject: str) -> None:
         """Counts one request of `subject` against limit `name`; raises RateLimited when over."""
-        for item in self._items[name]:
-            if not await self._window.hit(item, name, subject):
-                stats = await self._window.get_window_stats(item, name, subject)
-                self._rejected(name)
-                raise RateLimited(
-                    f"Rate limit '{name}' ({self._notation[name]}) exceeded for this caller.",
-                    retry_after_seconds=math.ceil(max(0.0, stats.reset_time - time.time())),
-                    limit=name,
-                )
+        items = self._items[name]
+        # Test every limit before counting against any, so a request refused by one limit does not
+        # use up the others ("100/hour;10/minute": a burst must not drain the hourly budget).
+        for item in items:
+            if not await self._window.test(item, name, subject):
+                await self._refuse(name, item, subject)
+        for item in items:
+            if not await self._window.hit(item, name, subject):  # lost a race since the test
+                await self._refuse(name, item, subject)
+
+    async def _refuse(self, name: LimitName, item: limits.RateLimitItem, subject: str) -> None:
+        stats = await self._window.get_window_stats(item, name, subject)
+        self._rejected(name)
+        raise RateLimited(
+            f"Rate limit '{name}' ({self._notation[name]}) exceeded for this caller.",
+            retry_after_seconds=math.ceil(max(0.0, stats.reset_time - time.time())),
+            limit=name,
+        )
 
     async def consume_attempt(self, subject: str) -> None:
         """Counts one liveness attempt against the subject's cap for the current UTC day."""

@@ -35,7 +35,7 @@ from liveness_proxy.errors import (
     render_problem,
 )
 from liveness_proxy.middleware import request_id_of
-from liveness_proxy.privacy import TERMINAL_STATUSES, derived_pass
+from liveness_proxy.privacy import derived_pass, is_terminal
 from liveness_proxy.runtime import Runtime
 from liveness_proxy.store import AuditRecord, SessionAlreadyBound, SessionOwner, SessionVerdict
 
@@ -130,11 +130,13 @@ class LivenessApi:
         caller = audit.caller = await self._authenticate(request, rt)
         await rt.limits.check("create_session", caller.subject)
         body = await read_json_object(request, rt.settings.liveness_proxy_max_body_bytes, allow_empty=False)
-        # Counted once the request is well-formed and about to cost an upstream session: an
-        # attempt that fails upstream still counts (the cap is a brute-force bound, not a bill).
-        await rt.limits.consume_attempt(caller.subject)
         request_id = request_id_of(request.scope)
         async with rt.upstream_gate.slot():
+            # Counted only once the call is sure to go out (a slot and an access token in hand): an
+            # outage of ours costs no attempts; an attempt that fails upstream still counts (the
+            # cap bounds brute force, it is not a bill).
+            await rt.tokens.get()
+            await rt.limits.consume_attempt(caller.subject)
             answer = await rt.cynopsis.create_session(body, request_id)
         audit.upstream_status = answer.status
         session_id = session_id_from(answer.payload, rt.settings.cynopsis_session_id_fields, answer.status)
@@ -190,7 +192,7 @@ class LivenessApi:
     @staticmethod
     async def _record_verdict(rt: Runtime, owner: SessionOwner, payload: dict[str, Any]) -> None:
         status = payload.get("status")
-        if status not in TERMINAL_STATUSES:
+        if not is_terminal(status):
             return
         confidence = payload.get("confidence")
         if (
@@ -241,6 +243,11 @@ class LivenessApi:
         except ClientDisconnect:
             # The caller went away mid-body: nothing was forwarded. 499, as nginx records it.
             await self._append_audit(rt, request, audit, 499, "client-disconnected")
+            raise
+        except asyncio.CancelledError:
+            # Cancelled (shutdown past its grace period) possibly after the upstream call went out:
+            # the record is queued before the first wait, and closing the audit log writes it.
+            await self._append_audit(rt, request, audit, 499, "cancelled")
             raise
         except Exception:
             # A bug or a failing store: still one record (if the store takes it), then a 500.

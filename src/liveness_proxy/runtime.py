@@ -148,6 +148,17 @@ async def start_runtime(
         settings, http=http, clock=clock, wall_clock=wall_clock, on_jwks_failure=log_jwks_failure
     )
     if jwt is not None:
+        unchecked = [
+            name
+            for name, value in (
+                ("LIVENESS_PROXY_JWT_ISSUER", settings.liveness_proxy_jwt_issuer),
+                ("LIVENESS_PROXY_JWT_AUDIENCE", settings.liveness_proxy_jwt_audience),
+            )
+            if not value
+        ]
+        if unchecked:
+            # Without them, any token the identity provider signs for any of its apps is accepted.
+            logger.warning("jwt_claims_not_checked", unset=unchecked)
         authenticators.append(jwt)
         await jwt.start()  # best effort: a JWKS host that is down now is retried on demand
     authentication = CallerAuthentication(authenticators)

@@ -132,7 +132,7 @@ def _algorithms_for(jwk: Mapping[str, Any]) -> frozenset[str]:
         return RSA_ALGORITHMS
     if kty == "EC" and isinstance(crv, str) and crv in _EC_ALGORITHM_BY_CURVE:
         return frozenset({_EC_ALGORITHM_BY_CURVE[crv]})
-    if kty == "OKP" and crv in _OKP_CURVES:
+    if kty == "OKP" and isinstance(crv, str) and crv in _OKP_CURVES:
         return frozenset({"EdDSA"})
     return frozenset()
 
@@ -155,7 +155,7 @@ def verification_key_from_jwk(jwk: object, allowed_algorithms: Collection[str]) 
     algorithms = _algorithms_for(jwk) & frozenset(allowed_algorithms) & ASYMMETRIC_ALGORITHMS
     declared = jwk.get("alg")
     if declared is not None:
-        if declared not in algorithms:
+        if not isinstance(declared, str) or declared not in algorithms:
             return None
         algorithms = frozenset({declared})
     if not algorithms:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -98,24 +98,27 @@ class SessionOwnership:
         return owner
 
     async def record_verdict(self, owner: SessionOwner, verdict: SessionVerdict) -> SessionOwner:
-        """Stores the terminal verdict with the binding, unless this process already stored the same
-        one (a result read again and again costs no write)."""
-        known = owner.verdict
-        if known is not None and (known.status, known.confidence) == (verdict.status, verdict.confidence):
+        """Stores the first terminal verdict with the binding; it is never overwritten (a later,
+        different answer upstream does not rewrite history). A session whose verdict this process
+        already knows costs no write, however often its result is read."""
+        if owner.verdict is not None:
             return owner
         async with self._engine.begin() as connection:
             await connection.execute(
                 update(liveness_sessions)
-                .where(liveness_sessions.c.session_id == owner.session_id)
+                .where(
+                    liveness_sessions.c.session_id == owner.session_id,
+                    liveness_sessions.c.verdict_status.is_(None),
+                )
                 .values(
                     verdict_status=verdict.status,
                     verdict_confidence=verdict.confidence,
                     verdict_at=verdict.recorded_at,
                 )
             )
-        updated = replace(owner, verdict=verdict)
-        self._remember(updated)
-        return updated
+        # Read back: another process may have stored its verdict first.
+        stored = await self.owner_of(owner.session_id, fresh=True)
+        return stored or owner
 
     def _remember(self, owner: SessionOwner) -> None:
         if owner.session_id not in self._cache and len(self._cache) >= self._cache_size:
