@@ -11,10 +11,11 @@ from contextlib import AbstractContextManager
 
 import limits as limits_lib
 import pytest
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from liveness_proxy.errors import RateLimited, ServiceUnavailable
-from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate
+from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, ThrottledMemoryStorage, UpstreamGate
 from liveness_proxy.sandbox import Fault
 from support import ProxyHarness
 
@@ -211,3 +212,20 @@ def test_an_outage_of_ours_costs_no_daily_attempt(make_proxy: MakeProxy) -> None
         session_id = proxy.create_session(client)
     assert during_outage.status_code == 503
     assert session_id  # the one daily attempt was still there
+
+
+def test_the_sweep_hook_the_throttled_storage_overrides_still_exists() -> None:
+    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
+
+
+async def test_the_memory_storage_sweeps_at_most_once_per_interval() -> None:
+    storage = ThrottledMemoryStorage(sweep_interval=3600)
+    await storage.incr("first", 0.01)
+    first_sweep = storage.timer
+    assert first_sweep is not None
+    for index in range(100):
+        await asyncio.sleep(0)  # let a finished sweep make room for a new one, as the stock storage would
+        await storage.incr(f"key-{index}", 0.01)
+    assert storage.timer is first_sweep
+    await asyncio.sleep(0.02)
+    assert await storage.get("key-0") == 0  # expiry is still honoured on read

@@ -44,6 +44,29 @@ def _parse(notation: str) -> tuple[limits.RateLimitItem, ...]:
     return tuple(limits.parse_many(notation))
 
 
+class ThrottledMemoryStorage(MemoryStorage):
+    """The `limits` memory storage, sweeping expired keys at most once per `sweep_interval`.
+
+    The stock storage starts a sweep over every key after nearly every count; with one key per
+    subject and limit (a day's worth for the attempt cap) that is O(subjects) event-loop time per
+    request: ~25 ms at 100,000 subjects. Expiry is also checked on every read, so sweeping less often
+    only delays when memory is given back, never what a limit allows.
+    """
+
+    def __init__(self, *, sweep_interval: float = 5.0) -> None:
+        super().__init__()
+        self._sweep_interval = sweep_interval
+        self._last_sweep = -math.inf
+
+    # Overrides the parent's private hook (name-mangled); a test fails if a `limits` upgrade renames it.
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < self._sweep_interval:
+            return
+        self._last_sweep = now
+        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+
+
 class SubjectLimits:
     """Checks and consumes a subject's budget; raises `RateLimited` naming the exhausted limit."""
 
@@ -55,7 +78,7 @@ class SubjectLimits:
         wall_clock: Callable[[], float] = time.time,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
-        self._storage = storage or MemoryStorage()
+        self._storage = storage or ThrottledMemoryStorage()
         # Sliding-window counters: smooth (no burst of 2x at a window edge) and O(1) per key, in
         # memory and in Redis alike.
         self._window = SlidingWindowCounterRateLimiter(self._storage)
