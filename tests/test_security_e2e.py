@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -141,3 +143,23 @@ def test_jwt_without_issuer_or_audience_is_accepted_but_warned_about(
     warning = next(line for line in log.splitlines() if "jwt_claims_not_checked" in line)
     assert "LIVENESS_PROXY_JWT_ISSUER" in warning
     assert "LIVENESS_PROXY_JWT_AUDIENCE" in warning
+
+
+def test_one_json_log_line_per_request_with_route_template_subject_and_upstream_status(
+    proxy: ProxyHarness, client: httpx.Client
+) -> None:
+    session_id = proxy.create_session(client)
+    response = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
+    lines = [json.loads(line) for line in proxy.log_text().splitlines()]
+    request_lines = [line for line in lines if line["event"] == "request"]
+    mine = [line for line in request_lines if line["request_id"] == response.headers["x-request-id"]]
+    assert len(mine) == 1
+    line = mine[0]
+    assert line["route"] == "/v1/liveness/sessions/{session_id}/result"
+    assert line["method"] == "GET"
+    assert line["status"] == 200
+    assert line["subject"] == "alice"
+    assert line["upstream_status"] == 200
+    assert line["duration_ms"] > 0
+    assert line["level"] == "info"
+    assert session_id not in json.dumps(request_lines)  # the template, never the raw path
