@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, Forbidden, render_problem
-from liveness_proxy.middleware import request_id_of
+from liveness_proxy.errors import Forbidden
+from liveness_proxy.middleware import request_id_of, send_problem
 
 # An API answers JSON only: nothing of ours should ever be rendered, framed or sniffed as HTML.
 _BASE_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -106,19 +106,7 @@ class CorsMiddleware:
             refusal = "A requested header is not allowed across origins."
         vary = (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
         if refusal is not None or origin is None:
-            body = render_problem(Forbidden(refusal or ""), request_id_of(scope))
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [
-                        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-                        (b"content-length", str(len(body)).encode()),
-                        vary,
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_problem(send, Forbidden(refusal or ""), request_id_of(scope), [vary])
             return
         await send(
             {

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterable
 
 import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, render_problem
+from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, ProblemError, render_problem
 
 UNMATCHED_ROUTE = "unmatched"
 _REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -43,6 +44,26 @@ def route_template(scope: Scope) -> str:
     if isinstance(template, str) and template:
         return template
     return UNMATCHED_ROUTE
+
+
+async def send_problem(
+    send: Send, error: ProblemError, request_id: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answers `error` as problem+json straight from ASGI middleware (outside Starlette's handlers)."""
+    body = render_problem(error, request_id)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.response_status(),
+            "headers": [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestContextMiddleware:
@@ -84,23 +105,8 @@ class RequestContextMiddleware:
             self.logger.exception("unhandled_error", request_id=request_id, path=scope.get("path", ""))
             if not response_started:
                 status = 500
-                body = render_problem(
-                    InternalError("An internal error occurred; quote the request id when reporting it."),
-                    request_id,
-                )
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"cache-control", b"no-store"),
-                            (b"x-request-id", encoded_id),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                error = InternalError("An internal error occurred; quote the request id when reporting it.")
+                await send_problem(send, error, request_id, [(b"x-request-id", encoded_id)])
         finally:
             self.logger.info(
                 "request",
