@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.store.database import PoolOptions
 
 DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"
 DEMO_API_BASE_URL = "https://crm-demo.cynopsis.co"
@@ -34,6 +35,8 @@ _FILE_BACKED_FIELDS = (
     "liveness_proxy_api_key_pepper",
     "liveness_proxy_database_url",
     "liveness_proxy_metrics_token",
+    "liveness_proxy_redis_url",
+    "liveness_proxy_token_cache_key",
 )
 _MIN_PEPPER_LENGTH = 32
 _ASYMMETRIC_JWT_ALGORITHMS = frozenset(
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
     liveness_proxy_port: int = Field(default=8080, ge=0, le=65535)
     liveness_proxy_database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     liveness_proxy_database_url_file: Path | None = None
+    liveness_proxy_database_pool_size: int = Field(default=10, ge=1, le=1000)
+    liveness_proxy_database_max_overflow: int = Field(default=10, ge=0, le=1000)
+    liveness_proxy_database_pool_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    liveness_proxy_database_pgbouncer: bool = False
     liveness_proxy_api_key_pepper: SecretStr = SecretStr("")
     liveness_proxy_api_key_pepper_file: Path | None = None
     liveness_proxy_api_key_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
@@ -123,6 +130,14 @@ class Settings(BaseSettings):
     liveness_proxy_daily_attempts: int = Field(default=20, ge=0)
     liveness_proxy_upstream_concurrency: int = Field(default=64, ge=1, le=10000)
     liveness_proxy_upstream_queue_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
+
+    # --- Shared state across replicas (Redis) -------------------------------------------------
+    liveness_proxy_redis_url: SecretStr = SecretStr("")
+    liveness_proxy_redis_url_file: Path | None = None
+    liveness_proxy_redis_key_prefix: str = Field(default="liveness-proxy:", min_length=1, max_length=128)
+    liveness_proxy_redis_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    liveness_proxy_token_cache_key: SecretStr = SecretStr("")
+    liveness_proxy_token_cache_key_file: Path | None = None
 
     # --- Audit ---------------------------------------------------------------------------------
     liveness_proxy_audit_batch_max: int = Field(default=256, ge=1, le=10000)
@@ -258,6 +273,22 @@ class Settings(BaseSettings):
             raise ValueError("must name at least one field")
         return value
 
+    @field_validator("liveness_proxy_redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("liveness_proxy_token_cache_key")
+    @classmethod
+    def _check_token_cache_key(cls, value: SecretStr) -> SecretStr:
+        key = value.get_secret_value()
+        if key and len(key) < _MIN_PEPPER_LENGTH:
+            raise ValueError(f"must be a random value of at least {_MIN_PEPPER_LENGTH} characters")
+        return value
+
     @model_validator(mode="after")
     def _refuse_plain_http_upstream(self) -> Settings:
         # The client secret and every access token travel to these URLs: plain http only to
@@ -297,6 +328,19 @@ class Settings(BaseSettings):
     def database_url(self) -> str:
         """The SQLAlchemy URL with an async driver, whatever form the operator wrote."""
         return async_database_url(self.liveness_proxy_database_url.get_secret_value())
+
+    @property
+    def database_pool(self) -> PoolOptions:
+        return PoolOptions(
+            size=self.liveness_proxy_database_pool_size,
+            max_overflow=self.liveness_proxy_database_max_overflow,
+            timeout_seconds=self.liveness_proxy_database_pool_timeout_seconds,
+            pgbouncer=self.liveness_proxy_database_pgbouncer,
+        )
+
+    @property
+    def redis_url(self) -> str:
+        return self.liveness_proxy_redis_url.get_secret_value()
 
     def token_refresh_margin(self, lifetime_seconds: float) -> float:
         """Seconds before expiry to refresh: the set margin, at most a third of a short token's life."""
@@ -349,7 +393,7 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 shown = "set (hidden)" if value.get_secret_value() else "not set"
-                if name == "liveness_proxy_database_url":
+                if name in ("liveness_proxy_database_url", "liveness_proxy_redis_url"):
                     shown = redact_url(value.get_secret_value())
             elif name == "cynopsis_client_id":
                 shown = f"{value[:3]}… (hidden)" if value else "not set"

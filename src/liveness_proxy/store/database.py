@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.resources
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from alembic import command
@@ -15,13 +17,48 @@ from sqlalchemy.pool import ConnectionPoolEntry
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
 
-def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """Connection pool of one process. PostgreSQL only: SQLite gets `size` connections, no overflow."""
+
+    size: int = 10
+    max_overflow: int = 10
+    timeout_seconds: float = 5.0
+    # PgBouncer in transaction mode hands each transaction to any server connection, so a statement
+    # prepared on one is unknown (or, worse, a different statement) on the next: no statement cache,
+    # and unique names for the statements asyncpg still prepares for one round trip.
+    pgbouncer: bool = False
+
+
+def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions | None = None) -> AsyncEngine:
     """An async engine. SQLite gets WAL and a busy timeout on every connection."""
+    options = pool or PoolOptions(size=pool_size)
     if database_url.startswith("sqlite"):
-        engine = create_async_engine(database_url, pool_size=pool_size, max_overflow=0, pool_pre_ping=False)
+        engine = create_async_engine(
+            database_url, pool_size=options.size, max_overflow=0, pool_pre_ping=False
+        )
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
         return engine
-    return create_async_engine(database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if options.pgbouncer and database_url.startswith("postgresql+asyncpg"):
+        connect_args = {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unique_statement_name,
+        }
+    return create_async_engine(
+        database_url,
+        pool_size=options.size,
+        max_overflow=options.max_overflow,
+        pool_timeout=options.timeout_seconds,
+        # A connection PostgreSQL (or a failover) closed is replaced before use, not failed on.
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -44,8 +81,14 @@ def alembic_config() -> Config:
     return config
 
 
+# Any constant: the key of the PostgreSQL advisory lock that serialises migrations across replicas.
+_MIGRATION_LOCK_KEY = 0x6C69_7665_6E65_7373  # "liveness"
+
+
 async def upgrade_database(engine: AsyncEngine, revision: str = "head") -> None:
-    """Applies migrations up to `revision` over the engine's own connection."""
+    """Applies migrations up to `revision` over the engine's own connection. Safe when several
+    replicas start at once: on PostgreSQL they queue on an advisory lock held for the transaction
+    (DDL is transactional there), and each one after the first finds nothing left to do."""
 
     def run(connection: Connection) -> None:
         config = alembic_config()
@@ -53,6 +96,8 @@ async def upgrade_database(engine: AsyncEngine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         await connection.run_sync(run)
 
 

@@ -97,3 +97,20 @@ audit_chain_head = Table(
     Column("anchor_hash", String(64), nullable=False),
     CheckConstraint("id = 1", name="single_row"),
 )
+
+TOKEN_ROW_ID = 1
+
+# The upstream access token shared by every process of a deployment without Redis (see
+# upstream/token_store.py): sealed (AES-GCM, never the plain token), the lease that lets one process
+# at a time ask the token endpoint, and the fleet-wide pause after a failed token request.
+upstream_token = Table(
+    "upstream_token",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("sealed", Text, nullable=True),
+    Column("expires_at", Float, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("backoff_until", Float, nullable=True),
+    CheckConstraint("id = 1", name="single_token_row"),
+)
