@@ -1,10 +1,19 @@
 """The Cynopsis side: HTTP transport, access-token management and the three liveness calls."""
 
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamResult
+from liveness_proxy.upstream.token_store import (
+    DatabaseTokenStore,
+    RedisTokenStore,
+    SharedStateUnavailable,
+    SharedToken,
+    TokenCipher,
+    TokenStore,
+)
 from liveness_proxy.upstream.tokens import (
     AccessToken,
     ClientCredentialsFetcher,
     FetchedToken,
+    SharedTokenPolicy,
     TokenEndpointError,
     TokenFetcher,
     TokenManager,
@@ -16,10 +25,17 @@ __all__ = [
     "ClientCredentialsFetcher",
     "CynopsisClient",
     "CynopsisEndpoints",
+    "DatabaseTokenStore",
     "FetchedToken",
+    "RedisTokenStore",
+    "SharedStateUnavailable",
+    "SharedToken",
+    "SharedTokenPolicy",
+    "TokenCipher",
     "TokenEndpointError",
     "TokenFetcher",
     "TokenManager",
+    "TokenStore",
     "UpstreamResult",
     "create_http_session",
 ]

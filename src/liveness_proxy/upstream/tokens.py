@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import aiohttp
 import orjson
 
 from liveness_proxy.errors import TokenUnavailable, UpstreamError
+from liveness_proxy.upstream.token_store import SharedStateUnavailable, SharedToken, TokenStore
 from liveness_proxy.upstream.transport import parse_seconds, read_bounded, upstream_error_code
 
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
@@ -166,17 +169,23 @@ class TokenManager:
         refresh_margin: Callable[[float], float],
         failure_backoff_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         on_failure: Callable[[TokenEndpointError], None] | None = None,
         on_new_token: Callable[[str], None] | None = None,
         observer: TokenObserver | None = None,
+        shared: SharedTokenPolicy | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._refresh_margin = refresh_margin
         self._failure_backoff = failure_backoff_seconds
         self._clock = clock
+        self._wall_clock = wall_clock
         self._on_failure = on_failure
         self._on_new_token = on_new_token
         self._observer = observer
+        self._shared = shared
+        # Identifies this process's lease in the shared store: unique per manager, never a secret.
+        self._lease_owner = f"{os.getpid()}-{secrets.token_hex(8)}"
         self._token: AccessToken | None = None
         self._inflight: asyncio.Task[AccessToken] | None = None
         # After a failed attempt: no new attempt before _failed_until, and while _degraded, callers
@@ -186,6 +195,8 @@ class TokenManager:
         # A token the upstream rejects is replaced at most once per backoff interval, so an
         # upstream that rejects every token cannot turn each caller request into a token request.
         self._forced_refresh_not_before = 0.0
+        # The last token the upstream rejected: never taken back from the shared store.
+        self._rejected_value: str | None = None
 
     @property
     def cached(self) -> AccessToken | None:
@@ -225,6 +236,7 @@ class TokenManager:
         if now < self._forced_refresh_not_before:
             return
         self._forced_refresh_not_before = now + self._failure_backoff
+        self._rejected_value = rejected.value
         self._token = None
 
     async def close(self) -> None:
@@ -243,8 +255,110 @@ class TokenManager:
         return self._inflight
 
     async def _refresh(self) -> AccessToken:
+        shared = self._shared
+        if shared is not None:
+            try:
+                return await self._refresh_shared(shared)
+            except SharedStateUnavailable as exc:
+                # Never worse than one process alone: this process asks for a token of its own.
+                shared.unavailable(str(exc))
+        token, _ = await self._fetch()
+        return self._keep(token)
+
+    async def _refresh_shared(self, shared: SharedTokenPolicy) -> AccessToken:
+        """The fleet-wide single flight: take the token another process stored, or hold the lease
+        and fetch one for everybody; see upstream/token_store.py."""
+        store = shared.store
+        deadline = self._clock() + shared.wait_seconds
+        while True:
+            stored = self._adoptable(await store.load())
+            if stored is not None and self._wall_clock() < stored.refresh_at:
+                return self._keep(self._local(stored))
+            backoff = await store.backoff_remaining()
+            if backoff > 0:
+                # Another process's token request failed a moment ago: nobody asks again before
+                # the pause ends; a still-valid token keeps serving meanwhile.
+                if stored is not None:
+                    return self._keep(self._local(stored, recheck_seconds=backoff))
+                self._failed_until = self._clock() + backoff
+                self._degraded = True
+                raise TokenUnavailable(
+                    "The upstream access token cannot be obtained right now.",
+                    retry_after_seconds=max(1, math.ceil(backoff)),
+                )
+            if await store.acquire_lease(self._lease_owner, shared.lease_seconds):
+                try:
+                    return await self._refresh_under_lease(shared)
+                finally:
+                    with contextlib.suppress(SharedStateUnavailable):
+                        await store.release_lease(self._lease_owner)
+            if stored is not None:
+                # Another process holds the lease and is refreshing: keep the still-valid token
+                # and look again shortly for the new one.
+                return self._keep(self._local(stored, recheck_seconds=shared.recheck_seconds))
+            if self._clock() >= deadline:
+                raise TokenUnavailable(
+                    "The upstream access token cannot be obtained right now.", retry_after_seconds=1
+                )
+            await asyncio.sleep(shared.poll_seconds)
+
+    async def _refresh_under_lease(self, shared: SharedTokenPolicy) -> AccessToken:
+        store = shared.store
+        # Read again now that the lease is ours: the previous holder may have stored a token between
+        # our first read and its release, and that token must not be fetched a second time.
+        stored = self._adoptable(await store.load())
+        if stored is not None and self._wall_clock() < stored.refresh_at:
+            return self._keep(self._local(stored))
+        renewal = asyncio.get_running_loop().create_task(self._renew_lease(shared), name="token-lease")
+        try:
+            token, fetched = await self._fetch()
+        except TokenUnavailable:
+            with contextlib.suppress(SharedStateUnavailable):
+                await store.start_backoff(self._failure_backoff)
+            if stored is not None:
+                # Due but not expired: it keeps serving (fleet-wide) until the pause is over.
+                return self._keep(self._local(stored, recheck_seconds=self._failure_backoff))
+            raise
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+        self._keep(token)  # this process uses it at once; the others once it is stored
+        try:
+            await store.save(fetched)
+        except SharedStateUnavailable as exc:
+            shared.unavailable(str(exc))
+        return token
+
+    async def _renew_lease(self, shared: SharedTokenPolicy) -> None:
+        # Renewed well before it lapses, so a slow token endpoint never lets a second process in.
+        while True:
+            await asyncio.sleep(shared.lease_seconds / 3)
+            with contextlib.suppress(SharedStateUnavailable):
+                await shared.store.renew_lease(self._lease_owner, shared.lease_seconds)
+
+    def _adoptable(self, stored: SharedToken | None) -> SharedToken | None:
+        if stored is None or stored.value == self._rejected_value:
+            return None
+        if self._wall_clock() >= stored.expires_at:
+            return None
+        return stored
+
+    def _local(self, stored: SharedToken, *, recheck_seconds: float | None = None) -> AccessToken:
+        """A stored token on this process's clock; `recheck_seconds` moves its refresh time close,
+        for a token that is due but being refreshed elsewhere."""
+        offset = self._clock() - self._wall_clock()
+        expires_at = stored.expires_at + offset
+        refresh_at = stored.refresh_at + offset
+        if recheck_seconds is not None:
+            refresh_at = min(expires_at, self._clock() + recheck_seconds)
+        return AccessToken(value=stored.value, expires_at=expires_at, refresh_at=refresh_at)
+
+    async def _fetch(self) -> tuple[AccessToken, SharedToken]:
+        """One token request: the token on this process's clock and as it is shared."""
         # Lifetimes count from before the request: the token may have been minted just after we asked.
         started = self._clock()
+        started_wall = self._wall_clock()
         # Durations by a real stopwatch: `_clock` may be a test's manual clock that stands still.
         stopwatch = time.perf_counter()
         try:
@@ -265,19 +379,46 @@ class TokenManager:
                 "The upstream access token cannot be obtained right now.",
                 retry_after_seconds=math.ceil(self._failure_backoff),
             ) from None
-        token = AccessToken(
-            value=fetched.value,
-            expires_at=started + fetched.lifetime_seconds,
-            refresh_at=started + fetched.lifetime_seconds - self._refresh_margin(fetched.lifetime_seconds),
+        lifetime = fetched.lifetime_seconds
+        refresh_after = lifetime - self._refresh_margin(lifetime)
+        if self._observer is not None:
+            self._observer.token_refreshed("ok", time.perf_counter() - stopwatch)
+        return (
+            AccessToken(
+                value=fetched.value, expires_at=started + lifetime, refresh_at=started + refresh_after
+            ),
+            SharedToken(
+                value=fetched.value,
+                expires_at=started_wall + lifetime,
+                refresh_at=started_wall + refresh_after,
+            ),
         )
-        if self._on_new_token is not None:
-            self._on_new_token(token.value)
+
+    def _keep(self, token: AccessToken) -> AccessToken:
+        if self._on_new_token is not None and (self._token is None or self._token.value != token.value):
+            self._on_new_token(token.value)  # e.g. taught to the log redactor before any use
         self._token = token
         self._failed_until = 0.0
         self._degraded = False
-        if self._observer is not None:
-            self._observer.token_refreshed("ok", time.perf_counter() - stopwatch)
         return token
+
+
+@dataclass(frozen=True, slots=True)
+class SharedTokenPolicy:
+    """How this process shares the token with the rest of the deployment.
+
+    `wait_seconds` bounds how long a caller without any token waits for another process's refresh;
+    `lease_seconds` is the lease's time to live (renewed every third of it while the request runs,
+    so a crashed holder blocks the others for at most that long); `recheck_seconds` is how soon a
+    process that found a due token being refreshed elsewhere looks again; `unavailable` hears of a
+    store failure (the process then uses a token of its own)."""
+
+    store: TokenStore
+    unavailable: Callable[[str], None]
+    wait_seconds: float = 10.0
+    lease_seconds: float = 5.0
+    recheck_seconds: float = 1.0
+    poll_seconds: float = 0.05
 
 
 def _consume_exception(task: asyncio.Task[AccessToken]) -> None:
