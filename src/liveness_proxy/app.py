@@ -67,18 +67,23 @@ def create_app(
     *,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    shared_clock: Callable[[], float] | None = None,
     log_stream: TextIO | None = None,
     migrate: bool = False,
 ) -> Starlette:
     """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
-    records; `log_stream` receives the JSON log lines (stderr by default); `migrate` applies database
-    migrations at start-up (the `serve` command does it once before starting workers instead)."""
+    records; `shared_clock` (the wall clock unless given) dates the token shared with other
+    processes, so a test can move it with its manual clock; `log_stream` receives the JSON log lines
+    (stderr by default); `migrate` applies database migrations at start-up (the `serve` command does
+    it once before starting workers instead)."""
     redactor = Redactor(
         [
             settings.cynopsis_client_secret.get_secret_value(),
             settings.liveness_proxy_api_key_pepper.get_secret_value(),
             settings.liveness_proxy_metrics_token.get_secret_value(),
             urlsplit(settings.liveness_proxy_database_url.get_secret_value()).password or "",
+            urlsplit(settings.redis_url).password or "",
+            settings.liveness_proxy_token_cache_key.get_secret_value(),
         ]
     )
     logger = build_logger(
@@ -99,6 +104,7 @@ def create_app(
             metrics=metrics,
             clock=clock,
             wall_clock=wall_clock,
+            shared_clock=shared_clock or wall_clock,
             migrate=migrate,
         )
         api.runtime = runtime

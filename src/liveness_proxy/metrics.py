@@ -65,6 +65,8 @@ UPSTREAM_ENDPOINTS = frozenset({"session_token", "create_session", "result"})
 UPSTREAM_ERROR_KINDS = frozenset({"timeout", "connect_error", "connection_error", "malformed"})
 TOKEN_REFRESH_OUTCOMES = frozenset({"ok", "failed"})
 RATE_LIMITS = frozenset({"session_token", "create_session", "result", "daily_attempts"})
+# Parts of the state shared across replicas that fall back to per-process state when unreachable.
+SHARED_STATE_COMPONENTS = frozenset({"token_cache", "rate_limits"})
 _STATUS_PATTERN = re.compile(r"[1-5][0-9][0-9]")
 
 
@@ -173,6 +175,13 @@ class ProxyMetrics:
             "Upstream calls refused because no concurrency slot became free in time.",
             registry=registry,
         )
+        self._shared_state_failures = Counter(
+            "liveness_proxy_shared_state_failures",
+            "Times a shared store (Redis, or the database for the token) could not be reached and "
+            "this process fell back to its own state, by component.",
+            ["component"],
+            registry=registry,
+        )
         # Families with labels show up only once a series exists; these are known in advance, so a
         # dashboard sees zeros instead of gaps before the first event.
         for outcome in sorted(TOKEN_REFRESH_OUTCOMES):
@@ -181,6 +190,8 @@ class ProxyMetrics:
             self._token_cache.labels(result=result)
         for limit in sorted(RATE_LIMITS):
             self._rate_limited.labels(limit=limit)
+        for component in sorted(SHARED_STATE_COMPONENTS):
+            self._shared_state_failures.labels(component=component)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type (the classic text format every scraper reads)."""
@@ -221,6 +232,9 @@ class ProxyMetrics:
 
     def upstream_slot_rejected(self) -> None:
         self._upstream_rejected.inc()
+
+    def shared_state_failed(self, component: str) -> None:
+        self._shared_state_failures.labels(component=_one_of(component, SHARED_STATE_COMPONENTS)).inc()
 
 
 class MetricsMiddleware:

@@ -2,8 +2,8 @@
 
 Limits are per *subject* (the authenticated caller), not per IP: one end user behind a carrier NAT
 must not exhaust another's budget, and one user with many IPs must not escape theirs. Counting is
-done by the `limits` library, whose storages update counters atomically (in memory here; Redis
-when several replicas must share the counts).
+done by the `limits` library, whose storages update counters atomically (in memory, or in Redis
+when several replicas must share the counts: `redis_limit_storage`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import limits
-from limits.aio.storage import MemoryStorage, Storage
+import limits.errors
+import redis.asyncio as aioredis
+import redis.exceptions
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from liveness_proxy.errors import RateLimited, ServiceUnavailable
@@ -67,22 +70,47 @@ class ThrottledMemoryStorage(MemoryStorage):
         await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
 
+@dataclass(frozen=True, slots=True)
+class _Counters:
+    window: SlidingWindowCounterRateLimiter
+    fixed: FixedWindowRateLimiter
+
+    @classmethod
+    def over(cls, storage: Storage) -> _Counters:
+        # Sliding-window counters: smooth (no burst of 2x at a window edge) and O(1) per key, in
+        # memory and in Redis alike. The daily cap is a fixed window keyed by the UTC day.
+        return cls(SlidingWindowCounterRateLimiter(storage), FixedWindowRateLimiter(storage))
+
+
+# What a shared storage raises when it cannot be reached (`limits` wraps the client's errors).
+_STORAGE_FAILURES = (limits.errors.StorageError, redis.exceptions.RedisError, ConnectionError, TimeoutError)
+
+
 class SubjectLimits:
-    """Checks and consumes a subject's budget; raises `RateLimited` naming the exhausted limit."""
+    """Checks and consumes a subject's budget; raises `RateLimited` naming the exhausted limit.
+
+    With a `shared` storage (Redis) every replica counts against the same budget. When it cannot be
+    reached, counting continues in this process's memory for `failover_seconds` before the shared
+    storage is tried again: callers keep being served and limited (per process, so a fleet of N
+    allows up to N times a limit meanwhile), and `on_storage_failure` reports it.
+    """
 
     def __init__(
         self,
         policy: LimitPolicy,
         *,
-        storage: Storage | None = None,
+        shared: Storage | None = None,
         wall_clock: Callable[[], float] = time.time,
         on_reject: Callable[[str], None] | None = None,
+        on_storage_failure: Callable[[str], None] | None = None,
+        failover_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._storage = storage or ThrottledMemoryStorage()
-        # Sliding-window counters: smooth (no burst of 2x at a window edge) and O(1) per key, in
-        # memory and in Redis alike.
-        self._window = SlidingWindowCounterRateLimiter(self._storage)
-        self._fixed = FixedWindowRateLimiter(self._storage)
+        self._local = _Counters.over(ThrottledMemoryStorage())
+        self._shared = None if shared is None else _Counters.over(shared)
+        self._shared_down_until = -math.inf
+        self._failover_seconds = failover_seconds
+        self._clock = clock
         self._notation: dict[LimitName, str] = {
             "session_token": policy.session_token,
             "create_session": policy.create_session,
@@ -94,21 +122,56 @@ class SubjectLimits:
         self._daily = limits.RateLimitItemPerDay(policy.daily_attempts) if policy.daily_attempts else None
         self._wall_clock = wall_clock
         self._on_reject = on_reject
+        self._on_storage_failure = on_storage_failure
+
+    @property
+    def shared(self) -> bool:
+        """Whether counts go to the shared storage right now."""
+        return self._shared is not None and self._clock() >= self._shared_down_until
 
     async def check(self, name: LimitName, subject: str) -> None:
         """Counts one request of `subject` against limit `name`; raises RateLimited when over."""
+        if not self._items[name]:
+            return
+        shared = self._shared
+        if shared is not None and self._clock() >= self._shared_down_until:
+            try:
+                await self._check(shared, name, subject)
+            except _STORAGE_FAILURES as exc:
+                self._failed_over(exc)
+            else:
+                return
+        await self._check(self._local, name, subject)
+
+    async def consume_attempt(self, subject: str) -> None:
+        """Counts one liveness attempt against the subject's cap for the current UTC day."""
+        if self._daily is None:
+            return
+        shared = self._shared
+        if shared is not None and self._clock() >= self._shared_down_until:
+            try:
+                await self._consume_attempt(shared, self._daily, subject)
+            except _STORAGE_FAILURES as exc:
+                self._failed_over(exc)
+            else:
+                return
+        await self._consume_attempt(self._local, self._daily, subject)
+
+    async def _check(self, counters: _Counters, name: LimitName, subject: str) -> None:
         items = self._items[name]
         # Test every limit before counting against any, so a request refused by one limit does not
         # use up the others ("100/hour;10/minute": a burst must not drain the hourly budget).
         for item in items:
-            if not await self._window.test(item, name, subject):
-                await self._refuse(name, item, subject)
+            if not await counters.window.test(item, name, subject):
+                await self._refuse(counters, name, item, subject)
         for item in items:
-            if not await self._window.hit(item, name, subject):  # lost a race since the test
-                await self._refuse(name, item, subject)
+            if not await counters.window.hit(item, name, subject):  # lost a race since the test
+                await self._refuse(counters, name, item, subject)
 
-    async def _refuse(self, name: LimitName, item: limits.RateLimitItem, subject: str) -> None:
-        stats = await self._window.get_window_stats(item, name, subject)
+    async def _refuse(
+        self, counters: _Counters, name: LimitName, item: limits.RateLimitItem, subject: str
+    ) -> None:
+        stats = await counters.window.get_window_stats(item, name, subject)
         self._rejected(name)
         raise RateLimited(
             f"Rate limit '{name}' ({self._notation[name]}) exceeded for this caller.",
@@ -116,23 +179,25 @@ class SubjectLimits:
             limit=name,
         )
 
-    async def consume_attempt(self, subject: str) -> None:
-        """Counts one liveness attempt against the subject's cap for the current UTC day."""
-        if self._daily is None:
-            return
+    async def _consume_attempt(self, counters: _Counters, daily: limits.RateLimitItem, subject: str) -> None:
         now = self._wall_clock()
         day = dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
         # The day is part of the key, so the budget resets at UTC midnight for everyone alike
         # (a plain 1-day window would start at each subject's first attempt).
-        if not await self._fixed.hit(self._daily, DAILY_ATTEMPTS, day, subject):
+        if not await counters.fixed.hit(daily, DAILY_ATTEMPTS, day, subject):
             self._rejected(DAILY_ATTEMPTS)
             seconds_to_midnight = _SECONDS_PER_DAY - (now % _SECONDS_PER_DAY)
             raise RateLimited(
-                f"The daily cap of {self._daily.amount} liveness attempts is reached for this caller; "
+                f"The daily cap of {daily.amount} liveness attempts is reached for this caller; "
                 "it resets at 00:00 UTC.",
                 retry_after_seconds=math.ceil(seconds_to_midnight),
                 limit=DAILY_ATTEMPTS,
             )
+
+    def _failed_over(self, exc: BaseException) -> None:
+        self._shared_down_until = self._clock() + self._failover_seconds
+        if self._on_storage_failure is not None:
+            self._on_storage_failure(f"rate-limit storage unavailable ({type(exc).__name__})")
 
     def _rejected(self, name: str) -> None:
         if self._on_reject is not None:
@@ -196,3 +261,16 @@ class UpstreamGate:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self._in_flight, self._waiting)
+
+
+def redis_limit_storage(client: aioredis.Redis, *, key_prefix: str) -> RedisStorage:
+    """The `limits` Redis storage over the deployment's Redis connection pool (redis-py), with
+    client errors wrapped in `limits.errors.StorageError`."""
+    # The URI only selects the storage class: connections (and TLS) come from the pool.
+    return RedisStorage(
+        "async+redis://",
+        implementation="redispy",
+        connection_pool=client.connection_pool,  # type: ignore[arg-type]  # typed as if only scalars
+        key_prefix=f"{key_prefix}limits",
+        wrap_exceptions=True,
+    )

@@ -289,7 +289,17 @@ class LivenessApi:
             except (ProblemError, TimeoutError) as exc:
                 checks["upstream_token"] = f"failed: {getattr(exc, 'slug', 'timeout')}"
         if all(value == "ok" for value in checks.values()):
-            return json_response(orjson.dumps({"status": "ready", "checks": checks}))
+            status = "ready"
+            if rt.redis is not None:
+                try:
+                    await rt.ping_redis()
+                    checks["redis"] = "ok"
+                except Exception as exc:
+                    # Still ready: limits and the token fall back to this process's own state.
+                    # Sending traffic elsewhere would not help, every replica shares this Redis.
+                    checks["redis"] = f"degraded: {type(exc).__name__}"
+                    status = "degraded"
+            return json_response(orjson.dumps({"status": status, "checks": checks}))
         failed = ", ".join(sorted(name for name, value in checks.items() if value != "ok"))
         error = ServiceUnavailable(f"Not ready: {failed}.", retry_after_seconds=5)
         return Response(

@@ -7,7 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import (
@@ -20,7 +23,7 @@ from liveness_proxy.auth import (
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
-from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate
+from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate, redis_limit_storage
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -34,8 +37,13 @@ from liveness_proxy.upstream import (
     ClientCredentialsFetcher,
     CynopsisClient,
     CynopsisEndpoints,
+    DatabaseTokenStore,
+    RedisTokenStore,
+    SharedTokenPolicy,
+    TokenCipher,
     TokenEndpointError,
     TokenManager,
+    TokenStore,
     create_http_session,
 )
 
@@ -58,9 +66,14 @@ class Runtime:
     jwt: JwtAuthenticator | None
     logger: structlog.typing.FilteringBoundLogger
     wall_clock: Callable[[], float]
+    redis: aioredis.Redis | None = None
 
     async def ping_store(self) -> None:
         await ping(self.engine)
+
+    async def ping_redis(self) -> None:
+        if self.redis is not None:
+            await self.redis.ping()
 
     async def close(self) -> None:
         await self.audit.close()
@@ -68,7 +81,39 @@ class Runtime:
             await self.jwt.close()
         await self.tokens.close()
         await self.http.close()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.engine.dispose()
+
+
+def create_redis(settings: Settings) -> aioredis.Redis | None:
+    """The deployment's Redis client (one connection pool per process), or None without Redis.
+    Short timeouts: a Redis that hangs must cost a request half a second once, not a worker."""
+    if not settings.redis_url:
+        return None
+    timeout = settings.liveness_proxy_redis_timeout_seconds
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # One immediate retry covers a dropped idle connection; redis-py's default (several retries
+        # with growing pauses) would hold every request for seconds while Redis is down.
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+def token_cipher(settings: Settings) -> TokenCipher:
+    """Seals the shared token. The key comes from LIVENESS_PROXY_TOKEN_CACHE_KEY, or else from the
+    client secret: every process that may use the token already holds that secret, and whoever can
+    read Redis or the database but not the secret cannot use the token."""
+    secret = (
+        settings.liveness_proxy_token_cache_key.get_secret_value()
+        or settings.cynopsis_client_secret.get_secret_value()
+    )
+    context = "\n".join(
+        (settings.cynopsis_token_url, settings.cynopsis_client_id, settings.cynopsis_domain_id)
+    )
+    return TokenCipher(secret.encode(), context=context)
 
 
 def token_fetcher(http: aiohttp.ClientSession, settings: Settings) -> ClientCredentialsFetcher:
@@ -92,12 +137,15 @@ async def start_runtime(
     metrics: ProxyMetrics,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    shared_clock: Callable[[], float] = time.time,
     migrate: bool = False,
 ) -> Runtime:
     """Builds every part from settings. `clock` drives token, cache and JWKS expiry (monotonic by
-    default); `wall_clock` stamps records and checks JWT times."""
+    default); `wall_clock` stamps records and checks JWT times; `shared_clock` (a wall clock: it must
+    agree across machines) dates the token shared with other processes."""
     settings.require_proxy_secrets()
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, pool=settings.database_pool)
+    redis = create_redis(settings)
     if migrate:
         await upgrade_database(engine)
     http = create_http_session(
@@ -109,14 +157,41 @@ async def start_runtime(
     def log_token_failure(error: TokenEndpointError) -> None:
         logger.warning("upstream_token_failed", reason=str(error), upstream_status=error.status)
 
+    def shared_state_failed(component: str) -> Callable[[str], None]:
+        def report(reason: str) -> None:
+            metrics.shared_state_failed(component)
+            logger.warning("shared_state_unavailable", component=component, reason=reason)
+
+        return report
+
+    token_store: TokenStore
+    if redis is not None:
+        token_store = RedisTokenStore(
+            redis,
+            key_prefix=settings.liveness_proxy_redis_key_prefix,
+            cipher=token_cipher(settings),
+            wall_clock=shared_clock,
+        )
+    else:
+        token_store = DatabaseTokenStore(engine, cipher=token_cipher(settings), wall_clock=shared_clock)
+    lease_seconds = 5.0
     tokens = TokenManager(
         token_fetcher(http, settings),
         refresh_margin=settings.token_refresh_margin,
         failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
         clock=clock,
+        wall_clock=shared_clock,
         on_failure=log_token_failure,
         on_new_token=redactor.add_secret,
         observer=metrics,
+        shared=SharedTokenPolicy(
+            store=token_store,
+            unavailable=shared_state_failed("token_cache"),
+            # Long enough for another process's token request to finish, or for its lease to
+            # lapse if it crashed during one.
+            wait_seconds=settings.cynopsis_token_timeout_seconds + lease_seconds,
+            lease_seconds=lease_seconds,
+        ),
     )
     cynopsis = CynopsisClient(
         http,
@@ -187,8 +262,14 @@ async def start_runtime(
                 result=settings.liveness_proxy_rate_limit_result,
                 daily_attempts=settings.liveness_proxy_daily_attempts,
             ),
+            shared=(
+                None
+                if redis is None
+                else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
+            ),
             wall_clock=wall_clock,
             on_reject=metrics.rate_limited,
+            on_storage_failure=shared_state_failed("rate_limits"),
         ),
         upstream_gate=UpstreamGate(
             settings.liveness_proxy_upstream_concurrency,
@@ -200,4 +281,5 @@ async def start_runtime(
         jwt=jwt,
         logger=logger,
         wall_clock=wall_clock,
+        redis=redis,
     )
