@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from services import shared_backend
 from support import Harness, LogScan, ProxyHarness
 
 LOG_SCAN = pytest.StashKey[LogScan]()
@@ -31,10 +33,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture
+@contextlib.contextmanager
+def _backend(name: str) -> Iterator[dict[str, str]]:
+    if name == "postgres-redis":
+        with shared_backend() as overrides:
+            yield overrides
+    else:
+        yield {}
+
+
+@pytest.fixture(params=["sqlite", "postgres-redis"])
 def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyHarness]:
-    """A proxy in front of a sandbox upstream, with keys for alice, bob, an admin and carol."""
-    with Harness(tmp_path, log_scan=request.config.stash[LOG_SCAN], origin=request.node.nodeid) as running:
+    """A proxy in front of a sandbox upstream, with keys for alice, bob, an admin and carol; every
+    test that uses it runs twice: on SQLite alone, and on PostgreSQL with Redis."""
+    with (
+        _backend(request.param) as overrides,
+        Harness(
+            tmp_path,
+            proxy_overrides=overrides,
+            log_scan=request.config.stash[LOG_SCAN],
+            origin=request.node.nodeid,
+        ) as running,
+    ):
         yield running
 
 

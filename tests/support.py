@@ -288,7 +288,8 @@ class Harness:
         settings = proxy_settings(sandbox_server.url, self.tmp_path / "proxy.db", **self.proxy_overrides)
         keys = asyncio.run(_prepare_database(settings))
         log = self._log = io.StringIO()
-        app = create_app(settings, clock=clock.now, log_stream=log)
+        # The shared token store dates tokens by the same manual clock, so advancing it expires them.
+        app = create_app(settings, clock=clock.now, shared_clock=clock.now, log_stream=log)
         proxy_server = ServerThread(app).start()
         self._servers.append(proxy_server)
         return ProxyHarness(

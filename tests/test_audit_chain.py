@@ -1,7 +1,6 @@
 """The audit chain (store/audit.py): group commit, the hash chain, verification, tampering, purge.
 
-Runs on SQLite; set LIVENESS_PROXY_TEST_POSTGRES_URL (postgresql+asyncpg://…, a scratch database:
-the project's tables in it are dropped) to run the same tests on PostgreSQL too.
+Every test runs on SQLite and on PostgreSQL (a scratch database per test; see tests/services.py).
 """
 
 from __future__ import annotations
@@ -10,9 +9,8 @@ import asyncio
 import hashlib
 import itertools
 import json
-import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import (
     AuditChainBroken,
     AuditLog,
@@ -30,9 +29,7 @@ from liveness_proxy.store import (
 )
 from liveness_proxy.store.audit import GENESIS_HASH
 from liveness_proxy.store.tables import audit_records
-
-POSTGRES_URL = os.environ.get("LIVENESS_PROXY_TEST_POSTGRES_URL")
-_PROJECT_TABLES = "audit_records, audit_chain_head, api_keys, liveness_sessions, alembic_version"
+from services import scratch_postgres
 
 
 def record(index: int = 0, *, occurred_at: float = 1_700_000_000.5, **changes: Any) -> AuditRecord:
@@ -52,28 +49,20 @@ def record(index: int = 0, *, occurred_at: float = 1_700_000_000.5, **changes: A
     return AuditRecord(**values)
 
 
-@pytest.fixture(params=["sqlite", *(["postgresql"] if POSTGRES_URL else [])])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-    assert POSTGRES_URL is not None
-    pytest.importorskip("asyncpg")
-    return POSTGRES_URL
-
-
-async def _drop_project_tables(engine: AsyncEngine) -> None:
-    if engine.dialect.name != "sqlite":
-        async with engine.begin() as connection:
-            await connection.execute(text(f"DROP TABLE IF EXISTS {_PROJECT_TABLES} CASCADE"))
+        yield f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+        return
+    with scratch_postgres() as url:
+        yield async_database_url(url)
 
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     made = create_engine(database_url)
-    await _drop_project_tables(made)
     await upgrade_database(made)
     yield made
-    await _drop_project_tables(made)
     await made.dispose()
 
 

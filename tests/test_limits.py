@@ -181,7 +181,8 @@ async def test_a_request_refused_by_one_limit_uses_up_none_of_the_others() -> No
     policy = LimitPolicy(
         session_token="20/hour;2/minute", create_session="off", result="off", daily_attempts=0
     )
-    limits = SubjectLimits(policy)
+    storage = ThrottledMemoryStorage()
+    limits = SubjectLimits(policy, shared=storage)
     outcomes = []
     for _ in range(5):
         try:
@@ -191,9 +192,7 @@ async def test_a_request_refused_by_one_limit_uses_up_none_of_the_others() -> No
             outcomes.append("refused")
     assert outcomes == ["ok", "ok", "refused", "refused", "refused"]
     hourly = limits_lib.parse("20/hour")
-    stats = await SlidingWindowCounterRateLimiter(limits._storage).get_window_stats(
-        hourly, "session_token", "alice"
-    )
+    stats = await SlidingWindowCounterRateLimiter(storage).get_window_stats(hourly, "session_token", "alice")
     assert stats.remaining == 18
 
 

@@ -360,7 +360,10 @@ def test_health_and_readiness(client: httpx.Client, proxy: ProxyHarness) -> None
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "upstream_token": "ok"}}
+    checks = {"store": "ok", "upstream_token": "ok"}
+    if proxy.settings.redis_url:
+        checks["redis"] = "ok"
+    assert ready.json() == {"status": "ready", "checks": checks}
 
 
 def test_readiness_fails_when_no_token_can_be_had(proxy: ProxyHarness, client: httpx.Client) -> None:

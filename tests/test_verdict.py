@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import httpx
+from sqlalchemy import select
 
 from liveness_proxy.privacy import BiometricFilter, derived_pass, is_terminal, looks_like_binary
 from liveness_proxy.store import (
@@ -19,6 +22,7 @@ from liveness_proxy.store import (
     create_engine,
     upgrade_database,
 )
+from liveness_proxy.store.tables import liveness_sessions, metadata
 from support import ProxyHarness
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -137,18 +141,15 @@ def test_the_verdict_is_stored_with_the_binding(proxy: ProxyHarness, client: htt
     proxy.sandbox.complete_session(session_id, live=True, confidence=77.0)
     client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
 
-    import sqlite3
+    async def read() -> Any:
+        async with proxy.database() as engine, engine.connect() as connection:
+            query = select(liveness_sessions).where(liveness_sessions.c.session_id == session_id)
+            return (await connection.execute(query)).one()
 
-    database = proxy.settings.liveness_proxy_database_url.get_secret_value().removeprefix("sqlite:///")
-    with sqlite3.connect(database) as connection:
-        row = connection.execute(
-            "SELECT verdict_status, verdict_confidence, verdict_at FROM liveness_sessions"
-            " WHERE session_id = ?",
-            (session_id,),
-        ).fetchone()
-    assert row[0] == "SUCCEEDED"
-    assert row[1] == 77.0
-    assert row[2] > 0
+    row = asyncio.run(read())
+    assert row.verdict_status == "SUCCEEDED"
+    assert row.verdict_confidence == 77.0
+    assert row.verdict_at > 0
 
 
 def test_no_image_bytes_reach_the_database(proxy: ProxyHarness, client: httpx.Client) -> None:
@@ -156,8 +157,23 @@ def test_no_image_bytes_reach_the_database(proxy: ProxyHarness, client: httpx.Cl
     proxy.sandbox.complete_session(session_id, live=True)
     for key in (proxy.keys.alice, proxy.keys.admin):
         client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth(key))
-    database = Path(proxy.settings.liveness_proxy_database_url.get_secret_value().removeprefix("sqlite:///"))
-    stored = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
+    url = proxy.settings.liveness_proxy_database_url.get_secret_value()
+    if url.startswith("sqlite"):
+        # The raw files, WAL included: free pages and old row versions too.
+        database = Path(url.removeprefix("sqlite:///"))
+        stored = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
+    else:
+
+        async def dump() -> bytes:
+            async with proxy.database() as engine, engine.connect() as connection:
+                rows = [
+                    str(row).encode()
+                    for table in metadata.sorted_tables
+                    for row in (await connection.execute(select(table))).all()
+                ]
+            return b"\n".join(rows)
+
+        stored = asyncio.run(dump())
     assert session_id.encode() in stored  # the scan does see the data it is looking through
     assert base64.b64encode(b"\x89PNG\r\n\x1a\n")[:10] not in stored
 

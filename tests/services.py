@@ -1,0 +1,131 @@
+"""Real PostgreSQL and Redis for the tests: a scratch database and a scratch key prefix per use.
+
+The servers are found at LIVENESS_PROXY_TEST_POSTGRES_URL (default postgresql://127.0.0.1:5432/test,
+used only to create and drop scratch databases) and LIVENESS_PROXY_TEST_REDIS_URL (default
+redis://127.0.0.1:6379/0; every use gets its own key prefix and removes its keys afterwards).
+Without them the tests that need them are skipped with a message saying how to run them; with
+LIVENESS_PROXY_TEST_REQUIRE_SERVICES=1 (set by .ci/run) they fail instead, so CI can never pass by
+skipping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import secrets
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+import redis
+
+POSTGRES_ADMIN_URL = os.environ.get("LIVENESS_PROXY_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("LIVENESS_PROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("LIVENESS_PROXY_TEST_REQUIRE_SERVICES") == "1"
+
+
+def _unavailable(service: str, url: str, reason: str) -> None:
+    message = (
+        f"{service} is not reachable at {url} ({reason}). Start it (see the README's Development "
+        f"section) or point LIVENESS_PROXY_TEST_{service.upper()}_URL at one."
+    )
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " LIVENESS_PROXY_TEST_REQUIRE_SERVICES=1: failing instead of skipping.")
+    pytest.skip(message)
+
+
+@functools.cache
+def _postgres_problem() -> str | None:
+    async def probe() -> None:
+        connection = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=3)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.cache
+def _redis_problem() -> str | None:
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+        client.ping()
+        client.close()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def require_postgres() -> None:
+    problem = _postgres_problem()
+    if problem is not None:
+        _unavailable("PostgreSQL", POSTGRES_ADMIN_URL, problem)
+
+
+def require_redis() -> None:
+    problem = _redis_problem()
+    if problem is not None:
+        _unavailable("Redis", REDIS_URL, problem)
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(path=f"/{database}").geturl()
+
+
+async def _admin(statement: str) -> None:
+    connection = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=5)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextlib.contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new, empty database for one test; yields its postgresql:// URL and drops it afterwards."""
+    require_postgres()
+    name = f"lp_test_{secrets.token_hex(6)}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(_asyncpg_dsn(POSTGRES_ADMIN_URL), name)
+    finally:
+        # WITH (FORCE): a proxy killed mid-test may leave connections behind.
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def scratch_redis() -> Iterator[tuple[str, str]]:
+    """(Redis URL, a key prefix of this test's own); the prefix's keys are deleted afterwards."""
+    require_redis()
+    prefix = f"lp-test-{secrets.token_hex(6)}:"
+    try:
+        yield REDIS_URL, prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def shared_backend() -> Iterator[dict[str, str]]:
+    """Proxy settings for PostgreSQL + Redis, on a scratch database and key prefix."""
+    with scratch_postgres() as database_url, scratch_redis() as (redis_url, prefix):
+        yield {
+            "LIVENESS_PROXY_DATABASE_URL": database_url,
+            "LIVENESS_PROXY_REDIS_URL": redis_url,
+            "LIVENESS_PROXY_REDIS_KEY_PREFIX": prefix,
+        }
