@@ -13,10 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import getpass
 import os
 import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import textwrap
+import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 
 import asyncpg
 import pytest
@@ -27,11 +35,12 @@ REDIS_URL = os.environ.get("LIVENESS_PROXY_TEST_REDIS_URL", "redis://127.0.0.1:6
 REQUIRE_SERVICES = os.environ.get("LIVENESS_PROXY_TEST_REQUIRE_SERVICES") == "1"
 
 
-def _unavailable(service: str, url: str, reason: str) -> None:
-    message = (
-        f"{service} is not reachable at {url} ({reason}). Start it (see the README's Development "
-        f"section) or point LIVENESS_PROXY_TEST_{service.upper()}_URL at one."
+def _unavailable(service: str, url: str, reason: str, remedy: str = "") -> None:
+    remedy = remedy or (
+        "start it (see the README's Development section) or point "
+        f"LIVENESS_PROXY_TEST_{service.upper()}_URL at one"
     )
+    message = f"{service} is not available at {url} ({reason}): {remedy}."
     if REQUIRE_SERVICES:
         pytest.fail(message + " LIVENESS_PROXY_TEST_REQUIRE_SERVICES=1: failing instead of skipping.")
     pytest.skip(message)
@@ -129,3 +138,71 @@ def shared_backend() -> Iterator[dict[str, str]]:
             "LIVENESS_PROXY_REDIS_URL": redis_url,
             "LIVENESS_PROXY_REDIS_KEY_PREFIX": prefix,
         }
+
+
+@contextlib.contextmanager
+def running_pgbouncer(database_url: str) -> Iterator[str]:
+    """A PgBouncer in *transaction* pooling mode in front of `database_url`'s server, on a free
+    port; yields the URL of the same database through it. Needs the `pgbouncer` binary (Debian
+    package `pgbouncer`; .ci/run installs it)."""
+    binary = shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+    )
+    if binary is None:
+        _unavailable("PgBouncer", "PATH", "no pgbouncer binary; apt-get install pgbouncer")
+    assert binary is not None
+    parts = urlsplit(database_url)
+    user = parts.username or getpass.getuser()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    # Its own folder under /tmp: as root, PgBouncer runs as `postgres`, which cannot enter pytest's.
+    with tempfile.TemporaryDirectory(prefix="lp-pgbouncer-") as name:
+        yield from _pgbouncer(binary, Path(name), parts, user, port)
+
+
+def _pgbouncer(binary: str, folder: Path, parts: SplitResult, user: str, port: int) -> Iterator[str]:
+    (folder / "users.txt").write_text(f'"{user}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        textwrap.dedent(
+            f"""\
+            [databases]
+            * = host={parts.hostname or "127.0.0.1"} port={parts.port or 5432}
+            [pgbouncer]
+            listen_addr = 127.0.0.1
+            listen_port = {port}
+            unix_socket_dir =
+            auth_type = trust
+            auth_file = {folder / "users.txt"}
+            pool_mode = transaction
+            default_pool_size = 4
+            max_client_conn = 500
+            logfile = {folder / "pgbouncer.log"}
+            pidfile = {folder / "pgbouncer.pid"}
+            """
+        )
+    )
+    command = [binary, str(folder / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root; it switches to this user itself.
+        folder.chmod(0o777)
+        for path in folder.iterdir():
+            path.chmod(0o666)
+        command[1:1] = ["-u", "postgres"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if process.poll() is not None:
+                error = process.stderr.read().decode() if process.stderr else ""
+                raise AssertionError(f"pgbouncer exited: {error}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert time.monotonic() < deadline, "pgbouncer did not start listening"
+            time.sleep(0.05)
+        yield parts._replace(
+            netloc=f"{parts.username + '@' if parts.username else ''}127.0.0.1:{port}"
+        ).geturl()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
