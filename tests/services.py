@@ -24,7 +24,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -140,69 +140,81 @@ def shared_backend() -> Iterator[dict[str, str]]:
         }
 
 
-@contextlib.contextmanager
-def running_pgbouncer(database_url: str) -> Iterator[str]:
-    """A PgBouncer in *transaction* pooling mode in front of `database_url`'s server, on a free
-    port; yields the URL of the same database through it. Needs the `pgbouncer` binary (Debian
-    package `pgbouncer`; .ci/run installs it)."""
-    binary = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
-    )
-    if binary is None:
-        _unavailable("PgBouncer", "PATH", "no pgbouncer binary; apt-get install pgbouncer")
-    assert binary is not None
-    parts = urlsplit(database_url)
-    user = parts.username or getpass.getuser()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    # Its own folder under /tmp: as root, PgBouncer runs as `postgres`, which cannot enter pytest's.
-    with tempfile.TemporaryDirectory(prefix="lp-pgbouncer-") as name:
-        yield from _pgbouncer(binary, Path(name), parts, user, port)
+class PgBouncer:
+    """One PgBouncer in *transaction* pooling mode in front of a PostgreSQL server, on a fixed free
+    port; `stop()` and `start()` make the database unreachable and reachable again for whoever
+    connects through it (the server itself, shared by other tests, keeps running)."""
 
-
-def _pgbouncer(binary: str, folder: Path, parts: SplitResult, user: str, port: int) -> Iterator[str]:
-    (folder / "users.txt").write_text(f'"{user}" ""\n')
-    (folder / "pgbouncer.ini").write_text(
-        textwrap.dedent(
-            f"""\
-            [databases]
-            * = host={parts.hostname or "127.0.0.1"} port={parts.port or 5432}
-            [pgbouncer]
-            listen_addr = 127.0.0.1
-            listen_port = {port}
-            unix_socket_dir =
-            auth_type = trust
-            auth_file = {folder / "users.txt"}
-            pool_mode = transaction
-            default_pool_size = 4
-            max_client_conn = 500
-            logfile = {folder / "pgbouncer.log"}
-            pidfile = {folder / "pgbouncer.pid"}
-            """
+    def __init__(self, binary: str, folder: Path, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        login = f"{parts.username}@" if parts.username else ""
+        self.url = parts._replace(netloc=f"{login}127.0.0.1:{self.port}").geturl()
+        user = parts.username or getpass.getuser()
+        (folder / "users.txt").write_text(f'"{user}" ""\n')
+        (folder / "pgbouncer.ini").write_text(
+            textwrap.dedent(
+                f"""\
+                [databases]
+                * = host={parts.hostname or "127.0.0.1"} port={parts.port or 5432}
+                [pgbouncer]
+                listen_addr = 127.0.0.1
+                listen_port = {self.port}
+                unix_socket_dir =
+                auth_type = trust
+                auth_file = {folder / "users.txt"}
+                pool_mode = transaction
+                default_pool_size = 4
+                max_client_conn = 500
+                logfile = {folder / "pgbouncer.log"}
+                pidfile = {folder / "pgbouncer.pid"}
+                """
+            )
         )
-    )
-    command = [binary, str(folder / "pgbouncer.ini")]
-    if os.geteuid() == 0:
-        # PgBouncer refuses to run as root; it switches to this user itself.
-        folder.chmod(0o777)
-        for path in folder.iterdir():
-            path.chmod(0o666)
-        command[1:1] = ["-u", "postgres"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+        self.command = [binary, str(folder / "pgbouncer.ini")]
+        if os.geteuid() == 0:
+            # PgBouncer refuses to run as root; it switches to this user itself.
+            folder.chmod(0o777)
+            for path in folder.iterdir():
+                path.chmod(0o666)
+            self.command[1:1] = ["-u", "postgres"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        process = self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while True:
             if process.poll() is not None:
                 error = process.stderr.read().decode() if process.stderr else ""
                 raise AssertionError(f"pgbouncer exited: {error}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
             assert time.monotonic() < deadline, "pgbouncer did not start listening"
             time.sleep(0.05)
-        yield parts._replace(
-            netloc=f"{parts.username + '@' if parts.username else ''}127.0.0.1:{port}"
-        ).geturl()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # at once: clients see their connections drop, as in an outage
+            self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_pgbouncer(database_url: str) -> Iterator[PgBouncer]:
+    """A started `PgBouncer` in front of `database_url`'s server (its `.url` names the same
+    database through it). Needs the `pgbouncer` binary (Debian package; .ci/run installs it)."""
+    binary = shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if binary is None:
+        _unavailable("PgBouncer", "PATH or /usr/sbin", "no pgbouncer binary", "apt-get install pgbouncer")
+    assert binary is not None
+    # Its own folder under /tmp: as root, PgBouncer runs as `postgres`, which cannot enter pytest's.
+    with tempfile.TemporaryDirectory(prefix="lp-pgbouncer-") as name:
+        bouncer = PgBouncer(binary, Path(name), database_url)
+        bouncer.start()
+        try:
+            yield bouncer
+        finally:
+            bouncer.stop()

@@ -24,8 +24,8 @@ SESSIONS = "/v1/liveness/sessions"
 
 @pytest.fixture
 def through_pgbouncer() -> Iterator[str]:
-    with scratch_postgres() as direct, running_pgbouncer(direct) as pooled:
-        yield pooled
+    with scratch_postgres() as direct, running_pgbouncer(direct) as bouncer:
+        yield bouncer.url
 
 
 async def _flow(proxy: ProxyHarness, flows: int) -> list[int]:
@@ -79,3 +79,44 @@ def test_without_the_setting_prepared_statements_break_behind_pgbouncer(
         statuses = asyncio.run(_flow(proxy, 40))
         assert statuses != [200, 201, 200] * 40
         assert "PreparedStatement" in proxy.log_text() or "prepared statement" in proxy.log_text()
+
+
+def test_a_database_outage_is_a_503_and_recovers_by_itself(
+    make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
+) -> None:
+    # PgBouncer stands in for the database server here: stopping it makes PostgreSQL unreachable
+    # for this proxy only, and starting it again on the same port brings it back.
+    with scratch_postgres() as direct, running_pgbouncer(direct) as bouncer:
+        overrides = {
+            "LIVENESS_PROXY_DATABASE_URL": bouncer.url,
+            "LIVENESS_PROXY_DATABASE_PGBOUNCER": True,
+            # Alice's key and her session's owner are then cached: her read reaches Cynopsis
+            # without the database, and only its audit record cannot be written.
+            "LIVENESS_PROXY_API_KEY_CACHE_SECONDS": 60,
+        }
+        with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as http:
+            session_id = proxy.create_session(http)
+            assert http.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth()).status_code == 200
+            reads_before = proxy.upstream_paths().count(f"/service/liveness-v2/liveness_result/{session_id}")
+            bouncer.stop()
+            answers = [
+                http.post(SESSION_TOKEN, headers=proxy.auth()),
+                http.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth()),
+                # Bob's key must be looked up (the test proxy caches no key): no key is let in unchecked.
+                http.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth(proxy.keys.bob)),
+            ]
+            for answer in answers:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["content-type"] == "application/problem+json"
+                assert answer.json()["request_id"] == answer.headers["x-request-id"]
+            # The upstream answered Alice, but an answer without its audit record is never sent.
+            reads = proxy.upstream_paths().count(f"/service/liveness-v2/liveness_result/{session_id}")
+            assert reads == reads_before + 1
+            assert '"event":"audit_unavailable"' in proxy.log_text().replace(" ", "")
+            ready = http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["store"].startswith("failed")
+            assert http.get("/healthz").status_code == 200
+            bouncer.start()
+            assert http.get(f"{SESSIONS}/{session_id}/result", headers=proxy.auth()).status_code == 200
+            assert http.get("/readyz").status_code == 200

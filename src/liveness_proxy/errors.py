@@ -16,6 +16,7 @@ The tree:
         ├── RateLimited               429  (+ Retry-After; the body names the limit)
         ├── InternalError             500  a bug: the caller sees only the request id
         ├── ServiceUnavailable        503  (+ Retry-After) readiness, overload
+        ├── StoreUnavailable          503  (+ Retry-After) the database cannot be reached
         └── UpstreamError             the Cynopsis API failed us
             ├── UpstreamTimeout       504
             ├── UpstreamUnavailable   502  refused, reset, 5xx
@@ -155,6 +156,18 @@ class ServiceUnavailable(ProblemError):
             {"Retry-After": str(max(1, retry_after_seconds))} if retry_after_seconds is not None else None
         )
         super().__init__(detail, headers=headers)
+
+
+class StoreUnavailable(ProblemError):
+    """The database did not answer: nothing can be authenticated, bound or recorded, so nothing is
+    answered but this (an answer the audit log does not hold is never sent)."""
+
+    status = 503
+    slug = "store-unavailable"
+    title = "Store unavailable"
+
+    def __init__(self, detail: str = "The proxy's database cannot be reached; retry shortly.") -> None:
+        super().__init__(detail, headers={"Retry-After": "5"})
 
 
 class UpstreamError(ProblemError):

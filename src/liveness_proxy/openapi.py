@@ -52,7 +52,8 @@ def _upstream_errors() -> dict[str, Any]:
         "500": _problem("Internal error."),
         "502": _problem("The liveness service failed or answered something unusable."),
         "503": _problem(
-            "No upstream access token can be obtained right now, or too many upstream calls are in flight.",
+            "No upstream access token can be obtained right now, too many upstream calls are in "
+            "flight, or the proxy's database cannot be reached.",
             retry_after=True,
         ),
         "504": _problem("The liveness service did not answer in time."),

@@ -28,6 +28,7 @@ from liveness_proxy.errors import (
     PayloadTooLarge,
     ProblemError,
     ServiceUnavailable,
+    StoreUnavailable,
     UnprocessableContent,
     UnsupportedMediaType,
     UpstreamError,
@@ -37,7 +38,13 @@ from liveness_proxy.errors import (
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.privacy import derived_pass, is_terminal
 from liveness_proxy.runtime import Runtime
-from liveness_proxy.store import AuditRecord, SessionAlreadyBound, SessionOwner, SessionVerdict
+from liveness_proxy.store import (
+    AuditRecord,
+    SessionAlreadyBound,
+    SessionOwner,
+    SessionVerdict,
+    is_store_outage,
+)
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9.+-]*\+)?json", re.IGNORECASE)
@@ -238,7 +245,7 @@ class LivenessApi:
         except ProblemError as error:
             if isinstance(error, UpstreamError) and error.upstream_status is not None:
                 audit.upstream_status = error.upstream_status
-            await self._append_audit(rt, request, audit, error.response_status(), error.slug)
+            await self._append_audit_best_effort(rt, request, audit, error.response_status(), error.slug)
             raise
         except ClientDisconnect:
             # The caller went away mid-body: nothing was forwarded. 499, as nginx records it.
@@ -249,12 +256,41 @@ class LivenessApi:
             # the record is queued before the first wait, and closing the audit log writes it.
             await self._append_audit(rt, request, audit, 499, "cancelled")
             raise
-        except Exception:
-            # A bug or a failing store: still one record (if the store takes it), then a 500.
+        except Exception as exc:
+            if is_store_outage(exc):
+                # The database is unreachable: a 503 the caller can retry, not a 500 (a bug). Its
+                # record is attempted like any other, and is lost only if the store still is.
+                outage = StoreUnavailable()
+                await self._append_audit_best_effort(rt, request, audit, outage.status, outage.slug)
+                raise outage from None
+            # A bug: still one record (if the store takes it), then a 500.
             await self._append_audit(rt, request, audit, 500, "internal-error")
             raise
-        await self._append_audit(rt, request, audit, response.status_code, None)
+        try:
+            await self._append_audit(rt, request, audit, response.status_code, None)
+        except Exception as exc:
+            if not is_store_outage(exc):
+                raise
+            # The answer is ready but its record cannot be written: it is not sent.
+            rt.logger.error(  # noqa: TRY400 - the reason is the class name; no traceback in logs
+                "audit_unavailable", reason=type(exc).__name__, status=response.status_code
+            )
+            raise StoreUnavailable() from None
         return response
+
+    async def _append_audit_best_effort(
+        self, rt: Runtime, request: Request, audit: AuditContext, status: int, problem: str
+    ) -> None:
+        """For error answers only: the caller is told of the failure even when it cannot be
+        recorded (a refusal acknowledges nothing); the log says so."""
+        try:
+            await self._append_audit(rt, request, audit, status, problem)
+        except Exception as exc:
+            if not is_store_outage(exc):
+                raise
+            rt.logger.error(  # noqa: TRY400 - the reason is the class name; no traceback in logs
+                "audit_unavailable", reason=type(exc).__name__, status=status
+            )
 
     @staticmethod
     async def _append_audit(

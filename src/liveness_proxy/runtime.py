@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,14 +93,22 @@ def create_redis(settings: Settings) -> aioredis.Redis | None:
     if not settings.redis_url:
         return None
     timeout = settings.liveness_proxy_redis_timeout_seconds
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        # Bounded: asyncio Redis takes one connection per command in flight, so an unbounded pool
+        # grows with concurrency (54 connections at 64 concurrent requests, measured). Past the
+        # bound a command waits for a free connection, up to the timeout.
+        max_connections=settings.liveness_proxy_redis_max_connections,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         # One immediate retry covers a dropped idle connection; redis-py's default (several retries
         # with growing pauses) would hold every request for seconds while Redis is down.
         retry=Retry(NoBackoff(), 1),
+        # Shown by CLIENT LIST: which process holds which connection.
+        client_name=f"liveness-proxy:{os.getpid()}",
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: closing it closes both
 
 
 def token_cipher(settings: Settings) -> TokenCipher:

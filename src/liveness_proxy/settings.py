@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     liveness_proxy_redis_url_file: Path | None = None
     liveness_proxy_redis_key_prefix: str = Field(default="liveness-proxy:", min_length=1, max_length=128)
     liveness_proxy_redis_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    liveness_proxy_redis_max_connections: int = Field(default=32, ge=1, le=10000)
     liveness_proxy_token_cache_key: SecretStr = SecretStr("")
     liveness_proxy_token_cache_key_file: Path | None = None
 

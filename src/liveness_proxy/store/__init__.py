@@ -10,7 +10,14 @@ from liveness_proxy.store.audit import (
     ChainVerdict,
     PurgeResult,
 )
-from liveness_proxy.store.database import create_engine, current_revision, ping, upgrade_database
+from liveness_proxy.store.database import (
+    PoolOptions,
+    create_engine,
+    current_revision,
+    is_store_outage,
+    ping,
+    upgrade_database,
+)
 from liveness_proxy.store.repositories import (
     ApiKeyStore,
     SessionAlreadyBound,
@@ -29,6 +36,7 @@ __all__ = [
     "AuditRecord",
     "ChainProblem",
     "ChainVerdict",
+    "PoolOptions",
     "PurgeResult",
     "SessionAlreadyBound",
     "SessionOwner",
@@ -37,6 +45,7 @@ __all__ = [
     "StoredApiKey",
     "create_engine",
     "current_revision",
+    "is_store_outage",
     "ping",
     "upgrade_database",
 ]

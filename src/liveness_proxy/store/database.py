@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -40,12 +43,15 @@ def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions |
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
         return engine
     connect_args: dict[str, Any] = {}
-    if options.pgbouncer and database_url.startswith("postgresql+asyncpg"):
-        connect_args = {
-            "statement_cache_size": 0,
-            "prepared_statement_cache_size": 0,
-            "prepared_statement_name_func": _unique_statement_name,
-        }
+    if database_url.startswith("postgresql+asyncpg"):
+        # Shown in pg_stat_activity: which process holds which connection.
+        connect_args["server_settings"] = {"application_name": f"liveness-proxy:{os.getpid()}"}
+        if options.pgbouncer:
+            connect_args |= {
+                "statement_cache_size": 0,
+                "prepared_statement_cache_size": 0,
+                "prepared_statement_name_func": _unique_statement_name,
+            }
     return create_async_engine(
         database_url,
         pool_size=options.size,
@@ -55,6 +61,14 @@ def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions |
         pool_pre_ping=True,
         connect_args=connect_args,
     )
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached or lost the connection (as opposed to
+    a bug or a constraint violation): refused or dropped connections, pool and connect timeouts."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout | OSError | TimeoutError)
 
 
 def _unique_statement_name() -> str:
