@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
+from services import shared_backend
 from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, TEST_PEPPER, ServerThread, subprocess_env
 
 COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
@@ -105,6 +106,21 @@ def test_check_fails_on_wrong_credentials(env: dict[str, str]) -> None:
     assert result.returncode == 1
     assert "invalid_client" in result.stdout
     assert "wrong-secret-value" not in result.stdout + result.stderr
+
+
+def test_check_on_postgresql_and_redis_reports_both(env: dict[str, str]) -> None:
+    with shared_backend() as overrides:
+        result = run({**env, **overrides}, "db", "upgrade")
+        assert result.returncode == 0, result.stderr
+        result = run({**env, **overrides}, "check")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "schema revision 0004" in result.stdout
+        assert "redis: reachable" in result.stdout
+    result = run({**env, "LIVENESS_PROXY_REDIS_URL": "redis://:hidden-redis-password@127.0.0.1:1/0"}, "check")
+    assert result.returncode == 1
+    assert "redis: FAILED (ConnectionError" in result.stdout
+    assert "LIVENESS_PROXY_REDIS_URL=redis://:***@127.0.0.1:1/0" in result.stdout
+    assert "hidden-redis-password" not in result.stdout + result.stderr
 
 
 def test_db_upgrade_creates_the_schema(env: dict[str, str], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import new_api_key
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.runtime import token_fetcher
+from liveness_proxy.runtime import create_redis, token_fetcher
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -224,6 +224,16 @@ async def _check_live(settings: Settings) -> int:
         except Exception as exc:
             print(f"database: FAILED ({type(exc).__name__})")
             ok = False
+    redis = create_redis(settings)
+    if redis is not None:
+        try:
+            await redis.ping()
+            print("redis: reachable (token and limits shared across processes)")
+        except Exception as exc:
+            print(f"redis: FAILED ({type(exc).__name__}; the proxy would run degraded, per process)")
+            ok = False
+        finally:
+            await redis.aclose()
     async with create_http_session(
         max_connections=4,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
