@@ -199,7 +199,7 @@ def test_three_replicas_share_ownership_limits_and_one_token(
         replicas=3,
         LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION=f"{limit}/minute",
     ) as fleet:
-        # Three replicas starting at once (each checks its readiness with a token) ask once.
+        # Three replicas, each of which needed a token to become ready, asked for one in all.
         assert fleet.sandbox.token_requests == 1
 
         # A session created on replica 0 belongs to alice on every replica, and only to her.

@@ -100,14 +100,42 @@ async def store_factory(backend: tuple[str, str]) -> AsyncIterator[Callable[[], 
         await close()
 
 
+_OPEN_MANAGERS: list[TokenManager] = []
+
+
 def manager(store: TokenStore, fetcher: CountingFetcher, **policy: float) -> TokenManager:
     failures: list[str] = []
-    return TokenManager(
+    made = TokenManager(
         fetcher,
         refresh_margin=lambda lifetime: min(300.0, lifetime / 3),
         failure_backoff_seconds=policy.pop("backoff", 2.0),
         shared=SharedTokenPolicy(store=store, unavailable=failures.append, **policy),
     )
+    _OPEN_MANAGERS.append(made)
+    return made
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[Callable[..., aioredis.Redis]]:
+    """Opens Redis clients for a test and closes them afterwards, whether it passed or not."""
+    opened: list[aioredis.Redis] = []
+
+    def open_client(url: str, *, timeout: float | None = None) -> aioredis.Redis:
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def _close_managers() -> AsyncIterator[None]:
+    """No background refresh outlives its test (and its event loop)."""
+    yield
+    while _OPEN_MANAGERS:
+        await _OPEN_MANAGERS.pop().close()
 
 
 # -- the cipher ---------------------------------------------------------------------------------
@@ -157,16 +185,18 @@ async def test_the_token_is_stored_sealed_and_shared(store_factory: Callable[[],
     assert 1.0 < await second.backoff_remaining() <= 1.5
 
 
-async def test_redis_holds_the_token_only_sealed() -> None:
+async def test_redis_holds_the_token_only_sealed(redis_client: Callable[..., aioredis.Redis]) -> None:
     with scratch_redis() as (url, prefix):
-        client = aioredis.Redis.from_url(url)
+        client = redis_client(url)
         store = RedisTokenStore(client, key_prefix=prefix, cipher=TokenCipher(SECRET, context=CONTEXT))
         await store.save(SharedToken("sbx_plain-token-123", expires_at=time.time() + 60, refresh_at=0))
-        raw = await client.get(f"{prefix}upstream-token")
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        assert len(keys) == 1
+        assert keys[0].startswith(f"{prefix}upstream-token:".encode())  # then the account's hash
+        raw = await client.get(keys[0])
         assert raw is not None
         assert b"sbx_plain-token-123" not in raw
-        assert 0 < await client.pttl(f"{prefix}upstream-token") <= 60_000  # gone when it expires
-        await client.aclose()
+        assert 0 < await client.pttl(keys[0]) <= 60_000  # gone when it expires
 
 
 async def test_the_database_holds_the_token_only_sealed(tmp_path: Path) -> None:
@@ -247,10 +277,10 @@ async def test_a_token_the_upstream_rejected_is_never_taken_back_from_the_store(
     assert fetcher.calls == 2
 
 
-async def test_a_refresh_due_everywhere_is_made_once() -> None:
+async def test_a_refresh_due_everywhere_is_made_once(redis_client: Callable[..., aioredis.Redis]) -> None:
     with scratch_redis() as (url, prefix):
         cipher = TokenCipher(SECRET, context=CONTEXT)
-        clients = [aioredis.Redis.from_url(url) for _ in range(3)]
+        clients = [redis_client(url) for _ in range(3)]
         stores = [RedisTokenStore(c, key_prefix=prefix, cipher=cipher) for c in clients]
         # Lifetime 1.5 s: due for refresh after 1 s (a third is the margin).
         fetcher = CountingFetcher(lifetime=1.5, delay=0.05)
@@ -266,15 +296,15 @@ async def test_a_refresh_due_everywhere_is_made_once() -> None:
         values = {(await m.get()).value for m in managers}
         assert fetcher.calls == 2
         assert len(values) == 1
-        for client in clients:
-            await client.aclose()
 
 
 # -- Redis unreachable ----------------------------------------------------------------------------
 
 
-async def test_with_redis_down_each_process_falls_back_to_a_token_of_its_own() -> None:
-    client = aioredis.Redis.from_url(DEAD_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
+async def test_with_redis_down_each_process_falls_back_to_a_token_of_its_own(
+    redis_client: Callable[..., aioredis.Redis],
+) -> None:
+    client = redis_client(DEAD_REDIS_URL, timeout=0.5)
     store = RedisTokenStore(client, key_prefix="x:", cipher=TokenCipher(SECRET, context=CONTEXT))
     with pytest.raises(SharedStateUnavailable) as failure:
         await store.load()
@@ -290,13 +320,14 @@ async def test_with_redis_down_each_process_falls_back_to_a_token_of_its_own() -
     token = await fallback.get()
     assert token.value.startswith("tok-1-")
     assert reported == ["redis unavailable (ConnectionError)"]
-    await client.aclose()
 
 
-async def test_limits_in_redis_are_shared_and_fall_back_to_memory_when_redis_is_down() -> None:
+async def test_limits_in_redis_are_shared_and_fall_back_to_memory_when_redis_is_down(
+    redis_client: Callable[..., aioredis.Redis],
+) -> None:
     policy = LimitPolicy(session_token="4/minute", create_session="off", result="off", daily_attempts=3)
     with scratch_redis() as (url, prefix):
-        clients = [aioredis.Redis.from_url(url) for _ in range(2)]
+        clients = [redis_client(url) for _ in range(2)]
         replicas = [SubjectLimits(policy, shared=redis_limit_storage(c, key_prefix=prefix)) for c in clients]
         outcomes = []
         for attempt in range(8):
@@ -310,10 +341,8 @@ async def test_limits_in_redis_are_shared_and_fall_back_to_memory_when_redis_is_
             await replicas[attempt % 2].consume_attempt("alice")
         with pytest.raises(RateLimited):
             await replicas[1].consume_attempt("alice")
-        for client in clients:
-            await client.aclose()
 
-    dead = aioredis.Redis.from_url(DEAD_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
+    dead = redis_client(DEAD_REDIS_URL, timeout=0.5)
     reported: list[str] = []
     alone = SubjectLimits(
         policy, shared=redis_limit_storage(dead, key_prefix="x:"), on_storage_failure=reported.append
@@ -324,7 +353,6 @@ async def test_limits_in_redis_are_shared_and_fall_back_to_memory_when_redis_is_
         await alone.check("session_token", "bob")
     assert not alone.shared
     assert reported == ["rate-limit storage unavailable (StorageError)"]  # once per failover period
-    await dead.aclose()
 
 
 @pytest.fixture
@@ -354,3 +382,91 @@ async def test_a_proxy_whose_redis_is_down_serves_and_reports_degraded_readiness
     assert 'liveness_proxy_shared_state_failures_total{component="rate_limits"} 1.0' in metrics
     assert 'liveness_proxy_shared_state_failures_total{component="token_cache"} 1.0' in metrics
     assert "shared_state_unavailable" in proxy.log_text()
+
+
+class InvalidatingStore:
+    """A real store, plus a hook that runs while a refresh is between its reads: the moment a
+    caller's request comes back 401 in production."""
+
+    def __init__(self, store: TokenStore, on_lease: Callable[[], None]) -> None:
+        self._store = store
+        self._on_lease = on_lease
+        self.kind = store.kind
+
+    async def load(self) -> SharedToken | None:
+        return await self._store.load()
+
+    async def save(self, token: SharedToken) -> None:
+        await self._store.save(token)
+
+    async def acquire_lease(self, owner: str, ttl_seconds: float) -> bool:
+        self._on_lease()
+        return await self._store.acquire_lease(owner, ttl_seconds)
+
+    async def renew_lease(self, owner: str, ttl_seconds: float) -> bool:
+        return await self._store.renew_lease(owner, ttl_seconds)
+
+    async def release_lease(self, owner: str) -> None:
+        await self._store.release_lease(owner)
+
+    async def backoff_remaining(self) -> float:
+        return await self._store.backoff_remaining()
+
+    async def start_backoff(self, seconds: float) -> None:
+        await self._store.start_backoff(seconds)
+
+
+async def test_a_token_rejected_during_a_refresh_is_not_adopted_again(
+    store_factory: Callable[[], TokenStore],
+) -> None:
+    # A due token is in the store and another process holds the lease. While this process's
+    # refresh waits on the store, a request comes back 401 with that very token.
+    due = SharedToken("tok-due", expires_at=time.time() + 60, refresh_at=time.time() - 1)
+    await store_factory().save(due)
+    assert await store_factory().acquire_lease("another-process", 30)
+    holder: list[TokenManager] = []
+
+    def reject_current() -> None:
+        current = holder[0].cached
+        if current is not None:
+            holder[0].invalidate(current)
+
+    fetcher = CountingFetcher()
+    one = manager(
+        InvalidatingStore(store_factory(), reject_current), fetcher, poll_seconds=0.02, wait_seconds=0.5
+    )
+    holder.append(one)
+    one._token = one._local(due)  # what it had been using
+    with pytest.raises(TokenUnavailable):
+        await one._refresh()
+    assert one.cached is None or one.cached.value != "tok-due"
+
+
+async def test_waiting_on_a_lease_that_never_ends_is_bounded_and_not_repeated(
+    store_factory: Callable[[], TokenStore],
+) -> None:
+    assert await store_factory().acquire_lease("a-stuck-process", 60)
+    fetcher = CountingFetcher()
+    waiting = manager(store_factory(), fetcher, wait_seconds=0.3, poll_seconds=0.02)
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailable):
+        await waiting.get()
+    assert 0.3 <= time.monotonic() - started < 2
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailable):
+        await waiting.get()  # answered at once: nobody queues behind the same stuck lease again
+    assert time.monotonic() - started < 0.1
+    assert fetcher.calls == 0
+
+
+async def test_many_requests_failing_over_at_once_report_it_once(
+    redis_client: Callable[..., aioredis.Redis],
+) -> None:
+    policy = LimitPolicy(session_token="100/minute", create_session="off", result="off", daily_attempts=0)
+    dead = redis_client(DEAD_REDIS_URL, timeout=0.5)
+    reported: list[str] = []
+    limits = SubjectLimits(
+        policy, shared=redis_limit_storage(dead, key_prefix="x:"), on_storage_failure=reported.append
+    )
+    await asyncio.gather(*(limits.check("session_token", f"user-{n}") for n in range(20)))
+    assert len(reported) == 1

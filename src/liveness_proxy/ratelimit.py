@@ -171,11 +171,17 @@ class SubjectLimits:
     async def _refuse(
         self, counters: _Counters, name: LimitName, item: limits.RateLimitItem, subject: str
     ) -> None:
-        stats = await counters.window.get_window_stats(item, name, subject)
+        try:
+            stats = await counters.window.get_window_stats(item, name, subject)
+            retry_after = math.ceil(max(0.0, stats.reset_time - time.time()))
+        except _STORAGE_FAILURES:
+            # The storage already said no; failing to learn when the window resets must not turn
+            # that into a yes in a fresh per-process counter. The window length is an upper bound.
+            retry_after = item.get_expiry()
         self._rejected(name)
         raise RateLimited(
             f"Rate limit '{name}' ({self._notation[name]}) exceeded for this caller.",
-            retry_after_seconds=math.ceil(max(0.0, stats.reset_time - time.time())),
+            retry_after_seconds=retry_after,
             limit=name,
         )
 
@@ -195,8 +201,10 @@ class SubjectLimits:
             )
 
     def _failed_over(self, exc: BaseException) -> None:
+        # Requests in flight when the storage failed all land here; only the first reports it.
+        was_up = self._clock() >= self._shared_down_until
         self._shared_down_until = self._clock() + self._failover_seconds
-        if self._on_storage_failure is not None:
+        if was_up and self._on_storage_failure is not None:
             self._on_storage_failure(f"rate-limit storage unavailable ({type(exc).__name__})")
 
     def _rejected(self, name: str) -> None:

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import (
@@ -102,9 +103,10 @@ def create_redis(settings: Settings) -> aioredis.Redis | None:
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        # One immediate retry covers a dropped idle connection; redis-py's default (several retries
+        # One immediate retry on a dropped connection (an idle one the server closed); none on a
+        # timeout, which would double the wait on a hung Redis. redis-py's default (several retries
         # with growing pauses) would hold every request for seconds while Redis is down.
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         # Shown by CLIENT LIST: which process holds which connection.
         client_name=f"liveness-proxy:{os.getpid()}",
     )
@@ -113,11 +115,14 @@ def create_redis(settings: Settings) -> aioredis.Redis | None:
 
 def token_cipher(settings: Settings) -> TokenCipher:
     """Seals the shared token. The key comes from LIVENESS_PROXY_TOKEN_CACHE_KEY, or else from the
-    client secret: every process that may use the token already holds that secret, and whoever can
-    read Redis or the database but not the secret cannot use the token."""
-    secret = (
-        settings.liveness_proxy_token_cache_key.get_secret_value()
-        or settings.cynopsis_client_secret.get_secret_value()
+    API-key pepper and the client secret together: every process holds both already, and the
+    pepper (at least 32 random characters, checked at start-up) keeps a sealed token read from
+    Redis or the database from becoming an offline test of guesses at the client secret."""
+    secret = settings.liveness_proxy_token_cache_key.get_secret_value() or "\0".join(
+        (
+            settings.liveness_proxy_api_key_pepper.get_secret_value(),
+            settings.cynopsis_client_secret.get_secret_value(),
+        )
     )
     context = "\n".join(
         (settings.cynopsis_token_url, settings.cynopsis_client_id, settings.cynopsis_domain_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -70,6 +71,8 @@ class TokenCipher:
         ).derive(secret)
         self._aead = AESGCM(key)
         self._context = context.encode()
+        # Names the upstream account in store keys without revealing it.
+        self.account = hashlib.sha256(self._context).hexdigest()[:16]
 
     def seal(self, token: SharedToken) -> str:
         nonce = os.urandom(_NONCE_BYTES)
@@ -80,10 +83,10 @@ class TokenCipher:
     def open(self, sealed: str | bytes) -> SharedToken | None:
         """The token, or None for anything that does not open (another key, tampering, garbage):
         the caller then fetches a new one and overwrites it."""
-        text = sealed.decode() if isinstance(sealed, bytes) else sealed
-        if not text.startswith(_SEALED_PREFIX):
-            return None
         try:
+            text = sealed.decode() if isinstance(sealed, bytes) else sealed
+            if not text.startswith(_SEALED_PREFIX):
+                return None
             raw = base64.urlsafe_b64decode(text.removeprefix(_SEALED_PREFIX))
             plain = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._context)
             payload = orjson.loads(plain)
@@ -144,9 +147,12 @@ class RedisTokenStore:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
-        self._token_key = f"{key_prefix}upstream-token"
-        self._lease_key = f"{key_prefix}upstream-token:lease"
-        self._backoff_key = f"{key_prefix}upstream-token:backoff"
+        # Per upstream account: two deployments for different Cynopsis accounts that share a Redis
+        # and a prefix neither overwrite each other's token nor share a lease or a backoff.
+        base = f"{key_prefix}upstream-token:{cipher.account}"
+        self._token_key = base
+        self._lease_key = f"{base}:lease"
+        self._backoff_key = f"{base}:backoff"
         self._cipher = cipher
         self._wall_clock = wall_clock
         self._renew = client.register_script(_RENEW_LEASE)
@@ -198,7 +204,7 @@ class RedisTokenStore:
 class DatabaseTokenStore:
     """The same primitives on one row of the `upstream_token` table, for deployments without Redis
     (`serve --workers N` on SQLite, or replicas sharing PostgreSQL). Each primitive is one
-    conditional UPDATE, atomic on both engines; lease times are the processes' wall clocks."""
+    conditional UPDATE, atomic on both engines."""
 
     kind = "database"
 
@@ -208,6 +214,13 @@ class DatabaseTokenStore:
         self._engine = engine
         self._cipher = cipher
         self._wall_clock = wall_clock
+
+    def _lease_clock(self) -> Any:
+        """Lease times: PostgreSQL's own clock, so that replicas whose clocks disagree still agree
+        on when a lease lapses; on SQLite every process is on one machine and one clock."""
+        if self._engine.dialect.name == "postgresql":
+            return func.extract("epoch", func.clock_timestamp())
+        return time.time()
 
     async def load(self) -> SharedToken | None:
         row = await self._read()
@@ -223,7 +236,7 @@ class DatabaseTokenStore:
         )
 
     async def acquire_lease(self, owner: str, ttl_seconds: float) -> bool:
-        now = self._wall_clock()
+        now = self._lease_clock()
         lease = upstream_token.c
         return await self._update(
             update(upstream_token)
@@ -238,7 +251,7 @@ class DatabaseTokenStore:
         return await self._update(
             update(upstream_token)
             .where(upstream_token.c.id == TOKEN_ROW_ID, upstream_token.c.lease_owner == owner)
-            .values(lease_until=self._wall_clock() + ttl_seconds)
+            .values(lease_until=self._lease_clock() + ttl_seconds)
         )
 
     async def release_lease(self, owner: str) -> None:

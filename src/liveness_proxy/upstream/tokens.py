@@ -269,12 +269,15 @@ class TokenManager:
         """The fleet-wide single flight: take the token another process stored, or hold the lease
         and fetch one for everybody; see upstream/token_store.py."""
         store = shared.store
-        deadline = self._clock() + shared.wait_seconds
+        # A real stopwatch: `_clock` may be a test's manual clock that stands still.
+        deadline = time.monotonic() + shared.wait_seconds
         while True:
             stored = self._adoptable(await store.load())
             if stored is not None and self._wall_clock() < stored.refresh_at:
                 return self._keep(self._local(stored))
             backoff = await store.backoff_remaining()
+            # Checked again after every wait: the upstream may have rejected it meanwhile.
+            stored = self._adoptable(stored)
             if backoff > 0:
                 # Another process's token request failed a moment ago: nobody asks again before
                 # the pause ends; a still-valid token keeps serving meanwhile.
@@ -292,11 +295,16 @@ class TokenManager:
                 finally:
                     with contextlib.suppress(SharedStateUnavailable):
                         await store.release_lease(self._lease_owner)
+            stored = self._adoptable(stored)
             if stored is not None:
                 # Another process holds the lease and is refreshing: keep the still-valid token
                 # and look again shortly for the new one.
                 return self._keep(self._local(stored, recheck_seconds=shared.recheck_seconds))
-            if self._clock() >= deadline:
+            if time.monotonic() >= deadline:
+                # The lease holder neither stored a token nor let its lease lapse in time: treated
+                # like a failed attempt, so later callers are answered at once, not kept waiting.
+                self._failed_until = self._clock() + 1
+                self._degraded = True
                 raise TokenUnavailable(
                     "The upstream access token cannot be obtained right now.", retry_after_seconds=1
                 )
@@ -315,6 +323,7 @@ class TokenManager:
         except TokenUnavailable:
             with contextlib.suppress(SharedStateUnavailable):
                 await store.start_backoff(self._failure_backoff)
+            stored = self._adoptable(stored)
             if stored is not None:
                 # Due but not expired: it keeps serving (fleet-wide) until the pause is over.
                 return self._keep(self._local(stored, recheck_seconds=self._failure_backoff))
