@@ -177,7 +177,11 @@ def build_openapi() -> dict[str, Any]:
                     "summary": "The store is reachable and an upstream access token is cached or obtainable.",
                     "security": [],
                     "responses": {
-                        "200": _ok("Ready.", "Readiness"),
+                        "200": _ok(
+                            "Ready (`degraded` while Redis is unreachable: still serving, with "
+                            "per-process limits).",
+                            "Readiness",
+                        ),
                         "503": _problem("Not ready; `checks` names what failed.", retry_after=True),
                     },
                 }

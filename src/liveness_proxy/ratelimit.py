@@ -135,6 +135,8 @@ class SubjectLimits:
             return
         shared = self._shared
         if shared is not None and self._clock() >= self._shared_down_until:
+            # If the storage fails between two limits' counts, the request is counted again in
+            # memory: over-counting once, at the moment of failure, never under-counting.
             try:
                 await self._check(shared, name, subject)
             except _STORAGE_FAILURES as exc:

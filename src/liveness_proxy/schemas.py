@@ -6,7 +6,7 @@ we rely on and allow the rest through.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -92,7 +92,9 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str
+    """`degraded`: ready, but Redis is unreachable, so limits and the token are per process."""
+
+    status: Literal["ready", "degraded"]
     checks: dict[str, str]
 
 
