@@ -31,8 +31,9 @@ from test_cli import COMMAND, free_port, run
 
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"
-# Short enough that a test can wait for a token to expire; the refresh margin is then 1 s.
-TOKEN_LIFETIME_SECONDS = 3
+# Short enough that a test can wait for a token to expire; with a refresh margin of 1 s a burst has
+# 4 s (on a loaded 2-core CI machine) before a background refresh could add a second token request.
+TOKEN_LIFETIME_SECONDS = 5
 
 
 @dataclass
@@ -74,15 +75,15 @@ def _start_serve(
     return process, f"http://127.0.0.1:{port}"
 
 
-def _wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
+def _wait_listening(process: subprocess.Popen[bytes], url: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert process.poll() is None, f"serve at {url} exited during start-up"
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         time.sleep(0.05)
-    raise AssertionError(f"serve at {url} did not become ready")
+    raise AssertionError(f"serve at {url} did not start")
 
 
 @contextlib.contextmanager
@@ -133,8 +134,13 @@ def running_fleet(
                 log_files=log_files,
                 keys=keys,
             )
+            # Every replica up first, then each one's readiness (which needs a token) in a row, so
+            # that all of them ask for their first token within moments of each other.
             for process, url in started:
-                _wait_ready(process, url)
+                _wait_listening(process, url)
+            for _, url in started:
+                ready = httpx.get(f"{url}/readyz", timeout=10)
+                assert ready.status_code == 200, ready.text
             yield fleet
     finally:
         if fleet is not None:
