@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
 
 from liveness_proxy.app import create_app
-from liveness_proxy.auth import new_api_key
+from liveness_proxy.auth import IssuedApiKey, new_api_key
 from liveness_proxy.routes import LivenessApi
 from liveness_proxy.runtime import Runtime
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
@@ -231,30 +231,55 @@ def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> S
     return settings_from_mapping(values)
 
 
-async def _prepare_database(settings: Settings) -> Keys:
+async def issue_keys(
+    settings: Settings, callers: Sequence[tuple[str, str, list[str]]]
+) -> dict[str, IssuedApiKey]:
+    """Migrates the proxy's database and issues one API key per (label, subject, scopes), in-process
+    (a `keys create` run per key costs a second of start-up each)."""
     engine = create_engine(settings.database_url, pool_size=1)
     pepper = settings.liveness_proxy_api_key_pepper.get_secret_value().encode()
+    made = {}
     try:
         await upgrade_database(engine)
         store = ApiKeyStore(engine)
-        made = {}
-        for label, subject, scopes in (
-            ("alice", "alice", []),
-            ("bob", "bob", []),
-            ("admin", "ops", ["liveness:admin"]),
-            ("revocable", "carol", []),
-        ):
+        for label, subject, scopes in callers:
             issued = new_api_key(pepper=pepper, subject=subject, scopes=scopes, name=label, now=time.time())
             await store.add(issued.stored)
             made[label] = issued
     finally:
         await engine.dispose()
+    return made
+
+
+async def _prepare_database(settings: Settings) -> Keys:
+    made = await issue_keys(
+        settings,
+        [
+            ("alice", "alice", []),
+            ("bob", "bob", []),
+            ("admin", "ops", ["liveness:admin"]),
+            ("revocable", "carol", []),
+        ],
+    )
     return Keys(
         alice=made["alice"].key,
         bob=made["bob"].key,
         admin=made["admin"].key,
         revocable=made["revocable"].key,
         revocable_id=made["revocable"].key_id,
+    )
+
+
+def upstream_sandbox(**config: Any) -> Sandbox:
+    """The sandbox upstream with the credentials every test proxy is configured with."""
+    return Sandbox(
+        SandboxConfig(
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            domain_id=DOMAIN_ID,
+            control_enabled=True,
+            **config,
+        )
     )
 
 
@@ -273,16 +298,7 @@ class Harness:
 
     def __enter__(self) -> ProxyHarness:
         clock = ManualClock()
-        sandbox = Sandbox(
-            SandboxConfig(
-                client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                domain_id=DOMAIN_ID,
-                control_enabled=True,
-                clock=clock,
-                **self.sandbox_config,
-            )
-        )
+        sandbox = upstream_sandbox(clock=clock, **self.sandbox_config)
         sandbox_server = ServerThread(sandbox.app, lifespan="off").start()
         self._servers.append(sandbox_server)
         settings = proxy_settings(sandbox_server.url, self.tmp_path / "proxy.db", **self.proxy_overrides)

@@ -21,12 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from liveness_proxy.auth.api_keys import new_api_key
-from liveness_proxy.sandbox import Sandbox, SandboxConfig
+from liveness_proxy.sandbox import Sandbox
 from liveness_proxy.settings import settings_from_mapping
-from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 from services import shared_backend
-from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, LogScan, ServerThread, subprocess_env
+from support import LogScan, ServerThread, issue_keys, subprocess_env, upstream_sandbox
 from test_cli import COMMAND, free_port, run
 
 SESSION_TOKEN = "/v1/liveness/session-token"
@@ -34,6 +32,7 @@ SESSIONS = "/v1/liveness/sessions"
 # Short enough that a test can wait for a token to expire; with a refresh margin of 1 s a burst has
 # 4 s (on a loaded 2-core CI machine) before a background refresh could add a second token request.
 TOKEN_LIFETIME_SECONDS = 5
+CALLERS = ("alice", "bob", "dave", "admin")
 
 
 @dataclass
@@ -97,15 +96,7 @@ def running_fleet(
     shared: bool = True,
     **settings: str,
 ) -> Iterator[Fleet]:
-    sandbox = Sandbox(
-        SandboxConfig(
-            client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET,
-            domain_id=DOMAIN_ID,
-            token_lifetime_seconds=TOKEN_LIFETIME_SECONDS,
-            control_enabled=True,
-        )
-    )
+    sandbox = upstream_sandbox(token_lifetime_seconds=TOKEN_LIFETIME_SECONDS)
     upstream = ServerThread(sandbox.app, lifespan="off").start()
     backend: contextlib.AbstractContextManager[dict[str, str]] = (
         shared_backend() if shared else contextlib.nullcontext({})
@@ -123,7 +114,10 @@ def running_fleet(
                 **settings,
             }
             env = subprocess_env(upstream.url, tmp_path / "fleet.db", **values)
-            keys = asyncio.run(_issue_keys(env))
+            ours = {name: value for name, value in env.items() if name.startswith(("CYNOPSIS_", "LIVENESS_"))}
+            callers = [(who, who, ["liveness:admin"] if who == "admin" else []) for who in CALLERS]
+            issued = asyncio.run(issue_keys(settings_from_mapping(ours), callers))
+            keys = {who: key.key for who, key in issued.items()}
             log_files = [tmp_path / f"replica-{index}.log" for index in range(replicas)]
             started = [_start_serve(env, log_file, workers) for log_file in log_files]
             fleet = Fleet(
@@ -156,27 +150,6 @@ def running_fleet(
             for log_file in fleet.log_files:
                 log_scan.scan(f"{origin} {log_file.name}", log_file.read_text(errors="replace"))
         upstream.stop()
-
-
-async def _issue_keys(env: dict[str, str]) -> dict[str, str]:
-    """Migrates the database and issues the callers' keys (in-process: four CLI runs cost seconds)."""
-    settings = settings_from_mapping(
-        {k: v for k, v in env.items() if k.startswith(("CYNOPSIS_", "LIVENESS_"))}
-    )
-    pepper = settings.liveness_proxy_api_key_pepper.get_secret_value().encode()
-    engine = create_engine(settings.database_url, pool_size=1)
-    keys = {}
-    try:
-        await upgrade_database(engine)
-        store = ApiKeyStore(engine)
-        for who in ("alice", "bob", "dave", "admin"):
-            scopes = ["liveness:admin"] if who == "admin" else []
-            issued = new_api_key(pepper=pepper, subject=who, scopes=scopes, name=who, now=time.time())
-            await store.add(issued.stored)
-            keys[who] = issued.key
-    finally:
-        await engine.dispose()
-    return keys
 
 
 async def _burst(fleet: Fleet, count: int, who: str) -> list[int]:
