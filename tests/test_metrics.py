@@ -82,7 +82,7 @@ def test_render_shows_every_family_after_one_call_of_each_kind() -> None:
     metrics.token_cache(hit=True)
     metrics.rate_limited("daily_attempts")
     metrics.audit_committed(batch_size=3, seconds=0.004)
-    metrics.upstream_slots(in_flight=2, waiting=1)
+    metrics.watch_upstream_gate(lambda: 2, lambda: 1)
     metrics.upstream_slot_rejected()
 
     body, content_type = metrics.render()

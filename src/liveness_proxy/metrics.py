@@ -225,10 +225,10 @@ class ProxyMetrics:
         self._audit_batch.observe(batch_size)
         self._audit_commit_duration.observe(seconds)
 
-    def upstream_slots(self, in_flight: int, waiting: int) -> None:
-        """The concurrency limiter's state, set whenever it changes."""
-        self._upstream_in_flight.set(in_flight)
-        self._upstream_waiting.set(waiting)
+    def watch_upstream_gate(self, in_flight: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """The concurrency limiter's state, read when the metrics are scraped (nothing per request)."""
+        self._upstream_in_flight.set_function(in_flight)
+        self._upstream_waiting.set_function(waiting)
 
     def upstream_slot_rejected(self) -> None:
         self._upstream_rejected.inc()

@@ -9,11 +9,10 @@ when several replicas must share the counts: `redis_limit_storage`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -161,6 +160,13 @@ class SubjectLimits:
 
     async def _check(self, counters: _Counters, name: LimitName, subject: str) -> None:
         items = self._items[name]
+        if len(items) == 1:
+            # One limit (the usual case): a hit is itself an atomic test-and-count that counts
+            # nothing when it refuses, so the separate test is skipped (half the storage calls, and
+            # half the Redis round trips when the counts are shared).
+            if not await counters.window.hit(items[0], name, subject):
+                await self._refuse(counters, name, items[0], subject)
+            return
         # Test every limit before counting against any, so a request refused by one limit does not
         # use up the others ("100/hour;10/minute": a burst must not drain the hourly budget).
         for item in items:
@@ -217,14 +223,17 @@ class SubjectLimits:
 class UpstreamGate:
     """At most `capacity` upstream calls in flight in this process. Excess callers wait up to
     `wait_seconds` for a slot, then get 503: a traffic spike queues briefly instead of multiplying
-    the load (and the bill) on the customer's Cynopsis quota."""
+    the load (and the bill) on the customer's Cynopsis quota.
+
+    Every liveness request passes through here, so the common case costs no timer and no generator:
+    a free slot is taken at once; only a caller that has to wait arms the timeout. The in-flight and
+    waiting counts are read by the metrics at scrape time, not pushed on every change."""
 
     def __init__(
         self,
         capacity: int,
         *,
         wait_seconds: float,
-        on_change: Callable[[int, int], None] | None = None,
         on_reject: Callable[[], None] | None = None,
     ) -> None:
         self._slots = asyncio.Semaphore(capacity)
@@ -232,7 +241,6 @@ class UpstreamGate:
         self._wait_seconds = wait_seconds
         self._waiting = 0
         self._in_flight = 0
-        self._on_change = on_change
         self._on_reject = on_reject
 
     @property
@@ -243,34 +251,45 @@ class UpstreamGate:
     def waiting(self) -> int:
         return self._waiting
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        self._waiting += 1
-        self._changed()
-        try:
-            async with asyncio.timeout(self._wait_seconds):
-                await self._slots.acquire()
-        except TimeoutError:
-            if self._on_reject is not None:
-                self._on_reject()
-            raise ServiceUnavailable(
-                "Too many liveness calls are in progress; retry shortly.", retry_after_seconds=1
-            ) from None
-        finally:
-            self._waiting -= 1
-            self._changed()
-        self._in_flight += 1
-        self._changed()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self._slots.release()
-            self._changed()
+    def slot(self) -> _GateSlot:
+        """`async with gate.slot(): ...` holds one slot for the duration of the block."""
+        return _GateSlot(self)
 
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change(self._in_flight, self._waiting)
+    async def _acquire(self) -> None:
+        if not self._slots.locked():
+            # Free and nobody queued ahead: the semaphore grants it without suspending.
+            await self._slots.acquire()
+        else:
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(self._wait_seconds):
+                    await self._slots.acquire()
+            except TimeoutError:
+                if self._on_reject is not None:
+                    self._on_reject()
+                raise ServiceUnavailable(
+                    "Too many liveness calls are in progress; retry shortly.", retry_after_seconds=1
+                ) from None
+            finally:
+                self._waiting -= 1
+        self._in_flight += 1
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._slots.release()
+
+
+class _GateSlot:
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: UpstreamGate) -> None:
+        self._gate = gate
+
+    async def __aenter__(self) -> None:
+        await self._gate._acquire()
+
+    async def __aexit__(self, *_exc_info: object) -> None:
+        self._gate._release()
 
 
 def redis_limit_storage(client: aioredis.Redis, *, key_prefix: str) -> RedisStorage:

@@ -251,6 +251,12 @@ async def start_runtime(
         authenticators.append(jwt)
         await jwt.start()  # best effort: a JWKS host that is down now is retried on demand
     authentication = CallerAuthentication(authenticators)
+    upstream_gate = UpstreamGate(
+        settings.liveness_proxy_upstream_concurrency,
+        wait_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds,
+        on_reject=metrics.upstream_slot_rejected,
+    )
+    metrics.watch_upstream_gate(lambda: upstream_gate.in_flight, lambda: upstream_gate.waiting)
     return Runtime(
         settings=settings,
         engine=engine,
@@ -285,12 +291,7 @@ async def start_runtime(
             on_reject=metrics.rate_limited,
             on_storage_failure=shared_state_failed("rate_limits"),
         ),
-        upstream_gate=UpstreamGate(
-            settings.liveness_proxy_upstream_concurrency,
-            wait_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds,
-            on_change=metrics.upstream_slots,
-            on_reject=metrics.upstream_slot_rejected,
-        ),
+        upstream_gate=upstream_gate,
         metrics=metrics,
         jwt=jwt,
         logger=logger,
