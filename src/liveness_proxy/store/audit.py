@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Float, Integer, String, delete, func, insert, select, update
+from sqlalchemy import Float, Insert, Integer, String, Update, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -153,6 +153,30 @@ class PurgeResult:
     anchor_hash: str
 
 
+@dataclass(frozen=True, slots=True)
+class _WriterStatements:
+    """The writer's three statements, built once: SQLAlchemy then reuses their compiled form instead
+    of deriving a cache key for new statement objects on every commit."""
+
+    lock_head: Update
+    insert_records: Insert
+    store_head_hash: Update
+
+    @classmethod
+    def build(cls) -> _WriterStatements:
+        head = audit_chain_head.c
+        return cls(
+            lock_head=update(audit_chain_head)
+            .where(head.id == HEAD_ROW_ID)
+            .values(last_seq=head.last_seq + bindparam("batch_size", type_=Integer))
+            .returning(head.last_seq, head.last_hash),
+            insert_records=insert(audit_records),
+            store_head_hash=update(audit_chain_head)
+            .where(head.id == HEAD_ROW_ID)
+            .values(last_hash=bindparam("new_hash", type_=String)),
+        )
+
+
 @dataclass(slots=True)
 class _Pending:
     values: dict[str, Any]
@@ -178,6 +202,7 @@ class AuditLog:
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._statements = _WriterStatements.build()
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -260,16 +285,11 @@ class AuditLog:
                 )
 
     async def _write_batch(self, batch: list[dict[str, Any]]) -> None:
-        head = audit_chain_head.c
+        statements = self._statements
         async with self._engine.begin() as connection:
             # The lock comes first, the read with it: see the module docstring.
             locked = (
-                await connection.execute(
-                    update(audit_chain_head)
-                    .where(head.id == HEAD_ROW_ID)
-                    .values(last_seq=head.last_seq + len(batch))
-                    .returning(head.last_seq, head.last_hash)
-                )
+                await connection.execute(statements.lock_head, {"batch_size": len(batch)})
             ).one_or_none()
             if locked is None:
                 raise AuditChainMissing("the audit chain head is missing: run `liveness-proxy db upgrade`")
@@ -281,10 +301,8 @@ class AuditLog:
                 row = {**values, "seq": seq, "prev_hash": prev_hash}
                 row["record_hash"] = prev_hash = record_hash(row)
                 rows.append(row)
-            await connection.execute(insert(audit_records), rows)
-            await connection.execute(
-                update(audit_chain_head).where(head.id == HEAD_ROW_ID).values(last_hash=prev_hash)
-            )
+            await connection.execute(statements.insert_records, rows)
+            await connection.execute(statements.store_head_hash, {"new_hash": prev_hash})
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -450,35 +468,65 @@ def _float_bits(value: Any) -> str:
     return struct.pack(">d", number + 0.0).hex()  # + 0.0 turns -0.0 into 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class _ColumnRule:
+    """What a column of `audit_records` accepts, read from the table once (not on every append)."""
+
+    name: str
+    kind: Literal["float", "int", "str"]
+    nullable: bool
+    max_length: int | None
+
+
+def _column_rules() -> tuple[_ColumnRule, ...]:
+    rules = []
+    for name in RECORD_FIELDS:
+        column = audit_records.c[name]
+        kind: Literal["float", "int", "str"]
+        if isinstance(column.type, Float):
+            kind = "float"
+        elif isinstance(column.type, Integer):
+            kind = "int"
+        else:
+            assert isinstance(column.type, String)
+            kind = "str"
+        length = column.type.length if isinstance(column.type, String) else None
+        rules.append(_ColumnRule(name, kind, bool(column.nullable), length))
+    return tuple(rules)
+
+
+_COLUMN_RULES = _column_rules()
+
+
 def _column_values(record: AuditRecord) -> dict[str, Any]:
     """The record as column values, checked against what both engines can store exactly."""
     values: dict[str, Any] = {}
-    for name in RECORD_FIELDS:
+    for rule in _COLUMN_RULES:
+        name = rule.name
         value = getattr(record, name)
-        column = audit_records.c[name]
         if value is None:
-            if not column.nullable:
+            if not rule.nullable:
                 raise ValueError(f"audit record {name}: required")
             values[name] = None
-        elif isinstance(column.type, Float):
+        elif rule.kind == "float":
             _float_bits(value)
             values[name] = float(value) + 0.0
-        elif isinstance(column.type, Integer):
+        elif rule.kind == "int":
             if type(value) is not int or not -_PG_INT4 <= value < _PG_INT4:
                 raise ValueError(f"audit record {name}: expected a 32-bit integer")
             values[name] = value
         else:
-            assert isinstance(column.type, String)
             if type(value) is not str:
                 raise ValueError(f"audit record {name}: expected a string")
-            if column.type.length is not None and len(value) > column.type.length:
-                raise ValueError(f"audit record {name}: longer than {column.type.length} characters")
+            if rule.max_length is not None and len(value) > rule.max_length:
+                raise ValueError(f"audit record {name}: longer than {rule.max_length} characters")
             if "\x00" in value:
                 raise ValueError(f"audit record {name}: contains NUL, which PostgreSQL cannot store")
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                raise ValueError(f"audit record {name}: not valid Unicode") from None
+            if not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError:
+                    raise ValueError(f"audit record {name}: not valid Unicode") from None
             values[name] = value
     return values
 
