@@ -25,24 +25,41 @@ _CREDENTIAL_PATTERNS = re.compile(
     r"|(?i:client_secret)=[^&\s]+"  # a form-encoded client secret
 )
 _MAX_KNOWN_SECRETS = 16
+# Secrets shorter than this are not matched (they would redact ordinary words); no credential shape
+# above is shorter either ("bearer x" is the shortest), so shorter strings are left alone.
+_MIN_SECRET_LENGTH = 8
 
 
 class Redactor:
-    """A structlog processor that scrubs secrets from every value of an event, nested ones too."""
+    """A structlog processor that scrubs secrets from every value of an event, nested ones too.
+
+    Every log line passes through here (one access-log line per request), so the known secrets and
+    the credential shapes are one compiled alternation, rebuilt only when a secret is added, and a
+    string too short to hold any of them is not searched at all."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._static = tuple(secret for secret in secrets if len(secret) >= 8)
+        self._static = tuple(secret for secret in secrets if len(secret) >= _MIN_SECRET_LENGTH)
         # Access tokens rotate: remember the last few so an old one in a late log line is caught.
         self._dynamic: deque[str] = deque(maxlen=_MAX_KNOWN_SECRETS)
+        self._known = self._compile()
 
     def add_secret(self, secret: str) -> None:
-        if len(secret) >= 8:
+        if len(secret) >= _MIN_SECRET_LENGTH and secret not in self._dynamic:
             self._dynamic.append(secret)
+            self._known = self._compile()
+
+    def _compile(self) -> re.Pattern[str] | None:
+        # Longest first, so a secret that contains another is replaced whole.
+        known = sorted({*self._static, *self._dynamic}, key=len, reverse=True)
+        return re.compile("|".join(re.escape(secret) for secret in known)) if known else None
 
     def scrub(self, text: str) -> str:
-        for secret in (*self._static, *self._dynamic):
-            if secret in text:
-                text = text.replace(secret, REDACTED)
+        if len(text) < _MIN_SECRET_LENGTH:
+            return text
+        # Known secrets first, then the shapes: a credential pattern must not swallow the start of
+        # a known secret (stopping at a character it does not allow) and leave the rest readable.
+        if self._known is not None:
+            text = self._known.sub(REDACTED, text)
         return _CREDENTIAL_PATTERNS.sub(REDACTED, text)
 
     def _scrub_value(self, value: Any, depth: int = 0) -> Any:

@@ -6,7 +6,6 @@ of looking a hash up (which would make the stored hash an index an attacker can 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -37,7 +36,9 @@ class IssuedApiKey:
 
 
 def hash_secret(pepper: bytes, secret: str) -> str:
-    return hmac.new(pepper, secret.encode("ascii"), hashlib.sha256).hexdigest()
+    # hmac.digest is the one-shot C path: the same HMAC-SHA256, without building an HMAC object on
+    # every authenticated request.
+    return hmac.digest(pepper, secret.encode("ascii"), "sha256").hex()
 
 
 def looks_like_api_key(credential: str) -> bool:
