@@ -69,19 +69,27 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> Upstream
         raise UpstreamMalformed(
             "The liveness service sent a response that is too large.", upstream_status=response.status
         )
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        total += len(chunk)
-        if total > limit:
-            raise UpstreamMalformed(
-                "The liveness service sent a response that is too large.", upstream_status=response.status
-            )
-        chunks.append(chunk)
+    body: bytes
+    if declared is not None and response.headers.get("Content-Encoding") is None:
+        # The common case: an unencoded body of a declared, acceptable length. aiohttp reads exactly
+        # that many bytes, so one read is as bounded as the loop below, and cheaper.
+        body = await response.read()
+    else:
+        # Chunked or compressed: the size is known only while reading (after decompression).
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            total += len(chunk)
+            if total > limit:
+                raise UpstreamMalformed(
+                    "The liveness service sent a response that is too large.", upstream_status=response.status
+                )
+            chunks.append(chunk)
+        body = b"".join(chunks)
     headers: CIMultiDictProxy[str] = response.headers
     return UpstreamResponse(
         status=response.status,
-        body=b"".join(chunks),
+        body=body,
         content_type=headers.get("Content-Type", "").lower(),
         retry_after=headers.get("Retry-After"),
     )
