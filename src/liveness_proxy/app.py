@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TextIO
 from urllib.parse import urlsplit
 
@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from liveness_proxy.browser import CorsMiddleware, SecurityHeadersMiddleware
 from liveness_proxy.errors import (
@@ -44,13 +45,8 @@ def problem_response(error: ProblemError, request_id: str) -> Response:
     )
 
 
-async def _handle_problem(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProblemError)
-    return problem_response(exc, request_id_of(request.scope))
-
-
-async def _handle_http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+def problem_for_http_exception(exc: HTTPException) -> ProblemError:
+    """The router's own refusals (no such route, wrong method) as problems."""
     error: ProblemError
     if exc.status_code == 404:
         error = NotFound("No such route.")
@@ -59,7 +55,53 @@ async def _handle_http_exception(request: Request, exc: Exception) -> Response:
         error.headers.update(exc.headers or {})
     else:
         error = BadRequest("The request could not be processed.")
-    return problem_response(error, request_id_of(request.scope))
+    return error
+
+
+class Endpoint:
+    """A route handler as a plain ASGI app. Starlette's `request_response` wrapper would add, on every
+    request, an exception-handler lookup and one more `send` wrapper; here a ProblemError simply
+    becomes its problem+json answer."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await self._handler(request)
+        except ProblemError as error:
+            response = problem_response(error, request_id_of(scope))
+        await response(scope, receive, send)
+
+
+class RoutingErrors:
+    """Answers the router's HTTPException (404, 405) as problem+json; innermost, around the router."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except HTTPException as exc:
+            response = problem_response(problem_for_http_exception(exc), request_id_of(scope))
+            await response(scope, receive, send)
+
+
+class ProxyApplication(Starlette):
+    """Starlette with only our middleware around the router. Starlette's default outer
+    ServerErrorMiddleware and inner ExceptionMiddleware each wrap every request and its `send`;
+    RequestContextMiddleware already turns any unhandled exception into a 500 problem, and
+    `Endpoint`/`RoutingErrors` render every other error, so both would be pure overhead."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = RoutingErrors(self.router)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 def create_app(
@@ -70,7 +112,7 @@ def create_app(
     shared_clock: Callable[[], float] | None = None,
     log_stream: TextIO | None = None,
     migrate: bool = False,
-) -> Starlette:
+) -> ProxyApplication:
     """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
     records; `shared_clock` (the wall clock unless given) dates the token shared with other
     processes, so a test can move it with its manual clock; `log_stream` receives the JSON log lines
@@ -117,13 +159,13 @@ def create_app(
             logger.info("stopped")
 
     routes = [
-        Route("/v1/liveness/session-token", api.session_token, methods=["POST"]),
-        Route("/v1/liveness/sessions", api.create_session, methods=["POST"]),
-        Route("/v1/liveness/sessions/{session_id}/result", api.result, methods=["GET"]),
-        Route("/v1/liveness/sessions/{session_id}", api.session_record, methods=["GET"]),
-        Route("/healthz", api.health, methods=["GET"]),
-        Route("/readyz", api.readiness, methods=["GET"]),
-        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/v1/liveness/session-token", Endpoint(api.session_token), methods=["POST"]),
+        Route("/v1/liveness/sessions", Endpoint(api.create_session), methods=["POST"]),
+        Route("/v1/liveness/sessions/{session_id}/result", Endpoint(api.result), methods=["GET"]),
+        Route("/v1/liveness/sessions/{session_id}", Endpoint(api.session_record), methods=["GET"]),
+        Route("/healthz", Endpoint(api.health), methods=["GET"]),
+        Route("/readyz", Endpoint(api.readiness), methods=["GET"]),
+        Route("/openapi.json", Endpoint(api.openapi), methods=["GET"]),
     ]
     if settings.liveness_proxy_metrics_enabled:
         serve_metrics = metrics_endpoint(
@@ -131,8 +173,8 @@ def create_app(
             token=settings.liveness_proxy_metrics_token.get_secret_value(),
             allowed_networks=settings.liveness_proxy_metrics_allowed_networks,
         )
-        routes.append(Route("/metrics", serve_metrics, methods=["GET"]))
-    app = Starlette(
+        routes.append(Route("/metrics", Endpoint(serve_metrics), methods=["GET"]))
+    app = ProxyApplication(
         routes=routes,
         middleware=[
             # Outermost first: security headers land on every answer, even the last-resort 500.
@@ -143,7 +185,6 @@ def create_app(
             Middleware(MetricsMiddleware, metrics=metrics),
             Middleware(CorsMiddleware, origins=settings.liveness_proxy_cors_origins),
         ],
-        exception_handlers={ProblemError: _handle_problem, HTTPException: _handle_http_exception},
         lifespan=lifespan,
     )
     app.state.liveness_api = api
