@@ -30,6 +30,7 @@ from liveness_proxy.errors import (
 from liveness_proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
 from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamObserver
+from liveness_proxy.upstream.http1 import Http1Pool
 from liveness_proxy.upstream.tokens import (
     ClientCredentialsFetcher,
     FetchedToken,
@@ -416,17 +417,20 @@ async def observed_cynopsis(
         observer=token_observer,
     )
     paths = SandboxConfig()
+    endpoints = CynopsisEndpoints(
+        api_base_url=api_base_url or sandbox_url,
+        session_token_path=paths.session_token_path,
+        session_path=paths.session_path,
+        result_path=paths.result_path_prefix + "{session_id}",
+    )
+    liveness_http = Http1Pool(endpoints.origin, max_connections=10, connect_timeout_seconds=0.5)
     client = CynopsisClient(
-        http,
+        liveness_http,
         tokens,
-        endpoints=CynopsisEndpoints(
-            api_base_url=api_base_url or sandbox_url,
-            session_token_path=paths.session_token_path,
-            session_path=paths.session_path,
-            result_path=paths.result_path_prefix + "{session_id}",
-        ),
+        endpoints=endpoints,
         domain_id=DOMAIN_ID,
         max_response_bytes=max_response_bytes,
+        timeout_seconds=0.5,
         observer=upstream_observer,
     )
     try:
@@ -434,6 +438,7 @@ async def observed_cynopsis(
     finally:
         await tokens.close()
         await http.close()
+        await liveness_http.close()
 
 
 @pytest.fixture

@@ -48,13 +48,16 @@ from liveness_proxy.upstream import (
     TokenStore,
     create_http_session,
 )
+from liveness_proxy.upstream.http1 import Http1Pool
+from liveness_proxy.upstream.transport import USER_AGENT
 
 
 @dataclass(slots=True)
 class Runtime:
     settings: Settings
     engine: AsyncEngine
-    http: aiohttp.ClientSession
+    http: aiohttp.ClientSession  # the token endpoint and JWKS: rare calls
+    liveness_http: Http1Pool  # the three liveness calls: every request's path
     tokens: TokenManager
     cynopsis: CynopsisClient
     ownership: SessionOwnership
@@ -83,6 +86,7 @@ class Runtime:
             await self.jwt.close()
         await self.tokens.close()
         await self.http.close()
+        await self.liveness_http.close()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
@@ -207,17 +211,25 @@ async def start_runtime(
             lease_seconds=lease_seconds,
         ),
     )
+    endpoints = CynopsisEndpoints(
+        api_base_url=settings.cynopsis_api_base_url,
+        session_token_path=settings.cynopsis_session_token_path,
+        session_path=settings.cynopsis_session_path,
+        result_path=settings.cynopsis_result_path,
+    )
+    liveness_http = Http1Pool(
+        endpoints.origin,
+        max_connections=settings.cynopsis_max_connections,
+        connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
+        user_agent=USER_AGENT,
+    )
     cynopsis = CynopsisClient(
-        http,
+        liveness_http,
         tokens,
-        endpoints=CynopsisEndpoints(
-            api_base_url=settings.cynopsis_api_base_url,
-            session_token_path=settings.cynopsis_session_token_path,
-            session_path=settings.cynopsis_session_path,
-            result_path=settings.cynopsis_result_path,
-        ),
+        endpoints=endpoints,
         domain_id=settings.cynopsis_domain_id,
         max_response_bytes=settings.cynopsis_max_response_bytes,
+        timeout_seconds=settings.cynopsis_timeout_seconds,
         observer=metrics,
     )
     api_keys = ApiKeyStore(engine)
@@ -261,6 +273,7 @@ async def start_runtime(
         settings=settings,
         engine=engine,
         http=http,
+        liveness_http=liveness_http,
         tokens=tokens,
         cynopsis=cynopsis,
         ownership=SessionOwnership(engine),

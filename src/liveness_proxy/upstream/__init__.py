@@ -1,6 +1,7 @@
 """The Cynopsis side: HTTP transport, access-token management and the three liveness calls."""
 
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamResult
+from liveness_proxy.upstream.http1 import Http1Pool
 from liveness_proxy.upstream.token_store import (
     DatabaseTokenStore,
     RedisTokenStore,
@@ -27,6 +28,7 @@ __all__ = [
     "CynopsisEndpoints",
     "DatabaseTokenStore",
     "FetchedToken",
+    "Http1Pool",
     "RedisTokenStore",
     "SharedStateUnavailable",
     "SharedToken",

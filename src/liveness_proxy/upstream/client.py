@@ -10,18 +10,19 @@ Every HTTP exchange (the retry after a 401 too) is reported to an optional `Upst
 endpoint name, its outcome (the status, or "timeout", "connect_error", "connection_error",
 "malformed") and how long it took.
 
-Nothing is retried here but the single 401 case. aiohttp itself re-sends an idempotent request (our
-GET) once when a pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST
+Nothing is retried here but the single 401 case. The transport (`http1.Http1Pool`) re-sends a GET
+once when a pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST
 that may have reached the upstream is never sent twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+from urllib.parse import quote, urlsplit
 
-import aiohttp
 import orjson
 
 from liveness_proxy.errors import (
@@ -32,13 +33,21 @@ from liveness_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from liveness_proxy.upstream.http1 import (
+    Http1ConnectError,
+    Http1ConnectionError,
+    Http1Pool,
+    ResponseTooLarge,
+)
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
 from liveness_proxy.upstream.transport import (
     UpstreamResponse,
     parse_retry_after,
-    read_bounded,
     upstream_error_code,
 )
+
+# Characters a configured path may keep as they are; anything else is percent-encoded once, here.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
 UpstreamEndpoint = Literal["session_token", "create_session", "result"]
 
@@ -62,19 +71,27 @@ class CynopsisEndpoints:
     session_path: str
     result_path: str  # contains "{session_id}" once
 
-    def url(self, path: str) -> str:
-        return self.api_base_url.rstrip("/") + path
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port] of the liveness API: what one connection pool talks to."""
+        parts = urlsplit(self.api_base_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def target(self, path: str) -> str:
+        """The request target (base URL path + `path`), percent-encoded."""
+        return quote(urlsplit(self.api_base_url).path.rstrip("/") + path, safe=_PATH_SAFE)
 
 
 class CynopsisClient:
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        http: Http1Pool,
         tokens: TokenManager,
         *,
         endpoints: CynopsisEndpoints,
         domain_id: str,
         max_response_bytes: int,
+        timeout_seconds: float,
         observer: UpstreamObserver | None = None,
     ) -> None:
         self._http = http
@@ -82,35 +99,41 @@ class CynopsisClient:
         self._endpoints = endpoints
         self._domain_id = domain_id
         self._max_response_bytes = max_response_bytes
+        self._timeout_seconds = timeout_seconds
         self._observer = observer
-        self._session_token_url = endpoints.url(endpoints.session_token_path)
-        self._session_url = endpoints.url(endpoints.session_path)
+        self._session_token_target = endpoints.target(endpoints.session_token_path)
+        self._session_target = endpoints.target(endpoints.session_path)
+        # The result path around its "{session_id}": the id (validated [A-Za-z0-9_-]) goes in between.
+        before, _, after = endpoints.result_path.partition("{session_id}")
+        self._result_target = (endpoints.target(before), quote(after, safe=_PATH_SAFE))
 
     async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
-        return await self._call("session_token", "POST", self._session_token_url, body, request_id)
+        return await self._call("session_token", "POST", self._session_token_target, body, request_id)
 
     async def create_session(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
-        return await self._call("create_session", "POST", self._session_url, body, request_id)
+        return await self._call("create_session", "POST", self._session_target, body, request_id)
 
     async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
         # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
-        path = self._endpoints.result_path.replace("{session_id}", session_id)
-        return await self._call("result", "GET", self._endpoints.url(path), None, request_id, is_result=True)
+        before, after = self._result_target
+        return await self._call(
+            "result", "GET", before + session_id + after, None, request_id, is_result=True
+        )
 
     async def _call(
         self,
         endpoint: UpstreamEndpoint,
         method: str,
-        url: str,
+        target: str,
         body: bytes | None,
         request_id: str,
         *,
         is_result: bool = False,
     ) -> UpstreamResult:
         token = await self._tokens.get()
-        answer, seconds = await self._send(endpoint, method, url, body, token, request_id)
+        answer, seconds = await self._send(endpoint, method, target, body, token, request_id)
         if answer.status == 401:
             # Counted now: getting a token for the retry may fail, and the retry is an exchange of its own.
             self._observe(endpoint, "401", seconds)
@@ -121,7 +144,7 @@ class CynopsisClient:
             fresh = await self._tokens.get()
             if fresh is token:
                 return self._interpret(answer, is_result=is_result)
-            answer, seconds = await self._send(endpoint, method, url, body, fresh, request_id)
+            answer, seconds = await self._send(endpoint, method, target, body, fresh, request_id)
         # Observed after interpreting: a 2xx whose body is unusable is counted as "malformed".
         outcome = str(answer.status)
         try:
@@ -136,38 +159,55 @@ class CynopsisClient:
         self,
         endpoint: UpstreamEndpoint,
         method: str,
-        url: str,
+        target: str,
         body: bytes | None,
         token: AccessToken,
         request_id: str,
     ) -> tuple[UpstreamResponse, float]:
         """The answer and how long the exchange took; a failed exchange is observed here."""
-        headers = {
-            "Authorization": f"Bearer {token.value}",
-            "X-Domain-Id": self._domain_id,
-            "X-Request-ID": request_id,
-            "Accept": "application/json",
-        }
+        headers = [
+            ("Authorization", f"Bearer {token.value}"),
+            ("X-Domain-Id", self._domain_id),
+            ("X-Request-ID", request_id),
+            ("Accept", "application/json"),
+        ]
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers.append(("Content-Type", "application/json"))
         started = time.perf_counter()
         try:
-            async with self._http.request(
-                method, url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                return await read_bounded(response, self._max_response_bytes), time.perf_counter() - started
+            async with asyncio.timeout(self._timeout_seconds):
+                response = await self._http.request(
+                    method, target, headers, body, max_body_bytes=self._max_response_bytes
+                )
         except TimeoutError:
             self._observe(endpoint, "timeout", time.perf_counter() - started)
             raise UpstreamTimeout("The liveness service did not answer in time.") from None
-        except UpstreamMalformed:  # the body was over the size limit
+        except ResponseTooLarge as exc:
             self._observe(endpoint, "malformed", time.perf_counter() - started)
-            raise
-        except aiohttp.ClientConnectorError:
+            raise UpstreamMalformed(
+                "The liveness service sent a response that is too large.", upstream_status=exc.status
+            ) from None
+        except Http1ConnectError:
             self._observe(endpoint, "connect_error", time.perf_counter() - started)
             raise UpstreamUnavailable("The liveness service could not be reached.") from None
-        except aiohttp.ClientError:
+        except Http1ConnectionError:
             self._observe(endpoint, "connection_error", time.perf_counter() - started)
             raise UpstreamUnavailable("The connection to the liveness service failed.") from None
+        seconds = time.perf_counter() - started
+        encoding = response.header(b"content-encoding")
+        if encoding is not None and encoding.strip().lower() != "identity":
+            # We asked for identity; decoding an unasked-for encoding is where size bombs hide.
+            self._observe(endpoint, "malformed", seconds)
+            raise UpstreamMalformed(
+                "The liveness service sent an encoded response.", upstream_status=response.status
+            )
+        answer = UpstreamResponse(
+            status=response.status,
+            body=response.body,
+            content_type=(response.header(b"content-type") or "").lower(),
+            retry_after=response.header(b"retry-after"),
+        )
+        return answer, seconds
 
     def _observe(self, endpoint: UpstreamEndpoint, outcome: str, seconds: float) -> None:
         if self._observer is not None:

@@ -1,4 +1,5 @@
-"""The one HTTP client session a process uses to talk to Cynopsis, and bounded body reading."""
+"""The aiohttp session a process uses for its rare HTTP calls (the token endpoint, JWKS), bounded body
+reading, and helpers shared with the liveness calls' own transport (`http1`)."""
 
 from __future__ import annotations
 
