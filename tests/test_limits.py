@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -15,7 +16,13 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from liveness_proxy.errors import RateLimited, ServiceUnavailable
-from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, ThrottledMemoryStorage, UpstreamGate
+from liveness_proxy.ratelimit import (
+    LimitPolicy,
+    LocalSlidingWindows,
+    SubjectLimits,
+    ThrottledMemoryStorage,
+    UpstreamGate,
+)
 from liveness_proxy.sandbox import Fault
 from support import ProxyHarness
 
@@ -221,3 +228,27 @@ async def test_the_memory_storage_sweeps_at_most_once_per_interval() -> None:
     assert storage.timer is first_sweep
     await asyncio.sleep(0.02)
     assert await storage.get("key-0") == 0  # expiry is still honoured on read
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_local_windows_count_exactly_like_the_limits_library(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-process counters replace the `limits` memory storage on the hot path: for the same
+    calls at the same instants, both must allow, refuse and report the same."""
+    rng = random.Random(seed)
+    now = [1_000_000.0 + rng.random() * 60]
+    monkeypatch.setattr(time, "time", lambda: now[0])  # the clock `limits` reads
+    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
+    local = LocalSlidingWindows(clock=lambda: now[0], sweep_interval=30)
+    items = [limits_lib.parse("5/second"), limits_lib.parse("7/minute"), limits_lib.parse("3/10 seconds")]
+    for _ in range(600):
+        now[0] += rng.choice([0.0, 0.01, 0.3, 1.7, 4.0, 13.0, 61.0]) * rng.random()
+        item = rng.choice(items)
+        subject = rng.choice(["alice", "bob"])
+        assert await local.test(item, "result", subject) == await reference.test(item, "result", subject)
+        assert await local.hit(item, "result", subject) == await reference.hit(item, "result", subject)
+        ours = await local.get_window_stats(item, "result", subject)
+        theirs = await reference.get_window_stats(item, "result", subject)
+        assert ours.remaining == theirs.remaining
+        assert ours.reset_time == pytest.approx(theirs.reset_time, abs=1e-6)

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import limits
 import limits.errors
@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.util import WindowStats
 
 from liveness_proxy.errors import RateLimited, ServiceUnavailable
 
@@ -69,9 +70,94 @@ class ThrottledMemoryStorage(MemoryStorage):
         await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
 
+class WindowLimiter(Protocol):
+    """What SubjectLimits needs of a sliding-window limiter (the `limits` strategy has this shape)."""
+
+    async def test(self, item: limits.RateLimitItem, *identifiers: str) -> bool: ...
+
+    async def hit(self, item: limits.RateLimitItem, *identifiers: str) -> bool: ...
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *identifiers: str) -> WindowStats: ...
+
+
+class LocalSlidingWindows:
+    """Sliding-window counters in this process's memory, with the arithmetic of `limits`'
+    SlidingWindowCounterRateLimiter (the previous window's count, weighted by how much of it still
+    overlaps the sliding window, plus the current window's count) but without its storage layer.
+
+    Every request is checked here when Redis is not in use, and the stock memory storage cost several
+    awaits, key formatting and expiry bookkeeping per check (profiled: ~7% of a result read). Here a
+    check is one dict lookup. Windows older than the previous one are swept at most once per
+    `sweep_interval`, so memory follows the active subjects.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, sweep_interval: float = 5.0) -> None:
+        self._clock = clock
+        self._sweep_interval = sweep_interval
+        self._next_sweep = -math.inf
+        # (amount, window seconds, identifiers) -> [window index, previous count, current count]
+        self._windows: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
+
+    async def test(self, item: limits.RateLimitItem, *identifiers: str) -> bool:
+        now = self._clock()
+        state = self._windows.get((item.amount, item.get_expiry(), identifiers))
+        return state is None or self._weighted(state, item.get_expiry(), now) < item.amount
+
+    async def hit(self, item: limits.RateLimitItem, *identifiers: str) -> bool:
+        now = self._clock()
+        expiry = item.get_expiry()
+        key = (item.amount, expiry, identifiers)
+        state = self._windows.get(key)
+        if state is None:
+            state = self._windows[key] = [int(now // expiry), 0, 0]
+            if now >= self._next_sweep:
+                self._sweep(now)
+        if math.floor(self._weighted(state, expiry, now)) + 1 > item.amount:
+            return False
+        state[2] += 1
+        return True
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *identifiers: str) -> WindowStats:
+        now = self._clock()
+        expiry = item.get_expiry()
+        state = self._windows.get((item.amount, expiry, identifiers))
+        if state is None:
+            return WindowStats(now, item.amount)
+        weighted = self._weighted(state, expiry, now)
+        remaining = max(0, item.amount - math.floor(weighted))
+        previous, current = state[1], state[2]
+        if not (previous or current):
+            return WindowStats(now, remaining)
+        # As `limits` computes it: when the next unit of the budget comes back.
+        previous_reset_in, current_reset_in = math.inf, math.inf
+        into_window = now % expiry
+        if previous:
+            previous_reset_in = (expiry - into_window) % (expiry / previous)
+        if current:
+            current_reset_in = (2 * expiry - into_window) % expiry
+        return WindowStats(now + min(previous_reset_in, current_reset_in), remaining)
+
+    @staticmethod
+    def _weighted(state: list[int], expiry: int, now: float) -> float:
+        index = int(now // expiry)
+        if state[0] != index:
+            # The window moved on: the current count becomes the previous one (or both lapse).
+            state[1] = state[2] if state[0] == index - 1 else 0
+            state[2] = 0
+            state[0] = index
+        previous_overlap = (expiry - now % expiry) / expiry
+        return state[1] * previous_overlap + state[2]
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self._sweep_interval
+        stale = [key for key, state in self._windows.items() if state[0] < int(now // key[1]) - 1]
+        for key in stale:
+            del self._windows[key]
+
+
 @dataclass(frozen=True, slots=True)
 class _Counters:
-    window: SlidingWindowCounterRateLimiter
+    window: WindowLimiter
     fixed: FixedWindowRateLimiter
 
     @classmethod
@@ -79,6 +165,12 @@ class _Counters:
         # Sliding-window counters: smooth (no burst of 2x at a window edge) and O(1) per key, in
         # memory and in Redis alike. The daily cap is a fixed window keyed by the UTC day.
         return cls(SlidingWindowCounterRateLimiter(storage), FixedWindowRateLimiter(storage))
+
+    @classmethod
+    def local(cls) -> _Counters:
+        # Request limits on the lean in-process counters; the daily cap (checked only when a
+        # session is created) stays on the `limits` memory storage.
+        return cls(LocalSlidingWindows(), FixedWindowRateLimiter(ThrottledMemoryStorage()))
 
 
 # What a shared storage raises when it cannot be reached (`limits` wraps the client's errors).
@@ -105,7 +197,7 @@ class SubjectLimits:
         failover_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._local = _Counters.over(ThrottledMemoryStorage())
+        self._local = _Counters.local()
         self._shared = None if shared is None else _Counters.over(shared)
         self._shared_down_until = -math.inf
         self._failover_seconds = failover_seconds
