@@ -186,8 +186,11 @@ class ProxyMetrics:
         # dashboard sees zeros instead of gaps before the first event.
         for outcome in sorted(TOKEN_REFRESH_OUTCOMES):
             self._token_refreshes.labels(outcome=outcome)
-        for result in ("hit", "miss"):
-            self._token_cache.labels(result=result)
+        self._token_cache_hit = self._token_cache.labels(result="hit")
+        self._token_cache_miss = self._token_cache.labels(result="miss")
+        # Resolved label children of the per-request series (see observe_request).
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._upstream_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         for limit in sorted(RATE_LIMITS):
             self._rate_limited.labels(limit=limit)
         for component in sorted(SHARED_STATE_COMPONENTS):
@@ -199,16 +202,36 @@ class ProxyMetrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """`route` must be a route template (or UNMATCHED_ROUTE), never a raw path."""
-        method_label = _one_of(method, KNOWN_METHODS)
-        self._requests.labels(route=route, method=method_label, status=_status_label(status)).inc()
-        self._request_duration.labels(route=route, method=method_label).observe(seconds)
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            # labels() takes a lock and validates on every call: resolved once per label set (a
+            # bounded number: route templates x known methods x status classes).
+            method_label = _one_of(method, KNOWN_METHODS)
+            series = (
+                self._requests.labels(route=route, method=method_label, status=_status_label(status)),
+                self._request_duration.labels(route=route, method=method_label),
+            )
+            if len(self._request_series) < _MAX_CACHED_SERIES:
+                self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
         """`outcome` is the HTTP status ("200") or an error kind ("timeout", "malformed", ...)."""
-        endpoint_label = _one_of(endpoint, UPSTREAM_ENDPOINTS)
-        outcome_label = _upstream_outcome_label(outcome)
-        self._upstream_requests.labels(endpoint=endpoint_label, outcome=outcome_label).inc()
-        self._upstream_duration.labels(endpoint=endpoint_label, outcome=outcome_label).observe(seconds)
+        key = (endpoint, outcome)
+        series = self._upstream_series.get(key)
+        if series is None:
+            endpoint_label = _one_of(endpoint, UPSTREAM_ENDPOINTS)
+            outcome_label = _upstream_outcome_label(outcome)
+            series = (
+                self._upstream_requests.labels(endpoint=endpoint_label, outcome=outcome_label),
+                self._upstream_duration.labels(endpoint=endpoint_label, outcome=outcome_label),
+            )
+            if len(self._upstream_series) < _MAX_CACHED_SERIES:
+                self._upstream_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def token_refreshed(self, outcome: str, seconds: float) -> None:
         outcome_label = _one_of(outcome, TOKEN_REFRESH_OUTCOMES)
@@ -216,7 +239,7 @@ class ProxyMetrics:
         self._token_refresh_duration.labels(outcome=outcome_label).observe(seconds)
 
     def token_cache(self, hit: bool) -> None:
-        self._token_cache.labels(result="hit" if hit else "miss").inc()
+        (self._token_cache_hit if hit else self._token_cache_miss).inc()
 
     def rate_limited(self, limit: str) -> None:
         self._rate_limited.labels(limit=_one_of(limit, RATE_LIMITS)).inc()
@@ -235,6 +258,11 @@ class ProxyMetrics:
 
     def shared_state_failed(self, component: str) -> None:
         self._shared_state_failures.labels(component=_one_of(component, SHARED_STATE_COMPONENTS)).inc()
+
+
+# Raw label inputs (method, status, outcome) come from requests; the cache stops growing at this size
+# (the labels themselves are already bounded, the keys they are derived from are not).
+_MAX_CACHED_SERIES = 512
 
 
 class MetricsMiddleware:

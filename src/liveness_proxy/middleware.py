@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import time
@@ -19,6 +20,20 @@ _REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 def new_request_id() -> str:
     return secrets.token_hex(16)
+
+
+class RequestIds:
+    """Request ids for one process: a random 64-bit prefix drawn once, then a counter. Unique within
+    the process and, with overwhelming probability, across processes and replicas; they grant no
+    access, so they need not be unpredictable, and drawing 16 random bytes from the kernel for every
+    request was a measurable share of the hot path."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(secrets.randbelow(2**32))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def request_id_of(scope: Scope) -> str:
@@ -74,6 +89,7 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, logger: structlog.typing.FilteringBoundLogger) -> None:
         self.app = app
         self.logger = logger
+        self._ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,11 +135,10 @@ class RequestContextMiddleware:
                 upstream_status=state.get("upstream_status"),
             )
 
-    @staticmethod
-    def _request_id(scope: Scope) -> str:
+    def _request_id(self, scope: Scope) -> str:
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
                 if _REQUEST_ID_PATTERN.fullmatch(value):
                     return bytes(value).decode("ascii")
                 break
-        return new_request_id()
+        return self._ids.next()
