@@ -6,16 +6,19 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from liveness_proxy.privacy import BiometricFilter, derived_pass, is_terminal, looks_like_binary
+from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import (
+    SessionAlreadyBound,
     SessionOwner,
     SessionOwnership,
     SessionVerdict,
@@ -23,6 +26,7 @@ from liveness_proxy.store import (
     upgrade_database,
 )
 from liveness_proxy.store.tables import liveness_sessions, metadata
+from services import scratch_postgres
 from support import ProxyHarness
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -212,7 +216,52 @@ async def test_the_first_verdict_is_kept(tmp_path: Path) -> None:
         first = await ownership.record_verdict(owner, SessionVerdict("SUCCEEDED", 97.0, 2.0))
         # Another process (its own cache) later reads a different answer: history stays.
         again = await SessionOwnership(engine).record_verdict(owner, SessionVerdict("FAILED", 3.0, 3.0))
+        await ownership.close()
     finally:
         await engine.dispose()
     assert first.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
     assert again.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'bindings.db'}"
+        return
+    with scratch_postgres() as url:
+        yield async_database_url(url)
+
+
+async def test_batched_bindings_never_give_one_session_two_owners(database_url: str) -> None:
+    """Bindings are group-committed: within one batch and against rows already stored, the first
+    claim on a session id wins and every other claim gets SessionAlreadyBound; the rest of the batch
+    is written all the same."""
+    engine = create_engine(database_url)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine)
+
+        def owner(session_id: str, subject: str) -> SessionOwner:
+            return SessionOwner(session_id, subject, "key:1", 1.0, f"r-{subject}")
+
+        await ownership.bind(owner("taken", "first"), "r-first")
+        claims = [ownership.bind(owner("contested", f"s{index}"), f"r-s{index}") for index in range(5)]
+        claims.append(ownership.bind(owner("taken", "late"), "r-late"))
+        claims += [ownership.bind(owner(f"own-{index}", f"o{index}"), f"r-o{index}") for index in range(40)]
+        outcomes = await asyncio.gather(*claims, return_exceptions=True)
+        await ownership.close()
+        stored = await SessionOwnership(engine).owner_of("contested")
+        taken = await SessionOwnership(engine).owner_of("taken")
+        own = [await SessionOwnership(engine).owner_of(f"own-{index}") for index in range(40)]
+    finally:
+        await engine.dispose()
+    contested = outcomes[:5]
+    assert sum(outcome is None for outcome in contested) == 1
+    assert sum(isinstance(outcome, SessionAlreadyBound) for outcome in contested) == 4
+    assert stored is not None
+    assert stored.subject == f"s{contested.index(None)}"
+    assert isinstance(outcomes[5], SessionAlreadyBound)
+    assert taken is not None
+    assert taken.subject == "first"
+    assert outcomes[6:] == [None] * 40
+    assert [owned.subject if owned else None for owned in own] == [f"o{index}" for index in range(40)]

@@ -81,6 +81,7 @@ class Runtime:
             await self.redis.ping()
 
     async def close(self) -> None:
+        await self.ownership.close()
         await self.audit.close()
         if self.jwt is not None:
             await self.jwt.close()
