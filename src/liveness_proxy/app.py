@@ -28,7 +28,7 @@ from liveness_proxy.errors import (
 )
 from liveness_proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
 from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
-from liveness_proxy.observability import Redactor, build_logger
+from liveness_proxy.observability import AccessLog, Redactor, build_logger
 from liveness_proxy.openapi import build_openapi
 from liveness_proxy.routes import LivenessApi
 from liveness_proxy.runtime import start_runtime
@@ -181,9 +181,25 @@ def create_app(
             Middleware(
                 SecurityHeadersMiddleware, hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds
             ),
-            Middleware(RequestContextMiddleware, logger=logger),
+            Middleware(
+                RequestContextMiddleware,
+                logger=logger,
+                access_log=AccessLog(
+                    level=settings.liveness_proxy_log_level,
+                    log_format=settings.liveness_proxy_log_format,
+                    redactor=redactor,
+                    fallback=logger,
+                    stream=log_stream,
+                ),
+            ),
             Middleware(MetricsMiddleware, metrics=metrics),
-            Middleware(CorsMiddleware, origins=settings.liveness_proxy_cors_origins),
+            # Only when origins are configured: without any, CORS would pass every request through,
+            # one more layer each request's send and every resumption must cross.
+            *(
+                [Middleware(CorsMiddleware, origins=settings.liveness_proxy_cors_origins)]
+                if settings.liveness_proxy_cors_origins
+                else []
+            ),
         ],
         lifespan=lifespan,
     )

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, ProblemError, render_problem
+from liveness_proxy.observability import AccessLog
 
 UNMATCHED_ROUTE = "unmatched"
 _REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -86,10 +87,17 @@ class RequestContextMiddleware:
     echoes it on the response, writes one access-log line, and turns any unhandled exception into
     a 500 problem that carries nothing but the request id."""
 
-    def __init__(self, app: ASGIApp, *, logger: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        logger: structlog.typing.FilteringBoundLogger,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.app = app
         self.logger = logger
         self._ids = RequestIds()
+        self._access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,16 +132,19 @@ class RequestContextMiddleware:
                 error = InternalError("An internal error occurred; quote the request id when reporting it.")
                 await send_problem(send, error, request_id, [(b"x-request-id", encoded_id)])
         finally:
-            self.logger.info(
-                "request",
-                request_id=request_id,
-                method=scope.get("method", ""),
-                route=route_template(scope),
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                subject=state.get("subject"),
-                upstream_status=state.get("upstream_status"),
-            )
+            fields = {
+                "request_id": request_id,
+                "method": scope.get("method", ""),
+                "route": route_template(scope),
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "subject": state.get("subject"),
+                "upstream_status": state.get("upstream_status"),
+            }
+            if self._access_log is not None:
+                self._access_log.request(fields)
+            else:
+                self.logger.info("request", **fields)
 
     def _request_id(self, scope: Scope) -> str:
         for name, value in scope.get("headers", ()):
