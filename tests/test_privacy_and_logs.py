@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from liveness_proxy.observability import REDACTED, Redactor, build_logger
+from liveness_proxy.observability import REDACTED, AccessLog, Redactor, build_logger
 from liveness_proxy.privacy import BiometricFilter
 from liveness_proxy.upstream.transport import parse_retry_after
 
@@ -106,3 +106,34 @@ def test_token_answers_with_odd_expires_in_are_token_endpoint_errors() -> None:
             fetcher._parse(b'{"access_token": ' + token.encode() + b"}")
     with pytest.raises(TokenEndpointError):
         fetcher._parse(b'{"access_token": "abc", "token_type": "mac"}')
+
+
+def test_the_direct_access_log_line_matches_the_structlog_pipeline_and_is_redacted() -> None:
+    secret = "pepper-" + "s" * 40
+    fields = {
+        "request_id": "r-1",
+        "method": "GET",
+        "route": "/v1/liveness/sessions/{session_id}/result",
+        "status": 200,
+        "duration_ms": 1.5,
+        "subject": f"user-{secret}",
+        "upstream_status": None,
+    }
+    through_structlog, direct = io.StringIO(), io.StringIO()
+    redactor = Redactor([secret])
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=through_structlog)
+    logger.info("request", **fields)
+    AccessLog(level="info", log_format="json", redactor=redactor, fallback=logger, stream=direct).request(
+        dict(fields)
+    )
+    expected, written = json.loads(through_structlog.getvalue()), json.loads(direct.getvalue())
+    assert list(written) == list(expected)  # same keys, same order
+    assert {**written, "timestamp": None} == {**expected, "timestamp": None}
+    assert written["timestamp"].endswith("Z")
+    assert written["subject"] == f"user-{REDACTED}"
+    assert secret not in direct.getvalue()
+    quiet = io.StringIO()
+    AccessLog(level="warning", log_format="json", redactor=redactor, fallback=logger, stream=quiet).request(
+        dict(fields)
+    )
+    assert quiet.getvalue() == ""
