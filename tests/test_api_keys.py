@@ -12,7 +12,7 @@ from starlette.datastructures import Headers
 
 from liveness_proxy.auth import ApiKeyAuthenticator, new_api_key
 from liveness_proxy.errors import Unauthenticated
-from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
+from liveness_proxy.store import ApiKeyStore, StoredApiKey, create_engine, upgrade_database
 
 PEPPER = b"k" * 48
 
@@ -77,6 +77,35 @@ async def test_cache_serves_verified_keys_without_the_store(tmp_path: Path) -> N
             await authenticator.verify(issued.key)
     finally:
         await engine.dispose()
+
+
+async def test_concurrent_requests_with_one_key_share_one_store_read(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}", pool_size=1)
+    try:
+        await upgrade_database(engine)
+        store = ApiKeyStore(engine)
+        issued = new_api_key(pepper=PEPPER, subject="alice", scopes=[], name="n", now=1.0)
+        wrong = issued.key[:-4] + "AAAA"
+        await store.add(issued.stored)
+        reads: list[str] = []
+        real_get = store.get
+
+        async def counting_get(key_id: str) -> StoredApiKey | None:
+            reads.append(key_id)
+            await asyncio.sleep(0.05)  # a slow store: every request arrives while the read is out
+            return await real_get(key_id)
+
+        store.get = counting_get  # type: ignore[method-assign]
+        authenticator = ApiKeyAuthenticator(store, pepper=PEPPER, cache_seconds=10)
+        callers = await asyncio.gather(*(authenticator.verify(issued.key) for _ in range(200)))
+        refusals = await asyncio.gather(
+            *(authenticator.verify(wrong) for _ in range(50)), return_exceptions=True
+        )
+    finally:
+        await engine.dispose()
+    assert {caller.subject for caller in callers} == {"alice"}
+    assert all(isinstance(refusal, Unauthenticated) for refusal in refusals)
+    assert len(reads) == 2  # one for the key, one for the wrong secret (a different cache key)
 
 
 def test_bearer_without_key_prefix_is_not_taken_for_an_api_key() -> None:

@@ -159,9 +159,10 @@ def create_app(
             logger.info("stopped")
 
     routes = [
+        # The router tries routes in order: the most frequent call (result polling) first.
+        Route("/v1/liveness/sessions/{session_id}/result", Endpoint(api.result), methods=["GET"]),
         Route("/v1/liveness/session-token", Endpoint(api.session_token), methods=["POST"]),
         Route("/v1/liveness/sessions", Endpoint(api.create_session), methods=["POST"]),
-        Route("/v1/liveness/sessions/{session_id}/result", Endpoint(api.result), methods=["GET"]),
         Route("/v1/liveness/sessions/{session_id}", Endpoint(api.session_record), methods=["GET"]),
         Route("/healthz", Endpoint(api.health), methods=["GET"]),
         Route("/readyz", Endpoint(api.readiness), methods=["GET"]),

@@ -6,6 +6,8 @@ of looking a hash up (which would make the stored hash an index an attacker can 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import re
 import secrets
@@ -88,6 +90,7 @@ class ApiKeyAuthenticator:
         self._clock = clock
         self._cache: dict[str, tuple[Caller, float]] = {}
         self._cache_size = cache_size
+        self._lookups: dict[str, asyncio.Task[Caller]] = {}
 
     async def authenticate(self, headers: Headers) -> Caller | None:
         credential = presented_api_key(headers)
@@ -108,6 +111,17 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(cache_key)
         if cached is not None and cached[1] > now:
             return cached[0]
+        # One database read per key however many requests present it at once (a cold cache, or an
+        # entry expiring, under 1000 concurrent requests would otherwise queue 1000 reads).
+        lookup = self._lookups.get(cache_key)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self._look_up(key_id, digest, cache_key))
+            self._lookups[cache_key] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_done, cache_key))
+        # Shielded: one caller giving up must not cancel the read the others wait for.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, key_id: str, digest: str, cache_key: str) -> Caller:
         stored = await self._store.get(key_id)
         # Compare even when the row is missing, so a wrong id and a wrong secret take the same time.
         expected = stored.secret_hash if stored is not None else hash_secret(self._pepper, "")
@@ -120,8 +134,13 @@ class ApiKeyAuthenticator:
         if self._cache_seconds > 0:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[cache_key] = (caller, now + self._cache_seconds)
+            self._cache[cache_key] = (caller, self._clock() + self._cache_seconds)
         return caller
+
+    def _lookup_done(self, cache_key: str, task: asyncio.Task[Caller]) -> None:
+        self._lookups.pop(cache_key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every waiter has gone
 
 
 def presented_api_key(headers: Headers) -> str | None:
