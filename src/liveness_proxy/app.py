@@ -4,6 +4,7 @@ by side share no state."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TextIO
@@ -112,12 +113,16 @@ def create_app(
     shared_clock: Callable[[], float] | None = None,
     log_stream: TextIO | None = None,
     migrate: bool = False,
+    freeze_gc_after_startup: bool = False,
 ) -> ProxyApplication:
     """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
     records; `shared_clock` (the wall clock unless given) dates the token shared with other
     processes, so a test can move it with its manual clock; `log_stream` receives the JSON log lines
     (stderr by default); `migrate` applies database migrations at start-up (the `serve` command does
-    it once before starting workers instead)."""
+    it once before starting workers instead); `freeze_gc_after_startup` (what `serve` does, not for
+    an app embedded in a host that owns the process) moves everything alive once the runtime has
+    started (modules, settings, pools) out of the garbage collector's scans: under 1000 concurrent
+    requests those scans were a measurable share of latency (docs/performance.md, S3)."""
     redactor = Redactor(
         [
             settings.cynopsis_client_secret.get_secret_value(),
@@ -150,6 +155,9 @@ def create_app(
             migrate=migrate,
         )
         api.runtime = runtime
+        if freeze_gc_after_startup:
+            gc.collect()
+            gc.freeze()
         logger.info("started", upstream=settings.cynopsis_api_base_url, token_url=settings.cynopsis_token_url)
         try:
             yield
