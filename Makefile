@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit clean
+.PHONY: setup demo test lint typecheck unit bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "liveness-proxy needs Python 3.11 or newer (set PYTHON=...)")'
@@ -28,6 +28,10 @@ unit: setup
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# Side-by-side benchmark (bench/README.md); installs wrk and nginx from Debian's packages if missing.
+bench: setup
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .liveness-demo
