@@ -119,8 +119,12 @@ async def pool_for(server: RawServer, **options: float) -> AsyncIterator[Http1Po
         await pool.close()
 
 
-async def get(pool: Http1Pool, *, limit: int = 4096, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    response = await pool.request("GET", "/result/abc", list(headers), None, max_body_bytes=limit)
+async def get(
+    pool: Http1Pool, *, limit: int = 4096, headers: tuple[tuple[str, str], ...] = (), timeout: float = 5.0
+) -> bytes:
+    response = await pool.request(
+        "GET", "/result/abc", list(headers), None, max_body_bytes=limit, timeout_seconds=timeout
+    )
     assert response.status == 200
     return response.body
 
@@ -129,7 +133,9 @@ async def test_answers_are_read_and_the_connection_is_kept_alive() -> None:
     async with raw_server(always(OK)) as server, pool_for(server) as pool:
         for _ in range(3):
             assert await get(pool, headers=(("Authorization", "Bearer t"),)) == OK_BODY
-        response = await pool.request("POST", "/sessions", [], b'{"a":1}', max_body_bytes=4096)
+        response = await pool.request(
+            "POST", "/sessions", [], b'{"a":1}', max_body_bytes=4096, timeout_seconds=5
+        )
     assert response.header(b"content-type") == "application/json"
     assert server.connections == 1
     first = server.requests[0]
@@ -206,9 +212,9 @@ async def test_a_post_is_never_sent_twice() -> None:
         return HANG_UP if request == 2 else OK
 
     async with raw_server(hang_up_on_the_second) as server, pool_for(server) as pool:
-        await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096)
+        await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096, timeout_seconds=5)
         with pytest.raises(Http1ConnectionError):
-            await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096)
+            await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096, timeout_seconds=5)
     assert len(server.requests) == 2
 
 
@@ -221,9 +227,25 @@ async def test_a_refused_connection_and_a_silent_server() -> None:
     await pool.close()
     async with raw_server(always(None)) as server, pool_for(server) as pool:
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await get(pool)
+            await get(pool, timeout=0.2)
         assert pool.open_connections == 0  # a timed-out exchange's connection is not reused
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):  # a caller giving up first closes it the same way
+                await get(pool)
+        assert pool.open_connections == 0
+
+
+async def test_the_deadline_covers_waiting_for_a_connection() -> None:
+    async with raw_server(always(None)) as server, pool_for(server, max_connections=1) as pool:
+        hung = asyncio.create_task(get(pool, timeout=5))
+        await asyncio.sleep(0.05)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await get(pool, timeout=0.2)  # the only connection is busy the whole time
+        assert asyncio.get_running_loop().time() - started < 1
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hung
 
 
 async def test_header_values_cannot_smuggle_lines() -> None:

@@ -17,7 +17,6 @@ that may have reached the upstream is never sent twice.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -175,10 +174,14 @@ class CynopsisClient:
             headers.append(("Content-Type", "application/json"))
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_seconds):
-                response = await self._http.request(
-                    method, target, headers, body, max_body_bytes=self._max_response_bytes
-                )
+            response = await self._http.request(
+                method,
+                target,
+                headers,
+                body,
+                max_body_bytes=self._max_response_bytes,
+                timeout_seconds=self._timeout_seconds,
+            )
         except TimeoutError:
             self._observe(endpoint, "timeout", time.perf_counter() - started)
             raise UpstreamTimeout("The liveness service did not answer in time.") from None
