@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from liveness_proxy.browser import SecurityHeaders
 from liveness_proxy.middleware import RequestContextMiddleware
 from liveness_proxy.observability import Redactor, build_logger
 
@@ -42,3 +43,34 @@ async def test_unhandled_exception_becomes_a_bare_500_problem() -> None:
     assert [line["event"] for line in lines] == ["unhandled_error", "request"]
     assert lines[1]["status"] == 500
     assert "hunter2-secret" not in stream.getvalue()  # the traceback was redacted too
+
+
+async def test_one_layer_adds_security_headers_and_observes_every_answer_the_500_too() -> None:
+    observed: list[tuple[str, str, int]] = []
+    logger = build_logger(level="info", log_format="json", redactor=Redactor(), stream=io.StringIO())
+
+    async def fine(_request: Request) -> Response:
+        return Response("ok", headers={"X-Request-ID": "spoofed-by-the-app"})
+
+    app = Starlette(
+        routes=[Route("/boom", _broken), Route("/fine", fine)],
+        middleware=[
+            Middleware(
+                RequestContextMiddleware,
+                logger=logger,
+                response_headers=SecurityHeaders(hsts_max_age_seconds=600).add_to,
+                observe=lambda route, method, status, _seconds: observed.append((route, method, status)),
+            )
+        ],
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://test") as client:
+        broken = await client.get("/boom", headers={"X-Request-ID": "req-1"})
+        fine_answer = await client.get("/fine", headers={"X-Request-ID": "req-2"})
+    for response, request_id in ((broken, "req-1"), (fine_answer, "req-2")):
+        assert response.headers.get_list("x-request-id") == [request_id]
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["strict-transport-security"] == "max-age=600; includeSubDomains"
+    assert broken.status_code == 500
+    assert observed == [("/boom", "GET", 500), ("/fine", "GET", 200)]

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from liveness_proxy.browser import CorsMiddleware, SecurityHeadersMiddleware
+from liveness_proxy.browser import CorsMiddleware, SecurityHeaders
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -27,7 +27,7 @@ from liveness_proxy.errors import (
     ProblemError,
     render_problem,
 )
-from liveness_proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
+from liveness_proxy.metrics import ProxyMetrics, metrics_endpoint
 from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
 from liveness_proxy.observability import AccessLog, Redactor, build_logger
 from liveness_proxy.openapi import build_openapi
@@ -186,10 +186,8 @@ def create_app(
     app = ProxyApplication(
         routes=routes,
         middleware=[
-            # Outermost first: security headers land on every answer, even the last-resort 500.
-            Middleware(
-                SecurityHeadersMiddleware, hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds
-            ),
+            # One layer for the request id, security headers (on every answer, the last-resort 500
+            # too), request metrics and the access log: see RequestContextMiddleware.
             Middleware(
                 RequestContextMiddleware,
                 logger=logger,
@@ -200,8 +198,11 @@ def create_app(
                     fallback=logger,
                     stream=log_stream,
                 ),
+                response_headers=SecurityHeaders(
+                    hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds
+                ).add_to,
+                observe=metrics.observe_request,
             ),
-            Middleware(MetricsMiddleware, metrics=metrics),
             # Only when origins are configured: without any, CORS would pass every request through,
             # one more layer each request's send and every resumption must cross.
             *(

@@ -28,31 +28,41 @@ CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After, Location, WWW-Authenticate"
 CORS_MAX_AGE_SECONDS = "600"
 
 
-class SecurityHeadersMiddleware:
-    """Adds the security headers to every HTTP response, `Cache-Control: no-store` where the app
-    did not choose a caching policy itself, and HSTS when the request came over TLS."""
+class SecurityHeaders:
+    """The security headers of every HTTP response: the fixed set, `Cache-Control: no-store` where
+    the app did not choose a caching policy itself, and HSTS when the request came over TLS."""
 
-    def __init__(self, app: ASGIApp, *, hsts_max_age_seconds: int) -> None:
-        self.app = app
+    def __init__(self, *, hsts_max_age_seconds: int) -> None:
         self._hsts = (
             f"max-age={hsts_max_age_seconds}; includeSubDomains".encode() if hsts_max_age_seconds else None
         )
+
+    def add_to(self, headers: list[tuple[bytes, bytes]], scope: Scope) -> None:
+        """Appends them to a response's raw header list."""
+        has_cache_control = any(name.lower() == b"cache-control" for name, _ in headers)
+        headers.extend(_BASE_SECURITY_HEADERS)
+        if not has_cache_control:
+            headers.append((b"cache-control", b"no-store"))
+        if self._hsts is not None and scope.get("scheme") == "https":
+            headers.append((b"strict-transport-security", self._hsts))
+
+
+class SecurityHeadersMiddleware:
+    """`SecurityHeaders` on every HTTP response of the wrapped app, as a middleware of its own (the
+    proxy's app applies them in RequestContextMiddleware's single `send` wrapper instead)."""
+
+    def __init__(self, app: ASGIApp, *, hsts_max_age_seconds: int) -> None:
+        self.app = app
+        self._headers = SecurityHeaders(hsts_max_age_seconds=hsts_max_age_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        over_tls = scope.get("scheme") == "https"
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in _BASE_SECURITY_HEADERS:
-                    headers.raw.append((name, value))
-                if "cache-control" not in headers:
-                    headers.raw.append((b"cache-control", b"no-store"))
-                if over_tls and self._hsts is not None:
-                    headers.raw.append((b"strict-transport-security", self._hsts))
+                self._headers.add_to(MutableHeaders(scope=message).raw, scope)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
