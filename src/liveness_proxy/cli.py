@@ -40,7 +40,7 @@ def app_from_environment() -> object:
     """The app factory uvicorn's workers call (`serve --workers N`): each worker reads the same settings."""
     from liveness_proxy.app import create_app
 
-    return create_app(Settings.load(), freeze_gc_after_startup=True)
+    return create_app(Settings.load(), tune_gc_for_serving=True)
 
 
 @contextlib.asynccontextmanager
@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             **common,  # type: ignore[arg-type]
         )
     else:
-        uvicorn.run(create_app(settings, freeze_gc_after_startup=True), **common)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings, tune_gc_for_serving=True), **common)  # type: ignore[arg-type]
     return 0
 
 
