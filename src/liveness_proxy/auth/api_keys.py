@@ -145,7 +145,10 @@ class ApiKeyAuthenticator:
 
 def presented_api_key(headers: Headers) -> str | None:
     """The API key the request carries, if any: `X-API-Key`, or a Bearer credential with our prefix."""
-    explicit = headers.get("x-api-key")
+    # getlist, not get: Mapping.get raises and catches KeyError when the header is absent, which it
+    # is on nearly every request (Bearer is the common form), and that showed in profiles.
+    presented = headers.getlist("x-api-key")
+    explicit = presented[0] if presented else None
     if explicit is not None:
         if "authorization" in headers:
             # Two credentials: refuse rather than pick one, so no proxy in front can smuggle a second.

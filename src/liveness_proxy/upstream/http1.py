@@ -21,6 +21,7 @@ limit), `TimeoutError` (connect or whole exchange over its time).
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -34,7 +35,8 @@ import httptools
 # Bounds a hostile or broken upstream cannot push past: the whole header block, and header count.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
-_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
+_UNSAFE_IN_VALUE = re.compile(r"[\r\n\x00]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
 class Http1Error(Exception):
@@ -331,9 +333,7 @@ class Http1Pool:
         for name, value in headers:
             # A value from elsewhere (an access token the token endpoint sent) must not be able to
             # end the header line and add headers or a second request of its own.
-            if any(character in value for character in _FORBIDDEN_IN_HEADERS) or any(
-                character in name for character in (*_FORBIDDEN_IN_HEADERS, ":", " ")
-            ):
+            if _UNSAFE_IN_VALUE.search(value) or not _HEADER_NAME.fullmatch(name):
                 raise Http1ConnectError(f"refusing to send header {name!r}: it contains a control character")
             lines.append(f"{name}: {value}\r\n")
         if body is not None:
