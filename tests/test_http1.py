@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -282,3 +285,106 @@ def test_only_http_origins() -> None:
     for origin in ("ftp://example.com", "http://", "example.com"):
         with pytest.raises(ValueError, match="origin"):
             Http1Pool(origin, max_connections=1, connect_timeout_seconds=1)
+
+
+async def test_a_header_that_never_ends_is_refused_without_waiting_for_the_deadline() -> None:
+    async def endless(_request: int, _connection: int) -> bytes | None:
+        return b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * (4 * MAX_HEADER_BYTES)  # no end of line
+
+    async with raw_server(endless) as server, pool_for(server) as pool:
+        with pytest.raises(ResponseTooLarge):
+            await get(pool, timeout=30)  # refused as it arrives, not after 30 s of buffering
+        assert pool.open_connections == 0
+
+
+async def test_a_body_of_tiny_chunks_is_read_whole() -> None:
+    body = b"0123456789" * 300
+    chunked = b"".join(b"2\r\n" + body[i : i + 2] + b"\r\n" for i in range(0, len(body), 2))
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n"
+    async with raw_server(always(reply)) as server, pool_for(server) as pool:
+        assert await get(pool, limit=len(body)) == body
+        with pytest.raises(ResponseTooLarge):
+            await get(pool, limit=len(body) - 1)
+
+
+async def test_a_reset_cuts_a_close_delimited_body_short_and_that_is_an_error() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"status":"SUCC')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = Http1Pool(
+        f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", max_connections=1, connect_timeout_seconds=1
+    )
+    try:
+        with pytest.raises(Http1ConnectionError):
+            await get(pool)
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_a_waiter_is_woken_when_a_connect_fails() -> None:
+    async def hold_then_break(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(hold_then_break, "127.0.0.1", 0)
+    pool = Http1Pool(
+        f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", max_connections=1, connect_timeout_seconds=1
+    )
+    try:
+        busy = asyncio.create_task(get(pool, timeout=10))
+        await asyncio.sleep(0.05)
+        server.close()  # from now on every connect is refused
+        await asyncio.sleep(0.05)
+        waiters = [asyncio.create_task(get(pool, timeout=10)) for _ in range(2)]
+        outcomes = await asyncio.wait_for(asyncio.gather(busy, *waiters, return_exceptions=True), 5)
+    finally:
+        await pool.close()
+    # Both waiters learn at once that the upstream is gone; neither sleeps until its deadline.
+    assert [type(outcome) for outcome in outcomes] == [
+        Http1ConnectionError,
+        Http1ConnectError,
+        Http1ConnectError,
+    ]
+
+
+async def test_cancelling_a_finished_exchange_leaves_the_reused_connection_alone() -> None:
+    """The answer arrives and the connection goes back to the pool; in the same loop turn the
+    first caller is cancelled, and a request already waiting in the ready queue takes the
+    connection. The cancelled caller must not close it under that one (whose POST would fail after
+    reaching the upstream)."""
+    async with raw_server(always(OK)) as server, pool_for(server, max_connections=1) as pool:
+        await get(pool)
+        connection = pool._idle[-1]
+        finish = connection._finish
+        first: asyncio.Task[bytes] | None = None
+
+        def finish_then_cancel_the_caller() -> None:
+            connection._finish = finish  # type: ignore[method-assign]  # once
+            finish()
+            assert first is not None
+            first.cancel()
+
+        async def waiting_for_the_connection() -> Any:
+            # Spins in the ready queue, so it runs before the cancelled caller resumes.
+            while not pool._idle or pool._idle[-1].closed:
+                await asyncio.sleep(0)
+            return await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096, timeout_seconds=5)
+
+        connection._finish = finish_then_cancel_the_caller  # type: ignore[method-assign]
+        first = asyncio.create_task(get(pool))
+        await asyncio.sleep(0)  # first takes the idle connection
+        second = asyncio.create_task(waiting_for_the_connection())
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        answer = await second
+    assert answer.status == 200
+    assert [request.split(b" ", 1)[0] for request in server.requests] == [b"GET", b"GET", b"POST"]

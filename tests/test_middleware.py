@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import httpx
@@ -13,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from liveness_proxy.browser import SecurityHeaders
-from liveness_proxy.middleware import RequestContextMiddleware
+from liveness_proxy.middleware import RequestContextMiddleware, RequestIds
 from liveness_proxy.observability import Redactor, build_logger
 
 
@@ -74,3 +75,15 @@ async def test_one_layer_adds_security_headers_and_observes_every_answer_the_500
         assert response.headers["strict-transport-security"] == "max-age=600; includeSubDomains"
     assert broken.status_code == 500
     assert observed == [("/boom", "GET", 500), ("/fine", "GET", 200)]
+
+
+def test_request_ids_are_unique_and_unpredictable() -> None:
+    ids = RequestIds()
+    drawn = [ids.next() for _ in range(2000)]  # crosses several refills of the random pool
+    assert len(set(drawn)) == len(drawn)
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in drawn)
+    # No shared prefix or counter: consecutive ids agree on about 2 of 32 hex digits by chance.
+    same = sum(
+        a == b for first, second in itertools.pairwise(drawn) for a, b in zip(first, second, strict=True)
+    )
+    assert same / (len(drawn) - 1) < 6

@@ -202,12 +202,12 @@ class ProxyMetrics:
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """`route` must be a route template (or UNMATCHED_ROUTE), never a raw path."""
-        key = (route, method, status)
+        method_label = _one_of(method, KNOWN_METHODS)
+        key = (route, method_label, status)
         series = self._request_series.get(key)
         if series is None:
-            # labels() takes a lock and validates on every call: resolved once per label set (a
-            # bounded number: route templates x known methods x status classes).
-            method_label = _one_of(method, KNOWN_METHODS)
+            # labels() takes a lock and validates on every call: resolved once per label set (keyed
+            # by the bounded labels, so junk methods cannot crowd out the real ones).
             series = (
                 self._requests.labels(route=route, method=method_label, status=_status_label(status)),
                 self._request_duration.labels(route=route, method=method_label),
@@ -219,11 +219,11 @@ class ProxyMetrics:
 
     def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
         """`outcome` is the HTTP status ("200") or an error kind ("timeout", "malformed", ...)."""
-        key = (endpoint, outcome)
+        endpoint_label = _one_of(endpoint, UPSTREAM_ENDPOINTS)
+        outcome_label = _upstream_outcome_label(outcome)
+        key = (endpoint_label, outcome_label)
         series = self._upstream_series.get(key)
         if series is None:
-            endpoint_label = _one_of(endpoint, UPSTREAM_ENDPOINTS)
-            outcome_label = _upstream_outcome_label(outcome)
             series = (
                 self._upstream_requests.labels(endpoint=endpoint_label, outcome=outcome_label),
                 self._upstream_duration.labels(endpoint=endpoint_label, outcome=outcome_label),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 import secrets
 import time
@@ -24,17 +23,23 @@ def new_request_id() -> str:
 
 
 class RequestIds:
-    """Request ids for one process: a random 64-bit prefix drawn once, then a counter. Unique within
-    the process and, with overwhelming probability, across processes and replicas; they grant no
-    access, so they need not be unpredictable, and drawing 16 random bytes from the kernel for every
-    request was a measurable share of the hot path."""
+    """Fresh request ids: 128 random bits each, as before, but drawn from the kernel 4 KiB at a time
+    instead of 16 bytes per request (a syscall per request was a measurable share of the hot path).
+    Ids stay unpredictable: one caller's ids tell nothing about another's, nor the request volume."""
+
+    _IDS_PER_DRAW = 256
 
     def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._counter = itertools.count(secrets.randbelow(2**32))
+        self._pool = b""
+        self._offset = 0
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+        if self._offset >= len(self._pool):
+            self._pool = secrets.token_bytes(16 * self._IDS_PER_DRAW)
+            self._offset = 0
+        start = self._offset
+        self._offset = start + 16
+        return self._pool[start : start + 16].hex()
 
 
 def request_id_of(scope: Scope) -> str:

@@ -35,6 +35,8 @@ import httptools
 # Bounds a hostile or broken upstream cannot push past: the whole header block, and header count.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
+# What may arrive before the head is complete: the header block plus the status line, with room.
+_MAX_HEAD_READ = MAX_HEADER_BYTES + 1024
 _UNSAFE_IN_VALUE = re.compile(r"[\r\n\x00]")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
@@ -90,8 +92,10 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._headers_done = False
-        self._body: list[bytes] = []
+        self._body = bytearray()
         self._body_bytes = 0
+        self._head_received = 0
+        self._timer: asyncio.TimerHandle | None = None
         self._failure: Http1Error | None = None
         self._complete = False
         self._keep_alive = False
@@ -111,6 +115,8 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._received += len(data)
+        if not self._headers_done:
+            self._head_received += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -119,6 +125,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             if self._failure is None:  # a callback below stopped the parser on purpose
                 self._failure = Http1ConnectionError("the upstream sent a malformed HTTP answer")
+        if self._failure is None and not self._headers_done and self._head_received > _MAX_HEAD_READ:
+            # httptools buffers a header line until it ends and reports it only then: without this
+            # a header that never ends would grow (and be re-copied) until the deadline.
+            self._failure = ResponseTooLarge(self._parser.get_status_code())
         if self._failure is not None:
             self._fail(self._failure)
         elif self._complete:
@@ -130,8 +140,9 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._headers_done and not self._complete and self._close_delimited():
-            # A body without Content-Length or chunking ends where the connection does.
+        if exc is None and self._headers_done and not self._complete and self._close_delimited():
+            # A body without Content-Length or chunking ends where the connection does (a clean
+            # close only: a reset cuts the body short).
             self._complete = True
             self._keep_alive = False
             self._finish()
@@ -162,13 +173,14 @@ class _Connection(asyncio.Protocol):
         if self._body_bytes > self._limit:
             self._stop(ResponseTooLarge(self._status))
             return
-        self._body.append(body)
+        self._body += body  # one buffer: many tiny chunks must not cost an object each
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
             # An interim answer (we never send Expect, but a server may): the real one follows.
             self._headers.clear()
             self._header_bytes = 0
+            self._head_received = 0
             self._headers_done = False
             return
         self._complete = True
@@ -180,14 +192,15 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_at(deadline, self._time_out)
+        self._timer = loop.call_at(deadline, self._time_out, waiter)
         self._limit = limit
         self._received = 0
         self._status = 0
         self._headers = []
         self._header_bytes = 0
         self._headers_done = False
-        self._body = []
+        self._head_received = 0
+        self._body = bytearray()
         self._body_bytes = 0
         self._failure = None
         self._complete = False
@@ -196,16 +209,25 @@ class _Connection(asyncio.Protocol):
         try:
             response: Http1Response = await waiter
         except asyncio.CancelledError:
-            # Abandoned mid-exchange: the connection's state is unknown, so it goes.
-            self.close()
+            if waiter.cancelled():
+                # Abandoned mid-exchange: the connection's state is unknown, so it goes. (If the
+                # answer had already arrived, the connection is back in the pool, maybe serving
+                # another request by now: it must not be touched.)
+                self._cancel_timer()
+                self.close()
             raise
-        finally:
-            timer.cancel()
         return response
 
-    def _time_out(self) -> None:
+    def _time_out(self, waiter: asyncio.Future[Http1Response]) -> None:
+        if waiter is not self._waiter or waiter.done():
+            return  # that exchange is over; the connection may be serving another one
         # The connection goes with the exchange: a late answer must not be read as the next one's.
         self._fail(TimeoutError("the upstream did not answer in time"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     @property
     def received_nothing(self) -> bool:
@@ -229,6 +251,7 @@ class _Connection(asyncio.Protocol):
             self._failure = error
 
     def _fail(self, error: Exception) -> None:
+        self._cancel_timer()
         waiter = self._waiter
         self.close()
         if waiter is not None and not waiter.done():
@@ -237,8 +260,9 @@ class _Connection(asyncio.Protocol):
     def _finish(self) -> None:
         waiter = self._waiter
         assert waiter is not None
-        response = Http1Response(self._status, tuple(self._headers), b"".join(self._body))
-        self._body = []
+        self._cancel_timer()
+        response = Http1Response(self._status, tuple(self._headers), bytes(self._body))
+        self._body = bytearray()
         if not waiter.done():
             waiter.set_result(response)
         if self._keep_alive and not self.closed:
@@ -389,9 +413,10 @@ class Http1Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         self._connecting += 1
+        made: _Connection | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _transport, connection = await loop.create_connection(
+                _transport, made = await loop.create_connection(
                     lambda: _Connection(self),
                     self._host,
                     self._port,
@@ -402,6 +427,9 @@ class Http1Pool:
             raise Http1ConnectError(f"cannot connect to the upstream ({type(exc).__name__})") from exc
         finally:
             self._connecting -= 1
+            if made is None:
+                self._wake_one()  # the slot this attempt held is free again: a waiter may use it
+        connection = made
         if self._closed:
             connection.close()
             raise Http1ConnectError("the connection pool is closed")
