@@ -1579,7 +1579,12 @@ def render_chart(scenarios: Mapping[str, Any], path: Path) -> None:
                 if measured is None:
                     continue
                 values = measured[figure_name]
-                xs.append(index + (offset - 1) * width)
+                x = index + (offset - 1) * width
+                if values["median"] <= 0:
+                    # wrk reports no latency when (nearly) every request failed: say so, no bar.
+                    axis.text(x, 1, "failed", rotation=90, ha="center", va="bottom", color=color)
+                    continue
+                xs.append(x)
                 medians.append(values["median"])
                 below.append(values["median"] - values["min"])
                 above.append(values["max"] - values["median"])
