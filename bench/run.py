@@ -690,6 +690,11 @@ def fmt_rate_and_p99(measured: Mapping[str, Any], system: str) -> str:
     return f"{fmt_rate(measured[system]['requests_per_second'])}, p99 {p99:.1f} ms"
 
 
+def fmt_p99(milliseconds: float) -> str:
+    # wrk reports no latency when (nearly) every request failed.
+    return f"{milliseconds:.0f} ms" if milliseconds > 0 else "n/a (requests failed)"
+
+
 def fmt_met(met: bool | None) -> str:
     return "—" if met is None else ("yes" if met else "**no**")
 
@@ -991,8 +996,8 @@ def scenario_s3(bench: Bench) -> Outcome:
         (
             "S3 slow upstream p99",
             f"{p99:.0f} ms",
-            f"nginx {median_of(measured, 'nginx', 'p99_ms'):.0f} ms; "
-            f"naive {median_of(measured, 'naive', 'p99_ms'):.0f} ms",
+            f"nginx {fmt_p99(median_of(measured, 'nginx', 'p99_ms'))}; "
+            f"naive {fmt_p99(median_of(measured, 'naive', 'p99_ms'))}",
             "—",
             "≤ 600 ms",
             fmt_met(targets[2]["met"]),
@@ -1582,7 +1587,10 @@ def render_chart(scenarios: Mapping[str, Any], path: Path) -> None:
                 x = index + (offset - 1) * width
                 if values["median"] <= 0:
                     # wrk reports no latency when (nearly) every request failed: say so, no bar.
-                    axis.text(x, 1, "failed", rotation=90, ha="center", va="bottom", color=color)
+                    axis.text(
+                        x, 0.03, "failed", rotation=90, ha="center", va="bottom", color=color,
+                        transform=axis.get_xaxis_transform(),
+                    )  # fmt: skip
                     continue
                 xs.append(x)
                 medians.append(values["median"])
