@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services import shared_backend
+from liveness_proxy.settings import async_database_url
+from services import scratch_postgres, shared_backend
 from support import Harness, LogScan, ProxyHarness
 
 LOG_SCAN = pytest.StashKey[LogScan]()
@@ -82,3 +83,14 @@ def log_scan(request: pytest.FixtureRequest) -> LogScan:
 def client(proxy: ProxyHarness) -> Iterator[httpx.Client]:
     with proxy.client() as http:
         yield http
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each engine (not migrated): a SQLite file, and a scratch
+    PostgreSQL database dropped afterwards (async driver URLs)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+        return
+    with scratch_postgres() as url:
+        yield async_database_url(url)

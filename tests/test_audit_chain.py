@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import json
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import (
     AuditChainBroken,
     AuditLog,
@@ -29,7 +28,6 @@ from liveness_proxy.store import (
 )
 from liveness_proxy.store.audit import GENESIS_HASH
 from liveness_proxy.store.tables import audit_records
-from services import scratch_postgres
 
 
 def record(index: int = 0, *, occurred_at: float = 1_700_000_000.5, **changes: Any) -> AuditRecord:
@@ -47,15 +45,6 @@ def record(index: int = 0, *, occurred_at: float = 1_700_000_000.5, **changes: A
     }
     values.update(changes)
     return AuditRecord(**values)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-        return
-    with scratch_postgres() as url:
-        yield async_database_url(url)
 
 
 @pytest.fixture

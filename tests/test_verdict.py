@@ -6,17 +6,15 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select
 
 from liveness_proxy.privacy import BiometricFilter, derived_pass, is_terminal, looks_like_binary
-from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import (
     SessionAlreadyBound,
     SessionOwner,
@@ -26,7 +24,6 @@ from liveness_proxy.store import (
     upgrade_database,
 )
 from liveness_proxy.store.tables import liveness_sessions, metadata
-from services import scratch_postgres
 from support import ProxyHarness
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -221,15 +218,6 @@ async def test_the_first_verdict_is_kept(tmp_path: Path) -> None:
         await engine.dispose()
     assert first.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
     assert again.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'bindings.db'}"
-        return
-    with scratch_postgres() as url:
-        yield async_database_url(url)
 
 
 async def test_batched_bindings_never_give_one_session_two_owners(database_url: str) -> None:

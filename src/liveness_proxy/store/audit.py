@@ -47,15 +47,12 @@ someone with full write access to the database can rewrite all of it, so keep th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
 import math
 import struct
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +61,7 @@ from sqlalchemy import Float, Insert, Integer, String, Update, bindparam, delete
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.tables import audit_chain_head, audit_records
 
 GENESIS_HASH = "0" * 64
@@ -177,12 +175,6 @@ class _WriterStatements:
         )
 
 
-@dataclass(slots=True)
-class _Pending:
-    values: dict[str, Any]
-    done: asyncio.Future[None]
-
-
 class AuditLog:
     """Append-only, hash-chained audit records. `append` returns once the record is committed."""
 
@@ -193,16 +185,15 @@ class AuditLog:
         batch_max: int = DEFAULT_BATCH_MAX,
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
-        if batch_max < 1:
-            raise ValueError("batch_max must be at least 1")
         self._engine = engine
-        self._batch_max = batch_max
-        self._on_commit = on_commit
-        self._pending: deque[_Pending] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
         self._statements = _WriterStatements.build()
+        self._committer: GroupCommitter[dict[str, Any]] = GroupCommitter(
+            self._write_values,
+            batch_max=batch_max,
+            name="audit writer",
+            closed_error=AuditLogClosed,
+            on_commit=on_commit,
+        )
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -212,77 +203,19 @@ class AuditLog:
         A record that can never be stored (NaN, a string longer than its column, a NUL character
         PostgreSQL refuses) raises ValueError here, before it could fail a batch of other records.
         Cancelling the caller does not withdraw a queued record: it is still written."""
-        if self._closed:
+        if self._committer.closed:
             raise AuditLogClosed("the audit log is closed")
-        values = _column_values(record)
-        loop = asyncio.get_running_loop()
-        wakeup = self._ensure_writer(loop)
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.append(_Pending(values, done))
-        wakeup.set()
-        await done
+        await self._committer.submit(_column_values(record))
 
     async def close(self) -> None:
         """Writes everything already queued, then stops the writer. Later appends raise."""
-        self._closed = True
-        writer = self._writer
-        if writer is None or writer.done():
-            return
-        assert self._wakeup is not None
-        self._wakeup.set()
-        await writer
+        await self._committer.close()
 
-    def _ensure_writer(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
-        # Started on first use rather than in __init__, so an AuditLog can be built without a loop.
-        if self._writer is None or self._writer.done():
-            self._wakeup = asyncio.Event()
-            self._writer = loop.create_task(self._write_queued(self._wakeup), name="audit-writer")
-        elif self._writer.get_loop() is not loop:
-            raise RuntimeError("an AuditLog writes from one event loop only")
-        assert self._wakeup is not None
-        return self._wakeup
-
-    async def _write_queued(self, wakeup: asyncio.Event) -> None:
-        try:
-            while True:
-                if not self._pending:
-                    if self._closed:
-                        return
-                    wakeup.clear()
-                    await wakeup.wait()
-                    continue
-                size = min(self._batch_max, len(self._pending))
-                await self._commit_batch([self._pending.popleft() for _ in range(size)])
-        except asyncio.CancelledError:
-            # The loop is going away: nobody will write what is still queued, so say so to the waiters.
-            _fail_all(self._pending, AuditLogClosed("the audit writer was cancelled; record not written"))
-            self._pending.clear()
-            raise
-
-    async def _commit_batch(self, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
-        try:
-            await self._write_batch([pending.values for pending in batch])
-        except Exception as exc:
-            # The transaction rolled back, so no seq was used: the chain stays contiguous and the
-            # writer carries on with the next batch.
-            _fail_all(batch, exc)
-            return
-        except BaseException:
-            _fail_all(batch, AuditLogClosed("the audit writer was cancelled; record may not be written"))
-            raise
-        elapsed = time.perf_counter() - started
-        for pending in batch:
-            if not pending.done.done():  # a cancelled caller's future
-                pending.done.set_result(None)
-        if self._on_commit is not None:
-            try:
-                self._on_commit(len(batch), elapsed)
-            except Exception as exc:
-                # A metrics hook must not stop the writer: the records are committed and answered.
-                asyncio.get_running_loop().call_exception_handler(
-                    {"message": "audit on_commit hook failed", "exception": exc}
-                )
+    async def _write_values(self, batch: list[dict[str, Any]]) -> list[BaseException | None]:
+        # One transaction for the batch: a failure rolls it all back, so no seq is used and the
+        # chain stays contiguous (the committer fails every caller of the batch with it).
+        await self._write_batch(batch)
+        return [None] * len(batch)
 
     async def _write_batch(self, batch: list[dict[str, Any]]) -> None:
         statements = self._statements
@@ -644,9 +577,3 @@ async def _read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         else:
             await connection.execution_options(isolation_level="REPEATABLE READ")
         yield connection
-
-
-def _fail_all(batch: Iterable[_Pending], error: BaseException) -> None:
-    for pending in batch:
-        if not pending.done.done():
-            pending.done.set_exception(error)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +10,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.tables import api_keys, liveness_sessions
 
 
@@ -49,11 +48,8 @@ class StoredApiKey:
     revoked_at: float | None
 
 
-@dataclass(slots=True)
-class _PendingBinding:
-    owner: SessionOwner
-    request_id: str
-    done: asyncio.Future[None]
+class BindingStoreClosed(RuntimeError):
+    """`bind` after `close()`, or a binding whose writer was cancelled before it was written."""
 
 
 class SessionOwnership:
@@ -61,97 +57,54 @@ class SessionOwnership:
     cache sits in front of reads: the owner never changes once written, so a cached owner can never
     be stale (the verdict may be newer in the store: the admin route reads it `fresh`).
 
-    Bindings are written by group commit, like the audit log: `bind` queues the binding and returns
-    once the transaction holding it has committed; one writer task takes whatever is queued (at most
-    `batch_max`) into one multi-row INSERT. One commit per created session capped session creation
-    at the database's commit rate (profiled: most of a create's cost); a commit now serves a batch."""
+    Bindings are written by group commit (`group_commit.py`), like the audit log: one multi-row
+    INSERT per batch. One commit per created session capped session creation at the database's
+    commit rate (profiled: most of a create's cost); a commit now serves a batch."""
 
     def __init__(self, engine: AsyncEngine, *, cache_size: int = 10_000, batch_max: int = 256) -> None:
         self._engine = engine
         self._cache: dict[str, SessionOwner] = {}
         self._cache_size = cache_size
-        self._batch_max = batch_max
-        self._pending: deque[_PendingBinding] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
+        self._committer: GroupCommitter[tuple[SessionOwner, str]] = GroupCommitter(
+            self._write_bindings,
+            batch_max=batch_max,
+            name="binding writer",
+            closed_error=BindingStoreClosed,
+        )
 
     async def bind(self, owner: SessionOwner, request_id: str) -> None:
         """Writes the binding. Durable on return; SessionAlreadyBound if the id is taken. Cancelling
         the caller does not withdraw a queued binding."""
-        if self._closed:
-            raise RuntimeError("the session store is closed")
-        loop = asyncio.get_running_loop()
-        if self._writer is None or self._writer.done():
-            self._wakeup = asyncio.Event()
-            self._writer = loop.create_task(self._write_queued(self._wakeup), name="binding-writer")
-        assert self._wakeup is not None
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.append(_PendingBinding(owner, request_id, done))
-        self._wakeup.set()
-        await done
+        await self._committer.submit((owner, request_id))
         self._remember(owner)
 
     async def close(self) -> None:
         """Writes what is queued, then stops the writer."""
-        self._closed = True
-        writer = self._writer
-        if writer is None or writer.done():
-            return
-        assert self._wakeup is not None
-        self._wakeup.set()
-        await writer
+        await self._committer.close()
 
-    async def _write_queued(self, wakeup: asyncio.Event) -> None:
-        try:
-            while True:
-                if not self._pending:
-                    if self._closed:
-                        return
-                    wakeup.clear()
-                    await wakeup.wait()
-                    continue
-                size = min(self._batch_max, len(self._pending))
-                await self._commit_batch([self._pending.popleft() for _ in range(size)])
-        except asyncio.CancelledError:
-            for pending in self._pending:
-                if not pending.done.done():
-                    pending.done.set_exception(RuntimeError("the binding writer was cancelled"))
-            self._pending.clear()
-            raise
-
-    async def _commit_batch(self, batch: list[_PendingBinding]) -> None:
+    async def _write_bindings(self, batch: list[tuple[SessionOwner, str]]) -> list[BaseException | None]:
         # The first claim on an id within the batch goes to the database; later ones lose at once.
-        unique: dict[str, _PendingBinding] = {}
-        for pending in batch:
-            if pending.owner.session_id in unique:
-                _settle(pending, SessionAlreadyBound(pending.owner.session_id))
-            else:
-                unique[pending.owner.session_id] = pending
-        try:
-            inserted = await self._insert(list(unique.values()))
-        except Exception as exc:
-            for pending in unique.values():
-                _settle(pending, exc)
-            return
-        except BaseException:
-            for pending in unique.values():
-                _settle(pending, RuntimeError("the binding writer was cancelled; binding may not be written"))
-            raise
-        for session_id, pending in unique.items():
-            _settle(pending, None if session_id in inserted else SessionAlreadyBound(session_id))
+        first_claim: dict[str, int] = {}
+        for index, (owner, _request_id) in enumerate(batch):
+            first_claim.setdefault(owner.session_id, index)
+        inserted = await self._insert([batch[index] for index in first_claim.values()])
+        outcomes: list[BaseException | None] = []
+        for index, (owner, _request_id) in enumerate(batch):
+            won = first_claim[owner.session_id] == index and owner.session_id in inserted
+            outcomes.append(None if won else SessionAlreadyBound(owner.session_id))
+        return outcomes
 
-    async def _insert(self, batch: list[_PendingBinding]) -> set[str]:
+    async def _insert(self, batch: list[tuple[SessionOwner, str]]) -> set[str]:
         """Inserts the bindings whose id is free, in one transaction; returns the ids inserted."""
         rows = [
             {
-                "session_id": pending.owner.session_id,
-                "subject": pending.owner.subject,
-                "credential_id": pending.owner.credential_id,
-                "created_at": pending.owner.created_at,
-                "request_id": pending.request_id,
+                "session_id": owner.session_id,
+                "subject": owner.subject,
+                "credential_id": owner.credential_id,
+                "created_at": owner.created_at,
+                "request_id": request_id,
             }
-            for pending in batch
+            for owner, request_id in batch
         ]
         dialect_insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         statement = (
@@ -255,15 +208,6 @@ class ApiKeyStore:
                 .values(revoked_at=revoked_at)
             )
         return bool(result.rowcount)
-
-
-def _settle(pending: _PendingBinding, error: BaseException | None) -> None:
-    if pending.done.done():  # its caller was cancelled
-        return
-    if error is None:
-        pending.done.set_result(None)
-    else:
-        pending.done.set_exception(error)
 
 
 def _stored_key(row: Any) -> StoredApiKey:
