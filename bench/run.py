@@ -51,8 +51,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
-POSTGRES_ADMIN_URL = os.environ.get("LIVENESS_PROXY_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("LIVENESS_PROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 ALL_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
 RESULT_PATH = "/v1/liveness/sessions/{session_id}/result"
@@ -1022,65 +1020,36 @@ def scenario_s3(bench: Bench) -> Outcome:
 # -- S4: token stampede ---------------------------------------------------------------------------
 
 
+def _test_services() -> None:
+    """Makes tests/services.py importable: the fleet variant uses the same scratch PostgreSQL
+    database and Redis key prefix the tests use, from the one implementation that creates and
+    removes them."""
+    tests_dir = str(REPO_DIR / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+
+
 def shared_backend_problem() -> str | None:
     """Why PostgreSQL or Redis cannot be used for the fleet variant, or None."""
-    import asyncpg
-    import redis
+    _test_services()
+    import services
 
-    async def probe_postgres() -> None:
-        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=3)
-        await connection.close()
-
-    try:
-        asyncio.run(probe_postgres())
-    except Exception as exc:
-        return f"PostgreSQL at {POSTGRES_ADMIN_URL}: {type(exc).__name__}: {exc}"
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
-        client.ping()
-        client.close()
-    except Exception as exc:
-        return f"Redis at {REDIS_URL}: {type(exc).__name__}: {exc}"
+    if (problem := services._postgres_problem()) is not None:
+        return f"PostgreSQL at {services.POSTGRES_ADMIN_URL}: {problem}"
+    if (problem := services._redis_problem()) is not None:
+        return f"Redis at {services.REDIS_URL}: {problem}"
     return None
-
-
-async def _postgres_admin(statement: str) -> None:
-    import asyncpg
-
-    connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 @contextlib.contextmanager
 def scratch_shared_backend() -> Iterator[dict[str, str]]:
-    """A new PostgreSQL database and Redis key prefix (as tests/services.py makes them); both are
-    removed afterwards, whatever happened."""
-    import redis
+    """A new PostgreSQL database and Redis key prefix, removed afterwards whatever happened (call
+    shared_backend_problem() first: this assumes both servers are reachable)."""
+    _test_services()
+    import services
 
-    database = f"lp_bench_{secrets.token_hex(6)}"
-    prefix = f"lp-bench-{secrets.token_hex(6)}:"
-    asyncio.run(_postgres_admin(f'CREATE DATABASE "{database}"'))
-    try:
-        yield {
-            "LIVENESS_PROXY_DATABASE_URL": urlsplit(POSTGRES_ADMIN_URL)
-            ._replace(path=f"/{database}")
-            .geturl(),
-            "LIVENESS_PROXY_REDIS_URL": REDIS_URL,
-            "LIVENESS_PROXY_REDIS_KEY_PREFIX": prefix,
-        }
-    finally:
-        # WITH (FORCE): a replica that had to be killed may have left connections behind.
-        asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+    with services.shared_backend() as settings:
+        yield settings
 
 
 async def _burst(urls: Sequence[str], headers: Mapping[str, str], count: int) -> dict[str, int]:
