@@ -168,6 +168,6 @@ def test_upstream_urls_must_be_https_except_on_loopback_or_when_allowed() -> Non
         settings_from_mapping({"CYNOPSIS_API_BASE_URL": "http://10.0.0.5:8081"})
     assert settings_from_mapping({"CYNOPSIS_API_BASE_URL": "http://127.0.0.1:8081"})
     allowed = settings_from_mapping(
-        {"CYNOPSIS_API_BASE_URL": "http://sandbox:8081", "CYNOPSIS_ALLOW_PLAIN_HTTP": "true"}
+        {"CYNOPSIS_API_BASE_URL": "http://sandbox:8081", "LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM": "true"}
     )
     assert allowed.cynopsis_api_base_url == "http://sandbox:8081"

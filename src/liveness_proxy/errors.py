@@ -248,6 +248,38 @@ class TokenUnavailable(UpstreamError):
         super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
 
 
+class UpstreamCircuitOpen(UpstreamError):
+    """The circuit breaker is open: the liveness API failed repeatedly and is not called now.
+    `upstream_status` stays None: nothing was sent."""
+
+    status = 503
+    slug = "upstream-circuit-open"
+    title = "Upstream temporarily unavailable"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
+
+
+class RequestTimeout(ProblemError):
+    """The client did not send its whole request (head or body) in time."""
+
+    status = 408
+    slug = "request-timeout"
+    title = "Request timeout"
+
+    def __init__(self, detail: str = "The request was not received in time.") -> None:
+        super().__init__(detail, headers={"Connection": "close"})
+
+
+class RequestHeaderFieldsTooLarge(ProblemError):
+    status = 431
+    slug = "request-header-fields-too-large"
+    title = "Request header fields too large"
+
+    def __init__(self, detail: str = "The request line and headers are too large.") -> None:
+        super().__init__(detail, headers={"Connection": "close"})
+
+
 def render_problem(
     error: ProblemError, request_id: str, extensions: Mapping[str, object] | None = None
 ) -> bytes:

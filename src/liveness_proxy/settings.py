@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.store.database import PoolOptions
 
-DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"
+DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"  # nosec B105: a URL, not a password
 DEMO_API_BASE_URL = "https://crm-demo.cynopsis.co"
 DEFAULT_DATABASE_URL = "sqlite:///./liveness-proxy.db"
 
@@ -83,11 +83,29 @@ class Settings(BaseSettings):
     cynopsis_token_max_lifetime_seconds: int = Field(default=86400, ge=60)
     cynopsis_token_refresh_margin_seconds: int = Field(default=300, ge=1)
     cynopsis_token_failure_backoff_seconds: float = Field(default=5.0, gt=0, le=300)
-    cynopsis_allow_plain_http: bool = False
+    # TLS towards Cynopsis (token endpoint and liveness API): verified against the system's CAs, or
+    # against this bundle only (a private CA); an optional client certificate for mTLS.
+    cynopsis_ca_bundle: Path | None = None
+    cynopsis_client_cert_file: Path | None = None
+    cynopsis_client_key_file: Path | None = None
+    # Circuit breaker: after this many consecutive failed liveness calls (unreachable, reset,
+    # timed out, 5xx), calls fail fast for the open interval, then one probe call decides.
+    cynopsis_circuit_failure_threshold: int = Field(default=5, ge=1, le=10000)
+    cynopsis_circuit_open_seconds: float = Field(default=10.0, gt=0, le=3600)
 
     # --- The proxy itself ----------------------------------------------------------------------
     liveness_proxy_host: str = "127.0.0.1"
     liveness_proxy_port: int = Field(default=8080, ge=0, le=65535)
+    liveness_proxy_tls_cert_file: Path | None = None
+    liveness_proxy_tls_key_file: Path | None = None
+    liveness_proxy_allow_insecure_upstream: bool = False
+    # What one client may hold of the server (serve only; library mode inherits its host's server).
+    liveness_proxy_max_connections: int = Field(default=2048, ge=1, le=1_000_000)
+    liveness_proxy_max_header_bytes: int = Field(default=16384, ge=1024, le=1024 * 1024)
+    liveness_proxy_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    liveness_proxy_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    liveness_proxy_keepalive_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    liveness_proxy_shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     liveness_proxy_database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     liveness_proxy_database_url_file: Path | None = None
     liveness_proxy_database_pool_size: int = Field(default=10, ge=1, le=1000)
@@ -294,15 +312,33 @@ class Settings(BaseSettings):
     def _refuse_plain_http_upstream(self) -> Settings:
         # The client secret and every access token travel to these URLs: plain http only to
         # loopback (the built-in sandbox), or when the operator says so explicitly.
-        if self.cynopsis_allow_plain_http:
+        if self.liveness_proxy_allow_insecure_upstream:
             return self
         for name in ("cynopsis_token_url", "cynopsis_api_base_url"):
             parts = urlsplit(getattr(self, name))
             if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
                 raise ValueError(
                     f"{name.upper()}: must use https (plain http only for loopback addresses, "
-                    "or with CYNOPSIS_ALLOW_PLAIN_HTTP=true)"
+                    "or with LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM=true, for development only)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_certificate_pairs(self) -> Settings:
+        pairs = (
+            ("liveness_proxy_tls_cert_file", "liveness_proxy_tls_key_file"),
+            ("cynopsis_client_cert_file", "cynopsis_client_key_file"),
+        )
+        for cert, key in pairs:
+            if getattr(self, key) is not None and getattr(self, cert) is None:
+                raise ValueError(f"{key.upper()}: set only together with {cert.upper()}")
+        if self.liveness_proxy_tls_cert_file is not None and self.liveness_proxy_tls_key_file is None:
+            # A server certificate file may hold its key too, but say so explicitly: the common
+            # mistake is forgetting the key, not bundling it.
+            raise ValueError(
+                "LIVENESS_PROXY_TLS_KEY_FILE: required with LIVENESS_PROXY_TLS_CERT_FILE "
+                "(the same path if the certificate file holds the key)"
+            )
         return self
 
     @model_validator(mode="after")
