@@ -20,6 +20,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/bandit --quiet --recursive src
 
 typecheck: setup
 	$(BIN)/mypy

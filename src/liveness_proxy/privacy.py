@@ -60,7 +60,8 @@ class BiometricFilter:
             return payload, []
         removed: list[str] = []
         cleaned = self._strip(payload, removed, 0)
-        assert isinstance(cleaned, dict)
+        if not isinstance(cleaned, dict):  # a dict always strips to a dict; refuse rather than assume
+            raise TypeError("stripping a JSON object did not give an object")
         return cleaned, sorted(set(removed))
 
     def _strip(self, value: Any, removed: list[str], depth: int) -> Any:

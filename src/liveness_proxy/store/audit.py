@@ -420,9 +420,10 @@ def _column_rules() -> tuple[_ColumnRule, ...]:
             kind = "float"
         elif isinstance(column.type, Integer):
             kind = "int"
-        else:
-            assert isinstance(column.type, String)
+        elif isinstance(column.type, String):
             kind = "str"
+        else:
+            raise TypeError(f"audit column {name} has a type the record rules do not know")
         length = column.type.length if isinstance(column.type, String) else None
         rules.append(_ColumnRule(name, kind, bool(column.nullable), length))
     return tuple(rules)

@@ -72,21 +72,20 @@ class GroupCommitter(Generic[Item]):
         """Writes everything already queued, then stops the writer. Later submits raise."""
         self._closed = True
         writer = self._writer
-        if writer is None or writer.done():
+        if writer is None or writer.done() or self._wakeup is None:
             return
-        assert self._wakeup is not None
         self._wakeup.set()
         await writer
 
     def _ensure_writer(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
         # Started on first use rather than in __init__, so a committer can be built without a loop.
-        if self._writer is None or self._writer.done():
-            self._wakeup = asyncio.Event()
-            self._writer = loop.create_task(self._write_queued(self._wakeup), name=self._name)
+        wakeup = self._wakeup
+        if self._writer is None or self._writer.done() or wakeup is None:
+            wakeup = self._wakeup = asyncio.Event()
+            self._writer = loop.create_task(self._write_queued(wakeup), name=self._name)
         elif self._writer.get_loop() is not loop:
             raise RuntimeError(f"the {self._name} writes from one event loop only")
-        assert self._wakeup is not None
-        return self._wakeup
+        return wakeup
 
     async def _write_queued(self, wakeup: asyncio.Event) -> None:
         try:
