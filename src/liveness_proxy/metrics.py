@@ -175,6 +175,16 @@ class ProxyMetrics:
             "Upstream calls refused because no concurrency slot became free in time.",
             registry=registry,
         )
+        self._circuit_open = Gauge(
+            "liveness_proxy_upstream_circuit_open",
+            "1 while the circuit breaker refuses liveness calls (the upstream kept failing), else 0.",
+            registry=registry,
+        )
+        self._circuit_rejections = Counter(
+            "liveness_proxy_upstream_circuit_rejections",
+            "Liveness calls refused at once by the open circuit breaker (never sent upstream).",
+            registry=registry,
+        )
         self._shared_state_failures = Counter(
             "liveness_proxy_shared_state_failures",
             "Times a shared store (Redis, or the database for the token) could not be reached and "
@@ -252,6 +262,12 @@ class ProxyMetrics:
         """The concurrency limiter's state, read when the metrics are scraped (nothing per request)."""
         self._upstream_in_flight.set_function(in_flight)
         self._upstream_waiting.set_function(waiting)
+
+    def circuit_changed(self, is_open: bool, consecutive_failures: int) -> None:
+        self._circuit_open.set(1 if is_open else 0)
+
+    def circuit_rejected(self) -> None:
+        self._circuit_rejections.inc()
 
     def upstream_slot_rejected(self) -> None:
         self._upstream_rejected.inc()

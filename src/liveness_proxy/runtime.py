@@ -48,8 +48,28 @@ from liveness_proxy.upstream import (
     TokenStore,
     create_http_session,
 )
+from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.http1 import Http1Pool
 from liveness_proxy.upstream.transport import USER_AGENT
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitSignals:
+    """The circuit breaker's state changes as a log line and metrics; refusals as a metric only (a
+    line per refused request would flood the log exactly when the upstream is down)."""
+
+    metrics: ProxyMetrics
+    logger: structlog.typing.FilteringBoundLogger
+
+    def circuit_changed(self, is_open: bool, consecutive_failures: int) -> None:
+        self.metrics.circuit_changed(is_open, consecutive_failures)
+        if is_open:
+            self.logger.warning("upstream_circuit_opened", consecutive_failures=consecutive_failures)
+        else:
+            self.logger.info("upstream_circuit_closed")
+
+    def circuit_rejected(self) -> None:
+        self.metrics.circuit_rejected()
 
 
 @dataclass(slots=True)
@@ -232,6 +252,12 @@ async def start_runtime(
         max_response_bytes=settings.cynopsis_max_response_bytes,
         timeout_seconds=settings.cynopsis_timeout_seconds,
         observer=metrics,
+        circuit=CircuitBreaker(
+            failure_threshold=settings.cynopsis_circuit_failure_threshold,
+            # Real time, not `clock`: a test's manual clock standing still would keep it open.
+            open_seconds=settings.cynopsis_circuit_open_seconds,
+            observer=CircuitSignals(metrics, logger),
+        ),
     )
     api_keys = ApiKeyStore(engine)
     authenticators: list[Authenticator] = [

@@ -10,6 +10,9 @@ Every HTTP exchange (the retry after a 401 too) is reported to an optional `Upst
 endpoint name, its outcome (the status, or "timeout", "connect_error", "connection_error",
 "malformed") and how long it took.
 
+An optional `CircuitBreaker` (upstream/circuit.py) refuses calls at once while the upstream is
+failing; each call's outcome is reported to it.
+
 Nothing is retried here but the single 401 case. The transport (`http1.Http1Pool`) re-sends a GET
 once when a pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST
 that may have reached the upstream is never sent twice.
@@ -25,6 +28,8 @@ from urllib.parse import quote, urlsplit
 import orjson
 
 from liveness_proxy.errors import (
+    TokenUnavailable,
+    UpstreamError,
     UpstreamMalformed,
     UpstreamNotFound,
     UpstreamRateLimited,
@@ -32,6 +37,7 @@ from liveness_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.http1 import (
     Http1ConnectError,
     Http1ConnectionError,
@@ -92,8 +98,10 @@ class CynopsisClient:
         max_response_bytes: int,
         timeout_seconds: float,
         observer: UpstreamObserver | None = None,
+        circuit: CircuitBreaker | None = None,
     ) -> None:
         self._http = http
+        self._circuit = circuit
         self._tokens = tokens
         self._endpoints = endpoints
         self._domain_id = domain_id
@@ -130,6 +138,41 @@ class CynopsisClient:
         request_id: str,
         *,
         is_result: bool = False,
+    ) -> UpstreamResult:
+        circuit = self._circuit
+        if circuit is None:
+            return await self._call_upstream(endpoint, method, target, body, request_id, is_result)
+        probe = circuit.admit()
+        try:
+            result = await self._call_upstream(endpoint, method, target, body, request_id, is_result)
+        except (UpstreamTimeout, UpstreamUnavailable) as exc:
+            # Unreachable, reset, timed out or 5xx: the upstream is unwell. 401/403/404 arrive as
+            # UpstreamUnavailable too, but they are answers from a working upstream.
+            if exc.upstream_status is None or exc.upstream_status >= 500:
+                circuit.failed(probe)
+            else:
+                circuit.succeeded(probe)
+            raise
+        except UpstreamError as exc:
+            if isinstance(exc, TokenUnavailable):
+                circuit.abandoned(probe)  # the liveness API was never called
+            else:
+                circuit.succeeded(probe)  # 4xx, 429, an unusable body: the upstream answered
+            raise
+        except BaseException:
+            circuit.abandoned(probe)  # cancelled (the caller went away) or a bug
+            raise
+        circuit.succeeded(probe)
+        return result
+
+    async def _call_upstream(
+        self,
+        endpoint: UpstreamEndpoint,
+        method: str,
+        target: str,
+        body: bytes | None,
+        request_id: str,
+        is_result: bool,
     ) -> UpstreamResult:
         token = await self._tokens.get()
         answer, seconds = await self._send(endpoint, method, target, body, token, request_id)

@@ -1,0 +1,138 @@
+"""The circuit breaker: its state machine on a manual clock, and which upstream answers trip it,
+through the real proxy and sandbox (the end-to-end row with recovery is in test_fault_matrix.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import pytest
+
+from liveness_proxy.errors import UpstreamCircuitOpen
+from liveness_proxy.sandbox import Fault, ManualClock
+from liveness_proxy.upstream.circuit import CircuitBreaker
+from support import ProxyHarness
+
+SESSION_TOKEN = "/v1/liveness/session-token"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.changes: list[tuple[bool, int]] = []
+        self.rejections = 0
+
+    def circuit_changed(self, is_open: bool, consecutive_failures: int) -> None:
+        self.changes.append((is_open, consecutive_failures))
+
+    def circuit_rejected(self) -> None:
+        self.rejections += 1
+
+
+def breaker(clock: ManualClock, recorder: Recorder, threshold: int = 3) -> CircuitBreaker:
+    return CircuitBreaker(failure_threshold=threshold, open_seconds=10, clock=clock.now, observer=recorder)
+
+
+def test_opens_after_consecutive_failures_only() -> None:
+    clock, recorder = ManualClock(0), Recorder()
+    circuit = breaker(clock, recorder)
+    for _ in range(2):
+        circuit.failed(circuit.admit())
+    circuit.succeeded(circuit.admit())  # an answer in between resets the count
+    for _ in range(2):
+        circuit.failed(circuit.admit())
+    assert not circuit.is_open
+    circuit.failed(circuit.admit())
+    assert circuit.is_open
+    assert recorder.changes == [(True, 3)]
+
+
+def test_open_circuit_refuses_with_retry_after_then_lets_one_probe_through() -> None:
+    clock, recorder = ManualClock(0), Recorder()
+    circuit = breaker(clock, recorder, threshold=1)
+    circuit.failed(circuit.admit())
+    clock.advance(2.5)
+    with pytest.raises(UpstreamCircuitOpen) as refused:
+        circuit.admit()
+    assert refused.value.headers["Retry-After"] == "8"  # ceil(10 - 2.5)
+    assert refused.value.response_status() == 503
+    clock.advance(7.5)
+    assert circuit.admit() is True  # the probe
+    with pytest.raises(UpstreamCircuitOpen) as while_probing:
+        circuit.admit()  # only one probe at a time
+    assert while_probing.value.headers["Retry-After"] == "1"
+    circuit.succeeded(True)
+    assert not circuit.is_open
+    assert circuit.admit() is False
+    assert recorder.changes == [(True, 1), (False, 0)]
+    assert recorder.rejections == 2
+
+
+def test_a_failed_probe_reopens_for_a_whole_interval() -> None:
+    clock, recorder = ManualClock(0), Recorder()
+    circuit = breaker(clock, recorder, threshold=1)
+    circuit.failed(circuit.admit())
+    clock.advance(10)
+    circuit.failed(circuit.admit())
+    clock.advance(9.9)
+    with pytest.raises(UpstreamCircuitOpen):
+        circuit.admit()
+    clock.advance(0.1)
+    assert circuit.admit() is True
+    # Reopening is not a new outage: one "opened" signal for the whole episode.
+    assert recorder.changes == [(True, 1)]
+
+
+def test_an_abandoned_probe_hands_the_probe_to_the_next_caller() -> None:
+    clock, recorder = ManualClock(0), Recorder()
+    circuit = breaker(clock, recorder, threshold=1)
+    circuit.failed(circuit.admit())
+    clock.advance(10)
+    assert circuit.admit() is True
+    circuit.abandoned(True)  # e.g. the caller disconnected: says nothing about the upstream
+    assert circuit.admit() is True
+
+
+def test_invalid_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="failure_threshold"):
+        CircuitBreaker(failure_threshold=0, open_seconds=1)
+    with pytest.raises(ValueError, match="failure_threshold"):
+        CircuitBreaker(failure_threshold=1, open_seconds=0)
+
+
+@pytest.mark.parametrize(
+    ("fault", "trips"),
+    [
+        (Fault(target="session_token", kind="status", status=503, count=3), True),
+        (Fault(target="session_token", kind="timeout", hang_seconds=3, count=3), True),
+        (Fault(target="session_token", kind="status", status=400, count=3), False),
+        (Fault(target="session_token", kind="status", status=409, count=3), False),
+        (Fault(target="session_token", kind="rate_limit", count=3), False),
+        (Fault(target="session_token", kind="malformed", count=3), False),
+    ],
+    ids=["503", "timeout", "400", "409", "429", "malformed"],
+)
+def test_only_signs_of_an_unavailable_upstream_open_the_circuit(
+    make_proxy: Callable[..., AbstractContextManager[ProxyHarness]], fault: Fault, trips: bool
+) -> None:
+    overrides = {
+        "cynopsis_circuit_failure_threshold": 3,
+        "cynopsis_circuit_open_seconds": 30,
+        "cynopsis_timeout_seconds": 0.5,
+    }
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+        # A token first, so that every faulted call below is a liveness call.
+        assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+        proxy.sandbox.inject_fault(fault)
+        for _ in range(3):
+            assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code != 200
+        calls_before = len(proxy.upstream_paths())
+        answer = client.post(SESSION_TOKEN, headers=proxy.auth())
+        if trips:
+            assert answer.status_code == 503
+            assert answer.json()["type"] == "urn:liveness-proxy:problem:upstream-circuit-open"
+            assert 1 <= int(answer.headers["Retry-After"]) <= 30
+            assert len(proxy.upstream_paths()) == calls_before  # refused without calling upstream
+            assert "upstream_circuit_opened" in proxy.log_text()
+        else:
+            assert answer.status_code == 200
+            assert "upstream_circuit_opened" not in proxy.log_text()
