@@ -47,6 +47,9 @@ def test_token_is_refreshed_ahead_of_expiry(proxy: ProxyHarness, client: httpx.C
     proxy.clock.advance(28800 - 200)
     assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
     _wait_for(lambda: proxy.sandbox.tokens_issued == 2)
+    # The sandbox counts the token when it answers; the proxy stores it a moment later (on
+    # PostgreSQL + Redis after a round trip to the shared store).
+    _wait_for(lambda: (cached := proxy.runtime.tokens.cached) is not None and cached.value != first.value)
     second = proxy.runtime.tokens.cached
     assert second is not None
     assert second.value != first.value
