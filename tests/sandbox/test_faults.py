@@ -9,7 +9,8 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig
+from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig, running_sandbox
+from liveness_proxy.sandbox.faults import GARBAGE_BYTES, RESET_BODY
 
 from .flows import (
     RESULT_PATH_PREFIX,
@@ -216,3 +217,87 @@ def test_injecting_does_not_change_the_callers_fault(sandbox: Sandbox) -> None:
 def test_invalid_faults_are_refused(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Fault(**fields)  # type: ignore[arg-type]
+
+
+# --- faults below HTTP, over a real server: uvicorn gives them the connection ---------------------
+
+
+async def _raw_exchange(base_url: str, request: bytes) -> tuple[bytes, BaseException | None]:
+    """Sends `request` on a fresh connection; everything received until the connection ended, and
+    the error it ended with (None for a clean close)."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    received = b""
+    ended_with: BaseException | None = None
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    except ConnectionResetError as exc:
+        ended_with = exc
+    finally:
+        writer.close()
+    return received, ended_with
+
+
+_TOKEN_REQUEST = (
+    b"POST /oauth/token HTTP/1.1\r\nHost: sandbox\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+async def test_reset_fault_sends_half_the_announced_body_then_a_tcp_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sandbox = Sandbox(SandboxConfig())
+    sandbox.inject_fault(Fault(target="token", kind="reset"))
+    async with running_sandbox(sandbox) as base_url:
+        received, ended_with = await _raw_exchange(base_url, _TOKEN_REQUEST)
+        # The server is unharmed: the next call is answered normally.
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            assert (await request_token(client)).status_code == 200
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"content-length: {len(RESET_BODY)}".encode() in head.lower()
+    assert body == RESET_BODY[: len(RESET_BODY) // 2]
+    assert isinstance(ended_with, ConnectionResetError)
+    assert not [record for record in caplog.records if record.name.startswith("uvicorn")]
+
+
+async def test_garbage_fault_sends_bytes_that_are_not_http_then_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sandbox = Sandbox(SandboxConfig())
+    sandbox.inject_fault(Fault(target="token", kind="garbage"))
+    async with running_sandbox(sandbox) as base_url:
+        received, ended_with = await _raw_exchange(base_url, _TOKEN_REQUEST)
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            assert (await request_token(client)).status_code == 200
+    assert (received, ended_with) == (GARBAGE_BYTES, None)
+    assert not [record for record in caplog.records if record.name.startswith("uvicorn")]
+
+
+async def test_garbage_fault_without_a_real_server_says_it_cannot_be_done(
+    client: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    sandbox.inject_fault(Fault(target="token", kind="garbage"))
+    response = await request_token(client)
+    assert (response.status_code, response.json()["error"]) == (500, "fault_unsupported")
+
+
+@pytest.mark.parametrize("expires_in", [0, -60, 10**12])
+async def test_token_expires_in_fault_issues_a_real_token_with_that_claim(
+    client: httpx.AsyncClient, sandbox: Sandbox, expires_in: int
+) -> None:
+    sandbox.inject_fault(Fault(target="token", kind="token_expires_in", expires_in=expires_in))
+    answer = (await request_token(client)).json()
+    assert answer["expires_in"] == expires_in
+    # The token itself works for the sandbox's configured lifetime, whatever the answer claimed.
+    headers = {"Authorization": f"Bearer {answer['access_token']}", "X-Domain-Id": "sandbox-domain"}
+    assert (await post_session_token(client, headers)).status_code == 200
+    assert (await request_token(client)).json()["expires_in"] == 28800
+
+
+def test_token_expires_in_fault_is_refused_for_other_targets() -> None:
+    with pytest.raises(ValidationError):
+        Fault(target="any", kind="token_expires_in")

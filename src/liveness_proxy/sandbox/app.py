@@ -18,10 +18,17 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from liveness_proxy.sandbox.config import SandboxConfig
 from liveness_proxy.sandbox.control import control_routes
-from liveness_proxy.sandbox.faults import Endpoint, Fault, FaultQueue, fault_response
+from liveness_proxy.sandbox.faults import (
+    SERVER_SEND_SCOPE_KEY,
+    Endpoint,
+    Fault,
+    FaultQueue,
+    fault_response,
+)
 from liveness_proxy.sandbox.recording import RecordedRequest, RequestRecorder, request_body
 from liveness_proxy.sandbox.responses import OrjsonResponse, error_response
 
@@ -135,7 +142,7 @@ class Sandbox:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    def _build_app(self) -> Starlette:
+    def _build_app(self) -> _SandboxApp:
         config = self.config
         routes: list[BaseRoute] = [
             Route(config.token_path, self._token_endpoint, methods=["POST"]),
@@ -145,7 +152,7 @@ class Sandbox:
         ]
         if config.control_enabled:
             routes.extend(control_routes(self))
-        app = Starlette(
+        app = _SandboxApp(
             routes=routes,
             middleware=[Middleware(RequestRecorder, record=self.request_log.append)],
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
@@ -156,7 +163,12 @@ class Sandbox:
 
     async def _token_endpoint(self, request: Request) -> Response:
         self.token_requests += 1
-        if (injected := await self._injected_fault("token", request)) is not None:
+        expires_in: int | None = self.config.token_lifetime_seconds
+        fault = self._faults.take("token")
+        if fault is not None and fault.kind == "token_expires_in":
+            # A real token, with a lifetime claim the client has to cope with.
+            expires_in = fault.expires_in
+        elif fault is not None and (injected := await fault_response(fault, request.receive)) is not None:
             return injected
         content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != _FORM_CONTENT_TYPE:
@@ -175,8 +187,8 @@ class Sandbox:
         self._access_tokens[access_token] = self.config.clock.now()
         self.tokens_issued += 1
         body: dict[str, Any] = {"access_token": access_token, "token_type": "Bearer"}
-        if self.config.token_lifetime_seconds is not None:
-            body["expires_in"] = self.config.token_lifetime_seconds
+        if expires_in is not None:
+            body["expires_in"] = expires_in
         body["scope"] = "liveness"
         return OrjsonResponse(body)
 
@@ -291,6 +303,15 @@ class Sandbox:
         if self.config.clock.now() >= session.created_at + self.config.session_lifetime_seconds:
             return "EXPIRED"
         return "CREATED"
+
+
+class _SandboxApp(Starlette):
+    """Starlette that leaves the server's own `send` in the scope before any middleware wraps it:
+    the faults that work below HTTP (a reset, garbage bytes) reach the connection through it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND_SCOPE_KEY] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_sandbox_app(config: SandboxConfig) -> Starlette:
