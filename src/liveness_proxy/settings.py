@@ -22,7 +22,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.store.database import PoolOptions
+from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
 
 DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"  # nosec B105: a URL, not a password
 DEMO_API_BASE_URL = "https://crm-demo.cynopsis.co"
@@ -373,6 +373,8 @@ class Settings(BaseSettings):
             max_overflow=self.liveness_proxy_database_max_overflow,
             timeout_seconds=self.liveness_proxy_database_pool_timeout_seconds,
             pgbouncer=self.liveness_proxy_database_pgbouncer,
+            # The same bound on a lock held elsewhere as SQLite's busy timeout: then a 503.
+            statement_timeout_seconds=SQLITE_BUSY_TIMEOUT_MS / 1000,
         )
 
     @property

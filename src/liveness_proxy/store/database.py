@@ -31,6 +31,9 @@ class PoolOptions:
     # prepared on one is unknown (or, worse, a different statement) on the next: no statement cache,
     # and unique names for the statements asyncpg still prepares for one round trip.
     pgbouncer: bool = False
+    # PostgreSQL: longest a statement may run (a lock wait included) before it is cancelled and the
+    # request answered 503. None: no bound (migrations and audit commands, which may run long).
+    statement_timeout_seconds: float | None = None
 
 
 def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions | None = None) -> AsyncEngine:
@@ -38,7 +41,11 @@ def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions |
     options = pool or PoolOptions(size=pool_size)
     if database_url.startswith("sqlite"):
         engine = create_async_engine(
-            database_url, pool_size=options.size, max_overflow=0, pool_pre_ping=False
+            database_url,
+            pool_size=options.size,
+            max_overflow=0,
+            pool_timeout=options.timeout_seconds,
+            pool_pre_ping=False,
         )
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
         return engine
@@ -46,6 +53,10 @@ def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions |
     if database_url.startswith("postgresql+asyncpg"):
         # Shown in pg_stat_activity: which process holds which connection.
         connect_args["server_settings"] = {"application_name": f"liveness-proxy:{os.getpid()}"}
+        if options.statement_timeout_seconds is not None:
+            # Client-side (works through PgBouncer); a lock held elsewhere then costs a request a
+            # bounded wait and a 503 (asyncpg raises TimeoutError), like SQLite's busy timeout.
+            connect_args["command_timeout"] = options.statement_timeout_seconds
         if options.pgbouncer:
             connect_args |= {
                 "statement_cache_size": 0,

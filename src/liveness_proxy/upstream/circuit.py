@@ -61,6 +61,15 @@ class CircuitBreaker:
         """True while calls are refused (open, or half-open with its probe in flight)."""
         return self._open_until is not None
 
+    def refuse_if_open(self) -> None:
+        """Raises UpstreamCircuitOpen when `admit` would, without claiming the probe: for a caller
+        that must know before it spends something (a daily attempt) on the call."""
+        open_until = self._open_until
+        if open_until is not None:
+            now = self._clock()
+            if now < open_until or self._probe_in_flight:
+                raise self._refusal(open_until, now)
+
     def admit(self) -> bool:
         """Admits a call, or raises UpstreamCircuitOpen. Returns True when the call is the probe.
         Every admitted call must end in exactly one of `succeeded`, `failed` or `abandoned`."""
@@ -71,11 +80,14 @@ class CircuitBreaker:
         if now >= open_until and not self._probe_in_flight:
             self._probe_in_flight = True
             return True
+        raise self._refusal(open_until, now)
+
+    def _refusal(self, open_until: float, now: float) -> UpstreamCircuitOpen:
         if self._observer is not None:
             self._observer.circuit_rejected()
         # While a probe runs, its answer is at most a timeout away: ask callers back in a second.
         wait = open_until - now if now < open_until else 1.0
-        raise UpstreamCircuitOpen(
+        return UpstreamCircuitOpen(
             "The liveness service is failing; calls are paused briefly to let it recover.",
             retry_after_seconds=max(1, math.ceil(wait)),
         )

@@ -114,6 +114,11 @@ class CynopsisClient:
         before, _, after = endpoints.result_path.partition("{session_id}")
         self._result_target = (endpoints.target(before), quote(after, safe=_PATH_SAFE))
 
+    def refuse_if_open(self) -> None:
+        """Raises UpstreamCircuitOpen now if the next call would be refused by the circuit breaker."""
+        if self._circuit is not None:
+            self._circuit.refuse_if_open()
+
     async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
         return await self._call("session_token", "POST", self._session_token_target, body, request_id)
