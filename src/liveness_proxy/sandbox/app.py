@@ -186,7 +186,7 @@ class Sandbox:
         access_token = "sbx_" + secrets.token_urlsafe(32)
         self._access_tokens[access_token] = self.config.clock.now()
         self.tokens_issued += 1
-        body: dict[str, Any] = {"access_token": access_token, "token_type": "Bearer"}
+        body: dict[str, Any] = {"access_token": access_token, "token_type": "Bearer"}  # nosec B105: a token type
         if expires_in is not None:
             body["expires_in"] = expires_in
         body["scope"] = "liveness"
