@@ -62,11 +62,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from liveness_proxy.app import create_app
+    from liveness_proxy.serving import check_tls_files, tls_files, uvicorn_options
 
     settings = Settings.load()
     settings.require_proxy_secrets()
     host = args.host or settings.liveness_proxy_host
     port = settings.liveness_proxy_port if args.port is None else args.port
+    tls = tls_files(settings, args.ssl_certfile, args.ssl_keyfile)
+    if tls is not None:
+        # Before anything else: a wrong certificate is a configuration error, not a crash per worker.
+        check_tls_files(tls)
     # Migrations run once here, not in each worker, so workers never race on the schema.
     asyncio.run(_upgrade(settings))
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
@@ -77,11 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": "httptools",
         "access_log": False,  # our own access log is structured and redacted
         "server_header": False,
         "log_level": "warning",
-        "timeout_graceful_shutdown": 10,
+        # The httptools protocol with head deadline, head size and connection limits (serving.py),
+        # keep-alive, graceful shutdown and TLS.
+        **uvicorn_options(settings, tls),
     }
     if args.workers > 1:
         uvicorn.run(
@@ -411,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default LIVENESS_PROXY_HOST)")
     serve.add_argument("--port", type=int, default=None, help="port (default LIVENESS_PROXY_PORT)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--ssl-certfile",
+        default=None,
+        metavar="PEM",
+        help="serve HTTPS with this certificate (chain) (default LIVENESS_PROXY_TLS_CERT_FILE)",
+    )
+    serve.add_argument(
+        "--ssl-keyfile",
+        default=None,
+        metavar="PEM",
+        help="the certificate's private key, unencrypted (default LIVENESS_PROXY_TLS_KEY_FILE)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     sandbox = commands.add_parser("sandbox", help="run only the simulated Cynopsis API")

@@ -1,0 +1,373 @@
+"""What `serve` adds to uvicorn: limits on what one client may hold of the server, and TLS set-up.
+
+uvicorn bounds neither the time a client may take to send its request head nor the head's size
+(its httptools protocol buffers any head for as long as the client trickles it in), and its
+`limit_concurrency` answers plain text and counts every connection against every other. The
+protocol class here is uvicorn's httptools protocol with:
+
+- a head deadline: from the moment a connection is opened, or a response was sent on it, the next
+  request head must be complete within LIVENESS_PROXY_HEADER_TIMEOUT_SECONDS. A partial head gets
+  408 and the connection is closed; a connection with no byte of a new request is closed silently
+  (a keep-alive client must be free to reconnect without seeing an error). uvicorn's keep-alive
+  timer still runs, so an idle keep-alive connection lasts the shorter of the two timeouts.
+- a head size limit: request line plus headers over LIVENESS_PROXY_MAX_HEADER_BYTES get 431 and
+  the connection is closed (a head that never ends is cut as soon as the bytes exceed it).
+- a connection limit: a connection opened while LIVENESS_PROXY_MAX_CONNECTIONS are already open
+  answers its request with 503 and is closed; connections admitted earlier are served as usual.
+- problem+json answers (with a fresh request id and the security headers) for these and for
+  unparsable requests, instead of uvicorn's plain text.
+- on SIGTERM, a request still running when LIVENESS_PROXY_SHUTDOWN_TIMEOUT_SECONDS has passed gets
+  503 problem+json under its own request id just before uvicorn cancels it (uvicorn would answer a
+  plain-text 500).
+
+The request *body* deadline is the app's (`read_json_object`), so that library mode has it too.
+
+This subclasses uvicorn internals (`HttpToolsProtocol` and its request cycle, uvicorn 0.54): an
+upgrade of uvicorn must re-run tests/test_serve_limits.py, test_shutdown.py and test_tls_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from liveness_proxy.browser import SecurityHeaders
+from liveness_proxy.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    ConfigurationError,
+    ProblemError,
+    RequestHeaderFieldsTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    render_problem,
+)
+from liveness_proxy.middleware import new_request_id, request_id_of
+from liveness_proxy.settings import Settings
+
+# " HTTP/1.1\r\n" after the target; ": " and CRLF of each header field; the empty line at the end.
+_REQUEST_LINE_TAIL_BYTES = 11
+_HEADER_SEPARATOR_BYTES = 4
+_HEAD_END_BYTES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    """What the protocol enforces per connection. Picklable: uvicorn hands it to spawned workers."""
+
+    max_connections: int
+    max_header_bytes: int
+    header_timeout_seconds: float
+    hsts_max_age_seconds: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServeLimits:
+        return cls(
+            max_connections=settings.liveness_proxy_max_connections,
+            max_header_bytes=settings.liveness_proxy_max_header_bytes,
+            header_timeout_seconds=settings.liveness_proxy_header_timeout_seconds,
+            hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds,
+        )
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the head deadline, head size and connection limits."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: ServeLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._limits = limits
+        self._security_headers = SecurityHeaders(hsts_max_age_seconds=limits.hsts_max_age_seconds)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        # Between the end of one message (or the connection's start) and the end of the next head.
+        self._awaiting_head = True
+        self._head_started = False  # the parser saw the first byte of the awaited head
+        self._head_bytes_received = 0  # raw bytes received while awaiting the head
+        self._admitted = True
+        self._refused = False  # answered and closing: the parser's further callbacks are ignored
+        self._drain_deadline: asyncio.TimerHandle | None = None
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # `connections` includes this one now: it is over the limit if more than the maximum are open.
+        self._admitted = len(self.connections) <= self._limits.max_connections
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        if self._drain_deadline is not None:
+            self._drain_deadline.cancel()
+            self._drain_deadline = None
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown began: idle connections close now, a request in flight may
+        finish within `timeout_graceful_shutdown`. Past it, uvicorn cancels the request's task and
+        answers a plain-text 500; this answers 503 problem+json first (the task is still cancelled,
+        and its audit record says so)."""
+        super().shutdown()
+        grace = self.config.timeout_graceful_shutdown
+        if grace is not None and not self.transport.is_closing() and self._request_in_flight():
+            # uvicorn's own deadline starts 0.1 s after this call: ours passes first.
+            self._drain_deadline = self.loop.call_later(grace, self._drain_deadline_passed)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_head:
+            self._head_bytes_received += len(data)
+        super().data_received(data)
+        # A head that is still incomplete although more than the maximum arrived: httptools would
+        # buffer it for as long as the client keeps sending; a complete one is measured when parsed.
+        if (
+            self._awaiting_head
+            and self._head_bytes_received > self._limits.max_header_bytes
+            and not self._refused
+            and not self.transport.is_closing()
+        ):
+            self._refuse(RequestHeaderFieldsTooLarge())
+
+    def handle_websocket_upgrade(self) -> None:
+        # uvicorn calls this after the parser saw an Upgrade head, even one refused above.
+        if not self._refused:
+            super().handle_websocket_upgrade()
+
+    def send_400_response(self, msg: str) -> None:
+        # Called by uvicorn when httptools cannot parse the request; `msg` is uvicorn's own text.
+        self._refuse(BadRequest("The request is not valid HTTP/1.1."))
+
+    # -- parser callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_started = True
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._cancel_head_deadline()
+        self._awaiting_head = False
+        self._head_started = False
+        # Measured once from what uvicorn kept of the head (cheaper than counting in on_url and on_
+        # header, which run for every piece); within a few bytes of its size on the wire.
+        head_size = (
+            len(self.parser.get_method())
+            + 1
+            + len(self.url)
+            + _REQUEST_LINE_TAIL_BYTES
+            + sum(len(name) + len(value) for name, value in self.headers)
+            + _HEADER_SEPARATOR_BYTES * len(self.headers)
+            + _HEAD_END_BYTES
+        )
+        if head_size > self._limits.max_header_bytes:
+            self._refuse(RequestHeaderFieldsTooLarge())
+            return
+        # Requests still in flight on connections that went away count too: a client that sends a
+        # request and disconnects, again and again, must not pile up unbounded work.
+        if not self._admitted or len(self.tasks) >= self._limits.max_connections:
+            self.logger.warning("Connection limit reached: request refused with 503.")
+            self._refuse(ServiceUnavailable("The server is at its connection limit.", retry_after_seconds=1))
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        self._awaiting_head = True
+        self._head_started = False
+        self._head_bytes_received = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        # A pipelined request whose head already arrived is running now: the app has it, no deadline.
+        if self.cycle is not None and not self.cycle.response_complete:
+            return
+        self._arm_head_deadline()
+
+    # -- head deadline -------------------------------------------------------------------------
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_deadline = self.loop.call_later(
+            self._limits.header_timeout_seconds, self._head_deadline_passed
+        )
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _request_in_flight(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _head_deadline_passed(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self._refused:
+            return
+        if self._request_in_flight():
+            return  # the app is answering a request: not ours to cut (cannot happen; defensive)
+        if self._awaiting_head and (self._head_started or self._head_bytes_received):
+            timeout = self._limits.header_timeout_seconds
+            self._refuse(RequestTimeout(f"The request head was not received within {timeout:g} seconds."))
+            return
+        # Idle, or the unread rest of a body the app answered without reading: nobody awaits an
+        # answer, so none is sent.
+        self.transport.close()
+
+    def _drain_deadline_passed(self) -> None:
+        self._drain_deadline = None
+        if self.transport.is_closing() or not self._request_in_flight():
+            return
+        cycle = self.cycle
+        if cycle.response_started:
+            self.transport.close()  # half an answer cannot be taken back; the client sees it cut
+            return
+        # The app's later writes and reads then go nowhere (uvicorn's cycle treats it as a client
+        # that went away), so that its cancellation cannot answer a second time.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        # The id the app gave this request (and its audit record), so the caller can quote it.
+        self._refuse(
+            ServiceUnavailable("The server is shutting down.", retry_after_seconds=1),
+            request_id=request_id_of(cycle.scope),  # type: ignore[arg-type]
+        )
+
+    # -- refusals ------------------------------------------------------------------------------
+
+    def _refuse(self, error: ProblemError, *, request_id: str | None = None) -> None:
+        """Answers `error` as problem+json straight onto the socket and closes the connection."""
+        self._refused = True
+        self._cancel_head_deadline()
+        if request_id is None:
+            request_id = new_request_id()
+        body = render_problem(error, request_id)
+        headers: list[tuple[bytes, bytes]] = [
+            *self.server_state.default_headers,
+            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+            *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+        ]
+        self._security_headers.add_to(headers, {"scheme": self.scheme})
+        if not any(name == b"connection" for name, _ in headers):
+            headers.append((b"connection", b"close"))
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        self.transport.write(STATUS_LINE[error.response_status()] + head + b"\r\n" + body)
+        self.transport.close()
+
+
+def protocol_class(limits: ServeLimits) -> Callable[..., asyncio.Protocol]:
+    """What `serve` passes as uvicorn's `http`: the protocol bound to `limits`. A partial of a
+    module-level class pickles by reference, so `--workers N` hands it to each worker as is."""
+    return functools.partial(LimitedHttpToolsProtocol, limits=limits)
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A server certificate (chain) and its key, each with the name the operator set it by."""
+
+    cert_file: Path
+    key_file: Path
+    cert_name: str
+    key_name: str
+
+
+def tls_files(settings: Settings, cli_cert: str | None, cli_key: str | None) -> TlsFiles | None:
+    """The certificate and key `serve` uses: `--ssl-certfile`/`--ssl-keyfile` override the settings
+    one by one; None when neither is set. ConfigurationError when only one of the pair is."""
+    cert_name, cert = (
+        ("--ssl-certfile", Path(cli_cert))
+        if cli_cert
+        else ("LIVENESS_PROXY_TLS_CERT_FILE", settings.liveness_proxy_tls_cert_file)
+    )
+    key_name, key = (
+        ("--ssl-keyfile", Path(cli_key))
+        if cli_key
+        else ("LIVENESS_PROXY_TLS_KEY_FILE", settings.liveness_proxy_tls_key_file)
+    )
+    if cert is None and key is None:
+        return None
+    if cert is None:
+        raise ConfigurationError(
+            f"{key_name}: set only together with --ssl-certfile or LIVENESS_PROXY_TLS_CERT_FILE"
+        )
+    if key is None:
+        raise ConfigurationError(
+            f"{cert_name}: needs a key too (--ssl-keyfile or LIVENESS_PROXY_TLS_KEY_FILE; "
+            "the same path if the certificate file holds the key)"
+        )
+    return TlsFiles(cert_file=cert, key_file=key, cert_name=cert_name, key_name=key_name)
+
+
+def check_tls_files(files: TlsFiles) -> None:
+    """Loads the pair once, so that a wrong file stops `serve` with a message naming the setting
+    (uvicorn would fail in each worker with OpenSSL's text). Never shows file contents or paths."""
+    for path, name in ((files.cert_file, files.cert_name), (files.key_file, files.key_name)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigurationError(f"{name}: the file cannot be read ({reason})") from None
+    asked_for_password = False
+
+    def no_password() -> bytes:
+        # An encrypted key would make OpenSSL prompt on the terminal; a server has nobody to ask.
+        nonlocal asked_for_password
+        asked_for_password = True
+        return b""
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(files.cert_file, files.key_file, password=no_password)
+    except ssl.SSLError as exc:
+        if asked_for_password:
+            raise ConfigurationError(
+                f"{files.key_name}: the private key is encrypted; give it unencrypted (file mode 0600)"
+            ) from None
+        raise ConfigurationError(
+            f"{files.cert_name}, {files.key_name}: not a PEM certificate and its matching private key "
+            f"({exc.reason or 'unreadable'})"
+        ) from None
+
+
+def uvicorn_options(settings: Settings, tls: TlsFiles | None) -> dict[str, Any]:
+    """The uvicorn settings that bound what clients may hold, and TLS; shared by every worker."""
+    options: dict[str, Any] = {
+        "http": protocol_class(ServeLimits.from_settings(settings)),
+        "timeout_keep_alive": settings.liveness_proxy_keepalive_timeout_seconds,
+        "timeout_graceful_shutdown": settings.liveness_proxy_shutdown_timeout_seconds,
+    }
+    if tls is not None:
+        options["ssl_certfile"] = str(tls.cert_file)
+        options["ssl_keyfile"] = str(tls.key_file)
+    return options
