@@ -24,7 +24,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
 
-DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"  # nosec B105: a URL, not a password
+# A URL, not a password (bandit guesses from the name).
+DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"  # nosec B105
 DEMO_API_BASE_URL = "https://crm-demo.cynopsis.co"
 DEFAULT_DATABASE_URL = "sqlite:///./liveness-proxy.db"
 
