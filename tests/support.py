@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -69,9 +70,29 @@ class LogScan:
 
 
 class ServerThread:
-    """Runs an ASGI app under uvicorn on 127.0.0.1 and an OS-chosen port, in a background thread."""
+    """Runs an ASGI app under uvicorn on 127.0.0.1 and an OS-chosen port, in a background thread.
 
-    def __init__(self, app: ASGIApp, *, lifespan: str = "on") -> None:
+    With `ssl_certfile` (and `ssl_keyfile`) it serves HTTPS; with `ssl_ca_certs` too it asks for a
+    client certificate signed by those CAs, and with `require_client_certificate` it refuses a
+    client without one."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        lifespan: str = "on",
+        ssl_certfile: Path | None = None,
+        ssl_keyfile: Path | None = None,
+        ssl_ca_certs: Path | None = None,
+        require_client_certificate: bool = False,
+    ) -> None:
+        tls: dict[str, Any] = {}
+        if ssl_certfile is not None:
+            tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": ssl_keyfile and str(ssl_keyfile)}
+            if ssl_ca_certs is not None:
+                tls["ssl_ca_certs"] = str(ssl_ca_certs)
+                tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
+        self.scheme = "https" if ssl_certfile is not None else "http"
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -80,6 +101,7 @@ class ServerThread:
             lifespan=lifespan,  # type: ignore[arg-type]
             access_log=False,
             loop="asyncio",
+            **tls,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -101,7 +123,7 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -180,6 +180,19 @@ async def test_a_body_over_the_limit_is_refused_declared_or_streamed() -> None:
             await get(pool, limit=1000)
 
 
+@pytest.mark.parametrize("length", [b"10485760", b"9" * 19])
+async def test_a_body_announced_as_too_large_is_refused_before_any_of_it_arrives(length: bytes) -> None:
+    # Only the head is sent: waiting for the body (and buffering it) would end in the deadline.
+    head_only = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n"
+    )
+    async with raw_server(always(head_only)) as server, pool_for(server) as pool:
+        with pytest.raises(ResponseTooLarge) as refused:
+            await get(pool, limit=4096, timeout=2.0)
+        assert refused.value.status == 200
+        assert pool.open_connections == 0
+
+
 async def test_an_oversized_header_block_is_refused() -> None:
     huge = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * (MAX_HEADER_BYTES + 10) + b"\r\nContent-Length: 0\r\n\r\n"
     many = b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 200 + b"Content-Length: 0\r\n\r\n"

@@ -171,3 +171,31 @@ def test_upstream_urls_must_be_https_except_on_loopback_or_when_allowed() -> Non
         {"CYNOPSIS_API_BASE_URL": "http://sandbox:8081", "LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM": "true"}
     )
     assert allowed.cynopsis_api_base_url == "http://sandbox:8081"
+
+
+def test_plain_http_upstream_is_refused_naming_the_flag_and_accepted_on_loopback_or_with_it(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    environment.setenv("CYNOPSIS_TOKEN_URL", "http://auth.cynopsis.example/oauth/token")
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.load()
+    message = str(refused.value)
+    assert message.startswith("CYNOPSIS_TOKEN_URL: must use https")
+    assert "LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM=true, for development only" in message
+    # Names that only look like loopback are not.
+    for host in ("localhost.cynopsis.example", "127.0.0.1.nip.io", "10.0.0.1"):
+        environment.setenv("CYNOPSIS_TOKEN_URL", f"http://{host}/oauth/token")
+        with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM"):
+            Settings.load()
+    # The built-in sandbox only ever listens on loopback: http is fine there, IPv6 too.
+    for origin in ("http://127.0.0.1:8081", "http://localhost:8081", "http://[::1]:8081", "http://127.0.0.2"):
+        environment.setenv("CYNOPSIS_TOKEN_URL", f"{origin}/oauth/token")
+        environment.setenv("CYNOPSIS_API_BASE_URL", origin)
+        assert Settings.load().cynopsis_api_base_url == origin
+    environment.setenv("CYNOPSIS_TOKEN_URL", "http://sandbox:8081/oauth/token")
+    environment.setenv("CYNOPSIS_API_BASE_URL", "http://sandbox:8081")
+    environment.setenv("LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM", "true")
+    assert Settings.load().cynopsis_token_url == "http://sandbox:8081/oauth/token"
+    environment.setenv("LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM", "false")
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM"):
+        Settings.load()

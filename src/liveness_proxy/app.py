@@ -3,11 +3,15 @@ by side share no state."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import gc
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TextIO
+from types import FrameType
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -32,7 +36,7 @@ from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
 from liveness_proxy.observability import AccessLog, Redactor, build_logger
 from liveness_proxy.openapi import build_openapi
 from liveness_proxy.routes import LivenessApi
-from liveness_proxy.runtime import start_runtime
+from liveness_proxy.runtime import Runtime, start_runtime
 from liveness_proxy.settings import Settings
 
 
@@ -118,6 +122,7 @@ def create_app(
     log_stream: TextIO | None = None,
     migrate: bool = False,
     tune_gc_for_serving: bool = False,
+    reload_secrets_on_sighup: bool = False,
 ) -> ProxyApplication:
     """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
     records; `shared_clock` (the wall clock unless given) dates the token shared with other
@@ -129,7 +134,11 @@ def create_app(
     process) moves everything alive once the runtime has started (modules, settings, pools) out of
     the garbage collector's scans, and collects the youngest generation every 10,000 allocations
     instead of 700: with 1000 requests in flight every collection walked their live objects, ~20% of
-    the CPU per request (docs/performance.md, S3)."""
+    the CPU per request (docs/performance.md, S3).
+
+    `reload_secrets_on_sighup` (what `serve` does; it needs the main thread, and a host that embeds
+    the app owns its signals) re-reads CYNOPSIS_CLIENT_SECRET_FILE on SIGHUP while the app runs,
+    and nothing else: the cached access token keeps serving until it is due."""
     redactor = Redactor(
         [
             settings.cynopsis_client_secret.get_secret_value(),
@@ -167,13 +176,41 @@ def create_app(
             gc.freeze()
             _, older, oldest = gc.get_threshold()
             gc.set_threshold(YOUNG_GENERATION_THRESHOLD, older, oldest)
-        logger.info("started", upstream=settings.cynopsis_api_base_url, token_url=settings.cynopsis_token_url)
+        loop = asyncio.get_running_loop()
+        previous_sighup: Callable[[int, FrameType | None], Any] | int | None = None
+        sighup_installed = False
         try:
+            if reload_secrets_on_sighup:
+                # Inside the try: if it cannot be installed (not the main thread), the runtime
+                # that has just started is still closed.
+                previous_sighup = signal.getsignal(signal.SIGHUP)
+                loop.add_signal_handler(signal.SIGHUP, functools.partial(reload_on_sighup, runtime))
+                sighup_installed = True
+            logger.info(
+                "started",
+                upstream=settings.cynopsis_api_base_url,
+                token_url=settings.cynopsis_token_url,
+                # Which trust the upstream's certificate is checked against, and whether we present one.
+                upstream_ca="CYNOPSIS_CA_BUNDLE" if settings.cynopsis_ca_bundle is not None else "system",
+                upstream_client_certificate=settings.cynopsis_client_cert_file is not None,
+                client_secret_reloadable=runtime.client_secret.reloadable,
+            )
             yield
         finally:
+            if sighup_installed:
+                loop.remove_signal_handler(signal.SIGHUP)
+                # asyncio leaves the default (which ends the process); what was there before returns.
+                if previous_sighup is not None:
+                    signal.signal(signal.SIGHUP, previous_sighup)
             api.runtime = None
             await runtime.close()
             logger.info("stopped")
+
+    def reload_on_sighup(runtime: Runtime) -> None:
+        if runtime.client_secret.reloadable:
+            runtime.client_secret.reload(trigger="sighup")
+        else:
+            logger.info("client_secret_not_reloaded", reason="CYNOPSIS_CLIENT_SECRET is not read from a file")
 
     routes = [
         # The router tries routes in order: the most frequent call (result polling) first.

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import new_api_key
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.runtime import create_redis, token_fetcher
+from liveness_proxy.runtime import create_redis, cynopsis_ssl_context, token_fetcher
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -40,7 +40,7 @@ def app_from_environment() -> object:
     """The app factory uvicorn's workers call (`serve --workers N`): each worker reads the same settings."""
     from liveness_proxy.app import create_app
 
-    return create_app(Settings.load(), tune_gc_for_serving=True)
+    return create_app(Settings.load(), tune_gc_for_serving=True, reload_secrets_on_sighup=True)
 
 
 @contextlib.asynccontextmanager
@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tls is not None:
         # Before anything else: a wrong certificate is a configuration error, not a crash per worker.
         check_tls_files(tls)
+    # Likewise the CA bundle and client certificate towards Cynopsis: one line, not a traceback per worker.
+    cynopsis_ssl_context(settings)
     # Migrations run once here, not in each worker, so workers never race on the schema.
     asyncio.run(_upgrade(settings))
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
@@ -97,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             **common,  # type: ignore[arg-type]
         )
     else:
-        uvicorn.run(create_app(settings, tune_gc_for_serving=True), **common)  # type: ignore[arg-type]
+        app = create_app(settings, tune_gc_for_serving=True, reload_secrets_on_sighup=True)
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
     return 0
 
 

@@ -44,10 +44,18 @@ class Redactor:
         self._dynamic: deque[str] = deque(maxlen=_MAX_KNOWN_SECRETS)
         self._known = self._compile()
 
-    def add_secret(self, secret: str) -> None:
-        if len(secret) >= _MIN_SECRET_LENGTH and secret not in self._dynamic:
+    def add_secret(self, secret: str, *, permanent: bool = False) -> None:
+        """Teaches a secret. `permanent` ones (a rotated client secret: rare) are never forgotten;
+        the others (access tokens: one per refresh) are kept among the last few."""
+        if len(secret) < _MIN_SECRET_LENGTH or secret in self._static:
+            return
+        if permanent:
+            self._static = (*self._static, secret)
+        elif secret in self._dynamic:
+            return
+        else:
             self._dynamic.append(secret)
-            self._known = self._compile()
+        self._known = self._compile()
 
     def _compile(self) -> re.Pattern[str] | None:
         # Longest first, so a secret that contains another is replaced whole.

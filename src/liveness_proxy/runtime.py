@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +51,9 @@ from liveness_proxy.upstream import (
     create_http_session,
 )
 from liveness_proxy.upstream.circuit import CircuitBreaker
+from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.upstream.http1 import Http1Pool
+from liveness_proxy.upstream.tls import upstream_ssl_context
 from liveness_proxy.upstream.transport import USER_AGENT
 
 
@@ -91,6 +95,7 @@ class Runtime:
     jwt: JwtAuthenticator | None
     logger: structlog.typing.FilteringBoundLogger
     wall_clock: Callable[[], float]
+    client_secret: ClientSecretSource
     redis: aioredis.Redis | None = None
 
     async def ping_store(self) -> None:
@@ -142,7 +147,13 @@ def token_cipher(settings: Settings) -> TokenCipher:
     """Seals the shared token. The key comes from LIVENESS_PROXY_TOKEN_CACHE_KEY, or else from the
     API-key pepper and the client secret together: every process holds both already, and the
     pepper (at least 32 random characters, checked at start-up) keeps a sealed token read from
-    Redis or the database from becoming an offline test of guesses at the client secret."""
+    Redis or the database from becoming an offline test of guesses at the client secret.
+
+    Always the client secret read at start-up, never one re-read later: processes that saw a
+    rotation and those that did not must keep opening each other's token. A process started after
+    a rotation derives another key, so it fetches a token of its own (correct, but no longer one
+    token for the whole fleet until all have restarted); deployments that rotate the client secret
+    set LIVENESS_PROXY_TOKEN_CACHE_KEY, which no rotation touches."""
     secret = settings.liveness_proxy_token_cache_key.get_secret_value() or "\0".join(
         (
             settings.liveness_proxy_api_key_pepper.get_secret_value(),
@@ -155,16 +166,50 @@ def token_cipher(settings: Settings) -> TokenCipher:
     return TokenCipher(secret.encode(), context=context)
 
 
-def token_fetcher(http: aiohttp.ClientSession, settings: Settings) -> ClientCredentialsFetcher:
-    """The client-credentials token request, as configured (also used by `liveness-proxy check`)."""
+def cynopsis_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context for the token endpoint and the liveness API (not the JWKS: upstream/tls.py)."""
+    return upstream_ssl_context(
+        ca_bundle=settings.cynopsis_ca_bundle,
+        client_cert_file=settings.cynopsis_client_cert_file,
+        client_key_file=settings.cynopsis_client_key_file,
+    )
+
+
+def client_secret_source(
+    settings: Settings,
+    *,
+    logger: structlog.typing.FilteringBoundLogger | None = None,
+    on_new_secret: Callable[[str], None] | None = None,
+) -> ClientSecretSource:
+    """The client secret as read at start-up, re-readable from CYNOPSIS_CLIENT_SECRET_FILE if set."""
+    return ClientSecretSource(
+        settings.cynopsis_client_secret.get_secret_value(),
+        path=settings.cynopsis_client_secret_file,
+        logger=logger,
+        on_new_secret=on_new_secret,
+    )
+
+
+def token_fetcher(
+    http: aiohttp.ClientSession,
+    settings: Settings,
+    *,
+    client_secret: ClientSecretSource | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> ClientCredentialsFetcher:
+    """The client-credentials token request, as configured (also used by `liveness-proxy check`).
+    Without `ssl_context` one is built from the settings (ConfigurationError if its files are bad)."""
+    secret = client_secret if client_secret is not None else client_secret_source(settings)
     return ClientCredentialsFetcher(
         http,
         token_url=settings.cynopsis_token_url,
         client_id=settings.cynopsis_client_id,
-        client_secret=settings.cynopsis_client_secret.get_secret_value,
+        client_secret=secret.current,
         default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
         max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
         timeout_seconds=settings.cynopsis_token_timeout_seconds,
+        ssl_context=ssl_context if ssl_context is not None else cynopsis_ssl_context(settings),
+        reload_client_secret=functools.partial(secret.reload, trigger="invalid_client"),
     )
 
 
@@ -183,6 +228,8 @@ async def start_runtime(
     default); `wall_clock` stamps records and checks JWT times; `shared_clock` (a wall clock: it must
     agree across machines) dates the token shared with other processes."""
     settings.require_proxy_secrets()
+    # First: a bad certificate or key file stops start-up before anything is opened.
+    upstream_tls = cynopsis_ssl_context(settings)
     engine = create_engine(settings.database_url, pool=settings.database_pool)
     redis = create_redis(settings)
     if migrate:
@@ -195,6 +242,15 @@ async def start_runtime(
 
     def log_token_failure(error: TokenEndpointError) -> None:
         logger.warning("upstream_token_failed", reason=str(error), upstream_status=error.status)
+
+    def log_tls_failure(reason: str) -> None:
+        # One line per failed handshake; the circuit breaker bounds how many while it persists.
+        logger.warning("upstream_tls_failed", reason=reason, upstream=settings.cynopsis_api_base_url)
+
+    def remember_client_secret(secret: str) -> None:
+        redactor.add_secret(secret, permanent=True)
+
+    client_secret = client_secret_source(settings, logger=logger, on_new_secret=remember_client_secret)
 
     def shared_state_failed(component: str) -> Callable[[str], None]:
         def report(reason: str) -> None:
@@ -215,7 +271,7 @@ async def start_runtime(
         token_store = DatabaseTokenStore(engine, cipher=token_cipher(settings), wall_clock=shared_clock)
     lease_seconds = 5.0
     tokens = TokenManager(
-        token_fetcher(http, settings),
+        token_fetcher(http, settings, client_secret=client_secret, ssl_context=upstream_tls),
         refresh_margin=settings.token_refresh_margin,
         failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
         clock=clock,
@@ -243,6 +299,8 @@ async def start_runtime(
         max_connections=settings.cynopsis_max_connections,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
         user_agent=USER_AGENT,
+        ssl_context=upstream_tls,
+        on_tls_failure=log_tls_failure,
     )
     cynopsis = CynopsisClient(
         liveness_http,
@@ -336,5 +394,6 @@ async def start_runtime(
         jwt=jwt,
         logger=logger,
         wall_clock=wall_clock,
+        client_secret=client_secret,
         redis=redis,
     )

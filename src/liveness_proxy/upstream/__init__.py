@@ -1,7 +1,9 @@
 """The Cynopsis side: HTTP transport, access-token management and the three liveness calls."""
 
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamResult
+from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.upstream.http1 import Http1Pool
+from liveness_proxy.upstream.tls import upstream_ssl_context
 from liveness_proxy.upstream.token_store import (
     DatabaseTokenStore,
     RedisTokenStore,
@@ -24,6 +26,7 @@ from liveness_proxy.upstream.transport import create_http_session
 __all__ = [
     "AccessToken",
     "ClientCredentialsFetcher",
+    "ClientSecretSource",
     "CynopsisClient",
     "CynopsisEndpoints",
     "DatabaseTokenStore",
@@ -40,4 +43,5 @@ __all__ = [
     "TokenStore",
     "UpstreamResult",
     "create_http_session",
+    "upstream_ssl_context",
 ]

@@ -9,13 +9,17 @@ fetches access tokens and JWKS, which are rare.
 The scope is small on purpose: HTTP/1.1 to one origin per pool; keep-alive with an idle limit;
 Content-Length, chunked and close-delimited bodies, bounded in size while they arrive; no redirects,
 proxies, cookies or compression (`Accept-Encoding: identity` is sent; an encoded answer is refused);
-TLS verified against the system trust store. A GET that fails on a reused keep-alive connection
-before any byte of the answer arrived is sent once more on a new connection (RFC 9112 section
-9.3.1: the server may have closed it just as we wrote); any other request is never sent twice.
+TLS with the verifying context it is given (upstream/tls.py; the system trust store by default), the
+handshake bounded by the connect timeout, SNI and the hostname check on the origin's host. A GET
+that fails on a reused keep-alive connection before any byte of the answer arrived is sent once
+more on a new connection (RFC 9112 section 9.3.1: the server may have closed it just as we wrote);
+any other request is never sent twice.
 
-Errors: `Http1ConnectError` (nothing was sent: refused, unreachable, TLS failure), `Http1ConnectionError`
-(the exchange broke: reset, early close, a malformed answer), `ResponseTooLarge` (over the size
-limit), `TimeoutError` (connect or whole exchange over its time).
+Errors: `Http1ConnectError` (nothing was sent: refused, unreachable, TLS failure, connect timeout),
+`Http1ConnectionError` (the exchange broke: reset, early close, a malformed answer), `ResponseTooLarge`
+(over the size limit), `TimeoutError` (the whole exchange over its time). A TLS failure is also told to
+the pool's `on_tls_failure` (a log-safe description), so that an untrusted certificate is logged as
+such and not only counted as a connect error.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from liveness_proxy.upstream.tls import describe_tls_failure
 
 # Bounds a hostile or broken upstream cannot push past: the whole header block, and header count.
 MAX_HEADER_BYTES = 64 * 1024
@@ -147,6 +153,10 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = False
             self._finish()
             return
+        if isinstance(exc, ssl.SSLError):
+            # E.g. a TLS 1.3 server that refuses our client certificate (or its absence) only after
+            # the handshake: the alert arrives with the answer.
+            self._pool._tls_failed(exc)
         error = Http1ConnectionError("the upstream closed the connection")
         error.__cause__ = exc
         self._fail(error)
@@ -167,8 +177,21 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         self._headers_done = True
+        for name, value in self._headers:
+            # A body announced as too large is refused now, not after buffering up to the limit
+            # (measured: 4 MiB held per call while the rest arrived).
+            # (More than 18 digits is over any limit, and int() refuses thousands of them.)
+            if (
+                name == b"content-length"
+                and value.isdigit()
+                and (len(value) > 18 or int(value) > self._limit)
+            ):
+                self._stop(ResponseTooLarge(self._status))
+                return
 
     def on_body(self, body: bytes) -> None:
+        if self._failure is not None:
+            return  # refused already: keep nothing more
         self._body_bytes += len(body)
         if self._body_bytes > self._limit:
             self._stop(ResponseTooLarge(self._status))
@@ -189,7 +212,9 @@ class _Connection(asyncio.Protocol):
     # -- the exchange ---------------------------------------------------------------------------------
 
     async def exchange(self, request: bytes, limit: int, deadline: float) -> Http1Response:
-        assert self.transport is not None
+        transport = self.transport
+        if transport is None:  # create_connection hands over connected protocols only
+            raise Http1ConnectionError("the connection was never made")
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         self._timer = loop.call_at(deadline, self._time_out, waiter)
@@ -205,7 +230,7 @@ class _Connection(asyncio.Protocol):
         self._failure = None
         self._complete = False
         self._keep_alive = False
-        self.transport.write(request)
+        transport.write(request)
         try:
             response: Http1Response = await waiter
         except asyncio.CancelledError:
@@ -259,7 +284,9 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self) -> None:
         waiter = self._waiter
-        assert waiter is not None
+        if waiter is None:  # both callers return before this when nothing was asked
+            self.close()
+            return
         self._cancel_timer()
         response = Http1Response(self._status, tuple(self._headers), bytes(self._body))
         self._body = bytearray()
@@ -283,13 +310,20 @@ class Http1Pool:
         connect_timeout_seconds: float,
         keepalive_seconds: float = 4.0,
         user_agent: str = "liveness-proxy",
+        ssl_context: ssl.SSLContext | None = None,
+        on_tls_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """`ssl_context` is used for an https origin (a default verifying context if None);
+        `on_tls_failure` hears a log-safe description of every failed TLS handshake or TLS alert."""
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {origin!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
+        self._on_tls_failure = on_tls_failure
         default_port = (parts.scheme == "https" and self._port == 443) or (
             parts.scheme == "http" and self._port == 80
         )
@@ -416,14 +450,26 @@ class Http1Pool:
         made: _Connection | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _transport, made = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )
-        except OSError as exc:  # refused, unreachable, name not resolved, TLS verification failed
+                if self._ssl is None:
+                    _transport, made = await loop.create_connection(
+                        lambda: _Connection(self), self._host, self._port
+                    )
+                else:
+                    # SNI and the hostname check use the configured host, whatever address it
+                    # resolved to; the handshake is part of connecting and shares its timeout
+                    # (asyncio's own default is 60 s).
+                    _transport, made = await loop.create_connection(
+                        lambda: _Connection(self),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._host,
+                        ssl_handshake_timeout=self._connect_timeout,
+                    )
+        except ssl.SSLError as exc:  # an untrusted certificate, a wrong host name, no common protocol
+            self._tls_failed(exc)
+            raise Http1ConnectError(f"cannot connect to the upstream: {describe_tls_failure(exc)}") from exc
+        except OSError as exc:  # refused, unreachable, name not resolved, timed out
             raise Http1ConnectError(f"cannot connect to the upstream ({type(exc).__name__})") from exc
         finally:
             self._connecting -= 1
@@ -435,6 +481,10 @@ class Http1Pool:
             raise Http1ConnectError("the connection pool is closed")
         self._open.add(connection)
         return connection
+
+    def _tls_failed(self, exc: ssl.SSLError) -> None:
+        if self._on_tls_failure is not None:
+            self._on_tls_failure(describe_tls_failure(exc))
 
     def _release(self, connection: _Connection) -> None:
         connection.idle_since = time.monotonic()

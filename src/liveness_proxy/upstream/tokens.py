@@ -20,6 +20,7 @@ import math
 import os
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +30,14 @@ import aiohttp
 import orjson
 
 from liveness_proxy.errors import TokenUnavailable, UpstreamError
+from liveness_proxy.upstream.tls import describe_tls_failure
 from liveness_proxy.upstream.token_store import SharedStateUnavailable, SharedToken, TokenStore
-from liveness_proxy.upstream.transport import parse_seconds, read_bounded, upstream_error_code
+from liveness_proxy.upstream.transport import (
+    UpstreamResponse,
+    parse_seconds,
+    read_bounded,
+    upstream_error_code,
+)
 
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
 MAX_ACCESS_TOKEN_LENGTH = 8192
@@ -73,7 +80,18 @@ class TokenObserver(Protocol):
 
 
 class ClientCredentialsFetcher:
-    """`POST token_url` with `grant_type=client_credentials` (form-encoded), as Cynopsis documents."""
+    """`POST token_url` with `grant_type=client_credentials` (form-encoded), as Cynopsis documents.
+
+    `ssl_context` verifies the token endpoint (upstream/tls.py; aiohttp's default if None): it is
+    given per request, so the shared session's other calls (the JWKS) keep the default trust.
+
+    `client_secret` is called for every request. When the endpoint refuses the client (400/401
+    `invalid_client`: the secret was rotated), `reload_client_secret` is asked to read it again, and
+    if that gave a different secret the request is sent once more at once with it. Re-reads are
+    bounded by the callers of `fetch`: the TokenManager makes at most one token request at a time
+    and, after a failed one, none before its failure backoff is over, so an endpoint that refuses
+    every secret costs one file read per backoff interval.
+    """
 
     def __init__(
         self,
@@ -85,6 +103,8 @@ class ClientCredentialsFetcher:
         default_lifetime_seconds: float,
         max_lifetime_seconds: float,
         timeout_seconds: float,
+        ssl_context: ssl.SSLContext | None = None,
+        reload_client_secret: Callable[[], bool] | None = None,
     ) -> None:
         self._http = http
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
@@ -93,12 +113,34 @@ class ClientCredentialsFetcher:
         self._client_secret = client_secret
         self._default_lifetime = default_lifetime_seconds
         self._max_lifetime = max_lifetime_seconds
+        # aiohttp's own default (True) verifies against the system's CAs.
+        self._ssl: ssl.SSLContext | bool = True if ssl_context is None else ssl_context
+        self._reload_client_secret = reload_client_secret
 
     async def fetch(self) -> FetchedToken:
+        answer = await self._request(self._client_secret())
+        if (
+            answer.status in (400, 401)
+            and self._reload_client_secret is not None
+            and upstream_error_code(answer.body) == "invalid_client"
+            and self._reload_client_secret()
+        ):
+            # Rotated: the file already holds the new secret. Once, so a refused new secret is
+            # reported like any other refusal.
+            answer = await self._request(self._client_secret())
+        if answer.status != 200:
+            reason = upstream_error_code(answer.body)
+            suffix = f" ({reason})" if reason else ""
+            raise TokenEndpointError(
+                f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status
+            )
+        return self._parse(answer.body)
+
+    async def _request(self, client_secret: str) -> UpstreamResponse:
         form = {
             "grant_type": "client_credentials",
             "client_id": self._client_id,
-            "client_secret": self._client_secret(),
+            "client_secret": client_secret,
         }
         try:
             async with self._http.post(
@@ -107,21 +149,29 @@ class ClientCredentialsFetcher:
                 headers={"Accept": "application/json"},
                 allow_redirects=False,
                 timeout=self._timeout,
+                ssl=self._ssl,
             ) as response:
-                answer = await read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)
+                return await read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)
         except TimeoutError:
             raise TokenEndpointError("token endpoint timed out") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            failure = exc.certificate_error
+            described = (
+                describe_tls_failure(failure)
+                if isinstance(failure, ssl.SSLError)
+                else "TLS verification failed (certificate not trusted)"
+            )
+            raise TokenEndpointError(f"token endpoint {described}") from None
+        except aiohttp.ClientConnectorSSLError as exc:
+            cause = exc.os_error
+            described = (
+                describe_tls_failure(cause) if isinstance(cause, ssl.SSLError) else "TLS handshake failed"
+            )
+            raise TokenEndpointError(f"token endpoint {described}") from None
         except aiohttp.ClientError as exc:
             raise TokenEndpointError(f"token endpoint unreachable ({type(exc).__name__})") from None
         except UpstreamError:
             raise TokenEndpointError("token endpoint response too large") from None
-        if answer.status != 200:
-            reason = upstream_error_code(answer.body)
-            suffix = f" ({reason})" if reason else ""
-            raise TokenEndpointError(
-                f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status
-            )
-        return self._parse(answer.body)
 
     def _parse(self, body: bytes) -> FetchedToken:
         try:
