@@ -8,9 +8,20 @@ from contextlib import AbstractContextManager
 
 import pytest
 
-from liveness_proxy.errors import UpstreamCircuitOpen
+from liveness_proxy.errors import (
+    UpstreamCircuitOpen,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from liveness_proxy.sandbox import Fault, ManualClock
 from liveness_proxy.upstream.circuit import CircuitBreaker
+from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, signals_outage
+from liveness_proxy.upstream.http1 import Http1Pool
+from liveness_proxy.upstream.tokens import FetchedToken, TokenManager
 from support import ProxyHarness
 
 SESSION_TOKEN = "/v1/liveness/session-token"
@@ -92,6 +103,70 @@ def test_an_abandoned_probe_hands_the_probe_to_the_next_caller() -> None:
     assert circuit.admit() is True
 
 
+def test_a_failed_probe_after_a_late_answer_closed_the_circuit_is_counted_not_a_silent_reopening() -> None:
+    clock, recorder = ManualClock(0), Recorder()
+    circuit = breaker(clock, recorder, threshold=2)
+    slow = circuit.admit()  # admitted while closed; answers late
+    circuit.failed(circuit.admit())
+    circuit.failed(circuit.admit())
+    clock.advance(10)
+    probe = circuit.admit()
+    circuit.succeeded(slow)  # the late answer closes the circuit
+    circuit.failed(probe)  # one failure: not enough to open again
+    assert not circuit.is_open
+    circuit.failed(circuit.admit())
+    assert circuit.is_open
+    assert recorder.changes == [(True, 2), (False, 0), (True, 2)]
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (UpstreamTimeout("t"), True),
+        (UpstreamUnavailable("refused"), True),
+        (UpstreamUnavailable("503", upstream_status=503), True),
+        (UpstreamUnavailable("504", upstream_status=504), True),
+        (UpstreamMalformed("an oversized 503", upstream_status=503), True),
+        (UpstreamUnavailable("500", upstream_status=500), False),
+        (UpstreamUnavailable("302", upstream_status=302), False),
+        (UpstreamUnavailable("401", upstream_status=401), False),
+        (UpstreamMalformed("bad JSON in a 200", upstream_status=200), False),
+        (UpstreamRejected("409", upstream_status=409), False),
+        (UpstreamRateLimited("429", retry_after_seconds=1), False),
+    ],
+)
+def test_what_counts_as_an_outage(error: UpstreamError, outage: bool) -> None:
+    assert signals_outage(error) is outage
+
+
+async def test_a_call_the_circuit_refuses_never_runs_what_comes_before_sending() -> None:
+    class NoTokens:
+        async def fetch(self) -> FetchedToken:
+            raise AssertionError("no token is needed for a refused call")
+
+    circuit = CircuitBreaker(failure_threshold=1, open_seconds=30)
+    circuit.failed(circuit.admit())
+    pool = Http1Pool("http://127.0.0.1:9", max_connections=1, connect_timeout_seconds=1, user_agent="t")
+    client = CynopsisClient(
+        pool,
+        TokenManager(NoTokens(), refresh_margin=lambda _: 1.0, failure_backoff_seconds=1),
+        endpoints=CynopsisEndpoints("http://127.0.0.1:9", "/t", "/s", "/r/{session_id}"),
+        domain_id="d",
+        max_response_bytes=1024,
+        timeout_seconds=1,
+        circuit=circuit,
+    )
+    attempts: list[str] = []
+
+    async def count_attempt() -> None:
+        attempts.append("counted")
+
+    with pytest.raises(UpstreamCircuitOpen):
+        await client.create_session(b"{}", "request-1", before_sending=count_attempt)
+    assert attempts == []
+    await pool.close()
+
+
 def test_invalid_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="failure_threshold"):
         CircuitBreaker(failure_threshold=0, open_seconds=1)
@@ -104,12 +179,14 @@ def test_invalid_configuration_is_refused() -> None:
     [
         (Fault(target="session_token", kind="status", status=503, count=3), True),
         (Fault(target="session_token", kind="timeout", hang_seconds=3, count=3), True),
+        (Fault(target="session_token", kind="status", status=502, count=3), True),
+        (Fault(target="session_token", kind="status", status=500, count=3), False),
         (Fault(target="session_token", kind="status", status=400, count=3), False),
         (Fault(target="session_token", kind="status", status=409, count=3), False),
         (Fault(target="session_token", kind="rate_limit", count=3), False),
         (Fault(target="session_token", kind="malformed", count=3), False),
     ],
-    ids=["503", "timeout", "400", "409", "429", "malformed"],
+    ids=["503", "timeout", "502", "500", "400", "409", "429", "malformed"],
 )
 def test_only_signs_of_an_unavailable_upstream_open_the_circuit(
     make_proxy: Callable[..., AbstractContextManager[ProxyHarness]], fault: Fault, trips: bool

@@ -385,6 +385,45 @@ def test_a_head_that_never_ends_is_cut_at_the_limit(serve: Serve) -> None:
     connection.close()
 
 
+def still_open_after(connection: RawConnection, seconds: float) -> bool:
+    connection.sock.settimeout(seconds)
+    try:
+        return not connection.closed_by_server()
+    except TimeoutError:
+        return True
+
+
+def test_trailers_after_a_chunked_body_are_bounded_like_a_head(serve: Serve) -> None:
+    # Trailer fields arrive after the head was measured; uvicorn would keep every one of them in
+    # the request's headers. Without credentials: anyone could do this.
+    connection = RawConnection.open(serve.port)
+    trailers = b"".join(b"X-Trailer-%d: %s\r\n" % (number, b"t" * 100) for number in range(100))
+    connection.send(
+        request_head("POST", SESSION_TOKEN, "Content-Type: application/json", "Transfer-Encoding: chunked")
+        + b"2\r\n{}\r\n0\r\n"
+        + trailers
+        + b"\r\n"
+    )
+    answer = connection.read_response()
+    assert answer.status == 401  # the request itself is answered...
+    assert answer.headers["connection"] == "close"  # ...and the connection ends after it
+    assert not still_open_after(connection, 3)
+    connection.close()
+
+
+def test_a_refusal_never_cuts_into_the_answer_of_a_pipelined_request_before_it(serve: Serve) -> None:
+    connection = RawConnection.open(serve.port)
+    connection.send(
+        request_head("GET", "/healthz") + request_head("GET", "/healthz", "X-Pad: " + "a" * MAX_HEADER_BYTES)
+    )
+    first = connection.read_response()
+    assert first.status == 200, first
+    assert first.body == b'{"status":"ok"}'
+    assert first.headers["connection"] == "close"
+    assert not still_open_after(connection, 3)
+    connection.close()
+
+
 def test_a_head_under_the_limit_is_served(serve: Serve) -> None:
     # A large but legitimate head (a long JWT, say): the limit leaves room for it.
     connection = RawConnection.open(serve.port)

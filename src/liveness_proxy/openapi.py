@@ -9,6 +9,7 @@ from liveness_proxy.schemas import json_schema_components
 
 SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+_REQUEST_ID_HEADER = {"$ref": "#/components/headers/X-Request-ID"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -16,14 +17,19 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _problem(description: str, *, retry_after: bool = False, authenticate: bool = False) -> dict[str, Any]:
-    headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    headers: dict[str, Any] = {"X-Request-ID": _REQUEST_ID_HEADER}
     if retry_after:
         headers["Retry-After"] = {
             "description": "Seconds to wait before retrying.",
-            "schema": {"type": "integer"},
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
         }
     if authenticate:
-        headers["WWW-Authenticate"] = {"description": "Bearer challenge.", "schema": {"type": "string"}}
+        headers["WWW-Authenticate"] = {
+            "description": "Bearer challenge.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^Bearer "},
+        }
     return {
         "description": description,
         "headers": headers,
@@ -32,7 +38,7 @@ def _problem(description: str, *, retry_after: bool = False, authenticate: bool 
 
 
 def _ok(description: str, schema: str, status_headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    headers: dict[str, Any] = {"X-Request-ID": _REQUEST_ID_HEADER}
     headers.update(status_headers or {})
     return {
         "description": description,
@@ -41,19 +47,43 @@ def _ok(description: str, schema: str, status_headers: dict[str, Any] | None = N
     }
 
 
+def _any_route_errors() -> dict[str, Any]:
+    """What any route can answer: the server's own refusals before a handler runs (the connection
+    is then closed), and the last-resort answer to a bug."""
+    return {
+        "408": _problem(
+            "The request head or body did not arrive within LIVENESS_PROXY_HEADER_TIMEOUT_SECONDS / "
+            "LIVENESS_PROXY_BODY_TIMEOUT_SECONDS."
+        ),
+        "431": _problem("The request line and headers are larger than LIVENESS_PROXY_MAX_HEADER_BYTES."),
+        "500": _problem("Internal error (a bug); only the request id is shown."),
+    }
+
+
+def _caller_errors() -> dict[str, Any]:
+    """What every authenticated route can answer besides its own result."""
+    return {
+        "401": _problem(
+            "Missing or invalid credentials, or two of them (Authorization and X-API-Key).",
+            authenticate=True,
+        ),
+        **_any_route_errors(),
+    }
+
+
 def _upstream_errors() -> dict[str, Any]:
     return {
-        "401": _problem("Missing or invalid credentials.", authenticate=True),
+        **_caller_errors(),
         "429": _problem(
             "Rate limited: a per-caller limit or the daily attempt cap (`limit` names it), "
             "or the liveness service's own limit.",
             retry_after=True,
         ),
-        "500": _problem("Internal error."),
         "502": _problem("The liveness service failed or answered something unusable."),
         "503": _problem(
-            "No upstream access token can be obtained right now, too many upstream calls are in "
-            "flight, or the proxy's database cannot be reached.",
+            "No upstream access token can be obtained right now, the liveness service failed repeatedly "
+            "and is not called for a while (circuit open), too many upstream calls are in flight, the "
+            "JWT verification keys are unavailable, or the proxy's database cannot be reached.",
             retry_after=True,
         ),
         "504": _problem("The liveness service did not answer in time."),
@@ -62,10 +92,10 @@ def _upstream_errors() -> dict[str, Any]:
 
 def _body_errors() -> dict[str, Any]:
     return {
-        "400": _problem("The body is not valid JSON."),
+        "400": _problem("The body is not valid JSON, is empty where required, or Content-Length is invalid."),
         "413": _problem("The body is larger than LIVENESS_PROXY_MAX_BODY_BYTES."),
         "415": _problem("The body is not application/json."),
-        "422": _problem("The body is JSON but not an object."),
+        "422": _problem("The body is JSON but not an object, or is nested deeper than 254 levels."),
     }
 
 
@@ -121,7 +151,16 @@ def build_openapi() -> dict[str, Any]:
                         "201": _ok(
                             "The upstream session; its id is now bound to the caller.",
                             "SessionResponse",
-                            {"Location": {"description": "The result URL.", "schema": {"type": "string"}}},
+                            {
+                                "Location": {
+                                    "description": "The result URL.",
+                                    "required": True,
+                                    "schema": {
+                                        "type": "string",
+                                        "pattern": "^/v1/liveness/sessions/[A-Za-z0-9_-]{1,128}/result$",
+                                    },
+                                }
+                            },
                         ),
                         **_body_errors(),
                         **_upstream_errors(),
@@ -155,11 +194,15 @@ def build_openapi() -> dict[str, Any]:
                     "responses": {
                         "200": _ok("The session record.", "SessionRecord"),
                         "400": _problem("The session id is malformed."),
-                        "401": _problem("Missing or invalid credentials.", authenticate=True),
                         "403": _problem("The caller lacks the liveness:admin scope."),
                         "404": _problem("No such session."),
                         "429": _problem("Rate limited (the result-read limit).", retry_after=True),
-                        "500": _problem("Internal error."),
+                        "503": _problem(
+                            "The JWT verification keys are unavailable, or the proxy's database cannot be "
+                            "reached.",
+                            retry_after=True,
+                        ),
+                        **_caller_errors(),
                     },
                 }
             },
@@ -168,7 +211,7 @@ def build_openapi() -> dict[str, Any]:
                     "operationId": "health",
                     "summary": "The process is alive.",
                     "security": [],
-                    "responses": {"200": _ok("Alive.", "Health")},
+                    "responses": {"200": _ok("Alive.", "Health"), **_any_route_errors()},
                 }
             },
             "/readyz": {
@@ -182,7 +225,10 @@ def build_openapi() -> dict[str, Any]:
                             "per-process limits).",
                             "Readiness",
                         ),
-                        "503": _problem("Not ready; `checks` names what failed.", retry_after=True),
+                        "503": _problem(
+                            "Not ready (`checks` names what failed), or still starting.", retry_after=True
+                        ),
+                        **_any_route_errors(),
                     },
                 }
             },
@@ -196,10 +242,12 @@ def build_openapi() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "Prometheus text exposition format 0.0.4.",
+                            "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
                         "401": _problem("The metrics token is missing or wrong.", authenticate=True),
                         "404": _problem("The client is outside the allowed networks."),
+                        **_any_route_errors(),
                     },
                 }
             },
@@ -211,8 +259,10 @@ def build_openapi() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "OpenAPI 3.1",
+                            "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
                             "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
+                        },
+                        **_any_route_errors(),
                     },
                 }
             },
@@ -221,9 +271,11 @@ def build_openapi() -> dict[str, Any]:
             "schemas": json_schema_components(),
             "headers": {
                 "X-Request-ID": {
-                    "description": "The request id (the caller's own when well-formed), "
-                    "also in every problem body.",
-                    "schema": {"type": "string"},
+                    "description": "The request id: the caller's own X-Request-ID when it is 1-128 "
+                    "characters of A-Za-z0-9._:-, else a generated one; also in every problem body. "
+                    "On every response.",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
                 }
             },
             "securitySchemes": {

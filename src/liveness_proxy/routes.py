@@ -156,9 +156,12 @@ class LivenessApi:
             # outage of ours costs no attempts; an attempt that fails upstream still counts (the
             # cap bounds brute force, it is not a bill).
             await rt.tokens.get()
-            rt.cynopsis.refuse_if_open()  # an open circuit refuses before an attempt is counted
-            await rt.limits.consume_attempt(caller.subject)
-            answer = await rt.cynopsis.create_session(body, request_id)
+
+            async def count_attempt() -> None:
+                await rt.limits.consume_attempt(caller.subject)
+
+            # Counted once the circuit breaker admitted the call: a refused call costs no attempt.
+            answer = await rt.cynopsis.create_session(body, request_id, before_sending=count_attempt)
         audit.upstream_status = answer.status
         session_id = session_id_from(answer.payload, rt.settings.cynopsis_session_id_fields, answer.status)
         audit.session_id = session_id

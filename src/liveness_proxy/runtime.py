@@ -233,7 +233,13 @@ async def start_runtime(
     engine = create_engine(settings.database_url, pool=settings.database_pool)
     redis = create_redis(settings)
     if migrate:
-        await upgrade_database(engine)
+        # On an engine of its own: the serving engine's statement timeout (a bounded wait on a lock,
+        # then 503) must not cut a migration that waits for another replica's or rewrites a table.
+        migration_engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            await upgrade_database(migration_engine)
+        finally:
+            await migration_engine.dispose()
     http = create_http_session(
         max_connections=settings.cynopsis_max_connections,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,

@@ -12,7 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _OpenObject(BaseModel):
+    """An upstream body: the fields we rely on, and whatever else Cynopsis sends."""
+
     model_config = ConfigDict(extra="allow")
+
+
+class _ClosedObject(BaseModel):
+    """A body the proxy writes itself: exactly these members (`additionalProperties: false`), so a
+    member added by accident fails the response-schema check of the API fuzz tests."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class SessionTokenRequest(_OpenObject):
@@ -54,14 +63,14 @@ class LivenessResult(_OpenObject):
     )
 
 
-class SessionVerdict(BaseModel):
+class SessionVerdict(_ClosedObject):
     status: str = Field(description="The terminal status the proxy itself read from Cynopsis.")
     confidence: float | None
     recorded_at: str = Field(description="ISO 8601, UTC.")
     passed: bool | None = Field(default=None, description="Only with LIVENESS_PROXY_PASS_THRESHOLD.")
 
 
-class SessionRecord(BaseModel):
+class SessionRecord(_ClosedObject):
     """What the proxy knows about a session: its owner and the verdict it read upstream."""
 
     session_id: str
@@ -72,26 +81,25 @@ class SessionRecord(BaseModel):
     verdict: SessionVerdict | None
 
 
-class Problem(BaseModel):
+class Problem(_ClosedObject):
     """RFC 9457 problem details."""
 
-    type: str
+    type: str = Field(pattern=r"^urn:liveness-proxy:problem:[a-z]+(-[a-z]+)*$")
     title: str
-    status: int
+    status: int = Field(ge=400, le=599, description="The response's own status code.")
     detail: str
-    request_id: str
-    checks: dict[str, str] | None = None
-    limit: str | None = Field(
-        default=None,
-        description="On 429 from the proxy: session_token, create_session, result or daily_attempts.",
+    request_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="Also in X-Request-ID.")
+    checks: dict[str, str] | None = Field(default=None, description="On 503 from /readyz: what failed.")
+    limit: Literal["session_token", "create_session", "result", "daily_attempts"] | None = Field(
+        default=None, description="On 429 from the proxy: the limit that was reached."
     )
 
 
-class Health(BaseModel):
-    status: str
+class Health(_ClosedObject):
+    status: Literal["ok"]
 
 
-class Readiness(BaseModel):
+class Readiness(_ClosedObject):
     """`degraded`: ready, but Redis is unreachable, so limits and the token are per process."""
 
     status: Literal["ready", "degraded"]

@@ -100,6 +100,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = False  # the parser saw the first byte of the awaited head
         self._head_bytes_received = 0  # raw bytes received while awaiting the head
         self._admitted = True
+        self._trailer_bytes = 0  # trailer fields after the current chunked body (read by nobody)
         self._refused = False  # answered and closing: the parser's further callbacks are ignored
         self._drain_deadline: asyncio.TimerHandle | None = None
 
@@ -159,6 +160,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_started = True
+        self._trailer_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_head:
+            super().on_header(name, value)
+            return
+        # A trailer field after a chunked body. uvicorn would append it to the request's headers,
+        # unbounded (the head is measured and complete by now): nothing here reads trailers, so
+        # they are counted and dropped, and too many of them end the connection like a big head.
+        self._trailer_bytes += len(name) + len(value) + _HEADER_SEPARATOR_BYTES
+        if self._trailer_bytes > self._limits.max_header_bytes:
+            self._refuse(RequestHeaderFieldsTooLarge())
 
     def on_headers_complete(self) -> None:
         if self._refused:
@@ -245,8 +260,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or not self._request_in_flight():
             return
         cycle = self.cycle
-        if cycle.response_started:
-            self.transport.close()  # half an answer cannot be taken back; the client sees it cut
+        if self.pipeline or cycle.response_started:
+            # Half an answer cannot be taken back, and with pipelined requests queued `cycle` is
+            # not the one running: the client sees the connection cut.
+            self.transport.close()
             return
         # The app's later writes and reads then go nowhere (uvicorn's cycle treats it as a client
         # that went away), so that its cancellation cannot answer a second time.
@@ -256,14 +273,28 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(
             ServiceUnavailable("The server is shutting down.", retry_after_seconds=1),
             request_id=request_id_of(cycle.scope),  # type: ignore[arg-type]
+            instead_of_the_request_in_flight=True,
         )
 
     # -- refusals ------------------------------------------------------------------------------
 
-    def _refuse(self, error: ProblemError, *, request_id: str | None = None) -> None:
+    def _refuse(
+        self,
+        error: ProblemError,
+        *,
+        request_id: str | None = None,
+        instead_of_the_request_in_flight: bool = False,
+    ) -> None:
         """Answers `error` as problem+json straight onto the socket and closes the connection."""
         self._refused = True
         self._cancel_head_deadline()
+        if self._request_in_flight() and not instead_of_the_request_in_flight:
+            # An earlier (pipelined) request is still being answered: writing now would cut into
+            # its answer. The connection closes after the last answer due instead (`cycle` is the
+            # newest request), and this one gets none.
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
         if request_id is None:
             request_id = new_request_id()
         body = render_problem(error, request_id)
@@ -366,6 +397,8 @@ def uvicorn_options(settings: Settings, tls: TlsFiles | None) -> dict[str, Any]:
         "http": protocol_class(ServeLimits.from_settings(settings)),
         "timeout_keep_alive": settings.liveness_proxy_keepalive_timeout_seconds,
         "timeout_graceful_shutdown": settings.liveness_proxy_shutdown_timeout_seconds,
+        # No WebSocket routes: an Upgrade request is served as plain HTTP (and refused by routing).
+        "ws": "none",
     }
     if tls is not None:
         options["ssl_certfile"] = str(tls.cert_file)

@@ -7,10 +7,11 @@ upstream while it recovers and spares callers a timeout each. Then it is half-op
 (the probe) goes through while others are still refused; the probe's success closes the circuit, its
 failure opens it for another interval.
 
-Only a sign that the upstream is unavailable counts as a failure: it could not be reached, the
-connection broke, it did not answer in time, or it answered 5xx. A 4xx (including 429 and a rejected
-token) or an unusable body is an answer from a working upstream, so it counts as a success: a caller
-sending bad input must never be able to open the circuit for everybody.
+Only a sign that the upstream is unavailable counts as a failure (`client.signals_outage`): it could
+not be reached, the connection broke, it sent something that is not HTTP, it did not answer in time,
+or it answered 502, 503 or 504. A 4xx (including 429 and a rejected token), a 500, or an unusable
+body is an answer from a working upstream and counts as a success: the bodies come from callers, and
+a caller sending bad input must never be able to open the circuit for everybody.
 
 The state is per process. Each replica learns on its own that the upstream is down, after at most
 `failure_threshold` calls; sharing it through Redis would put a network round trip on every call to
@@ -61,15 +62,6 @@ class CircuitBreaker:
         """True while calls are refused (open, or half-open with its probe in flight)."""
         return self._open_until is not None
 
-    def refuse_if_open(self) -> None:
-        """Raises UpstreamCircuitOpen when `admit` would, without claiming the probe: for a caller
-        that must know before it spends something (a daily attempt) on the call."""
-        open_until = self._open_until
-        if open_until is not None:
-            now = self._clock()
-            if now < open_until or self._probe_in_flight:
-                raise self._refusal(open_until, now)
-
     def admit(self) -> bool:
         """Admits a call, or raises UpstreamCircuitOpen. Returns True when the call is the probe.
         Every admitted call must end in exactly one of `succeeded`, `failed` or `abandoned`."""
@@ -106,8 +98,12 @@ class CircuitBreaker:
         self._consecutive_failures += 1
         if probe:
             self._probe_in_flight = False
-            self._open(reopened=True)
-        elif self._open_until is None and self._consecutive_failures >= self._failure_threshold:
+        if self._open_until is not None:
+            if probe:
+                self._open(reopened=True)  # the probe failed: another whole interval
+        elif self._consecutive_failures >= self._failure_threshold:
+            # Also when a late answer closed the circuit while the probe was out: this reopening
+            # is signalled like the first one.
             self._open(reopened=False)
 
     def abandoned(self, probe: bool) -> None:

@@ -21,6 +21,7 @@ that may have reached the upstream is never sent twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, urlsplit
@@ -87,6 +88,22 @@ class CynopsisEndpoints:
         return quote(urlsplit(self.api_base_url).path.rstrip("/") + path, safe=_PATH_SAFE)
 
 
+# The statuses a gateway or an overloaded server gives: the upstream is unavailable, whatever was
+# asked. A plain 500 is left out on purpose: Cynopsis may answer it to a body it chokes on, and the
+# bodies come from callers, who must never be able to open the circuit for everybody.
+OUTAGE_STATUSES = frozenset({502, 503, 504})
+
+
+def signals_outage(error: UpstreamError) -> bool:
+    """True for what the circuit breaker counts as a failure: no answer at all (unreachable, reset,
+    garbage, timed out) or an outage status, whatever the body (an oversized or encoded 503 too)."""
+    if isinstance(error, UpstreamTimeout):
+        return True
+    if isinstance(error, UpstreamUnavailable | UpstreamMalformed):
+        return error.upstream_status is None or error.upstream_status in OUTAGE_STATUSES
+    return False
+
+
 class CynopsisClient:
     def __init__(
         self,
@@ -114,18 +131,23 @@ class CynopsisClient:
         before, _, after = endpoints.result_path.partition("{session_id}")
         self._result_target = (endpoints.target(before), quote(after, safe=_PATH_SAFE))
 
-    def refuse_if_open(self) -> None:
-        """Raises UpstreamCircuitOpen now if the next call would be refused by the circuit breaker."""
-        if self._circuit is not None:
-            self._circuit.refuse_if_open()
-
     async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
         return await self._call("session_token", "POST", self._session_token_target, body, request_id)
 
-    async def create_session(self, body: bytes, request_id: str) -> UpstreamResult:
-        """`body` is a JSON object, already encoded."""
-        return await self._call("create_session", "POST", self._session_target, body, request_id)
+    async def create_session(
+        self,
+        body: bytes,
+        request_id: str,
+        *,
+        before_sending: Callable[[], Awaitable[None]] | None = None,
+    ) -> UpstreamResult:
+        """`body` is a JSON object, already encoded. `before_sending` runs once the call is admitted
+        by the circuit breaker, right before it goes out (e.g. to count a daily attempt): a call the
+        breaker refuses costs nothing, and if `before_sending` raises, nothing is sent."""
+        return await self._call(
+            "create_session", "POST", self._session_target, body, request_id, before_sending=before_sending
+        )
 
     async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
         # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
@@ -143,29 +165,28 @@ class CynopsisClient:
         request_id: str,
         *,
         is_result: bool = False,
+        before_sending: Callable[[], Awaitable[None]] | None = None,
     ) -> UpstreamResult:
         circuit = self._circuit
         if circuit is None:
+            if before_sending is not None:
+                await before_sending()
             return await self._call_upstream(endpoint, method, target, body, request_id, is_result)
         probe = circuit.admit()
         try:
+            if before_sending is not None:
+                await before_sending()
             result = await self._call_upstream(endpoint, method, target, body, request_id, is_result)
-        except (UpstreamTimeout, UpstreamUnavailable) as exc:
-            # Unreachable, reset, timed out or 5xx: the upstream is unwell. 401/403/404 arrive as
-            # UpstreamUnavailable too, but they are answers from a working upstream.
-            if exc.upstream_status is None or exc.upstream_status >= 500:
-                circuit.failed(probe)
-            else:
-                circuit.succeeded(probe)
-            raise
         except UpstreamError as exc:
             if isinstance(exc, TokenUnavailable):
                 circuit.abandoned(probe)  # the liveness API was never called
+            elif signals_outage(exc):
+                circuit.failed(probe)
             else:
-                circuit.succeeded(probe)  # 4xx, 429, an unusable body: the upstream answered
+                circuit.succeeded(probe)  # 4xx, 429, 500, an unusable body: the upstream answered
             raise
         except BaseException:
-            circuit.abandoned(probe)  # cancelled (the caller went away) or a bug
+            circuit.abandoned(probe)  # refused before sending, cancelled (the caller left), or a bug
             raise
         circuit.succeeded(probe)
         return result

@@ -122,7 +122,7 @@ def parse_retry_after(value: str | None, *, default: int = 1, now: float | None 
         return max(1, min(int(value), MAX_RETRY_AFTER_SECONDS))
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year past what datetime holds: OverflowError
         return default
     delta = when.timestamp() - (time.time() if now is None else now)
     return max(1, min(math.ceil(delta), MAX_RETRY_AFTER_SECONDS))
