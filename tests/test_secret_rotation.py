@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import aiohttp
 import httpx
 import pytest
 
@@ -138,14 +139,11 @@ def test_a_rotated_secret_stays_redacted_however_many_access_tokens_follow() -> 
 # -- the token request ----------------------------------------------------------------------------------
 
 
-async def test_invalid_client_rereads_the_file_and_retries_once_only_when_the_secret_changed(
-    tmp_path: Path, sandbox: tuple[Sandbox, str]
-) -> None:
-    upstream, url = sandbox
-    path = secret_file(tmp_path)
-    source = ClientSecretSource(CLIENT_SECRET, path=path)
-    http = create_http_session(max_connections=4, connect_timeout_seconds=1, total_timeout_seconds=2)
-    fetcher = ClientCredentialsFetcher(
+def reloading_fetcher(
+    http: aiohttp.ClientSession, url: str, source: ClientSecretSource
+) -> ClientCredentialsFetcher:
+    """The token request of the sandbox at `url`, with the secret from `source` (re-read on refusal)."""
+    return ClientCredentialsFetcher(
         http,
         token_url=f"{url}/oauth/token",
         client_id=CLIENT_ID,
@@ -155,6 +153,16 @@ async def test_invalid_client_rereads_the_file_and_retries_once_only_when_the_se
         timeout_seconds=2,
         reload_client_secret=source.reload,
     )
+
+
+async def test_invalid_client_rereads_the_file_and_retries_once_only_when_the_secret_changed(
+    tmp_path: Path, sandbox: tuple[Sandbox, str]
+) -> None:
+    upstream, url = sandbox
+    path = secret_file(tmp_path)
+    source = ClientSecretSource(CLIENT_SECRET, path=path)
+    http = create_http_session(max_connections=4, connect_timeout_seconds=1, total_timeout_seconds=2)
+    fetcher = reloading_fetcher(http, url, source)
     try:
         # Cynopsis rotated, the file not yet: refused, the file read once, nothing sent again.
         rotated = new_secret()
@@ -189,16 +197,7 @@ async def test_an_endpoint_that_refuses_every_secret_costs_one_file_read_per_fai
     http = create_http_session(max_connections=4, connect_timeout_seconds=1, total_timeout_seconds=2)
     clock = ManualClock()
     tokens = TokenManager(
-        ClientCredentialsFetcher(
-            http,
-            token_url=f"{url}/oauth/token",
-            client_id=CLIENT_ID,
-            client_secret=source.current,
-            default_lifetime_seconds=300,
-            max_lifetime_seconds=3600,
-            timeout_seconds=2,
-            reload_client_secret=source.reload,
-        ),
+        reloading_fetcher(http, url, source),
         refresh_margin=lambda lifetime: lifetime / 10,
         failure_backoff_seconds=5,
         clock=clock.now,
