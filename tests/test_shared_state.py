@@ -227,9 +227,11 @@ async def test_five_processes_with_sixty_callers_each_make_one_token_request(
 async def test_the_lease_is_renewed_while_a_slow_token_request_runs(
     store_factory: Callable[[], TokenStore],
 ) -> None:
-    # The request takes four lease lifetimes; renewal keeps every other process out meanwhile.
-    fetcher = CountingFetcher(delay=1.2)
-    managers = [manager(store_factory(), fetcher, lease_seconds=0.3, poll_seconds=0.02) for _ in range(3)]
+    # The request takes more than three lease lifetimes; renewal keeps every other process out
+    # meanwhile. The lease is long enough that only a renewal stalled for 0.6 s (two renewal periods)
+    # lets a second process in: a CI machine under load stalled a 0.3 s lease's renewal once.
+    fetcher = CountingFetcher(delay=3.0)
+    managers = [manager(store_factory(), fetcher, lease_seconds=0.9, poll_seconds=0.02) for _ in range(3)]
     tokens = await asyncio.gather(*(m.get() for m in managers))
     assert fetcher.calls == 1
     assert len({token.value for token in tokens}) == 1
