@@ -10,7 +10,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,8 +45,7 @@ from support import (
     subprocess_env,
     upstream_sandbox,
 )
-
-COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
+from test_cli import COMMAND
 
 
 def new_secret() -> str:
