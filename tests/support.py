@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp
@@ -173,6 +174,20 @@ class ProxyHarness:
 
     def log_text(self) -> str:
         return self.log.getvalue()
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The proxy's JSON log lines whose event is `event`."""
+        lines = [orjson.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("event") == event]
+
+    def access_line(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The access-log line of one request; waits for it (it is written just after the answer is sent)."""
+        deadline = time.monotonic() + timeout
+        while not (lines := [e for e in self.log_events("request") if e["request_id"] == request_id]):
+            assert time.monotonic() < deadline, f"no access-log line for {request_id}"
+            time.sleep(0.01)
+        [line] = lines
+        return line
 
     def upstream_paths(self) -> list[str]:
         return [record.raw_path for record in self.sandbox.request_log]

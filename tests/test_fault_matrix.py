@@ -61,23 +61,6 @@ def problem(
     return body
 
 
-def log_events(proxy: ProxyHarness, event: str) -> list[dict[str, Any]]:
-    """The proxy's JSON log lines whose event is `event`."""
-    lines = [orjson.loads(line) for line in proxy.log_text().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == event]
-
-
-def access_line(proxy: ProxyHarness, request_id: str) -> dict[str, Any]:
-    """The access-log line of one request (written just after its answer is sent)."""
-
-    def lines() -> list[dict[str, Any]]:
-        return [line for line in log_events(proxy, "request") if line["request_id"] == request_id]
-
-    wait_for(lambda: bool(lines()))
-    [line] = lines()
-    return line
-
-
 def metric(client: httpx.Client, name: str, **labels: str) -> float:
     """The value of one sample on /metrics (0 when the series does not exist yet)."""
     for family in text_string_to_metric_families(client.get("/metrics").text):
@@ -144,7 +127,7 @@ def test_upstream_refusing_connections_is_502_until_it_listens_again(make_proxy:
     with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
         refused = ask_session_token(client, proxy, "refused-1")
         problem(refused, 502, "upstream-unavailable")
-        assert access_line(proxy, "refused-1")["upstream_status"] is None
+        assert proxy.access_line("refused-1")["upstream_status"] is None
         assert metric(client, "liveness_proxy_upstream_requests_total", outcome="connect_error") == 1
         assert audit_record(proxy, "refused-1")["problem"] == "upstream-unavailable"
         # The same sandbox (its tokens stay valid) starts listening on that port: served at once.
@@ -186,7 +169,7 @@ def test_an_upstream_fault_is_answered_signalled_and_recovered_from(
         assert ask_session_token(client, proxy).status_code == 200  # the access token is cached
         proxy.sandbox.inject_fault(fault)
         problem(ask_session_token(client, proxy, "faulted-1"), status, slug)
-        line = access_line(proxy, "faulted-1")
+        line = proxy.access_line("faulted-1")
         assert (line["status"], line["upstream_status"]) == (status, upstream_status)
         exchanges = metric(
             client, "liveness_proxy_upstream_requests_total", endpoint="session_token", outcome=outcome
@@ -201,7 +184,7 @@ def test_an_upstream_fault_is_answered_signalled_and_recovered_from(
         # One fault is no outage: the circuit stays closed, and the next call is served.
         assert ask_session_token(client, proxy).status_code == 200
         assert metric(client, "liveness_proxy_upstream_circuit_open") == 0
-        assert not log_events(proxy, "unhandled_error")
+        assert not proxy.log_events("unhandled_error")
 
 
 def test_a_429_storm_is_passed_on_and_never_opens_the_circuit(make_proxy: MakeProxy) -> None:
@@ -215,7 +198,7 @@ def test_a_429_storm_is_passed_on_and_never_opens_the_circuit(make_proxy: MakePr
             problem(ask_session_token(client, proxy), 429, "upstream-rate-limited", retry_after="7")
         assert metric(client, "liveness_proxy_upstream_requests_total", outcome="429") == storm
         assert metric(client, "liveness_proxy_upstream_circuit_open") == 0
-        assert not log_events(proxy, "upstream_circuit_opened")
+        assert not proxy.log_events("upstream_circuit_opened")
         assert ask_session_token(client, proxy).status_code == 200
 
 
@@ -272,7 +255,7 @@ def test_a_failure_storm_opens_the_circuit_and_one_good_probe_closes_it(
                 retry_after="1",
             )
         assert len(proxy.upstream_paths()) == calls
-        [opened] = log_events(proxy, "upstream_circuit_opened")
+        [opened] = proxy.log_events("upstream_circuit_opened")
         assert opened["consecutive_failures"] == storm.count
         assert metric(client, "liveness_proxy_upstream_circuit_open") == 1
         assert metric(client, "liveness_proxy_upstream_circuit_rejections_total") == 3
@@ -285,7 +268,7 @@ def test_a_failure_storm_opens_the_circuit_and_one_good_probe_closes_it(
         # The upstream is well again (the storm is over): after the interval, the probe closes it.
         time.sleep(OPEN_SECONDS)
         assert ask_session_token(client, proxy).status_code == 200
-        assert len(log_events(proxy, "upstream_circuit_closed")) == 1
+        assert len(proxy.log_events("upstream_circuit_closed")) == 1
         assert metric(client, "liveness_proxy_upstream_circuit_open") == 0
         assert [ask_session_token(client, proxy).status_code for _ in range(3)] == [200] * 3
 
@@ -305,7 +288,7 @@ def test_a_failed_probe_reopens_the_circuit_for_another_interval(make_proxy: Mak
         problem(ask_session_token(client, proxy), 503, "upstream-circuit-open")
         assert len(proxy.upstream_paths()) == calls + 1
         assert metric(client, "liveness_proxy_upstream_circuit_open") == 1
-        assert len(log_events(proxy, "upstream_circuit_opened")) == 1  # one line per outage
+        assert len(proxy.log_events("upstream_circuit_opened")) == 1  # one line per outage
         time.sleep(OPEN_SECONDS)
         assert ask_session_token(client, proxy).status_code == 200
         assert metric(client, "liveness_proxy_upstream_circuit_open") == 0
@@ -361,7 +344,7 @@ def test_a_token_endpoint_fault_is_a_503_until_a_token_can_be_had(
         problem(
             ask_session_token(client, proxy, "no-token-1"), 503, "upstream-token-unavailable", retry_after="5"
         )
-        [failed] = log_events(proxy, "upstream_token_failed")
+        [failed] = proxy.log_events("upstream_token_failed")
         assert reason in failed["reason"]
         assert metric(client, "liveness_proxy_upstream_token_refreshes_total", outcome="failed") == 1
         assert audit_record(proxy, "no-token-1")["upstream_status"] is None
@@ -382,7 +365,7 @@ def test_a_token_endpoint_that_refuses_connections_is_a_503_until_it_listens_aga
     overrides = {"CYNOPSIS_TOKEN_URL": f"http://127.0.0.1:{port}/oauth/token"}
     with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
         problem(ask_session_token(client, proxy), 503, "upstream-token-unavailable", retry_after="5")
-        [failed] = log_events(proxy, "upstream_token_failed")
+        [failed] = proxy.log_events("upstream_token_failed")
         assert failed["reason"] == "token endpoint unreachable (ClientConnectorError)"
         assert metric(client, "liveness_proxy_upstream_token_refreshes_total", outcome="failed") == 1
         problem(client.get("/readyz"), 503, "service-unavailable")
@@ -410,7 +393,7 @@ def test_a_rejected_client_secret_is_a_503_until_the_credentials_match_again(mak
     with make_proxy() as proxy, proxy.client() as client:
         proxy.sandbox.rotate_client_secret("rotated-at-cynopsis-only-0123456789")
         problem(ask_session_token(client, proxy), 503, "upstream-token-unavailable", retry_after="5")
-        [failed] = log_events(proxy, "upstream_token_failed")
+        [failed] = proxy.log_events("upstream_token_failed")
         assert (failed["reason"], failed["upstream_status"]) == (
             "token endpoint answered HTTP 401 (invalid_client)",
             401,
@@ -479,11 +462,11 @@ def test_a_write_locked_store_is_a_503_after_a_bounded_wait(make_proxy: MakeProx
         # written in time, so the answer was withheld.
         problem(locked, 503, "store-unavailable", retry_after="5")
         assert len(proxy.upstream_paths()) == calls + 1
-        [withheld] = log_events(proxy, "audit_unavailable")
+        [withheld] = proxy.log_events("audit_unavailable")
         assert withheld["status"] == 200
-        assert access_line(proxy, "locked-1")["status"] == 503
+        assert proxy.access_line("locked-1")["status"] == 503
         assert metric(client, "liveness_proxy_http_requests_total", route=SESSION_TOKEN, status="503") == 1
-        assert not log_events(proxy, "unhandled_error")
+        assert not proxy.log_events("unhandled_error")
         # The lock is gone: served at once, and the chain holds everything that was answered.
         assert ask_session_token(client, proxy).status_code == 200
         assert "locked-1" not in {record["request_id"] for record in proxy.audit_rows()}
@@ -529,8 +512,8 @@ def test_an_exhausted_database_pool_is_a_503_after_the_pool_timeout(make_proxy: 
             refused, held, calls = asyncio.run(exhaust())
             problem(refused, 503, "store-unavailable", retry_after="5")
             assert len(proxy.upstream_paths()) == calls + 1  # only the held request's, once it got its key
-            assert {line["reason"] for line in log_events(proxy, "audit_unavailable")} == {"TimeoutError"}
-            assert access_line(proxy, "pool-1")["status"] == 503
+            assert {line["reason"] for line in proxy.log_events("audit_unavailable")} == {"TimeoutError"}
+            assert proxy.access_line("pool-1")["status"] == 503
             assert held.status_code == 200
             assert ask_session_token(client, proxy).status_code == 200
 
@@ -569,12 +552,12 @@ def test_a_caller_that_leaves_mid_request_does_not_stop_it(make_proxy: MakeProxy
             wait_for(lambda: proxy.upstream_paths()[-1].endswith("/liveness_session"))
         # The caller is gone while the upstream works on its call. The call completes: the session
         # is bound to its creator and audited as answered, since the answer was sent (to nobody).
-        wait_for(lambda: "gone-1" in {line["request_id"] for line in log_events(proxy, "request")})
+        wait_for(lambda: "gone-1" in {line["request_id"] for line in proxy.log_events("request")})
         [session_id] = proxy.sandbox.session_ids
         record = client.get(f"{SESSIONS}/{session_id}", headers=proxy.auth(proxy.keys.admin)).json()
         assert (record["subject"], record["request_id"]) == ("alice", "gone-1")
-        assert (audit_record(proxy, "gone-1")["status"], access_line(proxy, "gone-1")["status"]) == (201, 201)
-        assert not log_events(proxy, "unhandled_error")
+        assert (audit_record(proxy, "gone-1")["status"], proxy.access_line("gone-1")["status"]) == (201, 201)
+        assert not proxy.log_events("unhandled_error")
         assert metric(client, "liveness_proxy_http_requests_total", status="500") == 0
         # The process keeps serving.
         assert proxy.create_session(client)

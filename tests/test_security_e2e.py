@@ -150,11 +150,8 @@ def test_one_json_log_line_per_request_with_route_template_subject_and_upstream_
 ) -> None:
     session_id = proxy.create_session(client)
     response = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
-    lines = [json.loads(line) for line in proxy.log_text().splitlines()]
-    request_lines = [line for line in lines if line["event"] == "request"]
-    mine = [line for line in request_lines if line["request_id"] == response.headers["x-request-id"]]
-    assert len(mine) == 1
-    line = mine[0]
+    line = proxy.access_line(response.headers["x-request-id"])
+    request_lines = proxy.log_events("request")
     assert line["route"] == "/v1/liveness/sessions/{session_id}/result"
     assert line["method"] == "GET"
     assert line["status"] == 200
