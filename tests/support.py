@@ -328,6 +328,8 @@ class Harness:
     tmp_path: Path
     sandbox_config: dict[str, Any] = field(default_factory=dict)
     proxy_overrides: dict[str, Any] = field(default_factory=dict)
+    # Extra keyword arguments of create_app (library mode's authenticate_caller, say).
+    app_options: dict[str, Any] = field(default_factory=dict)
     log_scan: LogScan | None = None
     origin: str = "harness"
     _servers: list[ServerThread] = field(default_factory=list)
@@ -342,7 +344,9 @@ class Harness:
         keys = asyncio.run(_prepare_database(settings))
         log = self._log = io.StringIO()
         # The shared token store dates tokens by the same manual clock, so advancing it expires them.
-        app = create_app(settings, clock=clock.now, shared_clock=clock.now, log_stream=log)
+        app = create_app(
+            settings, clock=clock.now, shared_clock=clock.now, log_stream=log, **self.app_options
+        )
         proxy_server = ServerThread(app).start()
         self._servers.append(proxy_server)
         return ProxyHarness(

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hashlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -22,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from liveness_proxy.auth import HostAuthentication, HostAuthenticator
 from liveness_proxy.browser import CorsMiddleware, SecurityHeaders
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -112,6 +115,36 @@ class ProxyApplication(Starlette):
             app = cls(app, *args, **kwargs)
         return app
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Starts the proxy's runtime (database, upstream pools, token cache, audit writer) and stops
+        it on exit. For a host that mounts the proxy: Starlette's `Mount` does not run a mounted
+        app's lifespan, so the host enters this in its own (`async with proxy.running(): yield`)."""
+        async with self.router.lifespan_context(self):
+            yield
+
+
+# The JS client is served from the package (one copy: the file in the repo is the file served).
+CLIENT_FILES = {
+    "liveness-proxy-client.js": "text/javascript; charset=utf-8",
+    "liveness-proxy-client.d.ts": "application/typescript; charset=utf-8",
+}
+CLIENT_CACHE_CONTROL = "public, max-age=300"
+
+
+def client_file_endpoint(name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    """Serves one file of the JS client, read once; revalidated by its ETag."""
+    body = resources.files("liveness_proxy").joinpath("static", "client", name).read_bytes()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+    async def serve(request: Request) -> Response:
+        headers = {"Cache-Control": CLIENT_CACHE_CONTROL, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type=media_type, headers=headers)
+
+    return serve
+
 
 def create_app(
     settings: Settings,
@@ -123,6 +156,7 @@ def create_app(
     migrate: bool = False,
     tune_gc_for_serving: bool = False,
     reload_secrets_on_sighup: bool = False,
+    authenticate_caller: HostAuthentication | None = None,
 ) -> ProxyApplication:
     """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
     records; `shared_clock` (the wall clock unless given) dates the token shared with other
@@ -138,7 +172,12 @@ def create_app(
 
     `reload_secrets_on_sighup` (what `serve` does; it needs the main thread, and a host that embeds
     the app owns its signals) re-reads CYNOPSIS_CLIENT_SECRET_FILE on SIGHUP while the app runs,
-    and nothing else: the cached access token keeps serving until it is due."""
+    and nothing else: the cached access token keeps serving until it is due.
+
+    `authenticate_caller` (library mode) is the host application's own authentication: an async
+    function of the request that returns the `Caller` (subject, scopes, credential id for the audit
+    log), or None to let the proxy's API keys and JWTs decide; it may raise `Unauthenticated` or
+    `Forbidden` to refuse. See `liveness_proxy.auth.host`."""
     redactor = Redactor(
         [
             settings.cynopsis_client_secret.get_secret_value(),
@@ -155,7 +194,10 @@ def create_app(
         redactor=redactor,
         stream=log_stream,
     )
-    api = LivenessApi(build_openapi())
+    api = LivenessApi(
+        build_openapi(),
+        host_authentication=None if authenticate_caller is None else HostAuthenticator(authenticate_caller),
+    )
     metrics = ProxyMetrics()
 
     @contextlib.asynccontextmanager
@@ -221,6 +263,10 @@ def create_app(
         Route("/healthz", Endpoint(api.health), methods=["GET"]),
         Route("/readyz", Endpoint(api.readiness), methods=["GET"]),
         Route("/openapi.json", Endpoint(api.openapi), methods=["GET"]),
+        *(
+            Route(f"/client/{name}", Endpoint(client_file_endpoint(name, media_type)), methods=["GET"])
+            for name, media_type in CLIENT_FILES.items()
+        ),
     ]
     if settings.liveness_proxy_metrics_enabled:
         serve_metrics = metrics_endpoint(

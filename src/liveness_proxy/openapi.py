@@ -266,6 +266,38 @@ def build_openapi() -> dict[str, Any]:
                     },
                 }
             },
+            **{
+                f"/client/{name}": {
+                    "get": {
+                        "operationId": operation,
+                        "summary": summary,
+                        "security": [],
+                        "responses": {
+                            "200": {
+                                "description": "The file, cacheable for 5 minutes; revalidate with its ETag.",
+                                "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
+                                "content": {media_type: {"schema": {"type": "string"}}},
+                            },
+                            "304": {"description": "Unchanged since the ETag sent in If-None-Match."},
+                            **_any_route_errors(),
+                        },
+                    }
+                }
+                for name, operation, media_type, summary in (
+                    (
+                        "liveness-proxy-client.js",
+                        "jsClient",
+                        "text/javascript",
+                        "The browser client: a dependency-free ES module (docs/integration.md).",
+                    ),
+                    (
+                        "liveness-proxy-client.d.ts",
+                        "jsClientTypes",
+                        "application/typescript",
+                        "TypeScript declarations of the browser client.",
+                    ),
+                )
+            },
         },
         "components": {
             "schemas": json_schema_components(),

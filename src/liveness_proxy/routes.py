@@ -19,7 +19,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from liveness_proxy.auth import ADMIN_SCOPE, Caller
+from liveness_proxy.auth import ADMIN_SCOPE, Caller, HostAuthenticator
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -101,8 +101,11 @@ def encode_upstream(payload: dict[str, Any], upstream_status: int) -> bytes:
 class LivenessApi:
     """Route handlers. `runtime` is attached by the app's lifespan before the first request."""
 
-    def __init__(self, openapi_document: dict[str, Any]) -> None:
+    def __init__(
+        self, openapi_document: dict[str, Any], *, host_authentication: HostAuthenticator | None = None
+    ) -> None:
         self._openapi_body = orjson.dumps(openapi_document)
+        self._host_authentication = host_authentication
         self.runtime: Runtime | None = None
 
     def _rt(self) -> Runtime:
@@ -186,7 +189,8 @@ class LivenessApi:
         # The binding is durable before its audit record (written by _audited), and both before the
         # caller sees the id: a crash in between leaves a binding nobody was told of, never an
         # unaudited answer.
-        location = f"/v1/liveness/sessions/{session_id}/result"
+        # Under the host's prefix when mounted in another app (library mode) or behind `--root-path`.
+        location = f"{request.scope.get('root_path', '')}/v1/liveness/sessions/{session_id}/result"
         return json_response(encoded, status=201, headers={"Location": location})
 
     async def _result(self, request: Request, audit: AuditContext) -> Response:
@@ -245,7 +249,12 @@ class LivenessApi:
         return json_response(orjson.dumps(session_record(owner, rt.settings.liveness_proxy_pass_threshold)))
 
     async def _authenticate(self, request: Request, rt: Runtime) -> Caller:
-        caller = await rt.authentication.authenticate(request.headers)
+        caller = None
+        if self._host_authentication is not None:
+            # Library mode: the host application's own authentication speaks first.
+            caller = await self._host_authentication.authenticate(request)
+        if caller is None:
+            caller = await rt.authentication.authenticate(request.headers)
         request.scope["state"]["subject"] = caller.subject
         return caller
 

@@ -8,6 +8,7 @@ from starlette.datastructures import Headers
 
 from liveness_proxy.auth.api_keys import ApiKeyAuthenticator, IssuedApiKey, new_api_key
 from liveness_proxy.auth.caller import ADMIN_SCOPE, Authenticator, Caller
+from liveness_proxy.auth.host import HostAuthentication, HostAuthenticator, InvalidHostCaller
 from liveness_proxy.auth.jwks import JwksCache, KeySet, StaticKeySource
 from liveness_proxy.auth.jwt import JwtAuthenticator, JwtPolicy, jwt_authenticator_from_settings
 from liveness_proxy.errors import Unauthenticated
@@ -18,6 +19,9 @@ __all__ = [
     "Authenticator",
     "Caller",
     "CallerAuthentication",
+    "HostAuthentication",
+    "HostAuthenticator",
+    "InvalidHostCaller",
     "IssuedApiKey",
     "JwksCache",
     "JwtAuthenticator",

@@ -1,0 +1,377 @@
+// liveness-proxy-client.js: a dependency-free browser client for liveness-proxy.
+// An ES module, served by the proxy at /client/liveness-proxy-client.js; types in the .d.ts next to it.
+// The credential (API key or JWT) only ever goes into the Authorization header: never into an error,
+// a message or a call report.
+
+const PROBLEM_TYPE_PREFIX = "urn:liveness-proxy:problem:";
+const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
+const CREDENTIAL_PATTERN = /^[\x21-\x7e]+$/; // one header token: visible ASCII, no spaces
+const NON_TERMINAL_STATUSES = new Set(["CREATED", "IN_PROGRESS", "PENDING"]);
+const BACKOFF_FACTOR = 2;
+
+/**
+ * Whether a liveness status is final. `CREATED`, `IN_PROGRESS` and `PENDING` mean "not finished";
+ * any other non-empty string (`SUCCEEDED`, `FAILED`, `EXPIRED`, ...) is terminal.
+ * @param {unknown} status the `status` of a liveness result
+ * @returns {boolean} true when polling can stop
+ */
+export function isTerminalStatus(status) {
+  return typeof status === "string" && status !== "" && !NON_TERMINAL_STATUSES.has(status);
+}
+
+/**
+ * Any non-2xx answer of the proxy (and a 2xx answer whose body is not what was expected).
+ * The fields come from the RFC 9457 problem details body when there is one.
+ */
+export class LivenessProxyError extends Error {
+  /**
+   * @param {{status: number, problem?: object|null, requestId?: string|null,
+   *   retryAfterSeconds?: number|null, type?: string|null, title?: string, detail?: string}} init
+   */
+  constructor({ status, problem = null, requestId = null, retryAfterSeconds = null, type, title, detail }) {
+    const p = problem ?? {};
+    const finalTitle = title ?? str(p.title) ?? "Error response from the proxy";
+    const finalDetail = detail ?? str(p.detail) ?? "";
+    super(`${finalTitle} (HTTP ${status})${finalDetail ? `: ${finalDetail}` : ""}`);
+    this.name = new.target.name;
+    /** @type {number} HTTP status of the answer. */
+    this.status = status;
+    /** @type {string|null} The problem `type` URI. */
+    this.type = type !== undefined ? type : str(p.type) ?? null;
+    /** @type {string|null} The part of `type` after "urn:liveness-proxy:problem:", e.g. "rate-limited". */
+    this.slug = this.type?.startsWith(PROBLEM_TYPE_PREFIX) ? this.type.slice(PROBLEM_TYPE_PREFIX.length) : null;
+    /** @type {string} */
+    this.title = finalTitle;
+    /** @type {string} */
+    this.detail = finalDetail;
+    /** @type {string|null} The problem's `request_id`, else the `X-Request-ID` header. */
+    this.requestId = str(p.request_id) ?? requestId ?? null;
+    /** @type {number|null} Seconds from the `Retry-After` header, when there was one. */
+    this.retryAfterSeconds = retryAfterSeconds;
+    /** @type {object|null} The whole parsed problem body, or null if the body was not problem JSON. */
+    this.problem = problem;
+  }
+}
+
+/** 429: a per-subject limit of the proxy (`rate-limited`) or of Cynopsis (`upstream-rate-limited`). */
+export class RateLimitedError extends LivenessProxyError {
+  /** @returns {string|null} the limit that was hit (`session_token`, `daily_attempts`, ...), if named */
+  get limit() {
+    return str(this.problem?.limit) ?? null;
+  }
+}
+
+/** 401: no credential, or a wrong, revoked or expired one. Sign in again. */
+export class AuthenticationError extends LivenessProxyError {}
+
+/** 502, 503 or 504: the proxy, its store or the Cynopsis API cannot answer now. Worth retrying. */
+export class UpstreamUnavailableError extends LivenessProxyError {}
+
+/** `waitForResult` gave up: no terminal status before its deadline. */
+export class LivenessTimeoutError extends Error {
+  /**
+   * @param {string} sessionId
+   * @param {{lastStatus?: string|null, attempts?: number, timeoutMs?: number, cause?: unknown}} [info]
+   */
+  constructor(sessionId, { lastStatus = null, attempts = 0, timeoutMs, cause } = {}) {
+    super(`No terminal liveness result for session ${sessionId} within ${timeoutMs} ms ` +
+      `(${attempts} checks, last status ${lastStatus ?? "unknown"}).`, cause === undefined ? undefined : { cause });
+    this.name = "LivenessTimeoutError";
+    /** @type {string} */
+    this.sessionId = sessionId;
+    /** @type {string|null} The last status read, or null if no read succeeded. */
+    this.lastStatus = lastStatus;
+    /** @type {number} How many reads were made. */
+    this.attempts = attempts;
+  }
+}
+
+/** `fetch` itself failed: offline, DNS, TLS, CORS refused, connection reset. */
+export class NetworkError extends Error {
+  /**
+   * @param {string} message
+   * @param {{cause?: unknown}} [options] `cause` is the error `fetch` threw
+   */
+  constructor(message, { cause } = {}) {
+    super(message, { cause });
+    this.name = "NetworkError";
+    /** @type {unknown} */
+    this.cause = cause;
+  }
+}
+
+function str(value) {
+  return typeof value === "string" ? value : undefined;
+}
+
+function isPlainObject(value) {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function now() {
+  return globalThis.performance?.now ? globalThis.performance.now() : Date.now();
+}
+
+function parseRetryAfter(value) {
+  if (value == null) return null;
+  const text = value.trim();
+  if (/^\d+$/.test(text)) return Number(text);
+  const date = Date.parse(text);
+  return Number.isNaN(date) ? null : Math.max(0, Math.ceil((date - Date.now()) / 1000));
+}
+
+function abortReason(signal) {
+  return signal.reason ?? new DOMException("The operation was aborted.", "AbortError");
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(abortReason(signal));
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(abortReason(signal));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, Math.max(0, ms));
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+// A listener's bug must not break the call it observes: rethrown on its own, so it still shows up.
+function notify(listener, value) {
+  if (!listener) return;
+  try {
+    listener(value);
+  } catch (error) {
+    queueMicrotask(() => { throw error; });
+  }
+}
+
+function errorFor(init) {
+  const { status } = init;
+  if (status === 401) return new AuthenticationError(init);
+  if (status === 429) return new RateLimitedError(init);
+  if (status === 502 || status === 503 || status === 504) return new UpstreamUnavailableError(init);
+  return new LivenessProxyError(init);
+}
+
+function unexpected(status, requestId, detail) {
+  return new LivenessProxyError({ status, requestId, type: null, title: "Unexpected response from the proxy", detail });
+}
+
+function isTransient(error) {
+  return error instanceof RateLimitedError || error instanceof UpstreamUnavailableError || error instanceof NetworkError;
+}
+
+function checkSessionId(sessionId) {
+  if (typeof sessionId !== "string" || !SESSION_ID_PATTERN.test(sessionId)) {
+    throw new TypeError("sessionId must be 1-128 characters of A-Za-z0-9_-.");
+  }
+}
+
+/** A client of one liveness-proxy deployment, for one caller (one credential). */
+export class LivenessProxyClient {
+  #baseUrl;
+  #credential;
+  #fetch;
+  #onCall;
+  #credentials;
+  #headers;
+
+  /**
+   * @param {object} [options]
+   * @param {string} [options.baseUrl=""] the proxy's origin (and path prefix); "" for the page's own origin
+   * @param {string | (() => string | Promise<string>)} [options.credential] an API key or a JWT, or a
+   *   function returning one, called before every request (so a JWT can be refreshed). Without one, no
+   *   Authorization header is sent and the proxy answers 401.
+   * @param {typeof fetch} [options.fetch=globalThis.fetch] the fetch implementation to use
+   * @param {(call: object) => void} [options.onCall] called after every HTTP exchange with
+   *   `{method, url, status, requestId, durationMs, ok, problem?}` (status 0 when fetch failed)
+   * @param {"omit" | "same-origin" | "include"} [options.credentials="omit"] fetch's cookie mode. "omit"
+   *   (default) suits bearer credentials; "same-origin" or "include" is for a proxy mounted in a host
+   *   app that authenticates by its own session cookie (library mode).
+   * @param {Record<string, string>} [options.headers] extra headers on every request, e.g. the CSRF
+   *   header a cookie-authenticated host app asks for
+   */
+  constructor({ baseUrl = "", credential, fetch = globalThis.fetch, onCall, credentials = "omit", headers = {} } = {}) {
+    if (!["omit", "same-origin", "include"].includes(credentials)) {
+      throw new TypeError('credentials must be "omit", "same-origin" or "include".');
+    }
+    this.#credentials = credentials;
+    this.#headers = { ...headers };
+    if (typeof fetch !== "function") throw new TypeError("No fetch implementation available.");
+    this.#baseUrl = String(baseUrl).replace(/\/+$/, "");
+    this.#credential = credential;
+    this.#fetch = (url, init) => fetch(url, init); // unbound, as window.fetch requires
+    this.#onCall = onCall;
+  }
+
+  async #authorization() {
+    const value = typeof this.#credential === "function" ? await this.#credential() : this.#credential;
+    if (value == null || value === "") return null;
+    if (typeof value !== "string" || !CREDENTIAL_PATTERN.test(value)) {
+      throw new TypeError("The credential must be a string of visible ASCII characters without spaces.");
+    }
+    return `Bearer ${value}`;
+  }
+
+  async #request(method, path, body, signal) {
+    const url = this.#baseUrl + path;
+    const headers = { ...this.#headers, Accept: "application/json, application/problem+json" };
+    const authorization = await this.#authorization();
+    if (authorization) headers.Authorization = authorization;
+    const init = { method, headers, credentials: this.#credentials, cache: "no-store", signal };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const started = now();
+    let response;
+    let text;
+    try {
+      response = await this.#fetch(url, init);
+      text = await response.text();
+    } catch (cause) {
+      if (signal?.aborted) throw abortReason(signal);
+      const call = { method, url, status: response?.status ?? 0, requestId: response?.headers.get("X-Request-ID") ?? null,
+        durationMs: now() - started, ok: false };
+      notify(this.#onCall, call);
+      throw new NetworkError(`Cannot reach the liveness proxy (${method} ${url}).`, { cause });
+    }
+    const requestId = response.headers.get("X-Request-ID");
+    let parsed;
+    try {
+      parsed = text === "" ? undefined : JSON.parse(text);
+    } catch {
+      parsed = undefined;
+    }
+    const call = { method, url, status: response.status, requestId, durationMs: now() - started, ok: response.ok };
+    if (!response.ok) {
+      const isProblem = isPlainObject(parsed) &&
+        (typeof parsed.type === "string" || /problem\+json/i.test(response.headers.get("Content-Type") ?? ""));
+      const problem = isProblem ? parsed : null;
+      call.problem = problem;
+      notify(this.#onCall, call);
+      throw errorFor({
+        status: response.status, problem, requestId,
+        retryAfterSeconds: parseRetryAfter(response.headers.get("Retry-After")),
+        detail: problem ? undefined : `The proxy answered HTTP ${response.status} without problem details.`,
+      });
+    }
+    notify(this.#onCall, call);
+    if (!isPlainObject(parsed)) {
+      throw unexpected(response.status, requestId, `${method} ${path} answered HTTP ${response.status} with a body that is not a JSON object.`);
+    }
+    return { data: parsed, status: response.status, requestId };
+  }
+
+  /**
+   * `POST /v1/liveness/session-token`: a one-time session token for the Cynopsis SDK.
+   * @param {object} [body] a JSON object passed on to Cynopsis; nothing is sent when omitted
+   * @param {{signal?: AbortSignal}} [options]
+   * @returns {Promise<object>} `{session_token, expires_in, ...}`
+   */
+  async getSessionToken(body = undefined, { signal } = {}) {
+    if (body !== undefined && !isPlainObject(body)) throw new TypeError("body must be a JSON object.");
+    const { data, status, requestId } = await this.#request("POST", "/v1/liveness/session-token", body, signal);
+    if (typeof data.session_token !== "string" || data.session_token === "") {
+      throw unexpected(status, requestId, "The session-token answer has no session_token.");
+    }
+    return data;
+  }
+
+  /**
+   * `POST /v1/liveness/sessions`: creates a liveness session, bound to this caller's subject.
+   * @param {object} body a JSON object, e.g. `{session_token}`
+   * @param {{signal?: AbortSignal}} [options]
+   * @returns {Promise<object>} `{session_id, status, expires_in, ...}`
+   */
+  async createSession(body, { signal } = {}) {
+    if (!isPlainObject(body)) throw new TypeError("body must be a JSON object, e.g. {session_token}.");
+    const { data, status, requestId } = await this.#request("POST", "/v1/liveness/sessions", body, signal);
+    if (typeof data.session_id !== "string" || !SESSION_ID_PATTERN.test(data.session_id)) {
+      throw unexpected(status, requestId, "The create-session answer has no usable session_id.");
+    }
+    return data;
+  }
+
+  /**
+   * `GET /v1/liveness/sessions/{sessionId}/result`: one read of the session's result.
+   * @param {string} sessionId 1-128 characters of A-Za-z0-9_-
+   * @param {{signal?: AbortSignal}} [options]
+   * @returns {Promise<object>} `{session_id, status, confidence, redacted_fields, passed?, ...}`
+   */
+  async getResult(sessionId, { signal } = {}) {
+    checkSessionId(sessionId);
+    const path = `/v1/liveness/sessions/${encodeURIComponent(sessionId)}/result`;
+    const { data, status, requestId } = await this.#request("GET", path, undefined, signal);
+    if (typeof data.status !== "string") {
+      throw unexpected(status, requestId, "The result has no status.");
+    }
+    return data;
+  }
+
+  /**
+   * Reads the result until its status is terminal, with exponential backoff and jitter. 429, 502, 503,
+   * 504 and network errors are retried (never sooner than their Retry-After); any other error is thrown
+   * at once.
+   * @param {string} sessionId
+   * @param {object} [options]
+   * @param {number} [options.timeoutMs=120000] give up (LivenessTimeoutError) after this long
+   * @param {AbortSignal} [options.signal] aborting rejects at once with the signal's reason
+   * @param {number} [options.initialDelayMs=500] the first backoff delay
+   * @param {number} [options.maxDelayMs=5000] the largest backoff delay (Retry-After may exceed it)
+   * @param {(progress: object) => void} [options.onProgress] after every read:
+   *   `{attempt, status, elapsedMs, nextDelayMs, error?}` (`status` null and `error` set when the read
+   *   failed and will be retried; `nextDelayMs` null when no further read follows)
+   * @returns {Promise<object>} the terminal result
+   */
+  async waitForResult(sessionId, { timeoutMs = 120000, signal, initialDelayMs = 500, maxDelayMs = 5000, onProgress } = {}) {
+    checkSessionId(sessionId);
+    for (const [name, value] of Object.entries({ timeoutMs, initialDelayMs, maxDelayMs })) {
+      if (!Number.isFinite(value) || value < 0) throw new TypeError(`${name} must be a non-negative number.`);
+    }
+    if (signal?.aborted) throw abortReason(signal);
+    const started = now();
+    const deadline = started + timeoutMs;
+    let backoff = Math.max(1, initialDelayMs);
+    let lastStatus = null;
+    let lastError;
+    for (let attempt = 1; ; attempt += 1) {
+      let result = null;
+      let error;
+      try {
+        result = await this.getResult(sessionId, { signal });
+        lastStatus = result.status;
+      } catch (caught) {
+        if (signal?.aborted) throw abortReason(signal);
+        if (!isTransient(caught)) throw caught;
+        error = lastError = caught;
+      }
+      const progress = { attempt, status: result ? result.status : null, elapsedMs: now() - started, nextDelayMs: null };
+      if (error) progress.error = error;
+      if (result && isTerminalStatus(result.status)) {
+        notify(onProgress, progress);
+        return result;
+      }
+      const remaining = deadline - now();
+      const jittered = backoff / 2 + Math.random() * (backoff / 2);
+      backoff = Math.min(backoff * BACKOFF_FACTOR, Math.max(1, maxDelayMs));
+      const retryAfterMs = (error?.retryAfterSeconds ?? 0) * 1000;
+      const delay = Math.max(Math.min(jittered, maxDelayMs), retryAfterMs);
+      const timeout = () => new LivenessTimeoutError(sessionId, { lastStatus, attempts: attempt, timeoutMs, cause: lastError });
+      if (remaining <= 0) {
+        notify(onProgress, progress);
+        throw timeout();
+      }
+      // A Retry-After beyond the deadline: no read is allowed before it, so wait out the deadline.
+      const pastDeadline = retryAfterMs >= remaining;
+      progress.nextDelayMs = pastDeadline ? null : Math.min(delay, remaining);
+      notify(onProgress, progress);
+      await sleep(Math.min(delay, remaining), signal);
+      if (pastDeadline) throw timeout();
+    }
+  }
+}
