@@ -1,5 +1,6 @@
 """`liveness-proxy demo`: the embedded default. The sandbox Cynopsis API and the proxy run in one
-process, on loopback, with SQLite in a local folder and a fresh demo API key."""
+process, on loopback, with SQLite in a local folder, a fresh demo API key, and the demo page at
+`/demo/` whose sign-in is a demo identity provider's short-lived JWT (see `demo.web`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import uvicorn
 
 from liveness_proxy.app import create_app
 from liveness_proxy.auth import new_api_key
+from liveness_proxy.demo.web import DEMO_AUDIENCE, DEMO_ISSUER, DemoIdentityProvider, create_demo_app
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from liveness_proxy.settings import settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
@@ -33,6 +35,13 @@ class EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _write_public_key(folder: Path, identity: DemoIdentityProvider) -> Path:
+    # The proxy reads the demo IdP's key from a file, as it would a real IdP's PEM key.
+    path = folder / "demo-idp-public-key.pem"
+    path.write_bytes(identity.public_key_pem())
+    return path
 
 
 def _prepare_folder(directory: str) -> tuple[Path, str]:
@@ -50,6 +59,8 @@ async def run_demo(
     *, directory: str, host: str, port: int, sandbox_port: int, walkthrough_only: bool = False
 ) -> int:
     folder, pepper = await asyncio.to_thread(_prepare_folder, directory)
+    identity = DemoIdentityProvider(subject=DEMO_SUBJECT)
+    public_key_file = await asyncio.to_thread(_write_public_key, folder, identity)
     sandbox_secret = secrets.token_urlsafe(24)  # new every run: nothing to leak between runs
     sandbox = Sandbox(
         SandboxConfig(
@@ -79,6 +90,11 @@ async def run_demo(
             "CYNOPSIS_DOMAIN_ID": "demo-domain",
             "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{folder / 'liveness-proxy.db'}",
             "LIVENESS_PROXY_API_KEY_PEPPER": pepper,
+            # The demo page signs in with the demo IdP's JWTs: the proxy checks them like any other.
+            "LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE": str(public_key_file),
+            "LIVENESS_PROXY_JWT_ISSUER": DEMO_ISSUER,
+            "LIVENESS_PROXY_JWT_AUDIENCE": DEMO_AUDIENCE,
+            "LIVENESS_PROXY_JWT_ALGORITHMS": "ES256",
             "LIVENESS_PROXY_LOG_FORMAT": "console",
             "LIVENESS_PROXY_LOG_LEVEL": "warning" if walkthrough_only else "info",
         }
@@ -99,7 +115,13 @@ async def run_demo(
 
     proxy_server = EmbeddedServer(
         uvicorn.Config(
-            create_app(settings),
+            create_demo_app(
+                proxy=create_app(settings),
+                sandbox=sandbox,
+                sandbox_url=sandbox_url,
+                identity=identity,
+                client_secret=sandbox_secret,
+            ),
             host=host,
             port=port,
             log_level="warning",
@@ -153,7 +175,8 @@ def _walkthrough(proxy_url: str, sandbox_url: str, key: str, database: Path) -> 
     pick = "python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])'"
     return f"""
 liveness-proxy demo is running.
-  proxy:   {proxy_url}   (OpenAPI: {proxy_url}/openapi.json)
+  page:    {proxy_url}/demo/   (open it in a browser: the whole flow, step by step)
+  proxy:   {proxy_url}   (OpenAPI: {proxy_url}/openapi.json, JS client: {proxy_url}/client/liveness-proxy-client.js)
   sandbox: {sandbox_url} (simulated Cynopsis API, control API on)
   data:    SQLite at {os.path.relpath(database)} (choose the folder with --dir)
 

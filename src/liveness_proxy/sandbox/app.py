@@ -134,6 +134,12 @@ class Sandbox:
             "confidence": session.confidence,
         }
 
+    def face_images(self, session_id: str) -> list[str]:
+        """The base64 face images a completed session's result carries (what must never reach a
+        frontend through the proxy); KeyError if the session is unknown."""
+        self._sessions[session_id]
+        return [_fake_image(session_id, label)["bytes"] for label in ("reference", "audit-1", "audit-2")]
+
     def stats(self) -> dict[str, int]:
         return {
             "tokens_issued": self.tokens_issued,
