@@ -18,8 +18,8 @@ demo: setup
 	$(BIN)/liveness-proxy demo
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/bandit --quiet --recursive src
 
 typecheck: setup

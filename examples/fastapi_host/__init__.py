@@ -1,0 +1,1 @@
+"""An example FastAPI host application that mounts liveness-proxy (see README.md)."""
