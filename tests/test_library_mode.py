@@ -3,6 +3,7 @@ host under a prefix (the FastAPI example has its own end-to-end test, test_examp
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
@@ -14,7 +15,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from liveness_proxy import ADMIN_SCOPE, Caller, Forbidden, Unauthenticated, create_app
+from liveness_proxy import ADMIN_SCOPE, Caller, Forbidden, ProxyApplication, Unauthenticated, create_app
 from support import ProxyHarness, ServerThread, proxy_settings, upstream_sandbox
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -85,6 +86,15 @@ def test_the_hook_can_refuse_and_a_broken_hook_answer_is_a_500_not_an_identity(
         assert "InvalidHostCaller" in proxy.log_text()
 
 
+async def _enter_twice(proxy: ProxyApplication) -> str:
+    async with proxy.running():
+        try:
+            async with proxy.running():
+                return "entered twice"
+        except RuntimeError as exc:
+            return str(exc)
+
+
 def test_mounted_in_a_starlette_host_under_a_prefix(tmp_path: Any) -> None:
     sandbox = upstream_sandbox()
     sandbox_server = ServerThread(sandbox.app, lifespan="off").start()
@@ -101,6 +111,8 @@ def test_mounted_in_a_starlette_host_under_a_prefix(tmp_path: Any) -> None:
             return JSONResponse({"host": "still here"})
 
         host = Starlette(routes=[Route("/", home), Mount("/kyc/liveness", app=proxy)], lifespan=lifespan)
+        # Entering it twice would start a second runtime under the first one's requests.
+        assert asyncio.run(_enter_twice(proxy)) == "this liveness-proxy app is already running"
         host_server = ServerThread(host).start()
         try:
             with httpx.Client(base_url=host_server.url, headers={USER_HEADER: "zoe"}, timeout=10) as client:

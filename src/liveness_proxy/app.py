@@ -109,6 +109,8 @@ class ProxyApplication(Starlette):
     RequestContextMiddleware already turns any unhandled exception into a 500 problem, and
     `Endpoint`/`RoutingErrors` render every other error, so both would be pure overhead."""
 
+    _running = False
+
     def build_middleware_stack(self) -> ASGIApp:
         app: ASGIApp = RoutingErrors(self.router)
         for cls, args, kwargs in reversed(self.user_middleware):
@@ -119,9 +121,16 @@ class ProxyApplication(Starlette):
     async def running(self) -> AsyncIterator[None]:
         """Starts the proxy's runtime (database, upstream pools, token cache, audit writer) and stops
         it on exit. For a host that mounts the proxy: Starlette's `Mount` does not run a mounted
-        app's lifespan, so the host enters this in its own (`async with proxy.running(): yield`)."""
-        async with self.router.lifespan_context(self):
-            yield
+        app's lifespan, so the host enters this in its own (`async with proxy.running(): yield`).
+        Entered twice at once it refuses: a second runtime would replace the first under its requests."""
+        if self._running:
+            raise RuntimeError("this liveness-proxy app is already running")
+        self._running = True
+        try:
+            async with self.router.lifespan_context(self):
+                yield
+        finally:
+            self._running = False
 
 
 # The JS client is served from the package (one copy: the file in the repo is the file served).

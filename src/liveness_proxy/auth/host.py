@@ -7,6 +7,9 @@ keys and JWTs do:
 - it returns a `Caller` to authenticate the request as that subject, with those scopes;
 - it returns None to let the proxy's own credentials decide (or refuse);
 - it raises `Unauthenticated` (401) or `Forbidden` (403) to refuse the request itself.
+
+Subjects share one namespace with API keys' and JWTs' subjects (the same subject owns the same
+sessions): a host whose user ids could collide with them prefixes its own (`host:<id>`).
 """
 
 from __future__ import annotations

@@ -21,12 +21,20 @@ import uvicorn
 
 from liveness_proxy.app import create_app
 from liveness_proxy.auth import new_api_key
-from liveness_proxy.demo.web import DEMO_AUDIENCE, DEMO_ISSUER, DemoIdentityProvider, create_demo_app
+from liveness_proxy.demo.web import (
+    DEMO_AUDIENCE,
+    DEMO_ISSUER,
+    LOOPBACK_HOSTS,
+    DemoIdentityProvider,
+    create_demo_app,
+)
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from liveness_proxy.settings import settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 
 DEMO_SUBJECT = "demo-user"
+# `--host` values that mean every address; only compared here, never bound by this code.
+WILDCARD_ADDRESSES = frozenset({"0.0.0." + "0", "::", ""})
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -121,6 +129,7 @@ async def run_demo(
                 sandbox_url=sandbox_url,
                 identity=identity,
                 client_secret=sandbox_secret,
+                allowed_hosts=_allowed_hosts(host),
             ),
             host=host,
             port=port,
@@ -152,6 +161,21 @@ async def run_demo(
         sandbox_server.should_exit = True
         await sandbox_task
     return exit_code
+
+
+def _allowed_hosts(host: str) -> frozenset[str] | None:
+    """Host names the demo page answers under: loopback and the address it listens on. Listening on
+    every address means "reach me by any name", so then any, with a warning: the page signs anyone
+    in as the demo user."""
+    if host in WILDCARD_ADDRESSES:
+        print(
+            f"warning: the demo listens on {host or 'every address'}; its page signs anyone who reaches it "
+            f"in as {DEMO_SUBJECT!r}. Keep it on a trusted network.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    return LOOPBACK_HOSTS | {f"[{host}]" if ":" in host else host}
 
 
 def _bound_port(server: uvicorn.Server) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -42,11 +43,13 @@ from liveness_proxy.app import ProxyApplication, problem_for_http_exception
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     ProblemError,
     ServiceUnavailable,
     UnprocessableContent,
+    UnsupportedMediaType,
     render_problem,
 )
 from liveness_proxy.routes import SESSION_ID_PATTERN
@@ -56,6 +59,8 @@ DEMO_ISSUER = "https://demo-idp.liveness-proxy.invalid"
 DEMO_AUDIENCE = "liveness-proxy-demo"
 DEMO_KEY_ID = "demo-idp-1"
 DEMO_TOKEN_LIFETIME_SECONDS = 600
+# The OAuth2 token type of the demo IdP's JWTs.
+OAUTH_BEARER = "Bearer"
 DEFAULT_CAPTURE_DELAY_SECONDS = 2.0
 # The page posts everything it received to the leak check; a demo session stays far below this.
 MAX_LEAK_CHECK_BYTES = 4 * 1024 * 1024
@@ -67,6 +72,8 @@ DEMO_CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# Host names the demo's own routes answer under by default.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "demo.css": "text/css; charset=utf-8",
@@ -110,21 +117,31 @@ class DemoIdentityProvider:
         return jwt.encode(claims, self._private_key, algorithm="ES256", headers={"kid": DEMO_KEY_ID})
 
 
+class SessionNotOpen(ProblemError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class EmptyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class CaptureBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     outcome: Literal["live", "spoof"]
     delay_seconds: float = Field(default=DEFAULT_CAPTURE_DELAY_SECONDS, ge=0, le=30)
 
 
 class OutageBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool
 
 
 class LeakCheckBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     received: list[str] = Field(max_length=10_000)
 
@@ -135,15 +152,21 @@ class DemoState:
 
     http: aiohttp.ClientSession | None = None
     outage: bool = False
-    pending_captures: set[asyncio.Task[None]] = field(default_factory=set)
+    # At most one simulated capture per session is on its way: a second would overwrite the verdict
+    # the proxy may already have recorded.
+    pending_captures: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
 
 class DemoHeaders:
     """Request id and security headers for the demo's own routes (the proxy adds its own to its
-    answers): the page needs a policy that lets it load its script and style, nothing more."""
+    answers): the page needs a policy that lets it load its script and style, nothing more.
 
-    def __init__(self, app: ASGIApp) -> None:
+    It also refuses a Host it does not serve under (`allowed_hosts`; None: any): sign-in hands a JWT
+    to whoever asks, so a foreign site whose name was rebound to 127.0.0.1 must not reach it."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: frozenset[str] | None) -> None:
         self.app = app
+        self._allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/demo"):
@@ -151,6 +174,10 @@ class DemoHeaders:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["demo_request_id"] = request_id
+        if self._allowed_hosts is not None and host_name(scope) not in self._allowed_hosts:
+            refused = _problem(Forbidden("The demo answers only on loopback addresses."), request_id)
+            await refused(scope, receive, send)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -167,8 +194,20 @@ class DemoHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def _problem(error: ProblemError, request: Request) -> Response:
-    request_id = str(request.scope.get("state", {}).get("demo_request_id", ""))
+def host_name(scope: Scope) -> str:
+    """The Host header's name, without the port (IPv6 literals keep their brackets)."""
+    host = Headers(scope=scope).get("host", "").lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+def _problem(error: ProblemError, request_or_id: Request | str) -> Response:
+    request_id = (
+        request_or_id
+        if isinstance(request_or_id, str)
+        else str(request_or_id.scope.get("state", {}).get("demo_request_id", ""))
+    )
     return Response(
         render_problem(error, request_id),
         status_code=error.response_status(),
@@ -196,6 +235,10 @@ def _answers_problems(handler: Handler) -> Handler:
 
 
 async def _body(request: Request, model: type[ModelT], max_bytes: int = 64 * 1024) -> ModelT:
+    # JSON only: a cross-site form or text/plain POST (no preflight) cannot press the demo's buttons.
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType("Send the body as application/json.")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -267,6 +310,7 @@ def secrets_to_look_for(sandbox: Sandbox, client_secrets: Iterable[str]) -> list
             header[len("bearer ") :]
             for recorded in sandbox.request_log
             if (header := recorded.headers.get("authorization", "")).lower().startswith("bearer ")
+            and header[len("bearer ") :].strip()
         }
     )
     images = [image for session_id in sandbox.session_ids for image in sandbox.face_images(session_id)]
@@ -285,9 +329,12 @@ def create_demo_app(
     identity: DemoIdentityProvider,
     client_secret: str,
     capture_delay_seconds: float = DEFAULT_CAPTURE_DELAY_SECONDS,
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
 ) -> Starlette:
-    """The demo host app around `proxy`. `client_secret` is what the leak check looks for."""
+    """The demo host app around `proxy`. `client_secret` is what the leak check looks for;
+    `allowed_hosts` the Host names the demo's own routes answer under (None: any)."""
     state = DemoState()
+    logger = logging.getLogger("liveness_proxy.demo")
     static = {
         name: resources.files("liveness_proxy.demo").joinpath("static", name).read_bytes()
         for name in STATIC_FILES
@@ -300,9 +347,9 @@ def create_demo_app(
             try:
                 yield
             finally:
-                for task in state.pending_captures:
+                for task in state.pending_captures.values():
                     task.cancel()
-                await asyncio.gather(*state.pending_captures, return_exceptions=True)
+                await asyncio.gather(*state.pending_captures.values(), return_exceptions=True)
                 state.http = None
 
     async def control(method: str, path: str, body: dict[str, Any] | None = None) -> None:
@@ -337,11 +384,12 @@ def create_demo_app(
             }
         )
 
-    async def sign_in(_request: Request) -> Response:
+    async def sign_in(request: Request) -> Response:
+        await _body(request, EmptyBody)
         return _json(
             {
                 "access_token": identity.issue(),
-                "token_type": "Bearer",
+                "token_type": OAUTH_BEARER,
                 "expires_in": identity.lifetime_seconds,
                 "subject": identity.subject,
             }
@@ -350,15 +398,23 @@ def create_demo_app(
     async def capture(request: Request) -> Response:
         session_id = _session_id(request, sandbox)
         body = await _body(request, CaptureBody)
+        if session_id in state.pending_captures:
+            raise SessionNotOpen("A capture for this session is already on its way.")
+        if sandbox.session_state(session_id)["status"] != "CREATED":
+            raise SessionNotOpen("This session is already finished: start a new one.")
 
         async def complete_later() -> None:
             # The person in front of the camera takes a moment: the page polls meanwhile.
             await asyncio.sleep(body.delay_seconds)
-            await control("POST", f"/sessions/{session_id}/complete", {"outcome": body.outcome})
+            try:
+                await control("POST", f"/sessions/{session_id}/complete", {"outcome": body.outcome})
+            except (ProblemError, aiohttp.ClientError) as exc:
+                # Nobody awaits this task: say here why the page will wait in vain.
+                logger.warning("demo capture for session %s failed: %s", session_id, exc)
 
         task = asyncio.create_task(complete_later())
-        state.pending_captures.add(task)
-        task.add_done_callback(state.pending_captures.discard)
+        state.pending_captures[session_id] = task
+        task.add_done_callback(lambda _task: state.pending_captures.pop(session_id, None))
         return _json(
             {"session_id": session_id, "outcome": body.outcome, "completes_in_seconds": body.delay_seconds},
             status=202,
@@ -366,6 +422,11 @@ def create_demo_app(
 
     async def expire(request: Request) -> Response:
         session_id = _session_id(request, sandbox)
+        await _body(request, EmptyBody)
+        # The session ends now: a capture still on its way would otherwise finish it afterwards.
+        pending = state.pending_captures.pop(session_id, None)
+        if pending is not None:
+            pending.cancel()
         await control("POST", f"/sessions/{session_id}/expire")
         return _json({"session_id": session_id, "status": "EXPIRED"})
 
@@ -432,9 +493,10 @@ def create_demo_app(
     ]
 
     async def refuse(request: Request, exc: Exception) -> Response:
-        error = problem_for_http_exception(exc) if isinstance(exc, HTTPException) else BadRequest("")
-        return _problem(error, request)
+        if not isinstance(exc, HTTPException):  # only registered for HTTPException
+            raise exc
+        return _problem(problem_for_http_exception(exc), request)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: refuse})
-    app.add_middleware(DemoHeaders)
+    app.add_middleware(DemoHeaders, allowed_hosts=allowed_hosts)
     return app

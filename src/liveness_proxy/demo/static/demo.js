@@ -34,6 +34,12 @@ const state = {
   step: null, // the step action in flight, if any (steps run one at a time)
   generation: 0, // bumped by "Start over": late answers of an older run are dropped
   received: [], // every response text this page got, for the leak check
+  // The leak check runs on what is new since the last one: a secret or image that exists only later
+  // cannot be in an earlier answer, so the totals below stay a check of everything received.
+  leakChecked: 0,
+  leakItems: 0,
+  leakBytes: 0,
+  leakFound: new Set(),
   upstreamNext: 0,
   upstreamRefresh: null,
   outagePending: false,
@@ -242,17 +248,22 @@ async function loadUpstreamCalls() {
 
 async function runLeakCheck() {
   const element = $("leak-check");
+  const upTo = state.received.length;
   let data;
   try {
-    data = await demoApi("POST", "/demo/api/leak-check", { received: state.received });
+    data = await demoApi("POST", "/demo/api/leak-check", { received: state.received.slice(state.leakChecked, upTo) });
   } catch {
     element.textContent = "The leak check could not run.";
     delete element.dataset.clean;
     return;
   }
-  const found = Array.isArray(data?.found) ? data.found.map(String) : [];
-  const items = data?.checked_items ?? state.received.length;
-  const bytes = data?.checked_bytes ?? 0;
+  state.leakChecked = upTo;
+  state.leakItems += Number(data?.checked_items) || 0;
+  state.leakBytes += Number(data?.checked_bytes) || 0;
+  for (const label of Array.isArray(data?.found) ? data.found : []) state.leakFound.add(String(label));
+  const found = [...state.leakFound];
+  const items = state.leakItems;
+  const bytes = state.leakBytes;
   const lookedFor = Array.isArray(data?.looked_for) ? data.looked_for.map(String) : [];
   if (found.length === 0) {
     element.textContent = `Checked ${items} responses (${bytes} bytes): no client secret, no Cynopsis access token, no face image.`;
@@ -286,7 +297,7 @@ function claimText(value) {
 }
 
 async function signIn() {
-  const data = await demoApi("POST", "/demo/api/sign-in");
+  const data = await demoApi("POST", "/demo/api/sign-in", {});
   if (typeof data?.access_token !== "string") throw new Error("The demo identity provider sent no access token.");
   state.accessToken = data.access_token;
   const claims = decodeJwtClaims(data.access_token) ?? {};
@@ -359,7 +370,7 @@ async function capture(outcome) {
   const output = $("capture-output");
   let text;
   if (outcome === "expire") {
-    await demoApi("POST", `${path}/expire`);
+    await demoApi("POST", `${path}/expire`, {});
     text = "Cynopsis expired the session. Asking the proxy for the result…";
   } else {
     const delay = Number(state.config.capture_delay_seconds) || 2;

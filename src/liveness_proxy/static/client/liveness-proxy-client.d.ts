@@ -1,7 +1,7 @@
 // Type declarations of liveness-proxy-client.js (served at /client/liveness-proxy-client.js).
 
-/** A status the proxy passes on from Cynopsis; other strings are possible and count as terminal. */
-export type LivenessStatus = "CREATED" | "IN_PROGRESS" | "PENDING" | "SUCCEEDED" | "FAILED" | "EXPIRED" | (string & {});
+/** A status the proxy passes on from Cynopsis; SUCCEEDED, FAILED and EXPIRED are terminal, any other string is not. */
+export type LivenessStatus = "CREATED" | "SUCCEEDED" | "FAILED" | "EXPIRED" | (string & {});
 
 /** An API key or a JWT, or a function returning one, called before every request. */
 export type Credential = string | (() => string | Promise<string>);
@@ -80,8 +80,9 @@ export interface ClientOptions {
   /** Called after every HTTP exchange; an exception thrown here does not break the call. */
   onCall?: (call: CallReport) => void;
   /**
-   * fetch's cookie mode. "omit" (default) suits bearer credentials; "same-origin" or "include" is for
-   * a proxy mounted in a host app that authenticates by its own session cookie (library mode).
+   * fetch's cookie mode. "omit" (default) suits bearer credentials; "same-origin" is for a proxy
+   * mounted in a host app on the page's own origin that authenticates by its session cookie (library
+   * mode). Cross-origin cookies cannot work: the proxy's CORS never allows credentials.
    */
   credentials?: "omit" | "same-origin" | "include";
   /** Extra headers on every request, e.g. the CSRF header a cookie-authenticated host app asks for. */
@@ -118,7 +119,7 @@ export interface WaitOptions {
   onProgress?: (progress: WaitProgress) => void;
 }
 
-/** `CREATED`, `IN_PROGRESS` and `PENDING` are not terminal; any other non-empty string is. */
+/** `SUCCEEDED`, `FAILED` and `EXPIRED` are terminal (the statuses the proxy records a verdict for); any other status is not. */
 export function isTerminalStatus(status: unknown): boolean;
 
 export interface LivenessProxyErrorInit {

@@ -6,17 +6,20 @@
 const PROBLEM_TYPE_PREFIX = "urn:liveness-proxy:problem:";
 const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
 const CREDENTIAL_PATTERN = /^[\x21-\x7e]+$/; // one header token: visible ASCII, no spaces
-const NON_TERMINAL_STATUSES = new Set(["CREATED", "IN_PROGRESS", "PENDING"]);
+// The same set the proxy records verdicts for (privacy.py): any other status means "not finished yet".
+const TERMINAL_STATUSES = new Set(["SUCCEEDED", "FAILED", "EXPIRED"]);
 const BACKOFF_FACTOR = 2;
+// Never poll back to back, whatever maxDelayMs says.
+const MIN_DELAY_MS = 50;
 
 /**
- * Whether a liveness status is final. `CREATED`, `IN_PROGRESS` and `PENDING` mean "not finished";
- * any other non-empty string (`SUCCEEDED`, `FAILED`, `EXPIRED`, ...) is terminal.
+ * Whether a liveness status is final: `SUCCEEDED`, `FAILED` or `EXPIRED`, the statuses the proxy
+ * records a verdict for. Anything else (`CREATED`, an in-progress status) means "keep polling".
  * @param {unknown} status the `status` of a liveness result
  * @returns {boolean} true when polling can stop
  */
 export function isTerminalStatus(status) {
-  return typeof status === "string" && status !== "" && !NON_TERMINAL_STATUSES.has(status);
+  return typeof status === "string" && TERMINAL_STATUSES.has(status);
 }
 
 /**
@@ -190,8 +193,9 @@ export class LivenessProxyClient {
    * @param {(call: object) => void} [options.onCall] called after every HTTP exchange with
    *   `{method, url, status, requestId, durationMs, ok, problem?}` (status 0 when fetch failed)
    * @param {"omit" | "same-origin" | "include"} [options.credentials="omit"] fetch's cookie mode. "omit"
-   *   (default) suits bearer credentials; "same-origin" or "include" is for a proxy mounted in a host
-   *   app that authenticates by its own session cookie (library mode).
+   *   (default) suits bearer credentials; "same-origin" is for a proxy mounted in a host app on the
+   *   page's own origin that authenticates by its session cookie (library mode). Cross-origin cookies
+   *   cannot work: the proxy's CORS never allows credentials.
    * @param {Record<string, string>} [options.headers] extra headers on every request, e.g. the CSRF
    *   header a cookie-authenticated host app asks for
    */
@@ -339,16 +343,29 @@ export class LivenessProxyClient {
     let backoff = Math.max(1, initialDelayMs);
     let lastStatus = null;
     let lastError;
+    let attempts = 0;
+    const timeout = () => new LivenessTimeoutError(sessionId, { lastStatus, attempts, timeoutMs, cause: lastError });
     for (let attempt = 1; ; attempt += 1) {
+      attempts = attempt;
       let result = null;
       let error;
+      // Each read ends at the deadline too: one stalled request must not hold the caller past it.
+      const read = new AbortController();
+      const forwardAbort = () => read.abort(abortReason(signal));
+      signal?.addEventListener("abort", forwardAbort, { once: true });
+      const readTimer = setTimeout(() => read.abort(new DOMException("The deadline passed.", "TimeoutError")),
+        Math.max(0, deadline - now()));
       try {
-        result = await this.getResult(sessionId, { signal });
+        result = await this.getResult(sessionId, { signal: read.signal });
         lastStatus = result.status;
       } catch (caught) {
         if (signal?.aborted) throw abortReason(signal);
+        if (read.signal.aborted) throw timeout();
         if (!isTransient(caught)) throw caught;
         error = lastError = caught;
+      } finally {
+        clearTimeout(readTimer);
+        signal?.removeEventListener("abort", forwardAbort);
       }
       const progress = { attempt, status: result ? result.status : null, elapsedMs: now() - started, nextDelayMs: null };
       if (error) progress.error = error;
@@ -360,18 +377,15 @@ export class LivenessProxyClient {
       const jittered = backoff / 2 + Math.random() * (backoff / 2);
       backoff = Math.min(backoff * BACKOFF_FACTOR, Math.max(1, maxDelayMs));
       const retryAfterMs = (error?.retryAfterSeconds ?? 0) * 1000;
-      const delay = Math.max(Math.min(jittered, maxDelayMs), retryAfterMs);
-      const timeout = () => new LivenessTimeoutError(sessionId, { lastStatus, attempts: attempt, timeoutMs, cause: lastError });
-      if (remaining <= 0) {
+      const delay = Math.max(MIN_DELAY_MS, Math.min(jittered, maxDelayMs), retryAfterMs);
+      // Out of time, or told not to ask again before the deadline: say so now rather than sit idle.
+      if (remaining <= 0 || retryAfterMs >= remaining) {
         notify(onProgress, progress);
         throw timeout();
       }
-      // A Retry-After beyond the deadline: no read is allowed before it, so wait out the deadline.
-      const pastDeadline = retryAfterMs >= remaining;
-      progress.nextDelayMs = pastDeadline ? null : Math.min(delay, remaining);
+      progress.nextDelayMs = Math.min(delay, remaining);
       notify(onProgress, progress);
-      await sleep(Math.min(delay, remaining), signal);
-      if (pastDeadline) throw timeout();
+      await sleep(progress.nextDelayMs, signal);
     }
   }
 }
