@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from test_cli import COMMAND, free_port
+from test_serve_limits import wait_ready
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -67,24 +68,26 @@ def browser() -> Iterator[Any]:
 @dataclass
 class DemoRun:
     url: str
-    process: subprocess.Popen[str]
+    output: Path
 
 
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[DemoRun]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))}
     port = free_port()
-    process = subprocess.Popen(
-        [COMMAND, "demo", "--port", str(port), "--sandbox-port", "0", "--dir", str(tmp_path / "demo")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    output = tmp_path / "demo-output.txt"
+    # To a file, not a pipe: nobody reads a pipe while the test runs, and a full one would stall it.
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [COMMAND, "demo", "--port", str(port), "--sandbox-port", "0", "--dir", str(tmp_path / "demo")],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_ready(url, process)
-        yield DemoRun(url=url, process=process)
+        wait_ready(url, process)
+        yield DemoRun(url=url, output=output)
     finally:
         process.terminate()
         try:
@@ -92,19 +95,6 @@ def demo(tmp_path: Path) -> Iterator[DemoRun]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _wait_until_ready(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
-    with httpx.Client(timeout=2) as http:
-        for _ in range(int(timeout / 0.1)):
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if http.get(f"{url}/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError("the demo did not become ready")
 
 
 @dataclass
@@ -173,10 +163,14 @@ def wait_idle(page: Any) -> None:
     )
 
 
+def sign_in(page: Any) -> None:
+    by_id(page, "sign-in").click()
+    playwright_sync.expect(by_id(page, "signed-in")).to_contain_text("demo-user")
+
+
 def sign_in_and_create_session(page: Any) -> str:
     expect = playwright_sync.expect
-    by_id(page, "sign-in").click()
-    expect(by_id(page, "signed-in")).to_contain_text("demo-user")
+    sign_in(page)
     by_id(page, "get-token").click()
     expect(by_id(page, "session-token")).not_to_be_empty()
     by_id(page, "create-session").click()
@@ -257,8 +251,7 @@ def test_spoof_capture_fails_with_low_confidence(page: tuple[Any, BrowserRecord]
 def test_upstream_outage_is_explained_and_the_flow_recovers(page: tuple[Any, BrowserRecord]) -> None:
     expect = playwright_sync.expect
     tab, record = page
-    by_id(tab, "sign-in").click()
-    expect(by_id(tab, "signed-in")).to_contain_text("demo-user")
+    sign_in(tab)
     by_id(tab, "outage-toggle").check()
     wait_idle(tab)
     by_id(tab, "get-token").click()
@@ -283,8 +276,7 @@ def test_upstream_outage_is_explained_and_the_flow_recovers(page: tuple[Any, Bro
 def test_rate_limit_is_shown_with_the_wait(page: tuple[Any, BrowserRecord]) -> None:
     expect = playwright_sync.expect
     tab, record = page
-    by_id(tab, "sign-in").click()
-    expect(by_id(tab, "signed-in")).to_contain_text("demo-user")
+    sign_in(tab)
     error = by_id(tab, "error")
     # The default limit is 10 session tokens a minute per user: the 11th is refused, or a few later when
     # the run straddles a minute boundary (sliding-window counters weigh the previous minute's count
@@ -417,7 +409,7 @@ def test_demo_api_refuses_cross_site_posts_foreign_hosts_and_a_second_capture(de
         assert second.status_code == 409
         # Expiring cancels the capture on its way: the session stays expired.
         assert http.post(f"/demo/api/sessions/{session_id}/expire", json={}).status_code == 200
-        time.sleep(1.5)
+        time.sleep(1.5)  # past the cancelled capture's 1 s delay: nothing may complete the session now
         result = http.get(f"/v1/liveness/sessions/{session_id}/result", headers=auth).json()
         assert result["status"] == "EXPIRED"
         assert http.post(capture, json={"outcome": "live", "delay_seconds": 0}).status_code == 409
