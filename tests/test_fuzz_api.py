@@ -89,7 +89,7 @@ ODD_CONTENT_TYPES = (
 # Cases per operation and generation mode. Positive cases conform to the document, with the
 # credential drawn per case (most of them valid); negative cases break it (bodies that are not
 # objects, malformed session ids, stray headers). Operations without parameters have no negative
-# form. The sum (2120) is the exact count when Hypothesis runs every campaign to its end.
+# form. The sum (2160) is the exact count when Hypothesis runs every campaign to its end.
 CAMPAIGNS: tuple[tuple[str, GenerationMode, int], ...] = (
     (SESSION_TOKEN, GenerationMode.POSITIVE, 330),
     (SESSION_TOKEN, GenerationMode.NEGATIVE, 170),
@@ -103,6 +103,8 @@ CAMPAIGNS: tuple[tuple[str, GenerationMode, int], ...] = (
     ("GET /readyz", GenerationMode.POSITIVE, 30),
     ("GET /metrics", GenerationMode.POSITIVE, 30),
     ("GET /openapi.json", GenerationMode.POSITIVE, 30),
+    ("GET /client/liveness-proxy-client.js", GenerationMode.POSITIVE, 20),
+    ("GET /client/liveness-proxy-client.d.ts", GenerationMode.POSITIVE, 20),
 )
 RATE_LIMITED_CASES_PER_ROUTE = 40
 # What the proxy must have answered at least once: a run that only ever met 401s and 404s fails.
