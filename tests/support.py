@@ -7,7 +7,9 @@ import contextlib
 import io
 import os
 import re
+import signal
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -68,6 +70,27 @@ class LogScan:
     def scan(self, origin: str, text: str) -> None:
         self.lines_scanned += text.count("\n")
         self.leaks.extend(f"{origin}: {leak}" for leak in find_leaks(text))
+
+
+@contextlib.contextmanager
+def background_command(
+    args: Sequence[str], *, env: dict[str, str], output: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A command running for the length of the block, its output (stdout and stderr) in `output`: a
+    file, because nobody reads a pipe while the test runs and a full one would stall the command.
+    On exit: SIGTERM, then SIGKILL if it has not stopped within 30 s."""
+    with output.open("wb") as sink:
+        process = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 class ServerThread:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from support import background_command
 from test_cli import COMMAND, free_port
 from test_serve_limits import wait_ready
 
@@ -76,25 +76,11 @@ def demo(tmp_path: Path) -> Iterator[DemoRun]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))}
     port = free_port()
     output = tmp_path / "demo-output.txt"
-    # To a file, not a pipe: nobody reads a pipe while the test runs, and a full one would stall it.
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [COMMAND, "demo", "--port", str(port), "--sandbox-port", "0", "--dir", str(tmp_path / "demo")],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    command = [COMMAND, "demo", "--port", str(port), "--sandbox-port", "0", "--dir", str(tmp_path / "demo")]
+    with background_command(command, env=env, output=output) as process:
+        url = f"http://127.0.0.1:{port}"
         wait_ready(url, process)
         yield DemoRun(url=url, output=output)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass

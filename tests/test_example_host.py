@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,15 @@ from starlette.requests import HTTPConnection
 
 from liveness_proxy import ADMIN_SCOPE, Caller, Unauthenticated
 from liveness_proxy.sandbox import ManualClock, Sandbox
-from support import CLIENT_SECRET, TEST_PEPPER, ServerThread, find_leaks, subprocess_env, upstream_sandbox
+from support import (
+    CLIENT_SECRET,
+    TEST_PEPPER,
+    ServerThread,
+    background_command,
+    find_leaks,
+    subprocess_env,
+    upstream_sandbox,
+)
 from test_cli import free_port, run
 from test_serve_limits import HIGH_LIMITS, issue_key, wait_ready
 
@@ -120,36 +127,24 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     api_key = issue_key(env, "backoffice")
     port = free_port()
     output = folder / "host.log"
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [*HOST_COMMAND, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            wait_ready(f"{url}{PREFIX}", process)
-        except AssertionError:
-            raise AssertionError(output.read_text(errors="replace")) from None
-        yield Host(
-            url=url,
-            sandbox=sandbox,
-            sandbox_url=sandbox_server.url,
-            env=env,
-            api_key=api_key,
-            output=output,
-        )
+        with background_command(
+            [*HOST_COMMAND, "--host", "127.0.0.1", "--port", str(port)], env=env, output=output, cwd=REPO
+        ) as process:
+            try:
+                wait_ready(f"{url}{PREFIX}", process)
+            except AssertionError:
+                raise AssertionError(output.read_text(errors="replace")) from None
+            yield Host(
+                url=url,
+                sandbox=sandbox,
+                sandbox_url=sandbox_server.url,
+                env=env,
+                api_key=api_key,
+                output=output,
+            )
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
         sandbox_server.stop()
     text = output.read_text(errors="replace")
     # uvicorn shuts down gracefully, then ends itself with the signal it caught.
