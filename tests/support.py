@@ -78,9 +78,12 @@ def background_command(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A command running for the length of the block, its output (stdout and stderr) in `output`: a
     file, because nobody reads a pipe while the test runs and a full one would stall the command.
-    On exit: SIGTERM, then SIGKILL if it has not stopped within 30 s."""
+    On exit: SIGTERM, then SIGKILL to its whole process group if it has not stopped within 30 s (it
+    runs in a session of its own, so a hung worker dies with its supervisor)."""
     with output.open("wb") as sink:
-        process = subprocess.Popen(list(args), cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            list(args), cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield process
     finally:
@@ -89,7 +92,8 @@ def background_command(
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
 
 

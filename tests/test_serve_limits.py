@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pickle
 import re
 import select
-import signal
 import socket
 import ssl
 import subprocess
@@ -32,7 +30,15 @@ import pytest
 from liveness_proxy.sandbox import Fault, Sandbox
 from liveness_proxy.serving import LimitedHttpToolsProtocol, ServeLimits, uvicorn_options
 from liveness_proxy.settings import settings_from_mapping
-from support import ProxyHarness, ServerThread, find_leaks, issue_keys, subprocess_env, upstream_sandbox
+from support import (
+    ProxyHarness,
+    ServerThread,
+    background_command,
+    find_leaks,
+    issue_keys,
+    subprocess_env,
+    upstream_sandbox,
+)
 from test_cli import COMMAND, free_port
 
 HEADER_TIMEOUT_SECONDS = 1.0
@@ -103,28 +109,12 @@ def running_serve(
     key = issue_key(env)
     port = free_port()
     output = folder / f"serve-{port}.log"
-    with output.open("wb") as sink:
-        # A session of its own, so that a hung worker can be killed with its supervisor.
-        process = subprocess.Popen(
-            [COMMAND, "serve", "--port", str(port), *args],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"{scheme}://127.0.0.1:{port}"
-    try:
+    with background_command(
+        [COMMAND, "serve", "--port", str(port), *args], env=env, output=output
+    ) as process:
         wait_ready(url, process, **client_options)
         yield Serve(process=process, port=port, url=url, env=env, key=key, output=output)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # the supervisor and its workers
-            process.wait(timeout=10)
     text = output.read_text(errors="replace")
     assert key not in text
     assert not find_leaks(text), find_leaks(text)
