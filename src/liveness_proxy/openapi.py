@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from liveness_proxy import __version__
+from liveness_proxy._version import __version__
 from liveness_proxy.schemas import json_schema_components
 
 SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"

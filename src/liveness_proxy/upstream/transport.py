@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDictProxy
 
-from liveness_proxy import __version__
+from liveness_proxy._version import __version__
 from liveness_proxy.errors import UpstreamMalformed
 
 USER_AGENT = f"liveness-proxy/{__version__}"
