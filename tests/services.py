@@ -48,7 +48,9 @@ def _unavailable(service: str, url: str, reason: str, remedy: str = "") -> None:
 
 
 @functools.cache
-def _postgres_problem() -> str | None:
+def postgres_problem() -> str | None:
+    """Why the PostgreSQL server at POSTGRES_ADMIN_URL cannot be used (one line), or None; probed once."""
+
     async def probe() -> None:
         connection = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=3)
         await connection.close()
@@ -61,7 +63,8 @@ def _postgres_problem() -> str | None:
 
 
 @functools.cache
-def _redis_problem() -> str | None:
+def redis_problem() -> str | None:
+    """Why the Redis server at REDIS_URL cannot be used (one line), or None; probed once."""
     try:
         client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
         client.ping()
@@ -72,13 +75,13 @@ def _redis_problem() -> str | None:
 
 
 def require_postgres() -> None:
-    problem = _postgres_problem()
+    problem = postgres_problem()
     if problem is not None:
         _unavailable("PostgreSQL", POSTGRES_ADMIN_URL, problem)
 
 
 def require_redis() -> None:
-    problem = _redis_problem()
+    problem = redis_problem()
     if problem is not None:
         _unavailable("Redis", REDIS_URL, problem)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from services import REQUIRE_SERVICES, _postgres_problem, _redis_problem
+from services import REQUIRE_SERVICES, postgres_problem, redis_problem
 
 RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
@@ -77,7 +77,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
             f"benchmark tools missing ({', '.join(missing)}): run bench/install-tools as root, "
             "or set LIVENESS_PROXY_TEST_REQUIRE_SERVICES=1 to have the harness install them"
         )
-    services_problem = _postgres_problem() or _redis_problem()
+    services_problem = postgres_problem() or redis_problem()
     fleet = "require" if REQUIRE_SERVICES or services_problem is None else "skip"
 
     answer = _run_smoke(tmp_path, fleet)

@@ -1,0 +1,165 @@
+"""S3 slow upstream: result reads with a 500 ms upstream (the slow stub) and 1000 connections, against
+the ideal (connections / delay), nginx and the naive proxy: throughput, errors and p99.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Mapping
+
+import httpx
+from common import RESULT_PATH, progress
+from proxies import Bench, create_session, sample_failure
+from stats import (
+    Outcome,
+    fmt_met,
+    fmt_p99,
+    fmt_rate,
+    goal,
+    interleaved,
+    median_of,
+    ratio,
+    spread,
+    summarize_all,
+)
+from wrk import WrkReading, run_wrk
+
+# The slow stub's delay (bench/stub-nginx.conf, echo_sleep): S3's ideal is connections / this.
+SLOW_UPSTREAM_SECONDS = 0.5
+
+
+def measure_slow_read(url: str, headers: Mapping[str, str], connections: int, seconds: int) -> WrkReading:
+    wait_until_drained(url, headers)
+    return run_wrk(url, connections=connections, seconds=seconds, threads=2, headers=headers)
+
+
+def wait_until_drained(url: str, headers: Mapping[str, str], limit_seconds: float = 30.0) -> None:
+    """Until one request through `url` is answered 200 within twice the upstream delay. wrk leaves
+    ~1000 requests behind when it stops; a proxy that queues them without bound (the naive one)
+    would start the next run behind that backlog and measure the previous run instead."""
+    started = time.monotonic()
+    with httpx.Client(timeout=limit_seconds, headers=dict(headers)) as client:
+        while time.monotonic() - started < limit_seconds:
+            sent = time.perf_counter()
+            with contextlib.suppress(httpx.TransportError):
+                if (
+                    client.get(url).status_code == 200
+                    and time.perf_counter() - sent < 2 * SLOW_UPSTREAM_SECONDS
+                ):
+                    break
+            time.sleep(0.5)
+    waited = time.monotonic() - started
+    if waited > 1:
+        progress(f"  waited {waited:.1f} s for {url.split('/')[2]} to drain the previous run")
+
+
+def scenario_s3(bench: Bench) -> Outcome:
+    plan = bench.plan
+    connections, seconds = plan.slow_connections, plan.slow_seconds
+    progress(f"S3 slow upstream (500 ms): wrk -t2 -c{connections} -d{seconds}s")
+    overrides = {
+        # The defaults (64 upstream calls at once, 1000 pooled connections) would be what S3
+        # measures; a deployment expecting this many slow calls in flight raises them the same way.
+        "LIVENESS_PROXY_UPSTREAM_CONCURRENCY": "1024",
+        "CYNOPSIS_MAX_CONNECTIONS": "1024",
+    }
+    env = bench.our_env(
+        "S3",
+        database_url=bench.sqlite_url("s3"),
+        api_base=bench.stubs.slow_stub,
+        token_url=f"{bench.stubs.slow_stub}/oauth/token",  # not delayed: a warm token endpoint
+        **overrides,
+    )
+    ours = bench.start_ours("ours-slow", env)
+    naive = bench.start_naive("naive-slow", bench.stubs.slow_stub)
+    try:
+        bench.wait_ok(ours, "/readyz")
+        session_id = create_session(ours)  # ~1 s: the slow stub delays both calls
+        path = RESULT_PATH.format(session_id=session_id)
+        bench.wait_ok(naive, path)
+        headers = ours.headers()
+        urls = {
+            "ours": ours.url + path,
+            "nginx": f"{bench.stubs.slow_nginx_proxy}/liveness_result/{session_id}",
+            "naive": naive.url + path,
+        }
+        readings, warmups = interleaved(
+            plan,
+            seconds,
+            {
+                name: functools.partial(measure_slow_read, url, headers, connections)
+                for name, url in urls.items()
+            },
+        )
+        measured = summarize_all(readings, warmups)
+        for name, values in readings.items():
+            # Little's law for a closed loop: what the latency allows, without wrk's start and its
+            # last half second (requests still in flight at the end are not counted by wrk).
+            measured[name]["littles_law_rps"] = spread(
+                [round(r.connections / (r.mean_ms / 1000), 1) for r in values if r.mean_ms > 0] or [0.0]
+            )
+            measured[name]["errors"] = spread([r.non_2xx + r.socket_errors for r in values])
+        if measured["ours"]["errors"]["max"] > 0:
+            measured["ours"]["sample_failure"] = sample_failure(ours, "GET", path)
+    finally:
+        bench.children.stop(ours.process)
+        bench.children.stop(naive.process)
+    ideal = connections / SLOW_UPSTREAM_SECONDS
+    ours_rps = median_of(measured, "ours")
+    errors = float(measured["ours"]["errors"]["max"])
+    p99 = median_of(measured, "ours", "p99_ms")
+    ratios = {
+        "ours_to_ideal": ratio(ours_rps, ideal),
+        "ours_to_nginx": ratio(ours_rps, median_of(measured, "nginx")),
+        "nginx_to_ideal": ratio(median_of(measured, "nginx"), ideal),
+        "naive_to_ideal": ratio(median_of(measured, "naive"), ideal),
+    }
+    targets = [
+        goal("ours req/s / ideal", ratios["ours_to_ideal"], ">= 0.90", ratios["ours_to_ideal"] >= 0.90),
+        goal("ours errors (non-2xx + socket, worst rep)", errors, "== 0", errors == 0),
+        goal("ours p99 ms (median)", p99, "<= 600", p99 <= 600),
+    ]
+    rows = [
+        (
+            "S3 slow upstream throughput",
+            fmt_rate(measured["ours"]["requests_per_second"]),
+            f"ideal {ideal:,.0f} req/s; nginx {fmt_rate(measured['nginx']['requests_per_second'])}; "
+            f"naive {fmt_rate(measured['naive']['requests_per_second'])}",
+            f"{ratios['ours_to_ideal']:.1%} of ideal ({ratios['nginx_to_ideal']:.1%} for nginx)",
+            "≥ 90% of ideal",
+            fmt_met(targets[0]["met"]),
+        ),
+        (
+            "S3 slow upstream errors",
+            f"{errors:.0f} (worst rep)",
+            f"naive {measured['naive']['errors']['max']:.0f}; nginx {measured['nginx']['errors']['max']:.0f}",
+            "—",
+            "0",
+            fmt_met(targets[1]["met"]),
+        ),
+        (
+            "S3 slow upstream p99",
+            f"{p99:.0f} ms",
+            f"nginx {fmt_p99(median_of(measured, 'nginx', 'p99_ms'))}; "
+            f"naive {fmt_p99(median_of(measured, 'naive', 'p99_ms'))}",
+            "—",
+            "≤ 600 ms",
+            fmt_met(targets[2]["met"]),
+        ),
+    ]
+    data = {
+        "title": "result read with a 500 ms upstream (slow stub), our proxy vs nginx vs naive",
+        "wrk": {"threads": 2, "connections": connections, "seconds": seconds},
+        "ideal_requests_per_second": ideal,
+        "note": (
+            "wrk counts only completed requests: with a 0.5 s upstream even a perfect proxy reaches "
+            f"about ({seconds} - 0.5) / {seconds} of the ideal; littles_law_rps = connections / mean latency"
+        ),
+        "settings_overrides": overrides,
+        "measured": measured,
+        "ratios": ratios,
+        "targets": targets,
+    }
+    return Outcome(data, rows)
