@@ -25,11 +25,10 @@ from starlette.types import ASGIApp
 
 from liveness_proxy.app import create_app
 from liveness_proxy.auth import IssuedApiKey, new_api_key
-from liveness_proxy.routes import LivenessApi
-from liveness_proxy.runtime import Runtime
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
 from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, AuditLog, create_engine, upgrade_database
+from liveness_proxy.wiring import Service
 
 TEST_PEPPER = "test-pepper-" + "p" * 40
 CLIENT_ID = "test-client"
@@ -182,10 +181,9 @@ class ProxyHarness:
     responses: list[bytes] = field(default_factory=list)
 
     @property
-    def runtime(self) -> Runtime:
-        api: LivenessApi = self.app.state.liveness_api
-        assert api.runtime is not None
-        return api.runtime
+    def runtime(self) -> Service:
+        service: Service = self.app.service
+        return service
 
     def client(self) -> httpx.Client:
         """A client for the proxy that keeps every response (headers and body) for leak scans."""

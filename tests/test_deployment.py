@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from liveness_proxy.api.openapi import build_openapi
 from liveness_proxy.cli import build_parser
-from liveness_proxy.openapi import build_openapi
 from liveness_proxy.settings import Settings, settings_from_mapping
 
 ROOT = Path(__file__).resolve().parent.parent

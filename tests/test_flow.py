@@ -19,7 +19,7 @@ def test_session_token_returns_the_upstream_one_time_token(proxy: ProxyHarness, 
 
 def test_create_session_binds_it_and_points_at_the_result(proxy: ProxyHarness, client: httpx.Client) -> None:
     session_id = proxy.create_session(client)
-    owner = proxy.app.state.liveness_api.runtime.ownership
+    owner = proxy.app.service.ownership
     assert owner._cache[session_id].subject == "alice"
     response = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
     assert response.status_code == 200

@@ -36,13 +36,13 @@ from liveness_proxy.auth import (
     JwksCache,
     JwtAuthenticator,
     JwtPolicy,
-    jwt_authenticator_from_settings,
 )
 from liveness_proxy.auth.jwks import parse_jwks
 from liveness_proxy.errors import ConfigurationError, ServiceUnavailable, Unauthenticated
 from liveness_proxy.sandbox import ManualClock
 from liveness_proxy.settings import settings_from_mapping
 from liveness_proxy.upstream import create_http_session
+from liveness_proxy.wiring.service import jwt_authenticator
 from support import ServerThread
 
 ISSUER = "https://idp.example.test/"
@@ -210,7 +210,7 @@ async def make_authenticator(
         }
         values.update(overrides)
         failures: list[str] = []
-        authenticator = jwt_authenticator_from_settings(
+        authenticator = jwt_authenticator(
             settings_from_mapping(values), http=http, clock=clock.now, on_jwks_failure=failures.append
         )
         assert authenticator is not None
@@ -611,9 +611,7 @@ async def test_jwks_host_down_after_the_first_fetch_keeps_stale_keys(
             "LIVENESS_PROXY_JWT_JWKS_TIMEOUT_SECONDS": 1.0,
         }
     )
-    authenticator = jwt_authenticator_from_settings(
-        settings, http=http, clock=clock.now, on_jwks_failure=failures.append
-    )
+    authenticator = jwt_authenticator(settings, http=http, clock=clock.now, on_jwks_failure=failures.append)
     assert authenticator is not None
     try:
         await authenticator.start()
@@ -706,7 +704,7 @@ async def test_public_key_file_mode(
 
 
 def test_no_jwt_settings_means_no_authenticator(http: aiohttp.ClientSession) -> None:
-    assert jwt_authenticator_from_settings(settings_from_mapping({}), http=http) is None
+    assert jwt_authenticator(settings_from_mapping({}), http=http) is None
 
 
 def _private_pem(key: rsa.RSAPrivateKey) -> bytes:
@@ -746,7 +744,7 @@ def test_unusable_public_key_file_is_a_configuration_error(
         {"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE": path, "LIVENESS_PROXY_JWT_ALGORITHMS": algorithms}
     )
     with pytest.raises(ConfigurationError) as caught:
-        jwt_authenticator_from_settings(settings, http=http)
+        jwt_authenticator(settings, http=http)
     text = str(caught.value)
     assert text.startswith("LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: ")
     assert message in text
@@ -764,7 +762,7 @@ def test_jwks_url_and_key_file_together_are_a_configuration_error(
         }
     )
     with pytest.raises(ConfigurationError, match=r"^LIVENESS_PROXY_JWT_JWKS_URL: .*not both"):
-        jwt_authenticator_from_settings(settings, http=http)
+        jwt_authenticator(settings, http=http)
 
 
 # --- rejection cost ---------------------------------------------------------------------------------

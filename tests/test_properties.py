@@ -36,6 +36,10 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from liveness_proxy import errors
+from liveness_proxy.api.bodies import encode_upstream, session_id_from
+from liveness_proxy.api.openapi import SESSION_ID_PATTERN as DOCUMENTED_SESSION_ID_PATTERN
+from liveness_proxy.api.openapi import build_openapi
+from liveness_proxy.api.paths import SESSION_ID_PATTERN
 from liveness_proxy.auth import JwtAuthenticator, JwtPolicy, StaticKeySource
 from liveness_proxy.auth.caller import Caller
 from liveness_proxy.auth.jwks import parse_jwks
@@ -51,9 +55,6 @@ from liveness_proxy.errors import (
     UpstreamUnavailable,
     render_problem,
 )
-from liveness_proxy.openapi import SESSION_ID_PATTERN as DOCUMENTED_SESSION_ID_PATTERN
-from liveness_proxy.openapi import build_openapi
-from liveness_proxy.routes import SESSION_ID_PATTERN, encode_upstream, session_id_from
 from liveness_proxy.upstream import CynopsisClient, CynopsisEndpoints, Http1Pool, TokenManager, UpstreamResult
 from liveness_proxy.upstream.tokens import ClientCredentialsFetcher
 from liveness_proxy.upstream.transport import (

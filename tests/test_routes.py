@@ -328,8 +328,8 @@ def test_upstream_404_on_a_post_is_a_configuration_fault_not_a_404(
 def test_session_id_is_taken_from_the_configured_fields_and_validated(
     payload: dict[str, object], expected: str | None
 ) -> None:
+    from liveness_proxy.api.bodies import session_id_from
     from liveness_proxy.errors import UpstreamMalformed
-    from liveness_proxy.routes import session_id_from
 
     if expected is None:
         with pytest.raises(UpstreamMalformed):

@@ -26,6 +26,7 @@ from liveness_proxy.app import create_app
 from liveness_proxy.errors import TokenUnavailable
 from liveness_proxy.observability import REDACTED, Redactor, build_logger
 from liveness_proxy.sandbox import ManualClock, Sandbox
+from liveness_proxy.serving.process import served
 from liveness_proxy.upstream import (
     ClientCredentialsFetcher,
     ClientSecretSource,
@@ -327,11 +328,11 @@ async def test_the_app_rereads_the_secret_on_sighup_while_it_runs_and_restores_t
     overrides = {"CYNOPSIS_CLIENT_SECRET_FILE": path} if from_file else {}
     settings = proxy_settings("http://127.0.0.1:9", tmp_path / "proxy.db", **overrides)
     log = io.StringIO()
-    app = create_app(settings, log_stream=log, migrate=True, reload_secrets_on_sighup=True)
+    app = create_app(settings, log_stream=log, migrate=True)
     rotated = new_secret()
     try:
-        async with app.router.lifespan_context(app):
-            runtime = app.state.liveness_api.runtime
+        async with served(app):
+            runtime = app.service
             write_atomically(path, rotated)
             os.kill(os.getpid(), signal.SIGHUP)
             event = "client_secret_reloaded" if from_file else "client_secret_not_reloaded"

@@ -30,6 +30,7 @@ import pytest
 from liveness_proxy.sandbox import Fault, Sandbox
 from liveness_proxy.serving import LimitedHttpToolsProtocol, ServeLimits, uvicorn_options
 from liveness_proxy.settings import settings_from_mapping
+from liveness_proxy.wiring import serve_options
 from support import (
     ProxyHarness,
     ServerThread,
@@ -586,7 +587,7 @@ def test_the_settings_reach_uvicorn_and_the_protocol() -> None:
             "LIVENESS_PROXY_SHUTDOWN_TIMEOUT_SECONDS": 4.5,
         }
     )
-    options = uvicorn_options(settings, None)
+    options = uvicorn_options(serve_options(settings), None)
     assert options["timeout_keep_alive"] == 2.5
     assert options["timeout_graceful_shutdown"] == 4.5
     assert "ssl_certfile" not in options

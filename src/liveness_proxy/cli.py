@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import datetime
 import re
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import new_api_key
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.runtime import create_redis, cynopsis_ssl_context, token_fetcher
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -31,16 +29,10 @@ from liveness_proxy.store import (
     upgrade_database,
 )
 from liveness_proxy.upstream import TokenEndpointError, create_http_session
+from liveness_proxy.wiring import create_redis, token_fetcher
 
 EXIT_CONFIGURATION = 2
 EXIT_FAILURE = 1
-
-
-def app_from_environment() -> object:
-    """The app factory uvicorn's workers call (`serve --workers N`): each worker reads the same settings."""
-    from liveness_proxy.app import create_app
-
-    return create_app(Settings.load(), tune_gc_for_serving=True, reload_secrets_on_sighup=True)
 
 
 @contextlib.asynccontextmanager
@@ -59,53 +51,23 @@ async def _database(settings: Settings, *, migrate: bool = True) -> AsyncIterato
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from liveness_proxy.app import create_app
-    from liveness_proxy.serving import check_tls_files, tls_files, uvicorn_options
+    from liveness_proxy.serving import serve
 
     settings = Settings.load()
     settings.require_proxy_secrets()
     host = args.host or settings.liveness_proxy_host
     port = settings.liveness_proxy_port if args.port is None else args.port
-    tls = tls_files(settings, args.ssl_certfile, args.ssl_keyfile)
-    if tls is not None:
-        # Before anything else: a wrong certificate is a configuration error, not a crash per worker.
-        check_tls_files(tls)
-    # Likewise the CA bundle and client certificate towards Cynopsis: one line, not a traceback per worker.
-    cynopsis_ssl_context(settings)
-    # Migrations run once here, not in each worker, so workers never race on the schema.
-    asyncio.run(_upgrade(settings))
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
-    # kills the process; a drained, cleanly stopped server should exit 0 instead.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _exit_cleanly)
-    common: dict[str, object] = {
-        "host": host,
-        "port": port,
-        "loop": "uvloop",
-        "access_log": False,  # our own access log is structured and redacted
-        "server_header": False,
-        "log_level": "warning",
-        # The httptools protocol with head deadline, head size and connection limits (serving.py),
-        # keep-alive, graceful shutdown and TLS.
-        **uvicorn_options(settings, tls),
-    }
-    if args.workers > 1:
-        uvicorn.run(
-            "liveness_proxy.cli:app_from_environment",
-            factory=True,
-            workers=args.workers,
-            **common,  # type: ignore[arg-type]
-        )
-    else:
-        app = create_app(settings, tune_gc_for_serving=True, reload_secrets_on_sighup=True)
-        uvicorn.run(app, **common)  # type: ignore[arg-type]
+    serve(
+        settings,
+        host=host,
+        port=port,
+        workers=args.workers,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        # Migrations run once here, not in each worker, so workers never race on the schema.
+        prepare=lambda: asyncio.run(_upgrade(settings)),
+    )
     return 0
-
-
-def _exit_cleanly(_signum: int, _frame: object) -> None:
-    sys.exit(0)
 
 
 async def _upgrade(settings: Settings) -> None:

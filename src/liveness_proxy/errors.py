@@ -295,3 +295,15 @@ def render_problem(
     if extensions:
         body.update(extensions)
     return orjson.dumps(body)
+
+
+def problem_head(error: ProblemError, request_id: str) -> list[tuple[bytes, bytes]]:
+    """The headers every problem answer carries, whoever sends it (a handler, a middleware, the
+    server protocol): the media type, no caching, the request id, and the error's own headers
+    (`Retry-After`, `WWW-Authenticate`, `Allow`, `Connection`)."""
+    return [
+        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-request-id", request_id.encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+    ]

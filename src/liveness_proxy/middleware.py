@@ -11,7 +11,7 @@ import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, InternalError, ProblemError, render_problem
+from liveness_proxy.errors import InternalError, ProblemError, problem_head, render_problem
 from liveness_proxy.observability import AccessLog
 
 UNMATCHED_ROUTE = "unmatched"
@@ -77,9 +77,8 @@ async def send_problem(
             "type": "http.response.start",
             "status": error.response_status(),
             "headers": [
-                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                *problem_head(error, request_id),
                 (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
                 *headers,
             ],
         }

@@ -10,7 +10,6 @@ and never the value.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
+from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS
 
 # A URL, not a password (bandit guesses from the name).
 DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"  # nosec B105
@@ -40,9 +39,6 @@ _FILE_BACKED_FIELDS = (
     "liveness_proxy_token_cache_key",
 )
 _MIN_PEPPER_LENGTH = 32
-_ASYMMETRIC_JWT_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "xxx", "todo"})
 
 
@@ -197,8 +193,8 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must name at least one algorithm")
         for name in value:
-            if name not in _ASYMMETRIC_JWT_ALGORITHMS:
-                allowed = ", ".join(sorted(_ASYMMETRIC_JWT_ALGORITHMS))
+            if name not in ASYMMETRIC_JWT_ALGORITHMS:
+                allowed = ", ".join(sorted(ASYMMETRIC_JWT_ALGORITHMS))
                 raise ValueError(f"{name!r} is not allowed; choose from {allowed}")
         return value
 
@@ -368,23 +364,8 @@ class Settings(BaseSettings):
         return async_database_url(self.liveness_proxy_database_url.get_secret_value())
 
     @property
-    def database_pool(self) -> PoolOptions:
-        return PoolOptions(
-            size=self.liveness_proxy_database_pool_size,
-            max_overflow=self.liveness_proxy_database_max_overflow,
-            timeout_seconds=self.liveness_proxy_database_pool_timeout_seconds,
-            pgbouncer=self.liveness_proxy_database_pgbouncer,
-            # The same bound on a lock held elsewhere as SQLite's busy timeout: then a 503.
-            statement_timeout_seconds=SQLITE_BUSY_TIMEOUT_MS / 1000,
-        )
-
-    @property
     def redis_url(self) -> str:
         return self.liveness_proxy_redis_url.get_secret_value()
-
-    def token_refresh_margin(self, lifetime_seconds: float) -> float:
-        """Seconds before expiry to refresh: the set margin, at most a third of a short token's life."""
-        return min(float(self.cynopsis_token_refresh_margin_seconds), math.floor(lifetime_seconds / 3))
 
     def require_upstream_credentials(self) -> None:
         """Checks what talking to Cynopsis needs; raises ConfigurationError naming the first gap."""

@@ -1,13 +1,19 @@
-"""The OpenAPI 3.1 document, generated once per app from the models in `schemas`."""
+"""The OpenAPI 3.1 document, generated once per app from the route table (`routes.py`: paths and
+methods) and the models in `schemas`; here is only each operation's text."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from liveness_proxy._version import __version__
+from liveness_proxy.api.paths import SESSION_ID_REGEX, SESSION_RESULT_PATH
+from liveness_proxy.api.routes import ROUTES, RouteSpec
 from liveness_proxy.schemas import json_schema_components
 
-SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+SESSION_ID_PATTERN = f"^{SESSION_ID_REGEX}$"
+# The Location of a new session: the result path with its id filled in.
+LOCATION_PATTERN = "^" + SESSION_RESULT_PATH.replace("{session_id}", SESSION_ID_REGEX) + "$"
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
 _REQUEST_ID_HEADER = {"$ref": "#/components/headers/X-Request-ID"}
 
@@ -105,7 +111,158 @@ def _rejections() -> dict[str, Any]:
     }
 
 
-def build_openapi() -> dict[str, Any]:
+def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every documented operation, by its operationId; the route table says where each one lives."""
+    operations: dict[str, dict[str, Any]] = {
+        "getSessionToken": {
+            "summary": "Start a liveness workflow: a one-time session token for the frontend SDK.",
+            "security": _SECURITY,
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": _ref("SessionTokenRequest")}},
+            },
+            "responses": {
+                "200": _ok("The upstream session token.", "SessionTokenResponse"),
+                **_body_errors(),
+                **_upstream_errors(),
+                **_rejections(),
+            },
+        },
+        "createSession": {
+            "summary": "Create a liveness session, bound to the calling subject.",
+            "security": _SECURITY,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("CreateSessionRequest")}},
+            },
+            "responses": {
+                "201": _ok(
+                    "The upstream session; its id is now bound to the caller.",
+                    "SessionResponse",
+                    {
+                        "Location": {
+                            "description": "The result URL.",
+                            "required": True,
+                            "schema": {
+                                "type": "string",
+                                "pattern": LOCATION_PATTERN,
+                            },
+                        }
+                    },
+                ),
+                **_body_errors(),
+                **_upstream_errors(),
+                **_rejections(),
+            },
+        },
+        "getLivenessResult": {
+            "summary": "The session's result; only its creator or a liveness:admin caller may read it.",
+            "security": _SECURITY,
+            "parameters": [session_id_parameter],
+            "responses": {
+                "200": _ok("The result, biometric fields removed by default.", "LivenessResult"),
+                "400": _problem("The session id is malformed."),
+                "404": _problem("No such session for this caller."),
+                **_upstream_errors(),
+                **_rejections(),
+            },
+        },
+        "getSessionRecord": {
+            "summary": "Admin only (liveness:admin): the session's owner and the verdict the proxy "
+            "read from Cynopsis, for a backend that must not trust the frontend.",
+            "security": _SECURITY,
+            "parameters": [session_id_parameter],
+            "responses": {
+                "200": _ok("The session record.", "SessionRecord"),
+                "400": _problem("The session id is malformed."),
+                "403": _problem("The caller lacks the liveness:admin scope."),
+                "404": _problem("No such session."),
+                "429": _problem("Rate limited (the result-read limit).", retry_after=True),
+                "503": _problem(
+                    "The JWT verification keys are unavailable, or the proxy's database cannot be reached.",
+                    retry_after=True,
+                ),
+                **_caller_errors(),
+            },
+        },
+        "health": {
+            "summary": "The process is alive.",
+            "security": [],
+            "responses": {"200": _ok("Alive.", "Health"), **_any_route_errors()},
+        },
+        "readiness": {
+            "summary": "The store is reachable and an upstream access token is cached or obtainable.",
+            "security": [],
+            "responses": {
+                "200": _ok(
+                    "Ready (`degraded` while Redis is unreachable: still serving, with per-process limits).",
+                    "Readiness",
+                ),
+                "503": _problem(
+                    "Not ready (`checks` names what failed), or still starting.", retry_after=True
+                ),
+                **_any_route_errors(),
+            },
+        },
+        "metrics": {
+            "summary": "Prometheus metrics (text format). Only from "
+            "LIVENESS_PROXY_METRICS_ALLOWED_NETWORKS; with LIVENESS_PROXY_METRICS_TOKEN set, also "
+            "needs that bearer token. Absent when LIVENESS_PROXY_METRICS_ENABLED is false.",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text exposition format 0.0.4.",
+                    "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "401": _problem("The metrics token is missing or wrong.", authenticate=True),
+                "404": _problem("The client is outside the allowed networks."),
+                **_any_route_errors(),
+            },
+        },
+        "openapi": {
+            "summary": "This document.",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **_any_route_errors(),
+            },
+        },
+    }
+    for operation, media_type, summary in (
+        (
+            "jsClient",
+            "text/javascript",
+            "The browser client: a dependency-free ES module (docs/integration.md).",
+        ),
+        (
+            "jsClientTypes",
+            "application/typescript",
+            "TypeScript declarations of the browser client.",
+        ),
+    ):
+        operations[operation] = {  # the two files of the JS client
+            "summary": summary,
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The file, cacheable for 5 minutes; revalidate with its ETag.",
+                    "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
+                    "content": {media_type: {"schema": {"type": "string"}}},
+                },
+                "304": {"description": "Unchanged since the ETag sent in If-None-Match."},
+                **_any_route_errors(),
+            },
+        }
+    return operations
+
+
+def build_openapi(routes: Sequence[RouteSpec] = ROUTES) -> dict[str, Any]:
+    """The document of `routes` (the route table): each route's path and method, its operation's text."""
     session_id_parameter = {
         "name": "session_id",
         "in": "path",
@@ -120,185 +277,7 @@ def build_openapi() -> dict[str, Any]:
             "description": "Authenticated, audited access to the Cynopsis Liveness API. "
             "Errors are RFC 9457 problem details carrying the request id.",
         },
-        "paths": {
-            "/v1/liveness/session-token": {
-                "post": {
-                    "operationId": "getSessionToken",
-                    "summary": "Start a liveness workflow: a one-time session token for the frontend SDK.",
-                    "security": _SECURITY,
-                    "requestBody": {
-                        "required": False,
-                        "content": {"application/json": {"schema": _ref("SessionTokenRequest")}},
-                    },
-                    "responses": {
-                        "200": _ok("The upstream session token.", "SessionTokenResponse"),
-                        **_body_errors(),
-                        **_upstream_errors(),
-                        **_rejections(),
-                    },
-                }
-            },
-            "/v1/liveness/sessions": {
-                "post": {
-                    "operationId": "createSession",
-                    "summary": "Create a liveness session, bound to the calling subject.",
-                    "security": _SECURITY,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("CreateSessionRequest")}},
-                    },
-                    "responses": {
-                        "201": _ok(
-                            "The upstream session; its id is now bound to the caller.",
-                            "SessionResponse",
-                            {
-                                "Location": {
-                                    "description": "The result URL.",
-                                    "required": True,
-                                    "schema": {
-                                        "type": "string",
-                                        "pattern": "^/v1/liveness/sessions/[A-Za-z0-9_-]{1,128}/result$",
-                                    },
-                                }
-                            },
-                        ),
-                        **_body_errors(),
-                        **_upstream_errors(),
-                        **_rejections(),
-                    },
-                }
-            },
-            "/v1/liveness/sessions/{session_id}/result": {
-                "get": {
-                    "operationId": "getLivenessResult",
-                    "summary": "The session's result; only its creator or a liveness:admin caller "
-                    "may read it.",
-                    "security": _SECURITY,
-                    "parameters": [session_id_parameter],
-                    "responses": {
-                        "200": _ok("The result, biometric fields removed by default.", "LivenessResult"),
-                        "400": _problem("The session id is malformed."),
-                        "404": _problem("No such session for this caller."),
-                        **_upstream_errors(),
-                        **_rejections(),
-                    },
-                }
-            },
-            "/v1/liveness/sessions/{session_id}": {
-                "get": {
-                    "operationId": "getSessionRecord",
-                    "summary": "Admin only (liveness:admin): the session's owner and the verdict the proxy "
-                    "read from Cynopsis, for a backend that must not trust the frontend.",
-                    "security": _SECURITY,
-                    "parameters": [session_id_parameter],
-                    "responses": {
-                        "200": _ok("The session record.", "SessionRecord"),
-                        "400": _problem("The session id is malformed."),
-                        "403": _problem("The caller lacks the liveness:admin scope."),
-                        "404": _problem("No such session."),
-                        "429": _problem("Rate limited (the result-read limit).", retry_after=True),
-                        "503": _problem(
-                            "The JWT verification keys are unavailable, or the proxy's database cannot be "
-                            "reached.",
-                            retry_after=True,
-                        ),
-                        **_caller_errors(),
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "The process is alive.",
-                    "security": [],
-                    "responses": {"200": _ok("Alive.", "Health"), **_any_route_errors()},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "readiness",
-                    "summary": "The store is reachable and an upstream access token is cached or obtainable.",
-                    "security": [],
-                    "responses": {
-                        "200": _ok(
-                            "Ready (`degraded` while Redis is unreachable: still serving, with "
-                            "per-process limits).",
-                            "Readiness",
-                        ),
-                        "503": _problem(
-                            "Not ready (`checks` names what failed), or still starting.", retry_after=True
-                        ),
-                        **_any_route_errors(),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "summary": "Prometheus metrics (text format). Only from "
-                    "LIVENESS_PROXY_METRICS_ALLOWED_NETWORKS; with LIVENESS_PROXY_METRICS_TOKEN set, also "
-                    "needs that bearer token. Absent when LIVENESS_PROXY_METRICS_ENABLED is false.",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text exposition format 0.0.4.",
-                            "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                        "401": _problem("The metrics token is missing or wrong.", authenticate=True),
-                        "404": _problem("The client is outside the allowed networks."),
-                        **_any_route_errors(),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This document.",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        **_any_route_errors(),
-                    },
-                }
-            },
-            **{
-                f"/client/{name}": {
-                    "get": {
-                        "operationId": operation,
-                        "summary": summary,
-                        "security": [],
-                        "responses": {
-                            "200": {
-                                "description": "The file, cacheable for 5 minutes; revalidate with its ETag.",
-                                "headers": {"X-Request-ID": _REQUEST_ID_HEADER},
-                                "content": {media_type: {"schema": {"type": "string"}}},
-                            },
-                            "304": {"description": "Unchanged since the ETag sent in If-None-Match."},
-                            **_any_route_errors(),
-                        },
-                    }
-                }
-                for name, operation, media_type, summary in (
-                    (
-                        "liveness-proxy-client.js",
-                        "jsClient",
-                        "text/javascript",
-                        "The browser client: a dependency-free ES module (docs/integration.md).",
-                    ),
-                    (
-                        "liveness-proxy-client.d.ts",
-                        "jsClientTypes",
-                        "application/typescript",
-                        "TypeScript declarations of the browser client.",
-                    ),
-                )
-            },
-        },
+        "paths": _paths(routes, _operations(session_id_parameter)),
         "components": {
             "schemas": json_schema_components(),
             "headers": {
@@ -320,3 +299,18 @@ def build_openapi() -> dict[str, Any]:
             },
         },
     }
+
+
+def _paths(routes: Sequence[RouteSpec], operations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    documented = set(operations)
+    routed = {route.operation_id for route in routes}
+    if documented != routed:
+        # A route without its text, or text for no route: a bug, caught by the first app built.
+        raise ValueError(f"routes and documented operations differ: {sorted(documented ^ routed)}")
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = {
+            "operationId": route.operation_id,
+            **operations[route.operation_id],
+        }
+    return paths

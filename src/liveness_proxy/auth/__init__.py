@@ -10,7 +10,7 @@ from liveness_proxy.auth.api_keys import ApiKeyAuthenticator, IssuedApiKey, new_
 from liveness_proxy.auth.caller import ADMIN_SCOPE, Authenticator, Caller
 from liveness_proxy.auth.host import HostAuthentication, HostAuthenticator, InvalidHostCaller
 from liveness_proxy.auth.jwks import JwksCache, KeySet, StaticKeySource
-from liveness_proxy.auth.jwt import JwtAuthenticator, JwtPolicy, jwt_authenticator_from_settings
+from liveness_proxy.auth.jwt import JwtAuthenticator, JwtPolicy
 from liveness_proxy.errors import Unauthenticated
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "JwtPolicy",
     "KeySet",
     "StaticKeySource",
-    "jwt_authenticator_from_settings",
     "new_api_key",
 ]
 

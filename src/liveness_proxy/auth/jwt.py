@@ -21,11 +21,10 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-import aiohttp
 import jwt
 import orjson
 from starlette.datastructures import Headers
@@ -35,16 +34,10 @@ from liveness_proxy.auth.caller import Caller
 from liveness_proxy.auth.jwks import (
     ASYMMETRIC_ALGORITHMS,
     MAX_KID_LENGTH,
-    HttpJwksFetcher,
-    JwksCache,
     KeyMiss,
     KeySource,
-    PublicKeyFileError,
-    StaticKeySource,
-    load_public_key_file,
 )
-from liveness_proxy.errors import ConfigurationError, ServiceUnavailable, Unauthenticated
-from liveness_proxy.settings import Settings
+from liveness_proxy.errors import ServiceUnavailable, Unauthenticated
 
 # A JWS in compact form: three unpadded base64url segments. The header is small in every real token;
 # bounding it keeps the one thing decoded before the key lookup cheap.
@@ -249,58 +242,3 @@ def _credential_id(kid: str | None) -> str:
         return f"jwt:{kid}"
     digest = hashlib.sha256(kid.encode("utf-8", "surrogatepass")).hexdigest()
     return f"jwt:sha256:{digest}"[:_MAX_CREDENTIAL_ID_LENGTH]
-
-
-def jwt_authenticator_from_settings(
-    settings: Settings,
-    *,
-    http: aiohttp.ClientSession,
-    clock: Callable[[], float] = time.monotonic,
-    wall_clock: Callable[[], float] = time.time,
-    on_jwks_failure: Callable[[str], None] | None = None,
-) -> JwtAuthenticator | None:
-    """The JWT authenticator the settings describe, or None when JWT callers are not configured.
-
-    Raises ConfigurationError (naming the variable, never a key) when both a JWKS URL and a key file
-    are set, or the key file cannot be used. `clock` times the JWKS cache, `wall_clock` checks
-    `exp`/`nbf`/`iat`; `on_jwks_failure` receives a one-line reason (no response content) for logs.
-    """
-    jwks_url = settings.liveness_proxy_jwt_jwks_url
-    key_file = settings.liveness_proxy_jwt_public_key_file
-    if not jwks_url and key_file is None:
-        return None
-    if jwks_url and key_file is not None:
-        raise ConfigurationError(
-            "LIVENESS_PROXY_JWT_JWKS_URL: set either it or LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE, not both"
-        )
-    if not settings.liveness_proxy_jwt_subject_claim:
-        raise ConfigurationError("LIVENESS_PROXY_JWT_SUBJECT_CLAIM: must name a claim")
-    algorithms: Collection[str] = frozenset(settings.liveness_proxy_jwt_algorithms) & ASYMMETRIC_ALGORITHMS
-    if not algorithms:
-        raise ConfigurationError("LIVENESS_PROXY_JWT_ALGORITHMS: must name an asymmetric algorithm")
-    policy = JwtPolicy(
-        algorithms=frozenset(algorithms),
-        issuer=settings.liveness_proxy_jwt_issuer or None,
-        audiences=frozenset(settings.liveness_proxy_jwt_audience),
-        subject_claim=settings.liveness_proxy_jwt_subject_claim,
-        leeway_seconds=float(settings.liveness_proxy_jwt_leeway_seconds),
-        max_token_bytes=settings.liveness_proxy_jwt_max_token_bytes,
-    )
-    keys: KeySource
-    if key_file is not None:
-        try:
-            keys = StaticKeySource(load_public_key_file(key_file, algorithms))
-        except PublicKeyFileError as exc:
-            raise ConfigurationError(f"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: {exc}") from None
-    else:
-        keys = JwksCache(
-            HttpJwksFetcher(
-                http, url=jwks_url, timeout_seconds=settings.liveness_proxy_jwt_jwks_timeout_seconds
-            ),
-            allowed_algorithms=algorithms,
-            cache_seconds=settings.liveness_proxy_jwt_jwks_cache_seconds,
-            refetch_interval_seconds=settings.liveness_proxy_jwt_jwks_refetch_interval_seconds,
-            clock=clock,
-            on_failure=on_jwks_failure,
-        )
-    return JwtAuthenticator(policy, keys, wall_clock=wall_clock)

@@ -39,6 +39,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from liveness_proxy.api.paths import SESSION_ID_PATTERN
 from liveness_proxy.app import ProxyApplication, problem_for_http_exception
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -52,7 +53,6 @@ from liveness_proxy.errors import (
     UnsupportedMediaType,
     render_problem,
 )
-from liveness_proxy.routes import SESSION_ID_PATTERN
 from liveness_proxy.sandbox import Sandbox
 
 DEMO_ISSUER = "https://demo-idp.liveness-proxy.invalid"

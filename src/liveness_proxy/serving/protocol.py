@@ -1,4 +1,4 @@
-"""What `serve` adds to uvicorn: limits on what one client may hold of the server, and TLS set-up.
+"""What `serve` adds to uvicorn's protocol: limits on what one client may hold of the server.
 
 uvicorn bounds neither the time a client may take to send its request head nor the head's size
 (its httptools protocol buffers any head for as long as the client trickles it in), and its
@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from uvicorn.config import Config
@@ -42,17 +40,16 @@ from uvicorn.server import ServerState
 
 from liveness_proxy.browser import SecurityHeaders
 from liveness_proxy.errors import (
-    PROBLEM_CONTENT_TYPE,
     BadRequest,
-    ConfigurationError,
     ProblemError,
     RequestHeaderFieldsTooLarge,
     RequestTimeout,
     ServiceUnavailable,
+    problem_head,
     render_problem,
 )
 from liveness_proxy.middleware import new_request_id, request_id_of
-from liveness_proxy.settings import Settings
+from liveness_proxy.wiring import ServeOptions
 
 # " HTTP/1.1\r\n" after the target; ": " and CRLF of each header field; the empty line at the end.
 _REQUEST_LINE_TAIL_BYTES = 11
@@ -70,12 +67,12 @@ class ServeLimits:
     hsts_max_age_seconds: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ServeLimits:
+    def from_options(cls, options: ServeOptions) -> ServeLimits:
         return cls(
-            max_connections=settings.liveness_proxy_max_connections,
-            max_header_bytes=settings.liveness_proxy_max_header_bytes,
-            header_timeout_seconds=settings.liveness_proxy_header_timeout_seconds,
-            hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds,
+            max_connections=options.max_connections,
+            max_header_bytes=options.max_header_bytes,
+            header_timeout_seconds=options.header_timeout_seconds,
+            hsts_max_age_seconds=options.hsts_max_age_seconds,
         )
 
 
@@ -300,10 +297,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         body = render_problem(error, request_id)
         headers: list[tuple[bytes, bytes]] = [
             *self.server_state.default_headers,
-            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            *problem_head(error, request_id),
             (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()),
-            *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
         ]
         self._security_headers.add_to(headers, {"scheme": self.scheme})
         if not any(name == b"connection" for name, _ in headers):
@@ -317,90 +312,3 @@ def protocol_class(limits: ServeLimits) -> Callable[..., asyncio.Protocol]:
     """What `serve` passes as uvicorn's `http`: the protocol bound to `limits`. A partial of a
     module-level class pickles by reference, so `--workers N` hands it to each worker as is."""
     return functools.partial(LimitedHttpToolsProtocol, limits=limits)
-
-
-# -- TLS ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """A server certificate (chain) and its key, each with the name the operator set it by."""
-
-    cert_file: Path
-    key_file: Path
-    cert_name: str
-    key_name: str
-
-
-def tls_files(settings: Settings, cli_cert: str | None, cli_key: str | None) -> TlsFiles | None:
-    """The certificate and key `serve` uses: `--ssl-certfile`/`--ssl-keyfile` override the settings
-    one by one; None when neither is set. ConfigurationError when only one of the pair is."""
-    cert_name, cert = (
-        ("--ssl-certfile", Path(cli_cert))
-        if cli_cert
-        else ("LIVENESS_PROXY_TLS_CERT_FILE", settings.liveness_proxy_tls_cert_file)
-    )
-    key_name, key = (
-        ("--ssl-keyfile", Path(cli_key))
-        if cli_key
-        else ("LIVENESS_PROXY_TLS_KEY_FILE", settings.liveness_proxy_tls_key_file)
-    )
-    if cert is None and key is None:
-        return None
-    if cert is None:
-        raise ConfigurationError(
-            f"{key_name}: set only together with --ssl-certfile or LIVENESS_PROXY_TLS_CERT_FILE"
-        )
-    if key is None:
-        raise ConfigurationError(
-            f"{cert_name}: needs a key too (--ssl-keyfile or LIVENESS_PROXY_TLS_KEY_FILE; "
-            "the same path if the certificate file holds the key)"
-        )
-    return TlsFiles(cert_file=cert, key_file=key, cert_name=cert_name, key_name=key_name)
-
-
-def check_tls_files(files: TlsFiles) -> None:
-    """Loads the pair once, so that a wrong file stops `serve` with a message naming the setting
-    (uvicorn would fail in each worker with OpenSSL's text). Never shows file contents or paths."""
-    for path, name in ((files.cert_file, files.cert_name), (files.key_file, files.key_name)):
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise ConfigurationError(f"{name}: the file cannot be read ({reason})") from None
-    asked_for_password = False
-
-    def no_password() -> bytes:
-        # An encrypted key would make OpenSSL prompt on the terminal; a server has nobody to ask.
-        nonlocal asked_for_password
-        asked_for_password = True
-        return b""
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(files.cert_file, files.key_file, password=no_password)
-    except ssl.SSLError as exc:
-        if asked_for_password:
-            raise ConfigurationError(
-                f"{files.key_name}: the private key is encrypted; give it unencrypted (file mode 0600)"
-            ) from None
-        raise ConfigurationError(
-            f"{files.cert_name}, {files.key_name}: not a PEM certificate and its matching private key "
-            f"({exc.reason or 'unreadable'})"
-        ) from None
-
-
-def uvicorn_options(settings: Settings, tls: TlsFiles | None) -> dict[str, Any]:
-    """The uvicorn settings that bound what clients may hold, and TLS; shared by every worker."""
-    options: dict[str, Any] = {
-        "http": protocol_class(ServeLimits.from_settings(settings)),
-        "timeout_keep_alive": settings.liveness_proxy_keepalive_timeout_seconds,
-        "timeout_graceful_shutdown": settings.liveness_proxy_shutdown_timeout_seconds,
-        # No WebSocket routes: an Upgrade request is served as plain HTTP (and refused by routing).
-        "ws": "none",
-    }
-    if tls is not None:
-        options["ssl_certfile"] = str(tls.cert_file)
-        options["ssl_keyfile"] = str(tls.key_file)
-    return options

@@ -1,12 +1,13 @@
-"""The parts a running proxy is made of, built once per app at start-up and closed at shutdown."""
+"""The running service: every part built from settings at start-up, and closed at shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,12 +23,21 @@ from liveness_proxy.auth import (
     Authenticator,
     CallerAuthentication,
     JwtAuthenticator,
-    jwt_authenticator_from_settings,
 )
+from liveness_proxy.auth.jwks import (
+    HttpJwksFetcher,
+    JwksCache,
+    KeySource,
+    PublicKeyFileError,
+    StaticKeySource,
+    load_public_key_file,
+)
+from liveness_proxy.auth.jwt import JwtPolicy
+from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
-from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, UpstreamGate, redis_limit_storage
+from liveness_proxy.ratelimit import SubjectLimits, UpstreamGate, redis_limit_storage
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -55,6 +65,7 @@ from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.upstream.http1 import Http1Pool
 from liveness_proxy.upstream.tls import upstream_ssl_context
 from liveness_proxy.upstream.transport import USER_AGENT
+from liveness_proxy.wiring.options import jwt_policy, limit_policy, pool_options, token_refresh_margin
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,27 +87,26 @@ class CircuitSignals:
         self.metrics.circuit_rejected()
 
 
-@dataclass(slots=True)
-class Runtime:
-    settings: Settings
+@dataclass(frozen=True, slots=True)
+class Service:
+    """The running parts of one proxy, as the handlers and the process around them use them.
+
+    Built and closed by `running_service`; nothing here is ever None-checked per request."""
+
     engine: AsyncEngine
-    http: aiohttp.ClientSession  # the token endpoint and JWKS: rare calls
-    liveness_http: Http1Pool  # the three liveness calls: every request's path
     tokens: TokenManager
     cynopsis: CynopsisClient
     ownership: SessionOwnership
     audit: AuditLog
-    api_keys: ApiKeyStore
     authentication: CallerAuthentication
     biometrics: BiometricFilter
     limits: SubjectLimits
     upstream_gate: UpstreamGate
     metrics: ProxyMetrics
-    jwt: JwtAuthenticator | None
     logger: structlog.typing.FilteringBoundLogger
     wall_clock: Callable[[], float]
     client_secret: ClientSecretSource
-    redis: aioredis.Redis | None = None
+    redis: aioredis.Redis | None
 
     async def ping_store(self) -> None:
         await ping(self.engine)
@@ -104,18 +114,6 @@ class Runtime:
     async def ping_redis(self) -> None:
         if self.redis is not None:
             await self.redis.ping()
-
-    async def close(self) -> None:
-        await self.ownership.close()
-        await self.audit.close()
-        if self.jwt is not None:
-            await self.jwt.close()
-        await self.tokens.close()
-        await self.http.close()
-        await self.liveness_http.close()
-        if self.redis is not None:
-            await self.redis.aclose()
-        await self.engine.dispose()
 
 
 def create_redis(settings: Settings) -> aioredis.Redis | None:
@@ -213,7 +211,8 @@ def token_fetcher(
     )
 
 
-async def start_runtime(
+@contextlib.asynccontextmanager
+async def running_service(
     settings: Settings,
     *,
     logger: structlog.typing.FilteringBoundLogger,
@@ -223,183 +222,259 @@ async def start_runtime(
     wall_clock: Callable[[], float] = time.time,
     shared_clock: Callable[[], float] = time.time,
     migrate: bool = False,
-) -> Runtime:
-    """Builds every part from settings. `clock` drives token, cache and JWKS expiry (monotonic by
-    default); `wall_clock` stamps records and checks JWT times; `shared_clock` (a wall clock: it must
-    agree across machines) dates the token shared with other processes."""
+) -> AsyncIterator[Service]:
+    """Builds every part from settings, and closes everything it opened, in reverse order, however
+    the block ends, a failure halfway through start-up included.
+
+    `clock` drives token, cache and JWKS expiry (monotonic by default); `wall_clock` stamps records
+    and checks JWT times; `shared_clock` (a wall clock: it must agree across machines) dates the
+    token shared with other processes."""
     settings.require_proxy_secrets()
     # First: a bad certificate or key file stops start-up before anything is opened.
     upstream_tls = cynopsis_ssl_context(settings)
-    engine = create_engine(settings.database_url, pool=settings.database_pool)
-    redis = create_redis(settings)
-    if migrate:
-        # On an engine of its own: the serving engine's statement timeout (a bounded wait on a lock,
-        # then 503) must not cut a migration that waits for another replica's or rewrites a table.
-        migration_engine = create_engine(settings.database_url, pool_size=1)
-        try:
-            await upgrade_database(migration_engine)
-        finally:
-            await migration_engine.dispose()
-    http = create_http_session(
-        max_connections=settings.cynopsis_max_connections,
-        connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
-        total_timeout_seconds=settings.cynopsis_timeout_seconds,
-    )
-
-    def log_token_failure(error: TokenEndpointError) -> None:
-        logger.warning("upstream_token_failed", reason=str(error), upstream_status=error.status)
-
-    def log_tls_failure(reason: str) -> None:
-        # One line per failed handshake; the circuit breaker bounds how many while it persists.
-        logger.warning("upstream_tls_failed", reason=reason, upstream=settings.cynopsis_api_base_url)
-
-    def remember_client_secret(secret: str) -> None:
-        redactor.add_secret(secret, permanent=True)
-
-    client_secret = client_secret_source(settings, logger=logger, on_new_secret=remember_client_secret)
-
-    def shared_state_failed(component: str) -> Callable[[str], None]:
-        def report(reason: str) -> None:
-            metrics.shared_state_failed(component)
-            logger.warning("shared_state_unavailable", component=component, reason=reason)
-
-        return report
-
-    token_store: TokenStore
-    if redis is not None:
-        token_store = RedisTokenStore(
-            redis,
-            key_prefix=settings.liveness_proxy_redis_key_prefix,
-            cipher=token_cipher(settings),
-            wall_clock=shared_clock,
+    async with contextlib.AsyncExitStack() as opened:
+        engine = create_engine(settings.database_url, pool=pool_options(settings))
+        opened.push_async_callback(engine.dispose)
+        redis = create_redis(settings)
+        if redis is not None:
+            opened.push_async_callback(redis.aclose)
+        if migrate:
+            # On an engine of its own: the serving engine's statement timeout (a bounded wait on a
+            # lock, then 503) must not cut a migration that waits for another replica's or rewrites
+            # a table.
+            migration_engine = create_engine(settings.database_url, pool_size=1)
+            try:
+                await upgrade_database(migration_engine)
+            finally:
+                await migration_engine.dispose()
+        http = create_http_session(
+            max_connections=settings.cynopsis_max_connections,
+            connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
+            total_timeout_seconds=settings.cynopsis_timeout_seconds,
         )
-    else:
-        token_store = DatabaseTokenStore(engine, cipher=token_cipher(settings), wall_clock=shared_clock)
-    lease_seconds = 5.0
-    tokens = TokenManager(
-        token_fetcher(http, settings, client_secret=client_secret, ssl_context=upstream_tls),
-        refresh_margin=settings.token_refresh_margin,
-        failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
-        clock=clock,
-        wall_clock=shared_clock,
-        on_failure=log_token_failure,
-        on_new_token=redactor.add_secret,
-        observer=metrics,
-        shared=SharedTokenPolicy(
-            store=token_store,
-            unavailable=shared_state_failed("token_cache"),
-            # Long enough for another process's token request to finish, or for its lease to
-            # lapse if it crashed during one.
-            wait_seconds=settings.cynopsis_token_timeout_seconds + lease_seconds,
-            lease_seconds=lease_seconds,
-        ),
-    )
-    endpoints = CynopsisEndpoints(
-        api_base_url=settings.cynopsis_api_base_url,
-        session_token_path=settings.cynopsis_session_token_path,
-        session_path=settings.cynopsis_session_path,
-        result_path=settings.cynopsis_result_path,
-    )
-    liveness_http = Http1Pool(
-        endpoints.origin,
-        max_connections=settings.cynopsis_max_connections,
-        connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
-        user_agent=USER_AGENT,
-        ssl_context=upstream_tls,
-        on_tls_failure=log_tls_failure,
-    )
-    cynopsis = CynopsisClient(
-        liveness_http,
-        tokens,
-        endpoints=endpoints,
-        domain_id=settings.cynopsis_domain_id,
-        max_response_bytes=settings.cynopsis_max_response_bytes,
-        timeout_seconds=settings.cynopsis_timeout_seconds,
-        observer=metrics,
-        circuit=CircuitBreaker(
-            failure_threshold=settings.cynopsis_circuit_failure_threshold,
-            # Real time, not `clock`: a test's manual clock standing still would keep it open.
-            open_seconds=settings.cynopsis_circuit_open_seconds,
-            observer=CircuitSignals(metrics, logger),
-        ),
-    )
-    api_keys = ApiKeyStore(engine)
-    authenticators: list[Authenticator] = [
-        ApiKeyAuthenticator(
-            api_keys,
-            pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
-            cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
-            clock=clock,
-        )
-    ]
+        opened.push_async_callback(http.close)
 
-    def log_jwks_failure(reason: str) -> None:
-        logger.warning("jwks_fetch_failed", reason=reason)
+        def log_token_failure(error: TokenEndpointError) -> None:
+            logger.warning("upstream_token_failed", reason=str(error), upstream_status=error.status)
 
-    jwt = jwt_authenticator_from_settings(
-        settings, http=http, clock=clock, wall_clock=wall_clock, on_jwks_failure=log_jwks_failure
-    )
-    if jwt is not None:
-        unchecked = [
-            name
-            for name, value in (
-                ("LIVENESS_PROXY_JWT_ISSUER", settings.liveness_proxy_jwt_issuer),
-                ("LIVENESS_PROXY_JWT_AUDIENCE", settings.liveness_proxy_jwt_audience),
+        def log_tls_failure(reason: str) -> None:
+            # One line per failed handshake; the circuit breaker bounds how many while it persists.
+            logger.warning("upstream_tls_failed", reason=reason, upstream=settings.cynopsis_api_base_url)
+
+        def remember_client_secret(secret: str) -> None:
+            redactor.add_secret(secret, permanent=True)
+
+        client_secret = client_secret_source(settings, logger=logger, on_new_secret=remember_client_secret)
+
+        def shared_state_failed(component: str) -> Callable[[str], None]:
+            def report(reason: str) -> None:
+                metrics.shared_state_failed(component)
+                logger.warning("shared_state_unavailable", component=component, reason=reason)
+
+            return report
+
+        token_store: TokenStore
+        if redis is not None:
+            token_store = RedisTokenStore(
+                redis,
+                key_prefix=settings.liveness_proxy_redis_key_prefix,
+                cipher=token_cipher(settings),
+                wall_clock=shared_clock,
             )
-            if not value
+        else:
+            token_store = DatabaseTokenStore(engine, cipher=token_cipher(settings), wall_clock=shared_clock)
+        lease_seconds = 5.0
+        tokens = TokenManager(
+            token_fetcher(http, settings, client_secret=client_secret, ssl_context=upstream_tls),
+            refresh_margin=token_refresh_margin(settings),
+            failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
+            clock=clock,
+            wall_clock=shared_clock,
+            on_failure=log_token_failure,
+            on_new_token=redactor.add_secret,
+            observer=metrics,
+            shared=SharedTokenPolicy(
+                store=token_store,
+                unavailable=shared_state_failed("token_cache"),
+                # Long enough for another process's token request to finish, or for its lease to
+                # lapse if it crashed during one.
+                wait_seconds=settings.cynopsis_token_timeout_seconds + lease_seconds,
+                lease_seconds=lease_seconds,
+            ),
+        )
+        opened.push_async_callback(tokens.close)
+        endpoints = CynopsisEndpoints(
+            api_base_url=settings.cynopsis_api_base_url,
+            session_token_path=settings.cynopsis_session_token_path,
+            session_path=settings.cynopsis_session_path,
+            result_path=settings.cynopsis_result_path,
+        )
+        liveness_http = Http1Pool(
+            endpoints.origin,
+            max_connections=settings.cynopsis_max_connections,
+            connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
+            user_agent=USER_AGENT,
+            ssl_context=upstream_tls,
+            on_tls_failure=log_tls_failure,
+        )
+        opened.push_async_callback(liveness_http.close)
+        cynopsis = CynopsisClient(
+            liveness_http,
+            tokens,
+            endpoints=endpoints,
+            domain_id=settings.cynopsis_domain_id,
+            max_response_bytes=settings.cynopsis_max_response_bytes,
+            timeout_seconds=settings.cynopsis_timeout_seconds,
+            observer=metrics,
+            circuit=CircuitBreaker(
+                failure_threshold=settings.cynopsis_circuit_failure_threshold,
+                # Real time, not `clock`: a test's manual clock standing still would keep it open.
+                open_seconds=settings.cynopsis_circuit_open_seconds,
+                observer=CircuitSignals(metrics, logger),
+            ),
+        )
+        authenticators: list[Authenticator] = [
+            ApiKeyAuthenticator(
+                ApiKeyStore(engine),
+                pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
+                cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
+                clock=clock,
+            )
         ]
-        if unchecked:
-            # Without them, any token the identity provider signs for any of its apps is accepted.
-            logger.warning("jwt_claims_not_checked", unset=unchecked)
-        authenticators.append(jwt)
-        await jwt.start()  # best effort: a JWKS host that is down now is retried on demand
-    authentication = CallerAuthentication(authenticators)
-    upstream_gate = UpstreamGate(
-        settings.liveness_proxy_upstream_concurrency,
-        wait_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds,
-        on_reject=metrics.upstream_slot_rejected,
-    )
-    metrics.watch_upstream_gate(lambda: upstream_gate.in_flight, lambda: upstream_gate.waiting)
-    return Runtime(
-        settings=settings,
-        engine=engine,
-        http=http,
-        liveness_http=liveness_http,
-        tokens=tokens,
-        cynopsis=cynopsis,
-        ownership=SessionOwnership(engine),
-        audit=AuditLog(
+
+        def log_jwks_failure(reason: str) -> None:
+            logger.warning("jwks_fetch_failed", reason=reason)
+
+        jwt = jwt_authenticator(
+            settings, http=http, clock=clock, wall_clock=wall_clock, on_jwks_failure=log_jwks_failure
+        )
+        if jwt is not None:
+            warn_if_jwt_claims_unchecked(settings, logger)
+            authenticators.append(jwt)
+            opened.push_async_callback(jwt.close)
+            await jwt.start()  # best effort: a JWKS host that is down now is retried on demand
+        upstream_gate = UpstreamGate(
+            settings.liveness_proxy_upstream_concurrency,
+            wait_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds,
+            on_reject=metrics.upstream_slot_rejected,
+        )
+        metrics.watch_upstream_gate(lambda: upstream_gate.in_flight, lambda: upstream_gate.waiting)
+        audit = AuditLog(
             engine, batch_max=settings.liveness_proxy_audit_batch_max, on_commit=metrics.audit_committed
-        ),
-        api_keys=api_keys,
-        authentication=authentication,
-        biometrics=BiometricFilter(
-            settings.liveness_proxy_biometric_fields,
-            enabled=settings.liveness_proxy_strip_biometrics,
-            allow_fields=settings.liveness_proxy_biometric_allow_fields,
-            max_string_bytes=settings.liveness_proxy_biometric_max_string_bytes,
-        ),
-        limits=SubjectLimits(
-            LimitPolicy(
-                session_token=settings.liveness_proxy_rate_limit_session_token,
-                create_session=settings.liveness_proxy_rate_limit_create_session,
-                result=settings.liveness_proxy_rate_limit_result,
-                daily_attempts=settings.liveness_proxy_daily_attempts,
+        )
+        # Closed before the token manager and the pools: its last batch is written on close.
+        opened.push_async_callback(audit.close)
+        ownership = SessionOwnership(engine)
+        opened.push_async_callback(ownership.close)
+        yield Service(
+            engine=engine,
+            tokens=tokens,
+            cynopsis=cynopsis,
+            ownership=ownership,
+            audit=audit,
+            authentication=CallerAuthentication(authenticators),
+            biometrics=BiometricFilter(
+                settings.liveness_proxy_biometric_fields,
+                enabled=settings.liveness_proxy_strip_biometrics,
+                allow_fields=settings.liveness_proxy_biometric_allow_fields,
+                max_string_bytes=settings.liveness_proxy_biometric_max_string_bytes,
             ),
-            shared=(
-                None
-                if redis is None
-                else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
+            limits=SubjectLimits(
+                limit_policy(settings),
+                shared=(
+                    None
+                    if redis is None
+                    else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
+                ),
+                wall_clock=wall_clock,
+                on_reject=metrics.rate_limited,
+                on_storage_failure=shared_state_failed("rate_limits"),
             ),
+            upstream_gate=upstream_gate,
+            metrics=metrics,
+            logger=logger,
             wall_clock=wall_clock,
-            on_reject=metrics.rate_limited,
-            on_storage_failure=shared_state_failed("rate_limits"),
-        ),
-        upstream_gate=upstream_gate,
-        metrics=metrics,
-        jwt=jwt,
-        logger=logger,
-        wall_clock=wall_clock,
-        client_secret=client_secret,
-        redis=redis,
-    )
+            client_secret=client_secret,
+            redis=redis,
+        )
+
+
+def warn_if_jwt_claims_unchecked(settings: Settings, logger: structlog.typing.FilteringBoundLogger) -> None:
+    unchecked = [
+        name
+        for name, value in (
+            ("LIVENESS_PROXY_JWT_ISSUER", settings.liveness_proxy_jwt_issuer),
+            ("LIVENESS_PROXY_JWT_AUDIENCE", settings.liveness_proxy_jwt_audience),
+        )
+        if not value
+    ]
+    if unchecked:
+        # Without them, any token the identity provider signs for any of its apps is accepted.
+        logger.warning("jwt_claims_not_checked", unset=unchecked)
+
+
+def jwt_authenticator(
+    settings: Settings,
+    *,
+    http: aiohttp.ClientSession,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+    on_jwks_failure: Callable[[str], None] | None = None,
+) -> JwtAuthenticator | None:
+    """The JWT authenticator the settings describe, or None when JWT callers are not configured.
+
+    Raises ConfigurationError (naming the variable, never a key) when both a JWKS URL and a key file
+    are set, or the key file cannot be used. `clock` times the JWKS cache, `wall_clock` checks
+    `exp`/`nbf`/`iat`; `on_jwks_failure` receives a one-line reason (no response content) for logs.
+    """
+    policy = checked_jwt_policy(settings)
+    if policy is None:
+        return None
+    key_file = settings.liveness_proxy_jwt_public_key_file
+    keys: KeySource
+    if key_file is not None:
+        try:
+            keys = StaticKeySource(load_public_key_file(key_file, policy.algorithms))
+        except PublicKeyFileError as exc:
+            raise ConfigurationError(f"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: {exc}") from None
+    else:
+        keys = JwksCache(
+            HttpJwksFetcher(
+                http,
+                url=settings.liveness_proxy_jwt_jwks_url,
+                timeout_seconds=settings.liveness_proxy_jwt_jwks_timeout_seconds,
+            ),
+            allowed_algorithms=policy.algorithms,
+            cache_seconds=settings.liveness_proxy_jwt_jwks_cache_seconds,
+            refetch_interval_seconds=settings.liveness_proxy_jwt_jwks_refetch_interval_seconds,
+            clock=clock,
+            on_failure=on_jwks_failure,
+        )
+    return JwtAuthenticator(policy, keys, wall_clock=wall_clock)
+
+
+def checked_jwt_policy(settings: Settings) -> JwtPolicy | None:
+    """The JWT policy, or None when JWT callers are not configured; ConfigurationError (naming the
+    variable, never a key) when both a JWKS URL and a key file are set."""
+    if not settings.liveness_proxy_jwt_jwks_url and settings.liveness_proxy_jwt_public_key_file is None:
+        return None
+    if settings.liveness_proxy_jwt_jwks_url and settings.liveness_proxy_jwt_public_key_file is not None:
+        raise ConfigurationError(
+            "LIVENESS_PROXY_JWT_JWKS_URL: set either it or LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE, not both"
+        )
+    return jwt_policy(settings)
+
+
+def check_startable(settings: Settings) -> None:
+    """Everything about the settings that can fail without opening anything: the secrets, the TLS
+    files towards Cynopsis, the JWT set-up and its key file. `serve` calls it before it binds a
+    port, so that each of these ends the command with one line instead of a failed start per worker."""
+    settings.require_proxy_secrets()
+    cynopsis_ssl_context(settings)
+    policy = checked_jwt_policy(settings)
+    key_file = settings.liveness_proxy_jwt_public_key_file
+    if policy is not None and key_file is not None:
+        try:
+            load_public_key_file(key_file, policy.algorithms)
+        except PublicKeyFileError as exc:
+            raise ConfigurationError(f"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: {exc}") from None

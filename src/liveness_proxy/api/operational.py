@@ -1,0 +1,93 @@
+"""The routes around the liveness calls: health, readiness, the OpenAPI document, the JS client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from liveness_proxy.api.responses import json_response, problem_response
+from liveness_proxy.errors import ProblemError, ServiceUnavailable
+from liveness_proxy.middleware import request_id_of
+from liveness_proxy.wiring import Service
+
+READINESS_TOKEN_WAIT_SECONDS = 5.0
+# A readiness check that passed; named, because bandit takes `checks["upstream_token"] = "ok"` for a password.
+CHECK_PASSED = "ok"
+
+# The JS client is served from the package (one copy: the file in the repo is the file served).
+# By the operation that serves each: its file name and media type.
+CLIENT_FILES = {
+    "jsClient": ("liveness-proxy-client.js", "text/javascript; charset=utf-8"),
+    "jsClientTypes": ("liveness-proxy-client.d.ts", "application/typescript; charset=utf-8"),
+}
+CLIENT_CACHE_CONTROL = "public, max-age=300"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def health(_request: Request) -> Response:
+    return json_response(b'{"status":"ok"}')
+
+
+def readiness_handler(service: Service) -> Handler:
+    async def readiness(request: Request) -> Response:
+        checks: dict[str, str] = {}
+        try:
+            await service.ping_store()
+            checks["store"] = CHECK_PASSED
+        except Exception as exc:
+            checks["store"] = f"failed: {type(exc).__name__}"
+        if service.tokens.cached is not None:
+            checks["upstream_token"] = CHECK_PASSED
+        else:
+            try:
+                await asyncio.wait_for(service.tokens.get(), READINESS_TOKEN_WAIT_SECONDS)
+                checks["upstream_token"] = CHECK_PASSED
+            except (ProblemError, TimeoutError) as exc:
+                checks["upstream_token"] = f"failed: {getattr(exc, 'slug', 'timeout')}"
+        if all(value == CHECK_PASSED for value in checks.values()):
+            status = "ready"
+            if service.redis is not None:
+                try:
+                    await service.ping_redis()
+                    checks["redis"] = CHECK_PASSED
+                except Exception as exc:
+                    # Still ready: limits and the token fall back to this process's own state.
+                    # Sending traffic elsewhere would not help, every replica shares this Redis.
+                    checks["redis"] = f"degraded: {type(exc).__name__}"
+                    status = "degraded"
+            return json_response(orjson.dumps({"status": status, "checks": checks}))
+        failed = ", ".join(sorted(name for name, value in checks.items() if value != CHECK_PASSED))
+        error = ServiceUnavailable(f"Not ready: {failed}.", retry_after_seconds=5)
+        return problem_response(error, request_id_of(request.scope), {"checks": checks})
+
+    return readiness
+
+
+def document_handler(body: bytes) -> Handler:
+    """Serves a JSON document built once (the OpenAPI document)."""
+
+    async def document(_request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    return document
+
+
+def client_file_handler(name: str, media_type: str) -> Handler:
+    """Serves one file of the JS client, read once; revalidated by its ETag."""
+    body = resources.files("liveness_proxy").joinpath("static", "client", name).read_bytes()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+    async def serve(request: Request) -> Response:
+        headers = {"Cache-Control": CLIENT_CACHE_CONTROL, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type=media_type, headers=headers)
+
+    return serve

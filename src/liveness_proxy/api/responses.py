@@ -1,0 +1,42 @@
+"""The answers handlers send: JSON, and the one builder of problem+json responses.
+
+Handlers, the router's refusals, readiness and CORS all answer errors through `problem_response`;
+the pure-ASGI middleware and the server protocol, which have no Response object, use the same head
+(`errors.problem_head`) and body (`errors.render_problem`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.responses import Response
+
+from liveness_proxy.errors import ProblemError, problem_head, render_problem
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class RawHeadersResponse(Response):
+    """A Response whose headers are given as the raw list (no dict, no re-encoding)."""
+
+    def __init__(self, body: bytes, status_code: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        self.raw_headers = [*headers, (b"content-length", str(len(body)).encode())]
+
+
+def problem_response(
+    error: ProblemError, request_id: str, extensions: Mapping[str, object] | None = None
+) -> Response:
+    return RawHeadersResponse(
+        render_problem(error, request_id, extensions),
+        error.response_status(),
+        problem_head(error, request_id),
+    )
+
+
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    merged = dict(NO_STORE)
+    merged.update(headers or {})
+    return Response(body, status_code=status, media_type="application/json", headers=merged)

@@ -1,0 +1,78 @@
+"""The route table: every route of the proxy, once. The Starlette routes and the OpenAPI paths are
+both built from it, so a route cannot exist without its documentation or the other way round."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from liveness_proxy.api.paths import (
+    SESSION_RECORD_PATH,
+    SESSION_RESULT_PATH,
+    SESSION_TOKEN_PATH,
+    SESSIONS_PATH,
+)
+from liveness_proxy.api.responses import problem_response
+from liveness_proxy.errors import ProblemError
+from liveness_proxy.middleware import request_id_of
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    path: str
+    method: str
+    operation_id: str  # names the handler and the OpenAPI operation
+
+
+# The router tries routes in order: the most frequent call (result polling) first.
+ROUTES: tuple[RouteSpec, ...] = (
+    RouteSpec(SESSION_RESULT_PATH, "GET", "getLivenessResult"),
+    RouteSpec(SESSION_TOKEN_PATH, "POST", "getSessionToken"),
+    RouteSpec(SESSIONS_PATH, "POST", "createSession"),
+    RouteSpec(SESSION_RECORD_PATH, "GET", "getSessionRecord"),
+    RouteSpec("/healthz", "GET", "health"),
+    RouteSpec("/readyz", "GET", "readiness"),
+    RouteSpec("/metrics", "GET", "metrics"),
+    RouteSpec("/openapi.json", "GET", "openapi"),
+    RouteSpec("/client/liveness-proxy-client.js", "GET", "jsClient"),
+    RouteSpec("/client/liveness-proxy-client.d.ts", "GET", "jsClientTypes"),
+)
+
+
+class Endpoint:
+    """A route handler as a plain ASGI app. Starlette's `request_response` wrapper would add, on every
+    request, an exception-handler lookup and one more `send` wrapper; here a ProblemError simply
+    becomes its problem+json answer."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await self._handler(request)
+        except ProblemError as error:
+            response = problem_response(error, request_id_of(scope))
+        await response(scope, receive, send)
+
+
+def starlette_routes(routes: Sequence[RouteSpec], handlers: Mapping[str, Handler]) -> list[Route]:
+    """The routes that have a handler, in table order (a route without one, such as `/metrics` when
+    it is disabled, is answered like any unknown path)."""
+    unknown = set(handlers) - {route.operation_id for route in routes}
+    if unknown:
+        raise ValueError(f"handlers for operations not in the route table: {sorted(unknown)}")
+    return [
+        Route(route.path, Endpoint(handlers[route.operation_id]), methods=[route.method])
+        for route in routes
+        if route.operation_id in handlers
+    ]

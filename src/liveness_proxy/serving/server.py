@@ -1,0 +1,92 @@
+"""`liveness-proxy serve`: uvicorn with our protocol, TLS, and the served app, in one or N workers."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from liveness_proxy.serving.protocol import ServeLimits, protocol_class
+from liveness_proxy.serving.tls import TlsFiles, check_tls_files, tls_files
+from liveness_proxy.settings import Settings
+from liveness_proxy.wiring import ServeOptions, check_startable, serve_options
+
+
+def uvicorn_options(options: ServeOptions, tls: TlsFiles | None) -> dict[str, Any]:
+    """The uvicorn settings that bound what clients may hold, and TLS; shared by every worker."""
+    uvicorn_settings: dict[str, Any] = {
+        "http": protocol_class(ServeLimits.from_options(options)),
+        "timeout_keep_alive": options.keepalive_timeout_seconds,
+        "timeout_graceful_shutdown": options.shutdown_timeout_seconds,
+        # No WebSocket routes: an Upgrade request is served as plain HTTP (and refused by routing).
+        "ws": "none",
+    }
+    if tls is not None:
+        uvicorn_settings["ssl_certfile"] = str(tls.cert_file)
+        uvicorn_settings["ssl_keyfile"] = str(tls.key_file)
+    return uvicorn_settings
+
+
+def served_app_from_environment() -> object:
+    """The app factory uvicorn's workers call (`serve --workers N`): each worker reads the same settings."""
+    from liveness_proxy.app import create_app
+    from liveness_proxy.serving.process import ServedApp
+
+    return ServedApp(create_app(Settings.load()))
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    ssl_certfile: str | None,
+    ssl_keyfile: str | None,
+    prepare: Callable[[], None] = lambda: None,
+) -> None:
+    """Checks everything that can be checked before a socket is opened (each failure is one
+    ConfigurationError line for the CLI), runs `prepare` (the migrations, once for all workers),
+    then runs uvicorn until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from liveness_proxy.app import create_app
+    from liveness_proxy.serving.process import ServedApp
+
+    options = serve_options(settings)
+    tls = tls_files(options, ssl_certfile, ssl_keyfile)
+    if tls is not None:
+        # Before anything else: a wrong certificate is a configuration error, not a crash per worker.
+        check_tls_files(tls)
+    # Likewise the secrets, the JWT set-up and the CA bundle and client certificate towards Cynopsis.
+    check_startable(settings)
+    prepare()
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
+    # kills the process; a drained, cleanly stopped server should exit 0 instead.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "access_log": False,  # our own access log is structured and redacted
+        "server_header": False,
+        "log_level": "warning",
+        # The httptools protocol with head deadline, head size and connection limits (protocol.py),
+        # keep-alive, graceful shutdown and TLS.
+        **uvicorn_options(options, tls),
+    }
+    if workers > 1:
+        uvicorn.run(
+            "liveness_proxy.serving.server:served_app_from_environment",
+            factory=True,
+            workers=workers,
+            **common,
+        )
+    else:
+        uvicorn.run(ServedApp(create_app(settings)), **common)
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    sys.exit(0)

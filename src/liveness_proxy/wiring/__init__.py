@@ -1,0 +1,38 @@
+"""The wiring: the one layer that reads `Settings`, builds every part from it, and closes them.
+
+`running_service(settings, ...)` is an async context manager around an `AsyncExitStack`: whatever
+fails during start-up or shutdown, everything that was opened is closed, in reverse order.
+`options` turns the settings into the small option objects the parts and the app take.
+"""
+
+from liveness_proxy.wiring.options import (
+    AppOptions,
+    RequestPolicy,
+    ServeOptions,
+    app_options,
+    request_policy,
+    serve_options,
+)
+from liveness_proxy.wiring.service import (
+    Service,
+    check_startable,
+    create_redis,
+    cynopsis_ssl_context,
+    running_service,
+    token_fetcher,
+)
+
+__all__ = [
+    "AppOptions",
+    "RequestPolicy",
+    "ServeOptions",
+    "Service",
+    "app_options",
+    "check_startable",
+    "create_redis",
+    "cynopsis_ssl_context",
+    "request_policy",
+    "running_service",
+    "serve_options",
+    "token_fetcher",
+]

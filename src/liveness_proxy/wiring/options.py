@@ -1,0 +1,154 @@
+"""Settings turned into the small option objects the parts take.
+
+This is the one place that reads `Settings` field by field. Everything below the wiring (auth,
+limits, upstream, store, http) receives one of these objects or plain values, never the settings:
+a part can then be built, and tested, without a whole configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from liveness_proxy.auth.jwt import JwtPolicy
+from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS
+from liveness_proxy.ratelimit import LimitPolicy
+from liveness_proxy.settings import Settings
+from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPolicy:
+    """What the liveness handlers enforce on a request and add to an answer."""
+
+    max_body_bytes: int
+    body_timeout_seconds: float
+    session_id_fields: tuple[str, ...]  # where a create-session answer may carry the session id
+    pass_threshold: float | None  # `passed` is derived from the confidence when set
+
+
+@dataclass(frozen=True, slots=True)
+class AppOptions:
+    """What the app around the handlers needs: logs, headers, CORS and the metrics route."""
+
+    log_level: str
+    log_format: str
+    hsts_max_age_seconds: int
+    cors_origins: tuple[str, ...]
+    metrics_enabled: bool
+    metrics_token: str
+    metrics_allowed_networks: tuple[str, ...]
+    # Values no log line may show, known before anything starts (tokens are added as they come).
+    secrets: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """What `serve` enforces per connection and hands uvicorn. Picklable: workers receive it."""
+
+    max_connections: int
+    max_header_bytes: int
+    header_timeout_seconds: float
+    hsts_max_age_seconds: int
+    keepalive_timeout_seconds: float
+    shutdown_timeout_seconds: float
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+
+
+def request_policy(settings: Settings) -> RequestPolicy:
+    return RequestPolicy(
+        max_body_bytes=settings.liveness_proxy_max_body_bytes,
+        body_timeout_seconds=settings.liveness_proxy_body_timeout_seconds,
+        session_id_fields=tuple(settings.cynopsis_session_id_fields),
+        pass_threshold=settings.liveness_proxy_pass_threshold,
+    )
+
+
+def app_options(settings: Settings) -> AppOptions:
+    return AppOptions(
+        log_level=settings.liveness_proxy_log_level,
+        log_format=settings.liveness_proxy_log_format,
+        hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds,
+        cors_origins=tuple(settings.liveness_proxy_cors_origins),
+        metrics_enabled=settings.liveness_proxy_metrics_enabled,
+        metrics_token=settings.liveness_proxy_metrics_token.get_secret_value(),
+        metrics_allowed_networks=tuple(settings.liveness_proxy_metrics_allowed_networks),
+        secrets=(
+            settings.cynopsis_client_secret.get_secret_value(),
+            settings.liveness_proxy_api_key_pepper.get_secret_value(),
+            settings.liveness_proxy_metrics_token.get_secret_value(),
+            urlsplit(settings.liveness_proxy_database_url.get_secret_value()).password or "",
+            urlsplit(settings.redis_url).password or "",
+            settings.liveness_proxy_token_cache_key.get_secret_value(),
+        ),
+    )
+
+
+def serve_options(settings: Settings) -> ServeOptions:
+    return ServeOptions(
+        max_connections=settings.liveness_proxy_max_connections,
+        max_header_bytes=settings.liveness_proxy_max_header_bytes,
+        header_timeout_seconds=settings.liveness_proxy_header_timeout_seconds,
+        hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds,
+        keepalive_timeout_seconds=settings.liveness_proxy_keepalive_timeout_seconds,
+        shutdown_timeout_seconds=settings.liveness_proxy_shutdown_timeout_seconds,
+        tls_cert_file=settings.liveness_proxy_tls_cert_file,
+        tls_key_file=settings.liveness_proxy_tls_key_file,
+    )
+
+
+def pool_options(settings: Settings) -> PoolOptions:
+    return PoolOptions(
+        size=settings.liveness_proxy_database_pool_size,
+        max_overflow=settings.liveness_proxy_database_max_overflow,
+        timeout_seconds=settings.liveness_proxy_database_pool_timeout_seconds,
+        pgbouncer=settings.liveness_proxy_database_pgbouncer,
+        # The same bound on a lock held elsewhere as SQLite's busy timeout: then a 503.
+        statement_timeout_seconds=SQLITE_BUSY_TIMEOUT_MS / 1000,
+    )
+
+
+def limit_policy(settings: Settings) -> LimitPolicy:
+    return LimitPolicy(
+        session_token=settings.liveness_proxy_rate_limit_session_token,
+        create_session=settings.liveness_proxy_rate_limit_create_session,
+        result=settings.liveness_proxy_rate_limit_result,
+        daily_attempts=settings.liveness_proxy_daily_attempts,
+    )
+
+
+def jwt_policy(settings: Settings) -> JwtPolicy:
+    """What a JWT must satisfy besides its signature. ConfigurationError (naming the variable) when
+    the settings cannot describe a safe policy."""
+    if not settings.liveness_proxy_jwt_subject_claim:
+        raise ConfigurationError("LIVENESS_PROXY_JWT_SUBJECT_CLAIM: must name a claim")
+    algorithms = frozenset(settings.liveness_proxy_jwt_algorithms) & ASYMMETRIC_JWT_ALGORITHMS
+    if not algorithms:
+        raise ConfigurationError("LIVENESS_PROXY_JWT_ALGORITHMS: must name an asymmetric algorithm")
+    return JwtPolicy(
+        algorithms=algorithms,
+        issuer=settings.liveness_proxy_jwt_issuer or None,
+        audiences=frozenset(settings.liveness_proxy_jwt_audience),
+        subject_claim=settings.liveness_proxy_jwt_subject_claim,
+        leeway_seconds=float(settings.liveness_proxy_jwt_leeway_seconds),
+        max_token_bytes=settings.liveness_proxy_jwt_max_token_bytes,
+    )
+
+
+def token_refresh_margin(settings: Settings) -> RefreshMargin:
+    """Seconds before expiry to refresh: the set margin, at most a third of a short token's life."""
+    return RefreshMargin(float(settings.cynopsis_token_refresh_margin_seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshMargin:
+    """Called with a token's lifetime; a callable object so that it pickles and compares."""
+
+    seconds: float
+
+    def __call__(self, lifetime_seconds: float) -> float:
+        return min(self.seconds, math.floor(lifetime_seconds / 3))
