@@ -15,7 +15,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import new_api_key
-from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.errors import ConfigurationError, StartRefused
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -25,6 +25,7 @@ from liveness_proxy.store import (
     PurgeResult,
     create_engine,
     current_revision,
+    is_store_outage,
     ping,
     upgrade_database,
 )
@@ -57,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.require_proxy_secrets()
     host = args.host or settings.liveness_proxy_host
     port = settings.liveness_proxy_port if args.port is None else args.port
-    serve(
+    return serve(
         settings,
         host=host,
         port=port,
@@ -67,7 +68,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Migrations run once here, not in each worker, so workers never race on the schema.
         prepare=lambda: asyncio.run(_upgrade(settings)),
     )
-    return 0
 
 
 async def _upgrade(settings: Settings) -> None:
@@ -474,6 +474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"liveness-proxy: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIGURATION
+    except StartRefused as exc:
+        print(f"liveness-proxy: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        if not is_store_outage(exc):
+            raise
+        # The class name only: a driver's message may quote the URL, password included.
+        print(f"liveness-proxy: the database cannot be reached ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

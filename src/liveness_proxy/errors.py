@@ -4,6 +4,7 @@ The tree:
 
     LivenessProxyError
     ├── ConfigurationError            a setting is missing or invalid (start-up, CLI)
+    ├── StartRefused                  a start cannot proceed (a port already taken)
     └── ProblemError                  answered to the caller as application/problem+json
         ├── BadRequest                400  body is not JSON, session id malformed, ...
         ├── Unauthenticated           401  missing or wrong credentials (+ WWW-Authenticate)
@@ -42,6 +43,11 @@ PROBLEM_TYPE_PREFIX = "urn:liveness-proxy:problem:"
 
 class LivenessProxyError(Exception):
     """Base of every error this package raises on purpose."""
+
+
+class StartRefused(LivenessProxyError):
+    """A start that cannot proceed for a reason outside the settings (a port already taken): the
+    command ends with one line naming it and a non-zero exit."""
 
 
 class ConfigurationError(LivenessProxyError):

@@ -10,6 +10,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from liveness_proxy.demo.web import (
     create_demo_app,
 )
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
+from liveness_proxy.serving.sockets import listening_socket
 from liveness_proxy.settings import settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 
@@ -78,10 +80,42 @@ async def run_demo(
             control_enabled=True,
         )
     )
+    # Both ports are bound before anything starts: a port that is taken ends the demo with one line.
+    with (
+        listening_socket(host, sandbox_port, "--sandbox-port") as sandbox_socket,
+        listening_socket(host, port, "--port") as proxy_socket,
+    ):
+        return await _run_servers(
+            folder=folder,
+            pepper=pepper,
+            identity=identity,
+            public_key_file=public_key_file,
+            sandbox_secret=sandbox_secret,
+            sandbox=sandbox,
+            host=host,
+            sandbox_socket=sandbox_socket,
+            proxy_socket=proxy_socket,
+            walkthrough_only=walkthrough_only,
+        )
+
+
+async def _run_servers(
+    *,
+    folder: Path,
+    pepper: str,
+    identity: DemoIdentityProvider,
+    public_key_file: Path,
+    sandbox_secret: str,
+    sandbox: Sandbox,
+    host: str,
+    sandbox_socket: socket.socket,
+    proxy_socket: socket.socket,
+    walkthrough_only: bool,
+) -> int:
     sandbox_server = EmbeddedServer(
-        uvicorn.Config(sandbox.app, host=host, port=sandbox_port, log_level="warning", lifespan="off")
+        uvicorn.Config(sandbox.app, host=host, port=0, log_level="warning", lifespan="off")
     )
-    sandbox_task = asyncio.create_task(sandbox_server.serve())
+    sandbox_task = asyncio.create_task(sandbox_server.serve(sockets=[sandbox_socket]))
     while not sandbox_server.started:
         if sandbox_task.done():
             await sandbox_task
@@ -132,13 +166,13 @@ async def run_demo(
                 allowed_hosts=_allowed_hosts(host),
             ),
             host=host,
-            port=port,
+            port=0,
             log_level="warning",
             access_log=False,
             server_header=False,
         )
     )
-    proxy_task = asyncio.create_task(proxy_server.serve())
+    proxy_task = asyncio.create_task(proxy_server.serve(sockets=[proxy_socket]))
     while not proxy_server.started:
         if proxy_task.done():
             sandbox_server.should_exit = True

@@ -8,9 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 from liveness_proxy.serving.protocol import ServeLimits, protocol_class
+from liveness_proxy.serving.sockets import listening_socket
 from liveness_proxy.serving.tls import TlsFiles, check_tls_files, tls_files
 from liveness_proxy.settings import Settings
 from liveness_proxy.wiring import ServeOptions, check_startable, serve_options
+
+# The exit status of a serve whose application did not start (uvicorn uses the same).
+EXIT_NOT_STARTED = 3
 
 
 def uvicorn_options(options: ServeOptions, tls: TlsFiles | None) -> dict[str, Any]:
@@ -45,7 +49,7 @@ def serve(
     ssl_certfile: str | None,
     ssl_keyfile: str | None,
     prepare: Callable[[], None] = lambda: None,
-) -> None:
+) -> int:
     """Checks everything that can be checked before a socket is opened (each failure is one
     ConfigurationError line for the CLI), runs `prepare` (the migrations, once for all workers),
     then runs uvicorn until SIGTERM/SIGINT."""
@@ -77,15 +81,22 @@ def serve(
         # keep-alive, graceful shutdown and TLS.
         **uvicorn_options(options, tls),
     }
-    if workers > 1:
-        uvicorn.run(
-            "liveness_proxy.serving.server:served_app_from_environment",
-            factory=True,
-            workers=workers,
-            **common,
-        )
-    else:
-        uvicorn.run(ServedApp(create_app(settings)), **common)
+    # Bound first: a port that is taken is one line, before the service opens anything.
+    with listening_socket(host, port, "--port") as listener:
+        if workers > 1:
+            # uvicorn binds the socket it hands its workers itself: this one only checked the address.
+            listener.close()
+            uvicorn.run(
+                "liveness_proxy.serving.server:served_app_from_environment",
+                factory=True,
+                workers=workers,
+                **common,
+            )
+            return 0
+        server = uvicorn.Server(uvicorn.Config(ServedApp(create_app(settings)), **common))
+        server.run(sockets=[listener])
+        # Not started: the lifespan refused (its one line is logged above) or the loop failed.
+        return 0 if server.started else EXIT_NOT_STARTED
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:
