@@ -51,7 +51,15 @@ class SecurityHeaders:
 class CorsMiddleware:
     """CORS for exact origins. A preflight from an allowed origin for an allowed method and headers
     gets 204; any other preflight gets a 403 problem. Actual requests from allowed origins get the
-    Allow-Origin header; others get none (the browser then withholds the answer)."""
+    Allow-Origin header; others get none (the browser then withholds the answer).
+
+    Why not Starlette's CORSMiddleware (compared with 1.10): a product rule, every refusal is
+    problem+json with the request id. Starlette refuses with a `400 text/plain` built in
+    `preflight_response`, which sees the request headers but not the scope (no request id), so a
+    subclass would override `__call__` and the whole preflight, inheriting only the ~15 lines that
+    decorate actual answers. It would also allow the CORS-safelisted Accept, Accept-Language and
+    Content-Language beyond the four documented headers, and send Expose-Headers to foreign origins.
+    """
 
     def __init__(self, app: ASGIApp, *, origins: Iterable[str]) -> None:
         self.app = app
