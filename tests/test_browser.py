@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import httpx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from liveness_proxy.browser import SecurityHeadersMiddleware
+from liveness_proxy.browser import SecurityHeaders
+from liveness_proxy.middleware import RequestContextMiddleware
+from liveness_proxy.observability import Redactor, build_logger
 from support import ProxyHarness
 
 ORIGIN = "https://app.example.com"
@@ -114,8 +118,12 @@ async def test_hsts_only_over_tls_and_app_cache_policy_is_kept() -> None:
     async def boom(_request: Request) -> Response:
         raise RuntimeError("bug")
 
-    app = SecurityHeadersMiddleware(
-        Starlette(routes=[Route("/cached", cached), Route("/boom", boom)]), hsts_max_age_seconds=600
+    # The headers as the proxy's app adds them: in RequestContextMiddleware's one `send` wrapper.
+    logger = build_logger(level="info", log_format="json", redactor=Redactor(), stream=io.StringIO())
+    headers = SecurityHeaders(hsts_max_age_seconds=600)
+    app = Starlette(
+        routes=[Route("/cached", cached), Route("/boom", boom)],
+        middleware=[Middleware(RequestContextMiddleware, logger=logger, response_headers=headers.add_to)],
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="https://proxy.test") as tls:

@@ -13,14 +13,15 @@ from contextlib import AbstractContextManager
 import limits as limits_lib
 import pytest
 from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from liveness_proxy.errors import RateLimited, ServiceUnavailable
 from liveness_proxy.ratelimit import (
+    DAILY_ATTEMPTS,
     LimitPolicy,
+    LocalFixedWindows,
     LocalSlidingWindows,
     SubjectLimits,
-    ThrottledMemoryStorage,
     UpstreamGate,
 )
 from liveness_proxy.sandbox import Fault
@@ -181,7 +182,7 @@ async def test_a_request_refused_by_one_limit_uses_up_none_of_the_others() -> No
     policy = LimitPolicy(
         session_token="20/hour;2/minute", create_session="off", result="off", daily_attempts=0
     )
-    storage = ThrottledMemoryStorage()
+    storage = MemoryStorage()
     limits = SubjectLimits(policy, shared=storage)
     outcomes = []
     for _ in range(5):
@@ -213,21 +214,53 @@ def test_an_outage_of_ours_costs_no_daily_attempt(make_proxy: MakeProxy) -> None
     assert session_id  # the one daily attempt was still there
 
 
-def test_the_sweep_hook_the_throttled_storage_overrides_still_exists() -> None:
-    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_local_daily_counts_agree_with_the_limits_library(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daily cap's in-process counters replace the `limits` memory storage: for the same attempts
+    at the same instants, keyed by the UTC day as SubjectLimits keys them, both allow and refuse alike."""
+    rng = random.Random(seed)
+    now = [dt.datetime(2026, 11, 26, 22, 0, tzinfo=dt.UTC).timestamp()]
+    monkeypatch.setattr(time, "time", lambda: now[0])  # the clock `limits` reads
+    reference = FixedWindowRateLimiter(MemoryStorage())
+    local = LocalFixedWindows(clock=lambda: now[0], sweep_interval=600)
+    daily = limits_lib.RateLimitItemPerDay(3)
+    for _ in range(400):
+        now[0] += rng.choice([0.0, 1.0, 60.0, 900.0, 7200.0]) * rng.random()
+        day = dt.datetime.fromtimestamp(now[0], dt.UTC).date().isoformat()
+        subject = rng.choice(["alice", "bob", "carol"])
+        ours = await local.hit(daily, DAILY_ATTEMPTS, day, subject)
+        assert ours == await reference.hit(daily, DAILY_ATTEMPTS, day, subject)
+    assert now[0] > dt.datetime(2026, 11, 28, tzinfo=dt.UTC).timestamp()  # several days were crossed
 
 
-async def test_the_memory_storage_sweeps_at_most_once_per_interval() -> None:
-    storage = ThrottledMemoryStorage(sweep_interval=3600)
-    await storage.incr("first", 0.01)
-    first_sweep = storage.timer
-    assert first_sweep is not None
-    for index in range(100):
-        await asyncio.sleep(0)  # let a finished sweep make room for a new one, as the stock storage would
-        await storage.incr(f"key-{index}", 0.01)
-    assert storage.timer is first_sweep
-    await asyncio.sleep(0.02)
-    assert await storage.get("key-0") == 0  # expiry is still honoured on read
+async def test_local_daily_counts_of_past_days_are_dropped_at_most_once_per_interval() -> None:
+    def at(day: int, hour: int, minute: int = 0, second: int = 0) -> float:
+        return dt.datetime(2026, 11, day, hour, minute, second, tzinfo=dt.UTC).timestamp()
+
+    now = [at(26, 12)]
+    local = LocalFixedWindows(clock=lambda: now[0], sweep_interval=60)
+    daily = limits_lib.RateLimitItemPerDay(1)
+
+    async def attempt(subject: str) -> bool:
+        day = dt.datetime.fromtimestamp(now[0], dt.UTC).date().isoformat()
+        return await local.hit(daily, DAILY_ATTEMPTS, day, subject)
+
+    for index in range(1000):
+        assert await attempt(f"subject-{index}")
+    assert not await attempt("subject-0")
+    now[0] = at(27, 23, 59, 50)
+    assert await attempt("alice")  # a new key, past the interval: yesterday's 1,000 counts go
+    assert not await attempt("alice")
+    assert len(local._windows) == 1
+    now[0] = at(28, 0, 0, 5)
+    assert await attempt("bob")  # a new day, but within the interval of the last sweep: no sweep
+    assert len(local._windows) == 2
+    now[0] = at(28, 0, 1, 0)
+    assert await attempt("carol")  # the interval has passed: the 27th's count goes
+    assert len(local._windows) == 2
+    assert await attempt("alice")  # a new day, a new budget
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])

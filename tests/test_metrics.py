@@ -1,23 +1,25 @@
-"""Metrics: families and label bounds, the request middleware, the protected endpoint, and the
-observer hooks of the upstream client and the token manager."""
+"""Metrics: families and label bounds, request metrics (observed by RequestContextMiddleware), the
+protected endpoint, and the observer hooks of the upstream client and the token manager."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liveness_proxy.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -27,7 +29,9 @@ from liveness_proxy.errors import (
     UpstreamNotFound,
     render_problem,
 )
-from liveness_proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
+from liveness_proxy.metrics import ProxyMetrics, metrics_endpoint
+from liveness_proxy.middleware import RequestContextMiddleware
+from liveness_proxy.observability import Redactor, build_logger
 from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamObserver
 from liveness_proxy.upstream.http1 import Http1Pool
@@ -152,7 +156,7 @@ def test_label_values_outside_the_fixed_sets_become_other(metrics: ProxyMetrics)
     assert value(metrics, "liveness_proxy_rate_limited_requests_total", limit="other") == 1
 
 
-# --- MetricsMiddleware -----------------------------------------------------------------------
+# --- Request metrics: RequestContextMiddleware's `observe`, as create_app wires it -------------
 
 
 async def _item(request: Request) -> Response:
@@ -163,12 +167,23 @@ async def _broken(_request: Request) -> Response:
     raise RuntimeError("a bug")
 
 
+def _observing(app: ASGIApp, metrics: ProxyMetrics) -> RequestContextMiddleware:
+    """The combined middleware around `app`, observing into `metrics` as create_app wires it."""
+    return RequestContextMiddleware(app, logger=_quiet_logger(), observe=metrics.observe_request)
+
+
+def _quiet_logger() -> structlog.typing.FilteringBoundLogger:
+    return build_logger(level="info", log_format="json", redactor=Redactor(), stream=io.StringIO())
+
+
 @pytest.fixture
 async def tiny(metrics: ProxyMetrics) -> AsyncIterator[httpx.AsyncClient]:
     """A two-route app with the middleware outside the router, where the proxy puts it."""
     app = Starlette(
         routes=[Route(ITEM_TEMPLATE, _item, methods=["GET"]), Route("/broken", _broken)],
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        middleware=[
+            Middleware(RequestContextMiddleware, logger=_quiet_logger(), observe=metrics.observe_request)
+        ],
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -199,30 +214,26 @@ async def test_an_app_that_raises_is_counted_as_500(tiny: httpx.AsyncClient, met
     assert value(metrics, REQUESTS, route="/broken", method="GET", status="500") == 1
 
 
-async def test_an_exception_that_escapes_the_app_is_counted_as_500_and_re_raised(
+async def test_an_exception_that_escapes_the_app_is_counted_as_the_500_it_is_answered_with(
     metrics: ProxyMetrics,
 ) -> None:
-    # Without Starlette around it: the middleware itself must count the request and let the error go on.
+    # Without Starlette around it: the middleware itself answers the 500 and counts it.
     async def raising_app(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("a bug")
 
-    transport = httpx.ASGITransport(app=MetricsMiddleware(raising_app, metrics=metrics))
+    transport = httpx.ASGITransport(app=_observing(raising_app, metrics))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        with pytest.raises(RuntimeError):
-            await client.get("/anything")
+        response = await client.get("/anything")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == PROBLEM_CONTENT_TYPE
     assert value(metrics, REQUESTS, route="unmatched", method="GET", status="500") == 1
 
 
-@pytest.mark.parametrize("inner_swallows_the_disconnect", [True, False])
-async def test_a_client_that_leaves_before_the_answer_is_counted_as_499(
-    metrics: ProxyMetrics, inner_swallows_the_disconnect: bool
-) -> None:
+async def test_a_client_that_leaves_before_the_answer_is_counted_as_499(metrics: ProxyMetrics) -> None:
     async def reading_app(scope: Scope, receive: Receive, send: Send) -> None:
-        # What reading the body does when the client has gone: Request.body() raises ClientDisconnect,
-        # and RequestContextMiddleware (if it sits inside this one) swallows it.
+        # What reading the body does when the client has gone: Request.body() raises ClientDisconnect.
         assert (await receive())["type"] == "http.disconnect"
-        if not inner_swallows_the_disconnect:
-            raise ClientDisconnect()
+        raise ClientDisconnect()
 
     async def receive() -> Message:
         return {"type": "http.disconnect"}
@@ -231,12 +242,7 @@ async def test_a_client_that_leaves_before_the_answer_is_counted_as_499(
         raise AssertionError("nothing should be sent")
 
     scope: Scope = {"type": "http", "method": "POST", "path": "/upload", "headers": []}
-    middleware = MetricsMiddleware(reading_app, metrics=metrics)
-    if inner_swallows_the_disconnect:
-        await middleware(scope, receive, send)
-    else:
-        with pytest.raises(ClientDisconnect):
-            await middleware(scope, receive, send)
+    await _observing(reading_app, metrics)(scope, receive, send)  # nothing to answer, nothing raised
     assert value(metrics, REQUESTS, route="unmatched", method="POST", status="499") == 1
 
 
@@ -267,7 +273,7 @@ async def test_non_http_scopes_pass_through_uncounted(metrics: ProxyMetrics) -> 
     async def send(_message: Message) -> None:
         return None
 
-    await MetricsMiddleware(inner, metrics=metrics)({"type": "lifespan"}, receive, send)
+    await _observing(inner, metrics)({"type": "lifespan"}, receive, send)
     assert seen == ["lifespan"]
     assert label_values(metrics, REQUESTS, "route") == set()
 

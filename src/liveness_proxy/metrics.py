@@ -1,4 +1,5 @@
-"""Prometheus metrics: one registry per app, a pure-ASGI request middleware, and the `/metrics` handler.
+"""Prometheus metrics: one registry per app and the `/metrics` handler (requests are observed by
+RequestContextMiddleware, which calls `ProxyMetrics.observe_request`).
 
 Nothing here is global: each `ProxyMetrics` owns its `CollectorRegistry`, so two apps in one process
 (tests, the demo) count separately and never collide on a metric name.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import (
@@ -33,10 +33,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from liveness_proxy.errors import NotFound, Unauthenticated
-from liveness_proxy.middleware import route_template
 
 # From a loopback cache hit (~1 ms) to the longest upstream timeout anyone should configure (30 s).
 LATENCY_BUCKETS_SECONDS = (
@@ -279,50 +277,6 @@ class ProxyMetrics:
 # Raw label inputs (method, status, outcome) come from requests; the cache stops growing at this size
 # (the labels themselves are already bounded, the keys they are derived from are not).
 _MAX_CACHED_SERIES = 512
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request by route template, method and status. Place it outside
-    (around) the router; requests that match no route are counted as "unmatched"."""
-
-    def __init__(self, app: ASGIApp, *, metrics: ProxyMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        response_started = False
-        client_left = False
-
-        async def receive_watching_disconnect() -> Message:
-            nonlocal client_left
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                client_left = True
-            return message
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive_watching_disconnect, send_with_status)
-        finally:
-            if not response_started:
-                # No answer was started: the client left first (499, the access log's code, whether an
-                # inner middleware swallowed ClientDisconnect or not), or the app failed (500, which
-                # is what the error handling around us sends).
-                status = 499 if client_left else 500
-            self.metrics.observe_request(
-                route_template(scope), scope.get("method", ""), status, time.perf_counter() - started
-            )
 
 
 def _parse_networks(

@@ -15,6 +15,10 @@ too large, not a JWKS) keeps the last good keys. A fetch starts at most once per
 JWKS requests) and at most one is in flight. Callers only wait for a fetch when there is something to
 gain: no keys yet, or a `kid` we do not know (a rotated key must work on its first use, not after
 the next scheduled refresh). They wait for the one fetch in flight, which the JWKS timeout bounds.
+
+Why not PyJWT's `PyJWKClient` (2.15) for the fetching and caching: it fetches with blocking
+`urllib` (the event loop would stall for the whole fetch), and once its cache expires the next caller
+waits for the fetch. The keys themselves are PyJWT's `PyJWK`.
 """
 
 from __future__ import annotations

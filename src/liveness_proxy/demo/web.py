@@ -162,7 +162,9 @@ class DemoHeaders:
     answers): the page needs a policy that lets it load its script and style, nothing more.
 
     It also refuses a Host it does not serve under (`allowed_hosts`; None: any): sign-in hands a JWT
-    to whoever asks, so a foreign site whose name was rebound to 127.0.0.1 must not reach it."""
+    to whoever asks, so a foreign site whose name was rebound to 127.0.0.1 must not reach it. (Not
+    Starlette's TrustedHostMiddleware: it refuses with a plain-text 400, against the problem+json
+    rule, and would cover the mounted proxy too, not only /demo.)"""
 
     def __init__(self, app: ASGIApp, *, allowed_hosts: frozenset[str] | None) -> None:
         self.app = app

@@ -217,6 +217,8 @@ class _Connection(asyncio.Protocol):
             raise Http1ConnectionError("the connection was never made")
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
+        # One plain loop timer, not `asyncio.timeout()`: its bookkeeping was ~8% of a proxied request
+        # (measured, docs/performance.md).
         self._timer = loop.call_at(deadline, self._time_out, waiter)
         self._limit = limit
         self._received = 0
