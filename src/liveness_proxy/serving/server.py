@@ -51,8 +51,8 @@ def serve(
     prepare: Callable[[], None] = lambda: None,
 ) -> int:
     """Checks everything that can be checked before a socket is opened (each failure is one
-    ConfigurationError line for the CLI), runs `prepare` (the migrations, once for all workers),
-    then runs uvicorn until SIGTERM/SIGINT."""
+    ConfigurationError line for the CLI), binds the port (a taken one is one StartRefused line),
+    runs `prepare` (the migrations, once for all workers), then runs uvicorn until SIGTERM/SIGINT."""
     import uvicorn
 
     from liveness_proxy.app import create_app
@@ -65,7 +65,6 @@ def serve(
         check_tls_files(tls)
     # Likewise the secrets, the JWT set-up and the CA bundle and client certificate towards Cynopsis.
     check_startable(settings)
-    prepare()
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
     # kills the process; a drained, cleanly stopped server should exit 0 instead.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -83,6 +82,7 @@ def serve(
     }
     # Bound first: a port that is taken is one line, before the service opens anything.
     with listening_socket(host, port, "--port") as listener:
+        prepare()
         if workers > 1:
             # uvicorn binds the socket it hands its workers itself: this one only checked the address.
             listener.close()

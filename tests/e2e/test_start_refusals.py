@@ -1,0 +1,93 @@
+"""A start that cannot proceed ends the command with one clear line and a non-zero exit: no
+traceback, no "Task exception was never retrieved", no password."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support import subprocess_env
+
+COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COMMAND, *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd, check=False
+    )
+
+
+def assert_one_clear_line(completed: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert completed.returncode != 0
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    for text in expected:
+        assert text in lines[0]
+    assert "Traceback" not in completed.stderr + completed.stdout
+
+
+def test_demo_with_its_sandbox_port_taken(taken_port: int, tmp_path: Path) -> None:
+    completed = run(
+        [
+            "demo",
+            "--dir",
+            str(tmp_path / "demo"),
+            "--port",
+            str(free_port()),
+            "--sandbox-port",
+            str(taken_port),
+        ]
+    )
+    assert_one_clear_line(completed, "cannot start", f"--sandbox-port {taken_port}")
+    assert completed.returncode == 1
+
+
+def test_serve_with_its_port_taken(taken_port: int, tmp_path: Path) -> None:
+    env = subprocess_env("http://127.0.0.1:9", tmp_path / "proxy.db")
+    completed = run(["serve", "--port", str(taken_port)], env=env)
+    assert_one_clear_line(completed, "cannot start", f"--port {taken_port}")
+    assert not (tmp_path / "proxy.db").exists()  # refused before the migrations
+
+
+def test_serve_with_contradictory_jwt_settings(tmp_path: Path) -> None:
+    env = subprocess_env(
+        "http://127.0.0.1:9",
+        tmp_path / "proxy.db",
+        LIVENESS_PROXY_JWT_JWKS_URL="https://idp.example/jwks",
+        LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE=str(tmp_path / "key.pem"),
+    )
+    completed = run(["serve", "--port", str(free_port())], env=env)
+    assert_one_clear_line(completed, "configuration error", "LIVENESS_PROXY_JWT_JWKS_URL")
+    assert completed.returncode == 2
+
+
+def test_serve_with_an_unreachable_database_names_no_password(tmp_path: Path) -> None:
+    env = subprocess_env(
+        "http://127.0.0.1:9",
+        tmp_path / "proxy.db",
+        LIVENESS_PROXY_DATABASE_URL="postgresql://proxy:hunter2-secret@127.0.0.1:9/proxy",
+    )
+    completed = run(["serve", "--port", str(free_port())], env=env)
+    assert_one_clear_line(completed, "database cannot be reached")
+    assert "hunter2" not in completed.stderr + completed.stdout

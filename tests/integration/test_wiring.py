@@ -1,0 +1,76 @@
+"""The wiring opens every part inside one exit stack: a start-up that fails halfway closes what it
+had opened, and an app that is not running answers only what needs no service."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from liveness_proxy.app import create_app
+from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.metrics import ProxyMetrics
+from liveness_proxy.observability import Redactor, build_logger
+from liveness_proxy.wiring import running_service
+from support import proxy_settings
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+async def test_a_start_that_fails_halfway_closes_everything_it_opened(tmp_path: Path) -> None:
+    key_file = tmp_path / "idp.pem"
+    key_file.write_text("not a key")
+    settings = proxy_settings(
+        "http://127.0.0.1:9",
+        tmp_path / "proxy.db",
+        # Refused only after the database, the pools and the token manager exist.
+        LIVENESS_PROXY_JWT_JWKS_URL="https://idp.example/jwks",
+        LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE=str(key_file),
+    )
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    redactor = Redactor()
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=io.StringIO())
+    before = open_descriptors()
+    for _ in range(3):
+        with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_JWT_JWKS_URL"):
+            async with running_service(
+                settings, logger=logger, redactor=redactor, metrics=ProxyMetrics(), migrate=True
+            ):
+                pytest.fail("started although the JWT settings are contradictory")
+    await asyncio.sleep(0)
+    assert open_descriptors() <= before
+    assert loop_errors == []  # e.g. "Unclosed client session" from a session nobody closed
+
+
+def test_before_it_runs_the_app_answers_what_needs_no_service(tmp_path: Path) -> None:
+    app = create_app(proxy_settings("http://127.0.0.1:9", tmp_path / "proxy.db"), log_stream=io.StringIO())
+    client = TestClient(app)  # no `with`: the lifespan does not run
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    starting = client.get("/v1/liveness/sessions/abc/result")
+    assert starting.status_code == 503
+    assert starting.headers["retry-after"] == "1"
+    assert starting.json()["request_id"] == starting.headers["x-request-id"]
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = app.service
+
+
+def test_the_running_app_serves_its_handlers_and_takes_them_out_when_it_stops(tmp_path: Path) -> None:
+    app = create_app(
+        proxy_settings("http://127.0.0.1:9", tmp_path / "proxy.db"), log_stream=io.StringIO(), migrate=True
+    )
+    with TestClient(app) as client:
+        assert app.service is not None
+        # Running: the handler authenticates (and refuses), instead of answering "starting".
+        assert client.get("/v1/liveness/sessions/abc/result").status_code == 401
+    with TestClient(app, raise_server_exceptions=True) as _:
+        pass
+    assert TestClient(app).get("/v1/liveness/sessions/abc/result").status_code == 503
