@@ -21,6 +21,7 @@ lint: setup
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/bandit --quiet --recursive src
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
