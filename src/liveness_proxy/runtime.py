@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
@@ -24,6 +23,7 @@ from liveness_proxy.auth import (
     JwtAuthenticator,
     jwt_authenticator_from_settings,
 )
+from liveness_proxy.http import Http1Transport, HttpTransport
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
@@ -48,13 +48,10 @@ from liveness_proxy.upstream import (
     TokenEndpointError,
     TokenManager,
     TokenStore,
-    create_http_session,
 )
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.client_secret import ClientSecretSource
-from liveness_proxy.upstream.http1 import Http1Pool
 from liveness_proxy.upstream.tls import upstream_ssl_context
-from liveness_proxy.upstream.transport import USER_AGENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +77,8 @@ class CircuitSignals:
 class Runtime:
     settings: Settings
     engine: AsyncEngine
-    http: aiohttp.ClientSession  # the token endpoint and JWKS: rare calls
-    liveness_http: Http1Pool  # the three liveness calls: every request's path
+    http: Http1Transport  # the token endpoint: rare calls (Cynopsis' TLS context)
+    liveness_http: Http1Transport  # the three liveness calls: every request's path
     tokens: TokenManager
     cynopsis: CynopsisClient
     ownership: SessionOwnership
@@ -97,6 +94,7 @@ class Runtime:
     wall_clock: Callable[[], float]
     client_secret: ClientSecretSource
     redis: aioredis.Redis | None = None
+    jwks_http: Http1Transport | None = None  # the identity provider's JWKS (the system's trust store)
 
     async def ping_store(self) -> None:
         await ping(self.engine)
@@ -111,8 +109,10 @@ class Runtime:
         if self.jwt is not None:
             await self.jwt.close()
         await self.tokens.close()
-        await self.http.close()
-        await self.liveness_http.close()
+        await self.http.aclose()
+        if self.jwks_http is not None:
+            await self.jwks_http.aclose()
+        await self.liveness_http.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
@@ -191,14 +191,13 @@ def client_secret_source(
 
 
 def token_fetcher(
-    http: aiohttp.ClientSession,
+    http: HttpTransport,
     settings: Settings,
     *,
     client_secret: ClientSecretSource | None = None,
-    ssl_context: ssl.SSLContext | None = None,
 ) -> ClientCredentialsFetcher:
     """The client-credentials token request, as configured (also used by `liveness-proxy check`).
-    Without `ssl_context` one is built from the settings (ConfigurationError if its files are bad)."""
+    `http` carries the TLS context (`cynopsis_ssl_context`)."""
     secret = client_secret if client_secret is not None else client_secret_source(settings)
     return ClientCredentialsFetcher(
         http,
@@ -208,7 +207,6 @@ def token_fetcher(
         default_lifetime_seconds=settings.cynopsis_token_default_lifetime_seconds,
         max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
         timeout_seconds=settings.cynopsis_token_timeout_seconds,
-        ssl_context=ssl_context if ssl_context is not None else cynopsis_ssl_context(settings),
         reload_client_secret=functools.partial(secret.reload, trigger="invalid_client"),
     )
 
@@ -240,10 +238,17 @@ async def start_runtime(
             await upgrade_database(migration_engine)
         finally:
             await migration_engine.dispose()
-    http = create_http_session(
+    # Three transports, as three pools of connections: the token request never waits behind busy
+    # liveness calls, a token endpoint's TLS failure is logged as a token failure only, and the
+    # JWKS is verified with the system's trust store, never with the Cynopsis one.
+    http = Http1Transport(
         max_connections=settings.cynopsis_max_connections,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
-        total_timeout_seconds=settings.cynopsis_timeout_seconds,
+        ssl_context=upstream_tls,
+    )
+    jwks_http = Http1Transport(
+        max_connections=settings.cynopsis_max_connections,
+        connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
     )
 
     def log_token_failure(error: TokenEndpointError) -> None:
@@ -277,7 +282,7 @@ async def start_runtime(
         token_store = DatabaseTokenStore(engine, cipher=token_cipher(settings), wall_clock=shared_clock)
     lease_seconds = 5.0
     tokens = TokenManager(
-        token_fetcher(http, settings, client_secret=client_secret, ssl_context=upstream_tls),
+        token_fetcher(http, settings, client_secret=client_secret),
         refresh_margin=settings.token_refresh_margin,
         failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
         clock=clock,
@@ -300,11 +305,9 @@ async def start_runtime(
         session_path=settings.cynopsis_session_path,
         result_path=settings.cynopsis_result_path,
     )
-    liveness_http = Http1Pool(
-        endpoints.origin,
+    liveness_http = Http1Transport(
         max_connections=settings.cynopsis_max_connections,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
-        user_agent=USER_AGENT,
         ssl_context=upstream_tls,
         on_tls_failure=log_tls_failure,
     )
@@ -337,7 +340,7 @@ async def start_runtime(
         logger.warning("jwks_fetch_failed", reason=reason)
 
     jwt = jwt_authenticator_from_settings(
-        settings, http=http, clock=clock, wall_clock=wall_clock, on_jwks_failure=log_jwks_failure
+        settings, http=jwks_http, clock=clock, wall_clock=wall_clock, on_jwks_failure=log_jwks_failure
     )
     if jwt is not None:
         unchecked = [
@@ -402,4 +405,5 @@ async def start_runtime(
         wall_clock=wall_clock,
         client_secret=client_secret,
         redis=redis,
+        jwks_http=jwks_http,
     )

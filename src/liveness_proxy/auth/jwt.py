@@ -25,7 +25,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-import aiohttp
 import jwt
 import orjson
 from starlette.datastructures import Headers
@@ -44,6 +43,7 @@ from liveness_proxy.auth.jwks import (
     load_public_key_file,
 )
 from liveness_proxy.errors import ConfigurationError, ServiceUnavailable, Unauthenticated
+from liveness_proxy.http import HttpTransport
 from liveness_proxy.settings import Settings
 
 # A JWS in compact form: three unpadded base64url segments. The header is small in every real token;
@@ -254,7 +254,7 @@ def _credential_id(kid: str | None) -> str:
 def jwt_authenticator_from_settings(
     settings: Settings,
     *,
-    http: aiohttp.ClientSession,
+    http: HttpTransport,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
     on_jwks_failure: Callable[[str], None] | None = None,
