@@ -14,7 +14,8 @@ from urllib.parse import parse_qs
 import orjson
 import pytest
 
-from liveness_proxy.auth.jwks import MAX_JWKS_BYTES, HttpJwksFetcher, JwksError
+from liveness_proxy.auth.jwks import MAX_JWKS_BYTES, JwksError
+from liveness_proxy.auth.jwks_http import HttpJwksFetcher
 from liveness_proxy.errors import (
     UpstreamError,
     UpstreamMalformed,

@@ -37,9 +37,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from liveness_proxy.http import HttpError, HttpTransport, Url
-from liveness_proxy.http.errors import EncodedResponse, ResponseTooLarge, Timeout
-
 MAX_JWKS_BYTES = 256 * 1024
 # More keys than any identity provider publishes; bounds the work one (possibly hostile) JWKS causes.
 MAX_JWKS_KEYS = 100
@@ -300,59 +297,11 @@ class StaticKeySource:
 
 
 class JwksFetcher(Protocol):
+    """Where the JWKS document comes from: over HTTP, `auth/jwks_http.py`'s HttpJwksFetcher."""
+
     async def fetch(self) -> bytes:
         """The JWKS document's bytes; raises JwksError when there is no usable answer."""
         ...
-
-
-class HttpJwksFetcher:
-    """`GET jwks_url` with its own timeout and a bounded body.
-
-    `http` is the JWKS transport: an Http1Transport with the system's trust store (http/base.py's
-    `system_ssl_context`), never the Cynopsis one (upstream/tls.py says why). Redirects are not
-    followed: the keys must come from the URL the operator configured.
-    """
-
-    def __init__(
-        self,
-        http: HttpTransport,
-        *,
-        url: str,
-        timeout_seconds: float,
-        max_bytes: int = MAX_JWKS_BYTES,
-    ) -> None:
-        self._http = http
-        self._url = Url.parse(url)
-        self._timeout_seconds = timeout_seconds
-        self._max_bytes = max_bytes
-
-    async def fetch(self) -> bytes:
-        try:
-            answer = await self._http.request(
-                "GET",
-                self._url,
-                headers=(("Accept", "application/jwk-set+json, application/json"),),
-                max_body_bytes=self._max_bytes,
-                timeout_seconds=self._timeout_seconds,
-            )
-        except HttpError as exc:
-            raise JwksError(self._describe(exc)) from None
-        if answer.status != 200:
-            raise JwksError(f"JWKS endpoint answered HTTP {answer.status}")
-        return answer.body
-
-    def _describe(self, error: HttpError) -> str:
-        status = getattr(error, "status", None)
-        if isinstance(error, ResponseTooLarge | EncodedResponse) and status != 200:
-            # A refusal by its status first, whatever its body: as if the body had not been read.
-            return f"JWKS endpoint answered HTTP {status}"
-        if isinstance(error, Timeout):
-            return "JWKS endpoint timed out"
-        if isinstance(error, ResponseTooLarge):
-            return f"JWKS response larger than {self._max_bytes} bytes"
-        if isinstance(error, EncodedResponse):
-            return "JWKS endpoint sent an encoded response"
-        return f"JWKS endpoint unreachable ({type(error).__name__})"
 
 
 class JwksCache:

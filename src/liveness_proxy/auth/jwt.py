@@ -34,7 +34,6 @@ from liveness_proxy.auth.caller import Caller
 from liveness_proxy.auth.jwks import (
     ASYMMETRIC_ALGORITHMS,
     MAX_KID_LENGTH,
-    HttpJwksFetcher,
     JwksCache,
     KeyMiss,
     KeySource,
@@ -42,6 +41,7 @@ from liveness_proxy.auth.jwks import (
     StaticKeySource,
     load_public_key_file,
 )
+from liveness_proxy.auth.jwks_http import HttpJwksFetcher
 from liveness_proxy.errors import ConfigurationError, ServiceUnavailable, Unauthenticated
 from liveness_proxy.http import HttpTransport
 from liveness_proxy.settings import Settings
