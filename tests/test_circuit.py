@@ -17,11 +17,12 @@ from liveness_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from liveness_proxy.http import Http1Transport
 from liveness_proxy.sandbox import Fault, ManualClock
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, signals_outage
-from liveness_proxy.upstream.http1 import Http1Pool
-from liveness_proxy.upstream.tokens import FetchedToken, TokenManager
+from liveness_proxy.upstream.oauth import FetchedToken
+from liveness_proxy.upstream.tokens import TokenManager
 from support import ProxyHarness
 
 SESSION_TOKEN = "/v1/liveness/session-token"
@@ -146,7 +147,7 @@ async def test_a_call_the_circuit_refuses_never_runs_what_comes_before_sending()
 
     circuit = CircuitBreaker(failure_threshold=1, open_seconds=30)
     circuit.failed(circuit.admit())
-    pool = Http1Pool("http://127.0.0.1:9", max_connections=1, connect_timeout_seconds=1, user_agent="t")
+    pool = Http1Transport(max_connections=1, connect_timeout_seconds=1, user_agent="t")
     client = CynopsisClient(
         pool,
         TokenManager(NoTokens(), refresh_margin=lambda _: 1.0, failure_backoff_seconds=1),
@@ -164,7 +165,7 @@ async def test_a_call_the_circuit_refuses_never_runs_what_comes_before_sending()
     with pytest.raises(UpstreamCircuitOpen):
         await client.create_session(b"{}", "request-1", before_sending=count_attempt)
     assert attempts == []
-    await pool.close()
+    await pool.aclose()
 
 
 def test_invalid_configuration_is_refused() -> None:

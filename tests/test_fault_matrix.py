@@ -366,7 +366,7 @@ def test_a_token_endpoint_that_refuses_connections_is_a_503_until_it_listens_aga
     with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
         problem(ask_session_token(client, proxy), 503, "upstream-token-unavailable", retry_after="5")
         [failed] = proxy.log_events("upstream_token_failed")
-        assert failed["reason"] == "token endpoint unreachable (ClientConnectorError)"
+        assert failed["reason"] == "token endpoint unreachable (ConnectError)"
         assert metric(client, "liveness_proxy_upstream_token_refreshes_total", outcome="failed") == 1
         problem(client.get("/readyz"), 503, "service-unavailable")
         with serving_on(port, proxy.sandbox.app):

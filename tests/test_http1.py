@@ -17,13 +17,8 @@ from typing import Any
 
 import pytest
 
-from liveness_proxy.upstream.http1 import (
-    MAX_HEADER_BYTES,
-    Http1ConnectError,
-    Http1ConnectionError,
-    Http1Pool,
-    ResponseTooLarge,
-)
+from liveness_proxy.http.errors import ConnectError, ConnectionClosed, ExchangeError, ResponseTooLarge
+from liveness_proxy.http.http1 import MAX_HEADER_BYTES, Http1Pool
 
 OK_BODY = b'{"status":"SUCCEEDED"}'
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
@@ -205,7 +200,7 @@ async def test_an_oversized_header_block_is_refused() -> None:
 async def test_garbage_and_double_answers_break_the_exchange() -> None:
     for reply in (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", OK + OK, b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n"):
         async with raw_server(always(reply)) as server, pool_for(server) as pool:
-            with pytest.raises(Http1ConnectionError):
+            with pytest.raises(ExchangeError):
                 await get(pool)
             assert pool.open_connections == 0
 
@@ -229,7 +224,7 @@ async def test_a_post_is_never_sent_twice() -> None:
 
     async with raw_server(hang_up_on_the_second) as server, pool_for(server) as pool:
         await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096, timeout_seconds=5)
-        with pytest.raises(Http1ConnectionError):
+        with pytest.raises(ExchangeError):
             await pool.request("POST", "/sessions", [], b"{}", max_body_bytes=4096, timeout_seconds=5)
     assert len(server.requests) == 2
 
@@ -238,7 +233,7 @@ async def test_a_refused_connection_and_a_silent_server() -> None:
     async with raw_server(always(OK)) as server:
         origin = server.origin
     pool = Http1Pool(origin, max_connections=2, connect_timeout_seconds=1)
-    with pytest.raises(Http1ConnectError):
+    with pytest.raises(ConnectError):
         await get(pool)
     await pool.close()
     async with raw_server(always(None)) as server, pool_for(server) as pool:
@@ -267,9 +262,9 @@ async def test_the_deadline_covers_waiting_for_a_connection() -> None:
 async def test_header_values_cannot_smuggle_lines() -> None:
     async with raw_server(always(OK)) as server, pool_for(server) as pool:
         for name, value in (("Authorization", "Bearer t\r\nX-Evil: 1"), ("X-Id", "a\nb"), ("X-Id", "a\x00")):
-            with pytest.raises(Http1ConnectError):
+            with pytest.raises(ConnectError):
                 await get(pool, headers=((name, value),))
-        with pytest.raises(Http1ConnectError):
+        with pytest.raises(ConnectError):
             await get(pool, headers=(("X-Bad Name", "v"),))
     assert server.requests == []
 
@@ -335,7 +330,7 @@ async def test_a_reset_cuts_a_close_delimited_body_short_and_that_is_an_error() 
         f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", max_connections=1, connect_timeout_seconds=1
     )
     try:
-        with pytest.raises(Http1ConnectionError):
+        with pytest.raises(ExchangeError):
             await get(pool)
     finally:
         await pool.close()
@@ -363,9 +358,9 @@ async def test_a_waiter_is_woken_when_a_connect_fails() -> None:
         await pool.close()
     # Both waiters learn at once that the upstream is gone; neither sleeps until its deadline.
     assert [type(outcome) for outcome in outcomes] == [
-        Http1ConnectionError,
-        Http1ConnectError,
-        Http1ConnectError,
+        ConnectionClosed,
+        ConnectError,
+        ConnectError,
     ]
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jwt
 import jwt.algorithms
 import orjson
@@ -39,10 +38,10 @@ from liveness_proxy.auth import (
 )
 from liveness_proxy.auth.jwks import parse_jwks
 from liveness_proxy.errors import ConfigurationError, ServiceUnavailable, Unauthenticated
+from liveness_proxy.http import Http1Transport, HttpTransport
 from liveness_proxy.sandbox import ManualClock
 from liveness_proxy.settings import settings_from_mapping
-from liveness_proxy.upstream import create_http_session
-from liveness_proxy.wiring.service import jwt_authenticator
+from liveness_proxy.wiring.parts import jwt_authenticator
 from support import ServerThread
 
 ISSUER = "https://idp.example.test/"
@@ -172,10 +171,10 @@ def jwks_url(jwks_server: tuple[ServerThread, JwksEndpoint]) -> str:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    session = create_http_session(max_connections=20, connect_timeout_seconds=1, total_timeout_seconds=2)
+async def http() -> AsyncIterator[HttpTransport]:
+    session = Http1Transport(max_connections=20, connect_timeout_seconds=1)
     yield session
-    await session.close()
+    await session.aclose()
 
 
 @pytest.fixture
@@ -194,7 +193,7 @@ MakeAuthenticator = Callable[..., Awaitable[Built]]
 
 @pytest.fixture
 async def make_authenticator(
-    http: aiohttp.ClientSession, clock: ManualClock, jwks_url: str
+    http: HttpTransport, clock: ManualClock, jwks_url: str
 ) -> AsyncIterator[MakeAuthenticator]:
     """Builds (and starts) an authenticator from settings; JWKS mode on the shared endpoint by default."""
     built: list[JwtAuthenticator] = []
@@ -599,7 +598,7 @@ async def test_broken_jwks_answers_keep_the_last_good_keys(
 
 
 async def test_jwks_host_down_after_the_first_fetch_keeps_stale_keys(
-    http: aiohttp.ClientSession, clock: ManualClock, keys: Keys
+    http: HttpTransport, clock: ManualClock, keys: Keys
 ) -> None:
     endpoint = JwksEndpoint(keys=[rsa_jwk(keys.rsa_1, "rsa-1")])
     server = ServerThread(endpoint.app(), lifespan="off").start()
@@ -703,7 +702,7 @@ async def test_public_key_file_mode(
     assert "does not fit" in (await refused(built.authenticator, sign(keys.ec_1, alg="ES256"))).detail
 
 
-def test_no_jwt_settings_means_no_authenticator(http: aiohttp.ClientSession) -> None:
+def test_no_jwt_settings_means_no_authenticator(http: HttpTransport) -> None:
     assert jwt_authenticator(settings_from_mapping({}), http=http) is None
 
 
@@ -724,7 +723,7 @@ def _private_pem(key: rsa.RSAPrivateKey) -> bytes:
     ],
 )
 def test_unusable_public_key_file_is_a_configuration_error(
-    http: aiohttp.ClientSession,
+    http: HttpTransport,
     keys: Keys,
     tmp_path: Path,
     content: str | None,
@@ -753,7 +752,7 @@ def test_unusable_public_key_file_is_a_configuration_error(
 
 
 def test_jwks_url_and_key_file_together_are_a_configuration_error(
-    http: aiohttp.ClientSession, keys: Keys, tmp_path: Path
+    http: HttpTransport, keys: Keys, tmp_path: Path
 ) -> None:
     settings = settings_from_mapping(
         {

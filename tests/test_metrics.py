@@ -29,20 +29,14 @@ from liveness_proxy.errors import (
     UpstreamNotFound,
     render_problem,
 )
+from liveness_proxy.http import Http1Transport
 from liveness_proxy.metrics import ProxyMetrics, metrics_endpoint
 from liveness_proxy.middleware import RequestContextMiddleware
 from liveness_proxy.observability import Redactor, build_logger
 from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamObserver
-from liveness_proxy.upstream.http1 import Http1Pool
-from liveness_proxy.upstream.tokens import (
-    ClientCredentialsFetcher,
-    FetchedToken,
-    TokenEndpointError,
-    TokenManager,
-    TokenObserver,
-)
-from liveness_proxy.upstream.transport import create_http_session
+from liveness_proxy.upstream.oauth import ClientCredentialsFetcher, FetchedToken, TokenEndpointError
+from liveness_proxy.upstream.tokens import TokenManager, TokenObserver
 from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, ServerThread
 
 ITEM_TEMPLATE = "/items/{item_id}/detail"
@@ -407,7 +401,7 @@ async def observed_cynopsis(
     max_response_bytes: int = 64 * 1024,
 ) -> AsyncIterator[CynopsisClient]:
     """A CynopsisClient and its TokenManager built as the runtime builds them, both observed."""
-    http = create_http_session(max_connections=10, connect_timeout_seconds=0.5, total_timeout_seconds=0.5)
+    http = Http1Transport(max_connections=10, connect_timeout_seconds=0.5)
     tokens = TokenManager(
         ClientCredentialsFetcher(
             http,
@@ -429,7 +423,7 @@ async def observed_cynopsis(
         session_path=paths.session_path,
         result_path=paths.result_path_prefix + "{session_id}",
     )
-    liveness_http = Http1Pool(endpoints.origin, max_connections=10, connect_timeout_seconds=0.5)
+    liveness_http = Http1Transport(max_connections=10, connect_timeout_seconds=0.5)
     client = CynopsisClient(
         liveness_http,
         tokens,
@@ -443,8 +437,8 @@ async def observed_cynopsis(
         yield client
     finally:
         await tokens.close()
-        await http.close()
-        await liveness_http.close()
+        await http.aclose()
+        await liveness_http.aclose()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 
 from liveness_proxy.observability import REDACTED, AccessLog, Redactor, build_logger
 from liveness_proxy.privacy import BiometricFilter
-from liveness_proxy.upstream.transport import parse_retry_after
+from liveness_proxy.upstream.answers import parse_retry_after
 
 
 def test_biometric_fields_are_removed_in_any_spelling_and_depth() -> None:

@@ -55,11 +55,16 @@ from liveness_proxy.errors import (
     UpstreamUnavailable,
     render_problem,
 )
-from liveness_proxy.upstream import CynopsisClient, CynopsisEndpoints, Http1Pool, TokenManager, UpstreamResult
-from liveness_proxy.upstream.tokens import ClientCredentialsFetcher
-from liveness_proxy.upstream.transport import (
+from liveness_proxy.http import Http1Transport
+from liveness_proxy.upstream import (
+    ClientCredentialsFetcher,
+    CynopsisClient,
+    CynopsisEndpoints,
+    TokenManager,
+    UpstreamResult,
+)
+from liveness_proxy.upstream.answers import (
     MAX_RETRY_AFTER_SECONDS,
-    create_http_session,
     parse_retry_after,
     parse_seconds,
     upstream_error_code,
@@ -214,7 +219,7 @@ class ScriptedUpstream:
 
 @dataclass
 class UpstreamRig:
-    """A real CynopsisClient (Http1Pool, TokenManager) talking to a ScriptedUpstream over loopback;
+    """A real CynopsisClient (Http1Transport, TokenManager) talking to a ScriptedUpstream over loopback;
     `run` drives its coroutines on the rig's one event loop."""
 
     upstream: ScriptedUpstream
@@ -230,7 +235,7 @@ class UpstreamRig:
 
 @asynccontextmanager
 async def _cynopsis_client(base_url: str) -> AsyncIterator[CynopsisClient]:
-    http = create_http_session(max_connections=4, connect_timeout_seconds=5, total_timeout_seconds=5)
+    http = Http1Transport(max_connections=4, connect_timeout_seconds=5)
     tokens = TokenManager(
         ClientCredentialsFetcher(
             http,
@@ -250,7 +255,7 @@ async def _cynopsis_client(base_url: str) -> AsyncIterator[CynopsisClient]:
         session_path="/v2/liveness_session",
         result_path="/v2/liveness_result/{session_id}" + RESULT_SUFFIX,
     )
-    pool = Http1Pool(endpoints.origin, max_connections=4, connect_timeout_seconds=5)
+    pool = Http1Transport(max_connections=4, connect_timeout_seconds=5)
     try:
         yield CynopsisClient(
             pool,
@@ -262,8 +267,8 @@ async def _cynopsis_client(base_url: str) -> AsyncIterator[CynopsisClient]:
         )
     finally:
         await tokens.close()
-        await pool.close()
-        await http.close()
+        await pool.aclose()
+        await http.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -507,7 +512,7 @@ def test_bug_retry_after_date_with_a_year_past_the_int_range_is_bounded_not_an_o
         rig.result("session-1")
 
 
-# --- the helpers of upstream/transport.py -------------------------------------------------------
+# --- the helpers of upstream/answers.py -------------------------------------------------------
 
 
 def _retry_after_values() -> st.SearchStrategy[str | None]:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import aiohttp
 import httpx
 import pytest
 
 from liveness_proxy.app import create_app
 from liveness_proxy.errors import TokenUnavailable
+from liveness_proxy.http import Http1Transport, HttpTransport
 from liveness_proxy.observability import REDACTED, Redactor, build_logger
 from liveness_proxy.sandbox import ManualClock, Sandbox
 from liveness_proxy.serving.process import served
@@ -32,7 +32,6 @@ from liveness_proxy.upstream import (
     ClientSecretSource,
     TokenEndpointError,
     TokenManager,
-    create_http_session,
 )
 from support import (
     CLIENT_ID,
@@ -138,9 +137,7 @@ def test_a_rotated_secret_stays_redacted_however_many_access_tokens_follow() -> 
 # -- the token request ----------------------------------------------------------------------------------
 
 
-def reloading_fetcher(
-    http: aiohttp.ClientSession, url: str, source: ClientSecretSource
-) -> ClientCredentialsFetcher:
+def reloading_fetcher(http: HttpTransport, url: str, source: ClientSecretSource) -> ClientCredentialsFetcher:
     """The token request of the sandbox at `url`, with the secret from `source` (re-read on refusal)."""
     return ClientCredentialsFetcher(
         http,
@@ -160,7 +157,7 @@ async def test_invalid_client_rereads_the_file_and_retries_once_only_when_the_se
     upstream, url = sandbox
     path = secret_file(tmp_path)
     source = ClientSecretSource(CLIENT_SECRET, path=path)
-    http = create_http_session(max_connections=4, connect_timeout_seconds=1, total_timeout_seconds=2)
+    http = Http1Transport(max_connections=4, connect_timeout_seconds=1)
     fetcher = reloading_fetcher(http, url, source)
     try:
         # Cynopsis rotated, the file not yet: refused, the file read once, nothing sent again.
@@ -184,7 +181,7 @@ async def test_invalid_client_rereads_the_file_and_retries_once_only_when_the_se
             await fetcher.fetch()
         assert (upstream.token_requests, upstream.tokens_issued, source.reloads) == (6, 2, 3)
     finally:
-        await http.close()
+        await http.aclose()
 
 
 async def test_an_endpoint_that_refuses_every_secret_costs_one_file_read_per_failure_backoff(
@@ -193,7 +190,7 @@ async def test_an_endpoint_that_refuses_every_secret_costs_one_file_read_per_fai
     upstream, url = sandbox
     upstream.rotate_client_secret(new_secret())  # nothing we have will do
     source = ClientSecretSource(CLIENT_SECRET, path=secret_file(tmp_path))
-    http = create_http_session(max_connections=4, connect_timeout_seconds=1, total_timeout_seconds=2)
+    http = Http1Transport(max_connections=4, connect_timeout_seconds=1)
     clock = ManualClock()
     tokens = TokenManager(
         reloading_fetcher(http, url, source),
@@ -216,7 +213,7 @@ async def test_an_endpoint_that_refuses_every_secret_costs_one_file_read_per_fai
         assert (upstream.token_requests, source.reloads) == (2, 2)
     finally:
         await tokens.close()
-        await http.close()
+        await http.aclose()
 
 
 # -- a proxy under load -------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import serialization
 
 from liveness_proxy.app import create_app
 from liveness_proxy.errors import ConfigurationError
+from liveness_proxy.http import ConnectError, Http1Pool
 from liveness_proxy.sandbox import Sandbox
 from liveness_proxy.upstream import upstream_ssl_context
-from liveness_proxy.upstream.http1 import Http1ConnectError, Http1Pool
 from support import (
     CLIENT_SECRET,
     LogScan,
@@ -328,7 +328,7 @@ async def test_the_handshake_is_bounded_by_the_connect_timeout() -> None:
     try:
         # The exchange's own deadline is far away: a handshake that waited for it would end in
         # TimeoutError, not in a connect error.
-        with pytest.raises(Http1ConnectError):
+        with pytest.raises(ConnectError):
             await pool.request("GET", "/", [], None, max_body_bytes=1024, timeout_seconds=20)
     finally:
         await pool.close()
@@ -373,7 +373,7 @@ async def test_the_liveness_client_sends_the_host_name_for_sni_and_checks_it(pki
             ssl_context=verifying,
             on_tls_failure=failures.append,
         )
-        with pytest.raises(Http1ConnectError, match="TLS verification failed"):
+        with pytest.raises(ConnectError, match="TLS verification failed"):
             await pool.request("GET", "/", [], None, max_body_bytes=1024, timeout_seconds=5)
         await pool.close()
     finally:

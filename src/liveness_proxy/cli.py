@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth import new_api_key
 from liveness_proxy.errors import ConfigurationError, StartRefused
+from liveness_proxy.http import Http1Transport
 from liveness_proxy.settings import Settings, redact_url
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -29,8 +30,8 @@ from liveness_proxy.store import (
     ping,
     upgrade_database,
 )
-from liveness_proxy.upstream import TokenEndpointError, create_http_session
-from liveness_proxy.wiring import create_redis, token_fetcher
+from liveness_proxy.upstream import TokenEndpointError
+from liveness_proxy.wiring import create_redis, cynopsis_ssl_context, token_fetcher
 
 EXIT_CONFIGURATION = 2
 EXIT_FAILURE = 1
@@ -205,10 +206,10 @@ async def _check_live(settings: Settings) -> int:
             ok = False
         finally:
             await redis.aclose()
-    async with create_http_session(
+    async with Http1Transport(
         max_connections=4,
         connect_timeout_seconds=settings.cynopsis_connect_timeout_seconds,
-        total_timeout_seconds=settings.cynopsis_timeout_seconds,
+        ssl_context=cynopsis_ssl_context(settings),
     ) as http:
         try:
             token = await token_fetcher(http, settings).fetch()

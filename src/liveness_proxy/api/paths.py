@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import TypeGuard
 
-SESSION_TOKEN_PATH = "/v1/liveness/session-token"
+# A path, not a password (bandit guesses from the name).
+SESSION_TOKEN_PATH = "/v1/liveness/session-token"  # nosec B105
 SESSIONS_PATH = "/v1/liveness/sessions"
 SESSION_RESULT_PATH = "/v1/liveness/sessions/{session_id}/result"
 SESSION_RECORD_PATH = "/v1/liveness/sessions/{session_id}"

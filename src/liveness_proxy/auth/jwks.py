@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 import jwt
 import jwt.algorithms
 import orjson
@@ -41,9 +40,6 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-
-from liveness_proxy.errors import UpstreamError
-from liveness_proxy.upstream.transport import read_bounded
 
 MAX_JWKS_BYTES = 256 * 1024
 # More keys than any identity provider publishes; bounds the work one (possibly hostile) JWKS causes.
@@ -305,48 +301,11 @@ class StaticKeySource:
 
 
 class JwksFetcher(Protocol):
+    """Where the JWKS document comes from: over HTTP, `auth/jwks_http.py`'s HttpJwksFetcher."""
+
     async def fetch(self) -> bytes:
         """The JWKS document's bytes; raises JwksError when there is no usable answer."""
         ...
-
-
-class HttpJwksFetcher:
-    """`GET jwks_url` on the shared aiohttp session, with its own timeout and a bounded body.
-
-    Redirects are not followed: the keys must come from the URL the operator configured.
-    """
-
-    def __init__(
-        self,
-        http: aiohttp.ClientSession,
-        *,
-        url: str,
-        timeout_seconds: float,
-        max_bytes: int = MAX_JWKS_BYTES,
-    ) -> None:
-        self._http = http
-        self._url = url
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-        self._max_bytes = max_bytes
-
-    async def fetch(self) -> bytes:
-        try:
-            async with self._http.get(
-                self._url,
-                headers={"Accept": "application/jwk-set+json, application/json"},
-                allow_redirects=False,
-                timeout=self._timeout,
-            ) as response:
-                if response.status != 200:
-                    raise JwksError(f"JWKS endpoint answered HTTP {response.status}")
-                answer = await read_bounded(response, self._max_bytes)
-        except TimeoutError:
-            raise JwksError("JWKS endpoint timed out") from None
-        except aiohttp.ClientError as exc:
-            raise JwksError(f"JWKS endpoint unreachable ({type(exc).__name__})") from None
-        except UpstreamError:
-            raise JwksError(f"JWKS response larger than {self._max_bytes} bytes") from None
-        return answer.body
 
 
 class JwksCache:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import orjson
 import uvicorn
 
 from liveness_proxy.app import create_app
@@ -29,6 +29,7 @@ from liveness_proxy.demo.web import (
     DemoIdentityProvider,
     create_demo_app,
 )
+from liveness_proxy.http import Http1Transport, Url
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from liveness_proxy.serving.sockets import listening_socket
 from liveness_proxy.settings import settings_from_mapping
@@ -263,15 +264,33 @@ Press Ctrl+C to stop.
 async def _run_walkthrough(proxy_url: str, sandbox_url: str, key: str) -> int:
     """The same four steps as the printed walkthrough, run once; prints each answer."""
     auth = {"Authorization": f"Bearer {key}"}
-    async with aiohttp.ClientSession() as http:
+    async with Http1Transport(max_connections=2, connect_timeout_seconds=5) as http:
 
-        async def step(label: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
-            async with http.request(method, url, **kwargs) as response:
-                payload: dict[str, Any] = await response.json(content_type=None)
-                print(f"{label}: HTTP {response.status} {payload}", flush=True)
-                if response.status >= 300:
-                    raise RuntimeError(f"{label} failed with HTTP {response.status}")
-                return payload
+        async def step(
+            label: str,
+            method: str,
+            url: str,
+            *,
+            headers: dict[str, str] | None = None,
+            json: dict[str, Any] | None = None,
+        ) -> dict[str, Any]:
+            sent = list((headers or {}).items())
+            if json is not None:
+                sent.append(("Content-Type", "application/json"))
+            response = await http.request(
+                method,
+                Url.parse(url),
+                headers=sent,
+                # A POST without content still says its length (0), as any HTTP client does.
+                body=orjson.dumps(json) if json is not None else (b"" if method != "GET" else None),
+                max_body_bytes=1024 * 1024,
+                timeout_seconds=30,
+            )
+            payload: dict[str, Any] = orjson.loads(response.body)
+            print(f"{label}: HTTP {response.status} {payload}", flush=True)
+            if response.status >= 300:
+                raise RuntimeError(f"{label} failed with HTTP {response.status}")
+            return payload
 
         try:
             token = await step(

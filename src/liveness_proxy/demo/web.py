@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, TypeVar
 
-import aiohttp
 import jwt
 import orjson
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +52,7 @@ from liveness_proxy.errors import (
     UnsupportedMediaType,
     render_problem,
 )
+from liveness_proxy.http import Http1Transport, HttpError, Url
 from liveness_proxy.sandbox import Sandbox
 
 DEMO_ISSUER = "https://demo-idp.liveness-proxy.invalid"
@@ -67,6 +67,9 @@ MAX_LEAK_CHECK_BYTES = 4 * 1024 * 1024
 # The outage switch fails this many calls per endpoint: "until switched off" for any demo.
 OUTAGE_CALLS = 1_000_000
 OUTAGE_ENDPOINTS = ("session_token", "liveness_session", "liveness_result")
+# The sandbox control API answers with a few bytes of JSON, on loopback.
+_CONTROL_ANSWER_BYTES = 64 * 1024
+_CONTROL_TIMEOUT_SECONDS = 30.0
 # The page is ours and same-origin: scripts, styles and calls only from here, never framed.
 DEMO_CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
@@ -150,7 +153,7 @@ class LeakCheckBody(BaseModel):
 class DemoState:
     """What the demo app holds while it runs; made by its lifespan, so nothing outlives a run."""
 
-    http: aiohttp.ClientSession | None = None
+    http: Http1Transport | None = None
     outage: bool = False
     # At most one simulated capture per session is on its way: a second would overwrite the verdict
     # the proxy may already have recorded.
@@ -344,7 +347,8 @@ def create_demo_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        async with proxy.running(), aiohttp.ClientSession() as http:
+        # Loopback only, a handful of calls at a time: the sandbox control API.
+        async with proxy.running(), Http1Transport(max_connections=8, connect_timeout_seconds=5) as http:
             state.http = http
             try:
                 yield
@@ -358,13 +362,21 @@ def create_demo_app(
         """One call to the sandbox's control API, over HTTP like any other client."""
         if state.http is None:
             raise ServiceUnavailable("The demo is starting.", retry_after_seconds=1)
-        async with state.http.request(method, f"{sandbox_url}/_sandbox{path}", json=body) as answer:
-            if answer.status == 404:
-                raise NotFound("The sandbox knows no such session.")
-            if answer.status >= 300:
-                raise ServiceUnavailable(
-                    f"The sandbox control API answered HTTP {answer.status}.", retry_after_seconds=1
-                )
+        answer = await state.http.request(
+            method,
+            Url.parse(f"{sandbox_url}/_sandbox{path}"),
+            headers=[("Content-Type", "application/json")] if body is not None else [],
+            # POST and DELETE only: without content, an empty body whose length is said (0).
+            body=b"" if body is None else orjson.dumps(body),
+            max_body_bytes=_CONTROL_ANSWER_BYTES,
+            timeout_seconds=_CONTROL_TIMEOUT_SECONDS,
+        )
+        if answer.status == 404:
+            raise NotFound("The sandbox knows no such session.")
+        if answer.status >= 300:
+            raise ServiceUnavailable(
+                f"The sandbox control API answered HTTP {answer.status}.", retry_after_seconds=1
+            )
 
     def static_file(name: str) -> Handler:
         async def serve(_request: Request) -> Response:
@@ -410,7 +422,7 @@ def create_demo_app(
             await asyncio.sleep(body.delay_seconds)
             try:
                 await control("POST", f"/sessions/{session_id}/complete", {"outcome": body.outcome})
-            except (ProblemError, aiohttp.ClientError) as exc:
+            except (ProblemError, HttpError) as exc:
                 # Nobody awaits this task: say here why the page will wait in vain.
                 logger.warning("demo capture for session %s failed: %s", session_id, exc)
 

@@ -1,8 +1,11 @@
-"""The Cynopsis side: HTTP transport, access-token management and the three liveness calls."""
+"""The Cynopsis side: the OAuth token request, access-token management and the three liveness calls.
+
+The HTTP they go over is liveness_proxy/http/.
+"""
 
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamResult
 from liveness_proxy.upstream.client_secret import ClientSecretSource
-from liveness_proxy.upstream.http1 import Http1Pool
+from liveness_proxy.upstream.oauth import ClientCredentialsFetcher, FetchedToken, TokenEndpointError
 from liveness_proxy.upstream.tls import upstream_ssl_context
 from liveness_proxy.upstream.token_store import (
     DatabaseTokenStore,
@@ -14,14 +17,10 @@ from liveness_proxy.upstream.token_store import (
 )
 from liveness_proxy.upstream.tokens import (
     AccessToken,
-    ClientCredentialsFetcher,
-    FetchedToken,
     SharedTokenPolicy,
-    TokenEndpointError,
     TokenFetcher,
     TokenManager,
 )
-from liveness_proxy.upstream.transport import create_http_session
 
 __all__ = [
     "AccessToken",
@@ -31,7 +30,6 @@ __all__ = [
     "CynopsisEndpoints",
     "DatabaseTokenStore",
     "FetchedToken",
-    "Http1Pool",
     "RedisTokenStore",
     "SharedStateUnavailable",
     "SharedToken",
@@ -42,6 +40,5 @@ __all__ = [
     "TokenManager",
     "TokenStore",
     "UpstreamResult",
-    "create_http_session",
     "upstream_ssl_context",
 ]

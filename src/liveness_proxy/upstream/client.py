@@ -13,9 +13,13 @@ endpoint name, its outcome (the status, or "timeout", "connect_error", "connecti
 An optional `CircuitBreaker` (upstream/circuit.py) refuses calls at once while the upstream is
 failing; each call's outcome is reported to it.
 
-Nothing is retried here but the single 401 case. The transport (`http1.Http1Pool`) re-sends a GET
-once when a pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST
-that may have reached the upstream is never sent twice.
+The calls go through an `HttpTransport` (liveness_proxy/http/; in production an `Http1Transport`,
+in tests possibly a `MemoryTransport`). What a failed exchange means for the caller (status, problem
+type, outcome label) is http/problems.py's table, the one place that decides it.
+
+Nothing is retried here but the single 401 case. The HTTP/1.1 transport re-sends a GET once when a
+pooled keep-alive connection turns out to be closed (RFC 9112 section 9.3.1); a POST that may have
+reached the upstream is never sent twice.
 """
 
 from __future__ import annotations
@@ -38,22 +42,12 @@ from liveness_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from liveness_proxy.http import HttpError, HttpResponse, HttpTransport, Url
+from liveness_proxy.http.base import PATH_SAFE as _PATH_SAFE
+from liveness_proxy.http.problems import upstream_problem
+from liveness_proxy.upstream.answers import parse_retry_after, upstream_error_code
 from liveness_proxy.upstream.circuit import CircuitBreaker
-from liveness_proxy.upstream.http1 import (
-    Http1ConnectError,
-    Http1ConnectionError,
-    Http1Pool,
-    ResponseTooLarge,
-)
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
-from liveness_proxy.upstream.transport import (
-    UpstreamResponse,
-    parse_retry_after,
-    upstream_error_code,
-)
-
-# Characters a configured path may keep as they are; anything else is percent-encoded once, here.
-_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
 UpstreamEndpoint = Literal["session_token", "create_session", "result"]
 
@@ -107,7 +101,7 @@ def signals_outage(error: UpstreamError) -> bool:
 class CynopsisClient:
     def __init__(
         self,
-        http: Http1Pool,
+        http: HttpTransport,
         tokens: TokenManager,
         *,
         endpoints: CynopsisEndpoints,
@@ -125,15 +119,16 @@ class CynopsisClient:
         self._max_response_bytes = max_response_bytes
         self._timeout_seconds = timeout_seconds
         self._observer = observer
-        self._session_token_target = endpoints.target(endpoints.session_token_path)
-        self._session_target = endpoints.target(endpoints.session_path)
+        self._origin = endpoints.origin
+        self._session_token_url = Url(self._origin, endpoints.target(endpoints.session_token_path))
+        self._session_url = Url(self._origin, endpoints.target(endpoints.session_path))
         # The result path around its "{session_id}": the id (validated [A-Za-z0-9_-]) goes in between.
         before, _, after = endpoints.result_path.partition("{session_id}")
         self._result_target = (endpoints.target(before), quote(after, safe=_PATH_SAFE))
 
     async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
         """`body` is a JSON object, already encoded."""
-        return await self._call("session_token", "POST", self._session_token_target, body, request_id)
+        return await self._call("session_token", "POST", self._session_token_url, body, request_id)
 
     async def create_session(
         self,
@@ -146,21 +141,20 @@ class CynopsisClient:
         by the circuit breaker, right before it goes out (e.g. to count a daily attempt): a call the
         breaker refuses costs nothing, and if `before_sending` raises, nothing is sent."""
         return await self._call(
-            "create_session", "POST", self._session_target, body, request_id, before_sending=before_sending
+            "create_session", "POST", self._session_url, body, request_id, before_sending=before_sending
         )
 
     async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
         # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
         before, after = self._result_target
-        return await self._call(
-            "result", "GET", before + session_id + after, None, request_id, is_result=True
-        )
+        url = Url(self._origin, before + session_id + after)
+        return await self._call("result", "GET", url, None, request_id, is_result=True)
 
     async def _call(
         self,
         endpoint: UpstreamEndpoint,
         method: str,
-        target: str,
+        url: Url,
         body: bytes | None,
         request_id: str,
         *,
@@ -171,12 +165,12 @@ class CynopsisClient:
         if circuit is None:
             if before_sending is not None:
                 await before_sending()
-            return await self._call_upstream(endpoint, method, target, body, request_id, is_result)
+            return await self._call_upstream(endpoint, method, url, body, request_id, is_result)
         probe = circuit.admit()
         try:
             if before_sending is not None:
                 await before_sending()
-            result = await self._call_upstream(endpoint, method, target, body, request_id, is_result)
+            result = await self._call_upstream(endpoint, method, url, body, request_id, is_result)
         except UpstreamError as exc:
             if isinstance(exc, TokenUnavailable):
                 circuit.abandoned(probe)  # the liveness API was never called
@@ -195,13 +189,13 @@ class CynopsisClient:
         self,
         endpoint: UpstreamEndpoint,
         method: str,
-        target: str,
+        url: Url,
         body: bytes | None,
         request_id: str,
         is_result: bool,
     ) -> UpstreamResult:
         token = await self._tokens.get()
-        answer, seconds = await self._send(endpoint, method, target, body, token, request_id)
+        answer, seconds = await self._send(endpoint, method, url, body, token, request_id)
         if answer.status == 401:
             # Counted now: getting a token for the retry may fail, and the retry is an exchange of its own.
             self._observe(endpoint, "401", seconds)
@@ -212,7 +206,7 @@ class CynopsisClient:
             fresh = await self._tokens.get()
             if fresh is token:
                 return self._interpret(answer, is_result=is_result)
-            answer, seconds = await self._send(endpoint, method, target, body, fresh, request_id)
+            answer, seconds = await self._send(endpoint, method, url, body, fresh, request_id)
         # Observed after interpreting: a 2xx whose body is unusable is counted as "malformed".
         outcome = str(answer.status)
         try:
@@ -227,11 +221,11 @@ class CynopsisClient:
         self,
         endpoint: UpstreamEndpoint,
         method: str,
-        target: str,
+        url: Url,
         body: bytes | None,
         token: AccessToken,
         request_id: str,
-    ) -> tuple[UpstreamResponse, float]:
+    ) -> tuple[HttpResponse, float]:
         """The answer and how long the exchange took; a failed exchange is observed here."""
         headers = [
             ("Authorization", f"Bearer {token.value}"),
@@ -245,54 +239,30 @@ class CynopsisClient:
         try:
             response = await self._http.request(
                 method,
-                target,
-                headers,
-                body,
+                url,
+                headers=headers,
+                body=body,
                 max_body_bytes=self._max_response_bytes,
                 timeout_seconds=self._timeout_seconds,
             )
-        except TimeoutError:
-            self._observe(endpoint, "timeout", time.perf_counter() - started)
-            raise UpstreamTimeout("The liveness service did not answer in time.") from None
-        except ResponseTooLarge as exc:
-            self._observe(endpoint, "malformed", time.perf_counter() - started)
-            raise UpstreamMalformed(
-                "The liveness service sent a response that is too large.", upstream_status=exc.status
-            ) from None
-        except Http1ConnectError:
-            self._observe(endpoint, "connect_error", time.perf_counter() - started)
-            raise UpstreamUnavailable("The liveness service could not be reached.") from None
-        except Http1ConnectionError:
-            self._observe(endpoint, "connection_error", time.perf_counter() - started)
-            raise UpstreamUnavailable("The connection to the liveness service failed.") from None
-        seconds = time.perf_counter() - started
-        encoding = response.header(b"content-encoding")
-        if encoding is not None and encoding.strip().lower() != "identity":
-            # We asked for identity; decoding an unasked-for encoding is where size bombs hide.
-            self._observe(endpoint, "malformed", seconds)
-            raise UpstreamMalformed(
-                "The liveness service sent an encoded response.", upstream_status=response.status
-            )
-        answer = UpstreamResponse(
-            status=response.status,
-            body=response.body,
-            content_type=(response.header(b"content-type") or "").lower(),
-            retry_after=response.header(b"retry-after"),
-        )
-        return answer, seconds
+        except HttpError as exc:
+            outcome, problem = upstream_problem(exc)
+            self._observe(endpoint, outcome, time.perf_counter() - started)
+            raise problem from None
+        return response, time.perf_counter() - started
 
     def _observe(self, endpoint: UpstreamEndpoint, outcome: str, seconds: float) -> None:
         if self._observer is not None:
             self._observer.observe_upstream(endpoint, outcome, seconds)
 
-    def _interpret(self, answer: UpstreamResponse, *, is_result: bool) -> UpstreamResult:
+    def _interpret(self, answer: HttpResponse, *, is_result: bool) -> UpstreamResult:
         status = answer.status
         if 200 <= status < 300:
             return UpstreamResult(status=status, payload=self._parse_object(answer))
         if status == 429:
             raise UpstreamRateLimited(
                 "The liveness service is rate limiting requests; retry later.",
-                retry_after_seconds=parse_retry_after(answer.retry_after),
+                retry_after_seconds=parse_retry_after(answer.header(b"retry-after")),
             )
         if status in (401, 403):
             raise UpstreamUnavailable(
@@ -307,8 +277,8 @@ class CynopsisClient:
             raise UpstreamRejected(detail, upstream_status=status)
         raise UpstreamUnavailable(f"The liveness service failed (HTTP {status}).", upstream_status=status)
 
-    def _parse_object(self, answer: UpstreamResponse) -> dict[str, Any]:
-        if "json" not in answer.content_type:
+    def _parse_object(self, answer: HttpResponse) -> dict[str, Any]:
+        if "json" not in (answer.header(b"content-type") or "").lower():
             raise UpstreamMalformed(
                 "The liveness service sent a non-JSON response.", upstream_status=answer.status
             )

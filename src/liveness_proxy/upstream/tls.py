@@ -9,6 +9,8 @@ certificate file holds the key) add a client certificate for mutual TLS.
 The identity provider's JWKS is fetched with the default context instead: its host is the
 customer's, with a public certificate, and a private Cynopsis CA must not vouch for it.
 
+How a failed handshake is described in logs is `liveness_proxy.http.errors.describe_tls_failure`.
+
 A file that cannot be read or is not what it should be is a `ConfigurationError` naming the
 variable; the message never quotes the file's content (a key file holds a private key).
 """
@@ -23,9 +25,6 @@ from liveness_proxy.errors import ConfigurationError
 
 # OpenSSL reason codes are short upper-case identifiers ("KEY_VALUES_MISMATCH"): safe to show.
 _REASON_CODE = re.compile(r"[A-Z0-9_]{1,64}")
-# What an OpenSSL verification message may contain once it reaches a log line: printable ASCII.
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_MAX_REASON_LENGTH = 200
 
 
 class _EncryptedKey(Exception):
@@ -102,15 +101,3 @@ def _load_client_certificate(context: ssl.SSLContext, cert_file: Path, key_file:
         raise ConfigurationError(
             f"CYNOPSIS_CLIENT_CERT_FILE: cannot read the certificate or key ({exc.strerror})"
         ) from None
-
-
-def describe_tls_failure(exc: ssl.SSLError) -> str:
-    """A log-safe description of a failed handshake: "TLS verification failed (...)" for a server
-    certificate we do not trust (with OpenSSL's verification message: an untrusted issuer, a
-    hostname mismatch, an expired certificate), "TLS handshake failed (...)" otherwise."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        message = exc.verify_message if isinstance(exc.verify_message, str) else ""
-        message = _UNPRINTABLE.sub("?", message)[:_MAX_REASON_LENGTH]
-        return f"TLS verification failed ({message or 'certificate not trusted'})"
-    reason = exc.reason if isinstance(exc.reason, str) and _REASON_CODE.fullmatch(exc.reason) else None
-    return f"TLS handshake failed ({reason or type(exc).__name__})"

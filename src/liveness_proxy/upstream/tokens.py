@@ -1,4 +1,4 @@
-"""The upstream access token: fetched with client credentials, cached, refreshed ahead of expiry.
+"""The upstream access token: fetched (upstream/oauth.py), cached, refreshed ahead of expiry.
 
 One token serves the whole process. At most one token request is in flight at a time (every caller
 that needs a token while one is being fetched awaits that same fetch). A token in its refresh window
@@ -18,31 +18,15 @@ import asyncio
 import contextlib
 import math
 import os
-import re
 import secrets
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-import aiohttp
-import orjson
-
-from liveness_proxy.errors import TokenUnavailable, UpstreamError
-from liveness_proxy.upstream.tls import describe_tls_failure
+from liveness_proxy.errors import TokenUnavailable
+from liveness_proxy.upstream.oauth import FetchedToken, TokenEndpointError
 from liveness_proxy.upstream.token_store import SharedStateUnavailable, SharedToken, TokenStore
-from liveness_proxy.upstream.transport import (
-    UpstreamResponse,
-    parse_seconds,
-    read_bounded,
-    upstream_error_code,
-)
-
-MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
-MAX_ACCESS_TOKEN_LENGTH = 8192
-# An access token goes into a header: printable ASCII only, so it can never split a header line.
-_ACCESS_TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +34,6 @@ class AccessToken:
     value: str = field(repr=False)
     expires_at: float
     refresh_at: float
-
-
-class TokenEndpointError(Exception):
-    """The token endpoint did not give a usable token. The message never contains a secret."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class FetchedToken:
-    value: str = field(repr=False)
-    lifetime_seconds: float
 
 
 class TokenFetcher(Protocol):
@@ -77,136 +47,6 @@ class TokenObserver(Protocol):
         """`outcome` is "ok" or "failed"; `seconds` is how long the token request took."""
 
     def token_cache(self, hit: bool) -> None: ...
-
-
-class ClientCredentialsFetcher:
-    """`POST token_url` with `grant_type=client_credentials` (form-encoded), as Cynopsis documents.
-
-    `ssl_context` verifies the token endpoint (upstream/tls.py; aiohttp's default if None): it is
-    given per request, so the shared session's other calls (the JWKS) keep the default trust.
-
-    `client_secret` is called for every request. When the endpoint refuses the client (400/401
-    `invalid_client`: the secret was rotated), `reload_client_secret` is asked to read it again, and
-    if that gave a different secret the request is sent once more at once with it. Re-reads are
-    bounded by the callers of `fetch`: the TokenManager makes at most one token request at a time
-    and, after a failed one, none before its failure backoff is over, so an endpoint that refuses
-    every secret costs one file read per backoff interval.
-    """
-
-    def __init__(
-        self,
-        http: aiohttp.ClientSession,
-        *,
-        token_url: str,
-        client_id: str,
-        client_secret: Callable[[], str],
-        default_lifetime_seconds: float,
-        max_lifetime_seconds: float,
-        timeout_seconds: float,
-        ssl_context: ssl.SSLContext | None = None,
-        reload_client_secret: Callable[[], bool] | None = None,
-    ) -> None:
-        self._http = http
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-        self._token_url = token_url
-        self._client_id = client_id
-        self._client_secret = client_secret
-        self._default_lifetime = default_lifetime_seconds
-        self._max_lifetime = max_lifetime_seconds
-        # aiohttp's own default (True) verifies against the system's CAs.
-        self._ssl: ssl.SSLContext | bool = True if ssl_context is None else ssl_context
-        self._reload_client_secret = reload_client_secret
-
-    async def fetch(self) -> FetchedToken:
-        answer = await self._request(self._client_secret())
-        if (
-            answer.status in (400, 401)
-            and self._reload_client_secret is not None
-            and upstream_error_code(answer.body) == "invalid_client"
-            and self._reload_client_secret()
-        ):
-            # Rotated: the file already holds the new secret. Once, so a refused new secret is
-            # reported like any other refusal.
-            answer = await self._request(self._client_secret())
-        if answer.status != 200:
-            reason = upstream_error_code(answer.body)
-            suffix = f" ({reason})" if reason else ""
-            raise TokenEndpointError(
-                f"token endpoint answered HTTP {answer.status}{suffix}", status=answer.status
-            )
-        return self._parse(answer.body)
-
-    async def _request(self, client_secret: str) -> UpstreamResponse:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._client_id,
-            "client_secret": client_secret,
-        }
-        try:
-            async with self._http.post(
-                self._token_url,
-                data=form,
-                headers={"Accept": "application/json"},
-                allow_redirects=False,
-                timeout=self._timeout,
-                ssl=self._ssl,
-            ) as response:
-                return await read_bounded(response, MAX_TOKEN_RESPONSE_BYTES)
-        except TimeoutError:
-            raise TokenEndpointError("token endpoint timed out") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            failure = exc.certificate_error
-            described = (
-                describe_tls_failure(failure)
-                if isinstance(failure, ssl.SSLError)
-                else "TLS verification failed (certificate not trusted)"
-            )
-            raise TokenEndpointError(f"token endpoint {described}") from None
-        except aiohttp.ClientConnectorSSLError as exc:
-            cause = exc.os_error
-            described = (
-                describe_tls_failure(cause) if isinstance(cause, ssl.SSLError) else "TLS handshake failed"
-            )
-            raise TokenEndpointError(f"token endpoint {described}") from None
-        except aiohttp.ClientError as exc:
-            raise TokenEndpointError(f"token endpoint unreachable ({type(exc).__name__})") from None
-        except UpstreamError:
-            raise TokenEndpointError("token endpoint response too large") from None
-
-    def _parse(self, body: bytes) -> FetchedToken:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise TokenEndpointError("token response is not JSON", status=200) from None
-        if not isinstance(payload, dict):
-            raise TokenEndpointError("token response is not a JSON object", status=200)
-        token = payload.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise TokenEndpointError("token response has no access_token", status=200)
-        if len(token) > MAX_ACCESS_TOKEN_LENGTH or not _ACCESS_TOKEN_PATTERN.fullmatch(token):
-            raise TokenEndpointError("token response has an access_token of an unusable form", status=200)
-        token_type = payload.get("token_type", "Bearer")
-        if not isinstance(token_type, str) or token_type.lower() != "bearer":
-            raise TokenEndpointError("token response has a token_type other than Bearer", status=200)
-        return FetchedToken(value=token, lifetime_seconds=self._lifetime(payload.get("expires_in")))
-
-    def _lifetime(self, expires_in: Any) -> float:
-        if expires_in is None:
-            return self._default_lifetime
-        if isinstance(expires_in, str):
-            parsed = parse_seconds(expires_in.strip())
-            if parsed is None:
-                raise TokenEndpointError("token response has an invalid expires_in", status=200)
-            expires_in = parsed
-        if (
-            isinstance(expires_in, bool)
-            or not isinstance(expires_in, int | float)
-            or not math.isfinite(expires_in)
-        ):
-            raise TokenEndpointError("token response has an invalid expires_in", status=200)
-        if expires_in <= 0:
-            raise TokenEndpointError("token response has a non-positive expires_in", status=200)
-        return min(float(expires_in), self._max_lifetime)
 
 
 class TokenManager:

@@ -13,14 +13,8 @@ from liveness_proxy.wiring.options import (
     request_policy,
     serve_options,
 )
-from liveness_proxy.wiring.service import (
-    Service,
-    check_startable,
-    create_redis,
-    cynopsis_ssl_context,
-    running_service,
-    token_fetcher,
-)
+from liveness_proxy.wiring.parts import check_startable, create_redis, cynopsis_ssl_context, token_fetcher
+from liveness_proxy.wiring.service import Service, running_service
 
 __all__ = [
     "AppOptions",
