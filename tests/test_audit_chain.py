@@ -1,4 +1,5 @@
-"""The audit chain (store/audit.py): group commit, the hash chain, verification, tampering, purge.
+"""The audit chain (store/audit.py, audit_chain.py, audit_verify.py): group commit, the hash chain,
+verification, tampering, purge.
 
 Every test runs on SQLite and on PostgreSQL (a scratch database per test; see tests/services.py).
 """
@@ -26,7 +27,7 @@ from liveness_proxy.store import (
     create_engine,
     upgrade_database,
 )
-from liveness_proxy.store.audit import GENESIS_HASH
+from liveness_proxy.store.audit_chain import GENESIS_HASH
 from liveness_proxy.store.tables import audit_records
 
 
@@ -396,7 +397,7 @@ async def test_swapping_two_records_contents_is_found(engine: AsyncEngine) -> No
 
 
 async def test_a_record_replaced_with_a_recomputed_hash_breaks_the_next_link(engine: AsyncEngine) -> None:
-    from liveness_proxy.store.audit import record_hash
+    from liveness_proxy.store.audit_chain import record_hash
 
     await fill(engine, 10)
     forged = next(row for row in await rows(engine) if row["seq"] == 4)

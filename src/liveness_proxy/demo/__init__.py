@@ -1,6 +1,6 @@
 """`liveness-proxy demo`: the embedded default. The sandbox Cynopsis API and the proxy run in one
 process, on loopback, with SQLite in a local folder, a fresh demo API key, and the demo page at
-`/demo/` whose sign-in is a demo identity provider's short-lived JWT (see `demo.web`)."""
+`/demo/` whose sign-in is a demo identity provider's short-lived JWT (see `demo.web` and `demo.identity`)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,9 @@ import uvicorn
 
 from liveness_proxy.app import create_app
 from liveness_proxy.auth import new_api_key
-from liveness_proxy.demo.web import (
-    DEMO_AUDIENCE,
-    DEMO_ISSUER,
-    LOOPBACK_HOSTS,
-    DemoIdentityProvider,
-    create_demo_app,
-)
+from liveness_proxy.demo.handling import LOOPBACK_HOSTS
+from liveness_proxy.demo.identity import DEMO_AUDIENCE, DEMO_ISSUER, DemoIdentityProvider
+from liveness_proxy.demo.web import create_demo_app
 from liveness_proxy.http import Http1Transport, Url
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from liveness_proxy.serving.sockets import listening_socket

@@ -1,15 +1,8 @@
 """Persistence: SQLAlchemy Core tables, repositories and migrations (SQLite by default, PostgreSQL too)."""
 
-from liveness_proxy.store.audit import (
-    AuditChainBroken,
-    AuditChainMissing,
-    AuditLog,
-    AuditLogClosed,
-    AuditRecord,
-    ChainProblem,
-    ChainVerdict,
-    PurgeResult,
-)
+from liveness_proxy.store.audit import AuditLog, AuditLogClosed
+from liveness_proxy.store.audit_chain import AuditChainMissing, AuditRecord
+from liveness_proxy.store.audit_verify import AuditChainBroken, ChainProblem, ChainVerdict, PurgeResult
 from liveness_proxy.store.database import (
     PoolOptions,
     create_engine,

@@ -60,8 +60,8 @@ api_keys = Table(
 )
 
 # One row per liveness request, accepted or rejected. Never secrets, tokens, keys or images.
-# Rows form a hash chain (store/audit.py defines the encoding): `seq` is assigned by the writer under
-# the chain-head lock and is contiguous, unlike `id`, which a rolled-back insert can skip.
+# Rows form a hash chain (store/audit_chain.py defines the encoding): `seq` is assigned by the writer
+# under the chain-head lock and is contiguous, unlike `id`, which a rolled-back insert can skip.
 audit_records = Table(
     "audit_records",
     metadata,

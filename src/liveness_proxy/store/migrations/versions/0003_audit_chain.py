@@ -14,7 +14,7 @@ from alembic import op
 
 # The canonical encoding is defined once, in the module that writes and verifies the chain: a
 # change to it would break every stored hash anyway, so a copy here could only drift.
-from liveness_proxy.store.audit import GENESIS_HASH, HEAD_ROW_ID, record_hash
+from liveness_proxy.store.audit_chain import GENESIS_HASH, HEAD_ROW_ID, record_hash
 
 revision = "0003"
 down_revision = "0002"

@@ -1,0 +1,179 @@
+"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit.
+
+This module holds only the parser and `main`; each command group is a module of its own (`serve`,
+`keys`, `check`, `db`, `audit`, `sandbox_demo`), imported when its command runs, so a command loads
+only what it needs: `sandbox` never the database layer, `keys`, `check` and `audit` never the app or
+uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from liveness_proxy.errors import ConfigurationError, StartRefused
+
+EXIT_CONFIGURATION = 2
+EXIT_FAILURE = 1
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler `name` of `liveness_proxy.cli.<module>`, imported only when the command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        run: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f"liveness_proxy.cli.{module}"), name
+        )
+        return run(args)
+
+    handler.__name__ = handler.__qualname__ = name
+    return handler
+
+
+# -- argument types (the parser needs them before any command module is imported) ------------------
+
+_EPOCH = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def _instant(text: str) -> float:
+    """An argparse type: ISO 8601 (a time without offset is UTC) or epoch seconds, as epoch seconds."""
+    if _EPOCH.fullmatch(text):  # ASCII digits only: float() would also take "nan", "1e9" or "١٢"
+        return float(text)
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither ISO 8601 (e.g. 2026-01-31T12:00:00Z) nor epoch seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+def _positive_days(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days greater than 0")
+    return int(text)
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liveness-proxy",
+        description="A security-first backend proxy for the Cynopsis Liveness API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy from configuration")
+    serve.add_argument("--host", default=None, help="bind address (default LIVENESS_PROXY_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (default LIVENESS_PROXY_PORT)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--ssl-certfile",
+        default=None,
+        metavar="PEM",
+        help="serve HTTPS with this certificate (chain) (default LIVENESS_PROXY_TLS_CERT_FILE)",
+    )
+    serve.add_argument(
+        "--ssl-keyfile",
+        default=None,
+        metavar="PEM",
+        help="the certificate's private key, unencrypted (default LIVENESS_PROXY_TLS_KEY_FILE)",
+    )
+    serve.set_defaults(handler=_command("serve", "cmd_serve"))
+
+    sandbox = commands.add_parser("sandbox", help="run only the simulated Cynopsis API")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8081)
+    sandbox.add_argument("--client-id", default="sandbox-client")
+    sandbox.add_argument("--client-secret", default="sandbox-secret")
+    sandbox.add_argument("--domain-id", default="sandbox-domain")
+    sandbox.add_argument("--control", action="store_true", help="enable the /_sandbox control API")
+    sandbox.set_defaults(handler=_command("sandbox_demo", "cmd_sandbox"))
+
+    demo = commands.add_parser("demo", help="sandbox + proxy in one command, with a demo API key")
+    demo.add_argument("--dir", default=".liveness-demo", help="folder for the demo database and pepper")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--sandbox-port", type=int, default=8081)
+    demo.add_argument(
+        "--walkthrough-only",
+        action="store_true",
+        help="run the whole flow once against the started services, print it, and exit",
+    )
+    demo.set_defaults(handler=_command("sandbox_demo", "cmd_demo"))
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", help="create a key (printed once, last line of stdout)")
+    create.add_argument("--subject", required=True, help="the subject sessions are bound to")
+    create.add_argument("--scope", action="append", help="a scope, e.g. liveness:admin (repeatable)")
+    create.add_argument("--name", default="", help="a label for humans")
+    create.add_argument("--json", action="store_true", help='print {"id": ..., "key": ...}')
+    create.set_defaults(handler=_command("keys", "cmd_keys_create"))
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=_command("keys", "cmd_keys_list"))
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_command("keys", "cmd_keys_revoke"))
+
+    check = commands.add_parser("check", help="validate configuration and fetch an upstream token")
+    check.set_defaults(handler=_command("check", "cmd_check"))
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    db.add_parser("upgrade", help="apply migrations").set_defaults(handler=_command("db", "cmd_db_upgrade"))
+
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    export = audit.add_parser("export", help="print audit records in chain order, one JSON object a line")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument(
+        "--since",
+        type=_instant,
+        default=None,
+        help="only records at or after: ISO 8601 (UTC if no offset) or epoch",
+    )
+    export.add_argument(
+        "--until", type=_instant, default=None, help="only records before (exclusive), same forms"
+    )
+    export.set_defaults(handler=_command("audit", "cmd_audit_export"))
+    verify = audit.add_parser("verify", help="check the hash chain; exit 1 naming the first bad record")
+    verify.set_defaults(handler=_command("audit", "cmd_audit_verify"))
+    purge = audit.add_parser("purge", help="delete the oldest records; the chain stays verifiable")
+    purge.add_argument(
+        "--older-than", type=_positive_days, required=True, metavar="DAYS", help="age in whole days (> 0)"
+    )
+    purge.set_defaults(handler=_command("audit", "cmd_audit_purge"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigurationError as exc:
+        print(f"liveness-proxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIGURATION
+    except StartRefused as exc:
+        print(f"liveness-proxy: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        from liveness_proxy.store import is_store_outage
+
+        if not is_store_outage(exc):
+            raise
+        # The class name only: a driver's message may quote the URL, password included.
+        print(f"liveness-proxy: the database cannot be reached ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_FAILURE

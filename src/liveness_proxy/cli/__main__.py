@@ -1,0 +1,5 @@
+import sys
+
+from liveness_proxy.cli import main
+
+sys.exit(main())

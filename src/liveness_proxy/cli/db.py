@@ -1,0 +1,37 @@
+"""`db upgrade`, and the one-connection engine every database command opens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from liveness_proxy.settings import Settings, redact_url
+from liveness_proxy.store import create_engine, upgrade_database
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings, *, migrate: bool = True) -> AsyncIterator[AsyncEngine]:
+    """A one-connection engine for a command; migrated first unless the command only reads."""
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        if migrate:
+            await upgrade_database(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def upgrade_schema(settings: Settings) -> None:
+    async with open_database(settings):
+        pass
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    asyncio.run(upgrade_schema(settings))
+    print(f"database is at the latest schema: {redact_url(settings.database_url)}")
+    return 0

@@ -1,0 +1,45 @@
+"""`sandbox` and `demo`: the simulated Cynopsis API, alone or with a proxy and a demo key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from liveness_proxy.sandbox import SandboxConfig, serve_sandbox
+
+    config = SandboxConfig(
+        client_id=args.client_id,
+        client_secret=args.client_secret,
+        domain_id=args.domain_id,
+        control_enabled=args.control,
+    )
+    print(
+        f"sandbox Cynopsis API on http://{args.host}:{args.port} "
+        f"(client_id={args.client_id}, domain={args.domain_id}, "
+        f"control API {'on' if args.control else 'off'})",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_sandbox(config, args.host, args.port))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from liveness_proxy.demo import run_demo
+
+    try:
+        return asyncio.run(
+            run_demo(
+                directory=args.dir,
+                host=args.host,
+                port=args.port,
+                sandbox_port=args.sandbox_port,
+                walkthrough_only=args.walkthrough_only,
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
