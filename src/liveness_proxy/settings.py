@@ -5,6 +5,9 @@ from `CYNOPSIS_TOKEN_URL`. Secrets are `SecretStr` and can also be given as `<NA
 a file holding the value (how Docker and Kubernetes mount secrets). `Settings.load()` turns every
 validation failure into a `ConfigurationError` whose message names the variable and the problem,
 and never the value.
+
+It is longer than the other modules on purpose: it is the one declarative list of every variable,
+each with its default and bounds, and splitting it would scatter that list.
 """
 
 from __future__ import annotations
