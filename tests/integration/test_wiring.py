@@ -8,10 +8,10 @@ import io
 import os
 from pathlib import Path
 
+import httpx
 import pytest
-from starlette.testclient import TestClient
 
-from liveness_proxy.app import create_app
+from liveness_proxy.app import ProxyApplication, create_app
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor, build_logger
@@ -50,12 +50,16 @@ async def test_a_start_that_fails_halfway_closes_everything_it_opened(tmp_path: 
     assert loop_errors == []  # e.g. "Unclosed client session" from a session nobody closed
 
 
-def test_before_it_runs_the_app_answers_what_needs_no_service(tmp_path: Path) -> None:
+def asgi_client(app: ProxyApplication) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
+
+
+async def test_before_it_runs_the_app_answers_what_needs_no_service(tmp_path: Path) -> None:
     app = create_app(proxy_settings("http://127.0.0.1:9", tmp_path / "proxy.db"), log_stream=io.StringIO())
-    client = TestClient(app)  # no `with`: the lifespan does not run
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/openapi.json").status_code == 200
-    starting = client.get("/v1/liveness/sessions/abc/result")
+    async with asgi_client(app) as client:  # the lifespan does not run
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/openapi.json")).status_code == 200
+        starting = await client.get("/v1/liveness/sessions/abc/result")
     assert starting.status_code == 503
     assert starting.headers["retry-after"] == "1"
     assert starting.json()["request_id"] == starting.headers["x-request-id"]
@@ -63,14 +67,16 @@ def test_before_it_runs_the_app_answers_what_needs_no_service(tmp_path: Path) ->
         _ = app.service
 
 
-def test_the_running_app_serves_its_handlers_and_takes_them_out_when_it_stops(tmp_path: Path) -> None:
+async def test_the_running_app_serves_its_handlers_and_takes_them_out_when_it_stops(tmp_path: Path) -> None:
     app = create_app(
         proxy_settings("http://127.0.0.1:9", tmp_path / "proxy.db"), log_stream=io.StringIO(), migrate=True
     )
-    with TestClient(app) as client:
-        assert app.service is not None
-        # Running: the handler authenticates (and refuses), instead of answering "starting".
-        assert client.get("/v1/liveness/sessions/abc/result").status_code == 401
-    with TestClient(app, raise_server_exceptions=True) as _:
-        pass
-    assert TestClient(app).get("/v1/liveness/sessions/abc/result").status_code == 503
+    async with asgi_client(app) as client:
+        async with app.running() as service:
+            assert app.service is service
+            # Running: the handler authenticates (and refuses), instead of answering "starting".
+            assert (await client.get("/v1/liveness/sessions/abc/result")).status_code == 401
+        assert (await client.get("/v1/liveness/sessions/abc/result")).status_code == 503
+        # And it can run again: what stopping took out, starting puts back.
+        async with app.running():
+            assert (await client.get("/v1/liveness/sessions/abc/result")).status_code == 401
