@@ -22,6 +22,7 @@ import aiohttp
 import httpx
 import pytest
 
+from e2e.test_cli import COMMAND
 from liveness_proxy.app import create_app
 from liveness_proxy.errors import TokenUnavailable
 from liveness_proxy.observability import REDACTED, Redactor, build_logger
@@ -45,7 +46,6 @@ from support import (
     subprocess_env,
     upstream_sandbox,
 )
-from test_cli import COMMAND
 
 
 def new_secret() -> str:

@@ -26,7 +26,7 @@ import pytest
 
 from services import REQUIRE_SERVICES, _postgres_problem, _redis_problem
 
-RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
 ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
 

@@ -590,7 +590,7 @@ def test_upstream_concurrency_exhausted_is_a_503_with_retry_after(make_proxy: Ma
 
 # -- the document --------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEST_REFERENCE = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([\w-]+)\])?`")
 
 

@@ -16,10 +16,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from liveness_proxy.cli import EXIT_CONFIGURATION, main
-from liveness_proxy.sandbox import Sandbox
-from support import ServerThread, subprocess_env, upstream_sandbox
-from test_serve_limits import (
+from e2e.test_serve_limits import (
     MAX_HEADER_BYTES,
     SESSION_TOKEN,
     RawConnection,
@@ -28,6 +25,9 @@ from test_serve_limits import (
     request_head,
     running_serve,
 )
+from liveness_proxy.cli import EXIT_CONFIGURATION, main
+from liveness_proxy.sandbox import Sandbox
+from support import ServerThread, subprocess_env, upstream_sandbox
 
 
 @dataclass

@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from e2e.test_cli import COMMAND, free_port, run
 from liveness_proxy.sandbox import Sandbox
 from liveness_proxy.settings import settings_from_mapping
 from services import shared_backend
 from support import LogScan, ServerThread, issue_keys, subprocess_env, upstream_sandbox
-from test_cli import COMMAND, free_port, run
 
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"

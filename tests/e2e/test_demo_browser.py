@@ -20,13 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
+from e2e.test_cli import COMMAND, free_port
+from e2e.test_serve_limits import wait_ready
 from support import background_command
-from test_cli import COMMAND, free_port
-from test_serve_limits import wait_ready
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 # Sandbox access tokens start with "sbx_"; a base64 PNG starts with "iVBORw0KGgo".
 FORBIDDEN_IN_BROWSER = {
     "a Cynopsis access token": re.compile(r"sbx_[A-Za-z0-9_-]{8,}"),
@@ -362,7 +362,7 @@ def test_js_client_errors_carry_problem_details_and_waits_can_be_cancelled(
 
     served = httpx.get(f"{demo.url}/client/liveness-proxy-client.js")
     assert served.headers["content-type"].startswith("text/javascript")
-    repo_copy = Path(__file__).resolve().parent.parent / "src/liveness_proxy/static/client"
+    repo_copy = Path(__file__).resolve().parents[2] / "src/liveness_proxy/static/client"
     assert served.content == (repo_copy / "liveness-proxy-client.js").read_bytes()
 
 

@@ -28,7 +28,7 @@ from liveness_proxy.cli import build_parser
 from liveness_proxy.openapi import build_openapi
 from liveness_proxy.settings import Settings, settings_from_mapping
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"

@@ -38,13 +38,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from e2e.test_audit_crash import SESSION_TOKEN, SESSIONS, start_serve
+from e2e.test_cli import run
 from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import AuditLog, ChainVerdict, create_engine
 from liveness_proxy.store.tables import liveness_sessions
 from services import scratch_postgres
 from support import ServerThread, issue_keys, proxy_settings, subprocess_env, upstream_sandbox
-from test_audit_crash import SESSION_TOKEN, SESSIONS, start_serve
-from test_cli import run
 
 CLIENT_THREADS = 6
 # Each cycle kills `serve` this long (drawn from the seed) after its clients have created a few

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from e2e.test_cli import COMMAND, free_port, run
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, ServerThread, subprocess_env
-from test_cli import COMMAND, free_port, run
 
 CLIENT_THREADS = 16
 LOAD_SECONDS = 1.5

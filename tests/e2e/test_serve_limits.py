@@ -27,6 +27,7 @@ import httpx
 import orjson
 import pytest
 
+from e2e.test_cli import COMMAND, free_port
 from liveness_proxy.sandbox import Fault, Sandbox
 from liveness_proxy.serving import LimitedHttpToolsProtocol, ServeLimits, uvicorn_options
 from liveness_proxy.settings import settings_from_mapping
@@ -39,7 +40,6 @@ from support import (
     subprocess_env,
     upstream_sandbox,
 )
-from test_cli import COMMAND, free_port
 
 HEADER_TIMEOUT_SECONDS = 1.0
 BODY_TIMEOUT_SECONDS = 1.0

@@ -24,6 +24,8 @@ import httpx
 import pytest
 from starlette.requests import HTTPConnection
 
+from e2e.test_cli import free_port, run
+from e2e.test_serve_limits import HIGH_LIMITS, issue_key, wait_ready
 from liveness_proxy import ADMIN_SCOPE, Caller, Unauthenticated
 from liveness_proxy.sandbox import ManualClock, Sandbox
 from support import (
@@ -35,10 +37,8 @@ from support import (
     subprocess_env,
     upstream_sandbox,
 )
-from test_cli import free_port, run
-from test_serve_limits import HIGH_LIMITS, issue_key, wait_ready
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # As README.md runs it (uvicorn's own access log off: it would log session ids in paths).
 HOST_COMMAND = [
     str(Path(sys.executable).parent / "uvicorn"),

@@ -38,6 +38,9 @@ from typing import Any
 import httpx
 import pytest
 
+from e2e.test_audit_crash import SESSION_TOKEN, SESSIONS
+from e2e.test_cli import COMMAND, _wait_ready, free_port, run
+from e2e.test_crash_durability import UNLIMITED, by_request_id, read_store
 from liveness_proxy.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from support import (
     LogScan,
@@ -48,9 +51,6 @@ from support import (
     subprocess_env,
     upstream_sandbox,
 )
-from test_audit_crash import SESSION_TOKEN, SESSIONS
-from test_cli import COMMAND, _wait_ready, free_port, run
-from test_crash_durability import UNLIMITED, by_request_id, read_store
 
 SOAK_SECONDS = float(os.environ.get("LIVENESS_PROXY_SOAK_SECONDS", "60"))
 SEED_VARIABLE = "LIVENESS_PROXY_SOAK_SEED"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from integration.test_jwt import AUDIENCE, ISSUER, JwksEndpoint, rsa_jwk, sign
 from support import ProxyHarness, ServerThread
-from test_jwt import AUDIENCE, ISSUER, JwksEndpoint, rsa_jwk, sign
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
 SESSION_TOKEN = "/v1/liveness/session-token"
