@@ -1,28 +1,14 @@
-"""Per-subject rate limits, the daily attempt cap and the cap on concurrent upstream calls."""
+"""Per-subject rate limits, the daily attempt cap and the cap on concurrent upstream calls, through the
+running proxy."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import datetime as dt
-import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-import limits as limits_lib
-import pytest
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-
-from liveness_proxy.errors import RateLimited, ServiceUnavailable
-from liveness_proxy.ratelimit import (
-    LimitPolicy,
-    LocalSlidingWindows,
-    SubjectLimits,
-    ThrottledMemoryStorage,
-    UpstreamGate,
-)
 from liveness_proxy.sandbox import Fault
 from support import ProxyHarness
 
@@ -95,68 +81,6 @@ def test_daily_attempt_cap_resets_at_utc_midnight(make_proxy: MakeProxy) -> None
     assert creates == 3
 
 
-async def test_daily_cap_counts_per_utc_day_by_the_wall_clock() -> None:
-    now = [dt.datetime(2026, 11, 26, 23, 59, 0, tzinfo=dt.UTC).timestamp()]
-    limits = SubjectLimits(
-        LimitPolicy(session_token="off", create_session="off", result="off", daily_attempts=1),
-        wall_clock=lambda: now[0],
-    )
-    await limits.consume_attempt("alice")
-    with pytest.raises(RateLimited) as refused:
-        await limits.consume_attempt("alice")
-    assert refused.value.retry_after_seconds == 60
-    now[0] += 120  # past midnight: a new day, a new budget
-    await limits.consume_attempt("alice")
-
-
-async def test_off_disables_a_limit_and_zero_disables_the_daily_cap() -> None:
-    limits = SubjectLimits(
-        LimitPolicy(session_token="off", create_session="off", result="off", daily_attempts=0)
-    )
-    for _ in range(500):
-        await limits.check("result", "alice")
-        await limits.consume_attempt("alice")
-
-
-async def test_several_limits_in_one_setting_all_apply() -> None:
-    rejected: list[str] = []
-    limits = SubjectLimits(
-        LimitPolicy(session_token="3/hour;1/second", create_session="off", result="off", daily_attempts=0),
-        on_reject=rejected.append,
-    )
-    await limits.check("session_token", "alice")
-    with pytest.raises(RateLimited):
-        await limits.check("session_token", "alice")
-    assert rejected == ["session_token"]
-
-
-async def test_upstream_gate_lets_excess_wait_briefly_then_refuses() -> None:
-    rejections: list[None] = []
-    gate = UpstreamGate(2, wait_seconds=0.05, on_reject=lambda: rejections.append(None))
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with gate.slot():
-            await release.wait()
-
-    holders = [asyncio.create_task(hold()) for _ in range(2)]
-    await asyncio.sleep(0.01)
-    assert gate.in_flight == 2
-    with pytest.raises(ServiceUnavailable) as refused:
-        async with gate.slot():
-            pass
-    assert refused.value.headers["Retry-After"] == "1"
-    assert len(rejections) == 1
-    # A waiter that gets a slot within the wait is served.
-    waiter = asyncio.create_task(hold())
-    await asyncio.sleep(0.01)
-    assert gate.waiting == 1
-    release.set()
-    await asyncio.gather(*holders, waiter)
-    assert gate.in_flight == 0
-    assert gate.waiting == 0
-
-
 def test_the_proxy_caps_concurrent_upstream_calls(make_proxy: MakeProxy) -> None:
     overrides = {
         "LIVENESS_PROXY_UPSTREAM_CONCURRENCY": 1,
@@ -177,25 +101,6 @@ def test_the_proxy_caps_concurrent_upstream_calls(make_proxy: MakeProxy) -> None
     assert refused.headers["content-type"] == "application/problem+json"
 
 
-async def test_a_request_refused_by_one_limit_uses_up_none_of_the_others() -> None:
-    policy = LimitPolicy(
-        session_token="20/hour;2/minute", create_session="off", result="off", daily_attempts=0
-    )
-    storage = ThrottledMemoryStorage()
-    limits = SubjectLimits(policy, shared=storage)
-    outcomes = []
-    for _ in range(5):
-        try:
-            await limits.check("session_token", "alice")
-            outcomes.append("ok")
-        except RateLimited:
-            outcomes.append("refused")
-    assert outcomes == ["ok", "ok", "refused", "refused", "refused"]
-    hourly = limits_lib.parse("20/hour")
-    stats = await SlidingWindowCounterRateLimiter(storage).get_window_stats(hourly, "session_token", "alice")
-    assert stats.remaining == 18
-
-
 def test_an_outage_of_ours_costs_no_daily_attempt(make_proxy: MakeProxy) -> None:
     with make_proxy(proxy_overrides={"LIVENESS_PROXY_DAILY_ATTEMPTS": 1}) as proxy, proxy.client() as client:
         token = client.post(SESSION_TOKEN, headers=proxy.auth()).json()["session_token"]
@@ -211,44 +116,3 @@ def test_an_outage_of_ours_costs_no_daily_attempt(make_proxy: MakeProxy) -> None
         session_id = proxy.create_session(client)
     assert during_outage.status_code == 503
     assert session_id  # the one daily attempt was still there
-
-
-def test_the_sweep_hook_the_throttled_storage_overrides_still_exists() -> None:
-    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
-
-
-async def test_the_memory_storage_sweeps_at_most_once_per_interval() -> None:
-    storage = ThrottledMemoryStorage(sweep_interval=3600)
-    await storage.incr("first", 0.01)
-    first_sweep = storage.timer
-    assert first_sweep is not None
-    for index in range(100):
-        await asyncio.sleep(0)  # let a finished sweep make room for a new one, as the stock storage would
-        await storage.incr(f"key-{index}", 0.01)
-    assert storage.timer is first_sweep
-    await asyncio.sleep(0.02)
-    assert await storage.get("key-0") == 0  # expiry is still honoured on read
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-async def test_local_windows_count_exactly_like_the_limits_library(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The in-process counters replace the `limits` memory storage on the hot path: for the same
-    calls at the same instants, both must allow, refuse and report the same."""
-    rng = random.Random(seed)
-    now = [1_000_000.0 + rng.random() * 60]
-    monkeypatch.setattr(time, "time", lambda: now[0])  # the clock `limits` reads
-    reference = SlidingWindowCounterRateLimiter(MemoryStorage())
-    local = LocalSlidingWindows(clock=lambda: now[0], sweep_interval=30)
-    items = [limits_lib.parse("5/second"), limits_lib.parse("7/minute"), limits_lib.parse("3/10 seconds")]
-    for _ in range(600):
-        now[0] += rng.choice([0.0, 0.01, 0.3, 1.7, 4.0, 13.0, 61.0]) * rng.random()
-        item = rng.choice(items)
-        subject = rng.choice(["alice", "bob"])
-        assert await local.test(item, "result", subject) == await reference.test(item, "result", subject)
-        assert await local.hit(item, "result", subject) == await reference.hit(item, "result", subject)
-        ours = await local.get_window_stats(item, "result", subject)
-        theirs = await reference.get_window_stats(item, "result", subject)
-        assert ours.remaining == theirs.remaining
-        assert ours.reset_time == pytest.approx(theirs.reset_time, abs=1e-6)

@@ -130,30 +130,6 @@ async def redis_client() -> AsyncIterator[Callable[..., aioredis.Redis]]:
         await client.aclose()
 
 
-@pytest.fixture(autouse=True)
-async def _close_managers() -> AsyncIterator[None]:
-    """No background refresh outlives its test (and its event loop)."""
-    yield
-    while _OPEN_MANAGERS:
-        await _OPEN_MANAGERS.pop().close()
-
-
-# -- the cipher ---------------------------------------------------------------------------------
-
-
-def test_a_sealed_token_opens_only_with_its_key_and_context() -> None:
-    token = SharedToken("sbx_the-access-token", expires_at=2e9, refresh_at=2e9 - 300)
-    sealed = TokenCipher(SECRET, context=CONTEXT).seal(token)
-    assert "sbx_the-access-token" not in sealed
-    assert TokenCipher(SECRET, context=CONTEXT).open(sealed) == token
-    assert TokenCipher(b"another-secret-entirely-xxxxxxxx", context=CONTEXT).open(sealed) is None
-    assert TokenCipher(SECRET, context=CONTEXT + "-other-account").open(sealed) is None
-    tampered = sealed[:-4] + ("AAAA" if not sealed.endswith("AAAA") else "BBBB")
-    assert TokenCipher(SECRET, context=CONTEXT).open(tampered) is None
-    assert TokenCipher(SECRET, context=CONTEXT).open("garbage") is None
-    assert TokenCipher(SECRET, context=CONTEXT).open("v1.!!!") is None
-
-
 # -- the store primitives -----------------------------------------------------------------------
 
 
