@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from liveness_proxy.settings import async_database_url
-from services import scratch_postgres, shared_backend
-from support import Harness, LogScan, ProxyHarness
+from prepared import SQLITE_NAME, PreparedDatabases
+from services import scratch_postgres, scratch_redis
+from support import Harness, Keys, LogScan, ProxyHarness
 
 LOG_SCAN = pytest.StashKey[LogScan]()
 
@@ -34,41 +35,78 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(scope="session")
+def prepared_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PreparedDatabases]:
+    """Migrated databases with the harness's keys, made once per session (per xdist worker)."""
+    prepared = PreparedDatabases(tmp_path_factory.mktemp("prepared"))
+    try:
+        yield prepared
+    finally:
+        prepared.close()
+
+
 @contextlib.contextmanager
-def _backend(name: str) -> Iterator[dict[str, str]]:
+def _backend(name: str, prepared: PreparedDatabases, folder: Path) -> Iterator[tuple[dict[str, str], Keys]]:
+    """Proxy settings and keys for a backend: a copy of the prepared SQLite file in `folder`, or a
+    clone of the prepared PostgreSQL database with a Redis key prefix of the test's own."""
     if name == "postgres-redis":
-        with shared_backend() as overrides:
-            yield overrides
+        with prepared.postgres() as (database_url, keys), scratch_redis() as (redis_url, prefix):
+            yield (
+                {
+                    "LIVENESS_PROXY_DATABASE_URL": database_url,
+                    "LIVENESS_PROXY_REDIS_URL": redis_url,
+                    "LIVENESS_PROXY_REDIS_KEY_PREFIX": prefix,
+                },
+                keys,
+            )
     else:
-        yield {}
+        yield {}, prepared.sqlite(folder / SQLITE_NAME)
+
+
+def _in_process(request: pytest.FixtureRequest) -> bool:
+    """The proxy runs in-process (through ASGI, no socket) unless the test is marked `served`."""
+    return request.node.get_closest_marker("served") is None
 
 
 @pytest.fixture(params=["sqlite", "postgres-redis"])
-def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyHarness]:
+def proxy(
+    tmp_path: Path, request: pytest.FixtureRequest, prepared_databases: PreparedDatabases
+) -> Iterator[ProxyHarness]:
     """A proxy in front of a sandbox upstream, with keys for alice, bob, an admin and carol; every
-    test that uses it runs twice: on SQLite alone, and on PostgreSQL with Redis."""
+    test that uses it runs twice: on SQLite alone, and on PostgreSQL with Redis. In-process (its
+    `client()` only) unless the test is marked `served`."""
     with (
-        _backend(request.param) as overrides,
+        _backend(request.param, prepared_databases, tmp_path) as (overrides, keys),
         Harness(
             tmp_path,
             proxy_overrides=overrides,
             log_scan=request.config.stash[LOG_SCAN],
             origin=request.node.nodeid,
+            in_process=_in_process(request),
+            prepared_keys=keys,
         ) as running,
     ):
         yield running
 
 
+# Settings that make a prepared database the wrong one: another database, or keys under another pepper.
+_OWN_DATABASE = ("LIVENESS_PROXY_DATABASE_URL", "LIVENESS_PROXY_API_KEY_PEPPER")
+
+
 @pytest.fixture
 def make_proxy(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, prepared_databases: PreparedDatabases
 ) -> Callable[..., AbstractContextManager[ProxyHarness]]:
-    """Builds a proxy with special settings: `with make_proxy(proxy_overrides={...}) as p:`."""
+    """Builds a proxy with special settings: `with make_proxy(proxy_overrides={...}) as p:`.
+    In-process unless the test is marked `served` (or passes `in_process=`)."""
     counter = iter(range(1000))
 
     def build(**kwargs: Any) -> AbstractContextManager[ProxyHarness]:
         folder = tmp_path / f"harness-{next(counter)}"
         folder.mkdir()
+        kwargs.setdefault("in_process", _in_process(request))
+        if not any(name in kwargs.get("proxy_overrides", {}) for name in _OWN_DATABASE):
+            kwargs.setdefault("prepared_keys", prepared_databases.sqlite(folder / SQLITE_NAME))
         return Harness(folder, log_scan=request.config.stash[LOG_SCAN], origin=request.node.nodeid, **kwargs)
 
     return build

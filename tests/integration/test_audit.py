@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from liveness_proxy.sandbox import Fault
 from support import ProxyHarness
@@ -73,6 +74,7 @@ def test_upstream_404_is_audited_with_its_upstream_status_and_token_failures_wit
     assert (token_failure["status"], token_failure["upstream_status"]) == (503, None)
 
 
+@pytest.mark.served
 def test_a_client_that_disconnects_mid_body_is_audited(proxy: ProxyHarness) -> None:
     import socket
 

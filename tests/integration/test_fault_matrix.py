@@ -478,6 +478,7 @@ def test_a_write_locked_store_is_a_503_after_a_bounded_wait(make_proxy: MakeProx
         assert asyncio.run(verify())
 
 
+@pytest.mark.served
 def test_an_exhausted_database_pool_is_a_503_after_the_pool_timeout(make_proxy: MakeProxy) -> None:
     # PostgreSQL: one pooled connection, held by a request whose key lookup waits on a table lock.
     with scratch_postgres() as url:
@@ -536,6 +537,7 @@ async def test_sqlite_waits_for_a_pooled_connection_only_as_long_as_configured(t
 # -- callers -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.served
 def test_a_caller_that_leaves_mid_request_does_not_stop_it(make_proxy: MakeProxy) -> None:
     with make_proxy() as proxy, proxy.client() as client:
         session_token = ask_session_token(client, proxy).json()["session_token"]
@@ -563,6 +565,7 @@ def test_a_caller_that_leaves_mid_request_does_not_stop_it(make_proxy: MakeProxy
         assert proxy.create_session(client)
 
 
+@pytest.mark.served
 def test_upstream_concurrency_exhausted_is_a_503_with_retry_after(make_proxy: MakeProxy) -> None:
     overrides = {
         "LIVENESS_PROXY_UPSTREAM_CONCURRENCY": 1,

@@ -585,6 +585,7 @@ def assert_clean(run: FuzzRun) -> None:
 
 # About 40 s on an idle 2-core machine, up to 100 s when it is shared with other work: the default
 # 120 s timeout would cut a slow run that is not failing.
+@pytest.mark.served
 @pytest.mark.timeout(300)
 def test_fuzz_every_route_with_valid_and_invalid_credentials(
     make_proxy: Callable[..., AbstractContextManager[ProxyHarness]], log_scan: LogScan, tmp_path: Path
@@ -608,6 +609,7 @@ def test_fuzz_every_route_with_valid_and_invalid_credentials(
     assert set(report.outcomes) >= REQUIRED_OUTCOMES, sorted(REQUIRED_OUTCOMES - set(report.outcomes))
 
 
+@pytest.mark.served
 def test_fuzz_with_tight_limits_every_429_is_documented(
     make_proxy: Callable[..., AbstractContextManager[ProxyHarness]], log_scan: LogScan, tmp_path: Path
 ) -> None:

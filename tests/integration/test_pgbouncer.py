@@ -48,6 +48,7 @@ async def _flow(proxy: ProxyHarness, flows: int) -> list[int]:
     return [status for answer in answers for status in answer]
 
 
+@pytest.mark.served
 def test_the_proxy_runs_behind_pgbouncer_in_transaction_mode(
     through_pgbouncer: str, make_proxy: Callable[..., AbstractContextManager[ProxyHarness]]
 ) -> None:
@@ -70,6 +71,7 @@ def test_the_proxy_runs_behind_pgbouncer_in_transaction_mode(
     assert asyncio.run(verify())
 
 
+@pytest.mark.served
 def test_without_the_setting_prepared_statements_break_behind_pgbouncer(
     through_pgbouncer: str, make_proxy: Callable[..., AbstractContextManager[ProxyHarness]]
 ) -> None:

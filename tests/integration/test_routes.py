@@ -94,6 +94,7 @@ INJECTION_IDS = [
 ]
 
 
+@pytest.mark.served
 @pytest.mark.parametrize("raw_id", INJECTION_IDS)
 def test_injected_session_ids_never_reach_another_upstream_path(proxy: ProxyHarness, raw_id: str) -> None:
     with proxy.client() as client:
@@ -109,6 +110,7 @@ def test_injected_session_ids_never_reach_another_upstream_path(proxy: ProxyHarn
 @pytest.mark.parametrize(
     "raw_target", ["/v1/liveness/sessions/../session-token/result", "/v1/liveness/sessions/a/b/result"]
 )
+@pytest.mark.served
 def test_raw_dot_segments_are_not_normalised_into_another_route(proxy: ProxyHarness, raw_target: str) -> None:
     with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])), timeout=5) as sock:
         request = (
@@ -217,6 +219,7 @@ def test_bad_bodies_get_the_documented_problem(
     assert not [r for r in proxy.sandbox.request_log if r.path.endswith("liveness_session")]
 
 
+@pytest.mark.served  # chunked transfer coding on the wire, parsed by the server
 def test_oversized_chunked_body_is_refused_while_reading(proxy: ProxyHarness, client: httpx.Client) -> None:
     def chunks() -> object:
         for _ in range(100):

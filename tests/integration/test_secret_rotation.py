@@ -210,6 +210,7 @@ class Load:
         raise AssertionError(f"fewer than {count} requests completed in {timeout} s")
 
 
+@pytest.mark.served
 def test_rotating_the_secret_under_load_fails_no_caller_request(
     tmp_path: Path, make_proxy: Callable[..., AbstractContextManager[ProxyHarness]]
 ) -> None:

@@ -341,6 +341,7 @@ def proxy_without_redis(
         yield running
 
 
+@pytest.mark.served
 async def test_a_proxy_whose_redis_is_down_serves_and_reports_degraded_readiness(
     proxy_without_redis: ProxyHarness,
 ) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import httpx
+import pytest
 
 from liveness_proxy.sandbox import Fault
 from support import ProxyHarness
@@ -32,6 +33,7 @@ async def _burst(proxy: ProxyHarness, count: int) -> list[int]:
     return [response.status_code for response in responses]
 
 
+@pytest.mark.served
 async def test_200_concurrent_first_requests_cause_one_token_request(proxy: ProxyHarness) -> None:
     proxy.sandbox.inject_fault(Fault(target="token", kind="latency", delay_seconds=0.3))
     statuses = await _burst(proxy, 200)
@@ -177,6 +179,7 @@ def test_huge_lifetime_is_capped(make_proxy: Callable[..., AbstractContextManage
         assert token.expires_at - running.clock.now() == running.settings.cynopsis_token_max_lifetime_seconds
 
 
+@pytest.mark.served
 def test_hanging_token_endpoint_never_queues_callers_past_the_token_timeout(
     make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
 ) -> None:
@@ -224,6 +227,7 @@ def test_an_upstream_rejecting_every_token_does_not_cause_a_token_request_per_ca
     assert proxy.sandbox.token_requests == 3
 
 
+@pytest.mark.served
 async def test_a_late_rejection_of_an_old_token_does_not_drop_its_replacement(proxy: ProxyHarness) -> None:
     async with httpx.AsyncClient(base_url=proxy.url) as http:
         assert (await http.post(SESSION_TOKEN, headers=proxy.auth())).status_code == 200
