@@ -21,11 +21,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[LOG_SCAN] = LogScan()
 
 
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests that start many processes
+# or a browser and put the machine under load for tens of seconds (crash, soak, fleet, browser,
+# benchmark smoke) are marked `xdist_group("heavy")`, so they run one after another on one worker
+# while the other worker takes the rest, and never two of them at once. They are collected first,
+# so the long chain starts at once instead of ending the run.
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every proxy log line the suite produced was scanned for secrets, tokens, keys and image
-    bytes; any hit fails the run, whichever test caused it."""
+    bytes; any hit fails the run, whichever test caused it. An xdist worker hands its scan to the
+    controller (its own exit status would be ignored), which reports and fails the run."""
     scan = session.config.stash.get(LOG_SCAN, None)
-    if scan is None or not scan.leaks:
+    if scan is None:
+        return
+    workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["log_scan"] = {"lines_scanned": scan.lines_scanned, "leaks": scan.leaks}
+        return
+    if not scan.leaks:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -33,6 +52,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for leak in scan.leaks[:50]:
             reporter.write_line(f"  {leak}", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist, on the controller: a worker finished; its log scan joins the controller's."""
+    output = getattr(node, "workeroutput", {}).get("log_scan")
+    if output is None:
+        return
+    scan = node.config.stash[LOG_SCAN]
+    scan.lines_scanned += output["lines_scanned"]
+    scan.leaks.extend(output["leaks"])
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,9 @@ from e2e.test_cli import COMMAND, free_port, run
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, ServerThread, subprocess_env
 
+# kill -9 under load, ~15 s
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
+
 CLIENT_THREADS = 16
 LOAD_SECONDS = 1.5
 SESSION_TOKEN = "/v1/liveness/session-token"

@@ -53,6 +53,7 @@ def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.
     )
 
 
+@pytest.mark.slow
 def test_keys_create_list_revoke(env: dict[str, str]) -> None:
     created = run(env, "keys", "create", "--subject", "alice", "--scope", "liveness:admin", "--name", "ops")
     assert created.returncode == 0, created.stderr
@@ -108,6 +109,7 @@ def test_check_fails_on_wrong_credentials(env: dict[str, str]) -> None:
     assert "wrong-secret-value" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_check_on_postgresql_and_redis_reports_both(env: dict[str, str]) -> None:
     with shared_backend() as overrides:
         result = run({**env, **overrides}, "db", "upgrade")
@@ -154,6 +156,7 @@ def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float = 30) -
     raise AssertionError("serve did not become ready")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_runs_the_flow_and_stops_on_sigterm(
     env: dict[str, str], sandbox: tuple[Sandbox, str], workers: str
@@ -273,6 +276,7 @@ def _seed_audit(env: dict[str, str], times: list[float]) -> None:
     asyncio.run(seed())
 
 
+@pytest.mark.slow
 def test_audit_verify_passes_then_names_the_first_tampered_record(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -328,6 +332,7 @@ def test_audit_export_refuses_bad_times_with_exit_2(
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_audit_purge_deletes_old_records_and_verify_still_passes(env: dict[str, str], tmp_path: Path) -> None:
     now = time.time()
     _seed_audit(env, [now - 10 * 86400] * 3 + [now - 60] * 2)

@@ -46,6 +46,9 @@ from liveness_proxy.store.tables import liveness_sessions
 from services import scratch_postgres
 from support import ServerThread, issue_keys, proxy_settings, subprocess_env, upstream_sandbox
 
+# kill -9 cycles under load, 15-30 s each
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
+
 CLIENT_THREADS = 6
 # Each cycle kills `serve` this long (drawn from the seed) after its clients have created a few
 # sessions: early enough that creations are always in flight, late enough to cover batched commits.

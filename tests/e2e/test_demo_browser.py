@@ -24,6 +24,9 @@ from e2e.test_cli import COMMAND, free_port
 from e2e.test_serve_limits import wait_ready
 from support import background_command
 
+# a real browser against `liveness-proxy demo`
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
+
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"

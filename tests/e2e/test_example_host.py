@@ -38,6 +38,8 @@ from support import (
     upstream_sandbox,
 )
 
+pytestmark = pytest.mark.slow  # the example host in a subprocess per test
+
 REPO = Path(__file__).resolve().parents[2]
 # As README.md runs it (uvicorn's own access log off: it would log session ids in paths).
 HOST_COMMAND = [

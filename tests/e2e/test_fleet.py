@@ -27,6 +27,9 @@ from liveness_proxy.settings import settings_from_mapping
 from services import shared_backend
 from support import LogScan, ServerThread, issue_keys, subprocess_env, upstream_sandbox
 
+# several `serve` processes per test, 20-40 s each
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
+
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"
 # Short enough that a test can wait for a token to expire; with a refresh margin of 1 s a burst has

@@ -529,6 +529,7 @@ def test_a_body_within_the_limits_is_served(serve: Serve) -> None:
 MAX_CONNECTIONS = 3
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_limit_get_503_while_admitted_ones_finish(
     sandbox: tuple[Sandbox, str], tmp_path: Path
 ) -> None:

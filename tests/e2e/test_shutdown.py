@@ -138,6 +138,7 @@ def shutdown_env(upstream: Upstream, folder: Path, shutdown_timeout: float) -> d
     )
 
 
+@pytest.mark.slow
 def test_sigterm_drains_requests_in_flight_and_every_answer_is_audited(
     upstream: Upstream, tmp_path: Path
 ) -> None:

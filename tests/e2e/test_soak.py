@@ -52,6 +52,9 @@ from support import (
     upstream_sandbox,
 )
 
+# a minute of load by design
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
+
 SOAK_SECONDS = float(os.environ.get("LIVENESS_PROXY_SOAK_SECONDS", "60"))
 SEED_VARIABLE = "LIVENESS_PROXY_SOAK_SEED"
 CLIENT_THREADS = 8

@@ -440,6 +440,7 @@ def write_locked(proxy: ProxyHarness, postgres_url: str | None) -> Iterator[None
         loop.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_write_locked_store_is_a_503_after_a_bounded_wait(make_proxy: MakeProxy, backend: str) -> None:
     with (

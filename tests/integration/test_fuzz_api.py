@@ -57,6 +57,8 @@ from liveness_proxy.auth import new_api_key
 from liveness_proxy.store import ApiKeyStore
 from support import TEST_PEPPER, LogScan, ProxyHarness, find_leaks
 
+pytestmark = pytest.mark.slow  # fuzzing campaigns of thousands of requests
+
 FuzzCase = Case[Any]
 
 MINIMUM_CASES = 2000
@@ -86,6 +88,8 @@ ODD_CONTENT_TYPES = (
     "application/jsonx",
     "*/*",
 )
+
+
 # Cases per operation and generation mode. Positive cases conform to the document, with the
 # credential drawn per case (most of them valid); negative cases break it (bodies that are not
 # objects, malformed session ids, stray headers). Operations without parameters have no negative

@@ -75,6 +75,7 @@ async def _requests(proxy: ProxyHarness, count: int, key: str) -> list[int]:
     return [answer.status_code for answer in answers]
 
 
+@pytest.mark.slow
 @pytest.mark.served
 def test_redis_killed_under_load_and_restarted(
     private_redis: PrivateRedis, make_proxy: Callable[..., AbstractContextManager[ProxyHarness]]
