@@ -607,7 +607,7 @@ def test_every_test_the_matrix_names_exists_and_every_test_here_is_named() -> No
         assert re.search(rf"^(async )?def {name}\(", source, re.MULTILINE), f"{path}::{name} does not exist"
         if case:
             assert f'id="{case}"' in source or f'"{case}"' in source, f"{path}::{name}[{case}] does not exist"
-    named = {name for path, name, _ in references if path == "tests/test_fault_matrix.py"}
+    named = {name for path, name, _ in references if path == "tests/integration/test_fault_matrix.py"}
     here = set(
         re.findall(r"^(?:async )?def (test_\w+)\(", Path(__file__).read_text(encoding="utf-8"), re.MULTILINE)
     )
