@@ -21,11 +21,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[LOG_SCAN] = LogScan()
 
 
-# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests that start many processes
-# or a browser and put the machine under load for tens of seconds (crash, soak, fleet, browser,
-# benchmark smoke) are marked `xdist_group("heavy")`, so they run one after another on one worker
-# while the other worker takes the rest, and never two of them at once. They are collected first,
-# so the long chain starts at once instead of ending the run.
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`, one worker per core): the tests that
+# start many processes or a browser and load the machine for tens of seconds (crash, soak, fleet,
+# browser, benchmark smoke) are marked `xdist_group("heavy")`, so they run one after another on one
+# worker while the other worker takes the rest, and never two of them at once. They are collected
+# first, so that long chain starts at once instead of ending the run. (More workers than cores was
+# faster still, but starved timing-bound tests: 200 concurrent requests against a 1 s upstream
+# timeout got 502s.)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

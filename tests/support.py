@@ -1,4 +1,5 @@
-"""Test harness: real servers on loopback, each in a thread with its own event loop."""
+"""Test harness: real servers on loopback (uvicorn), or an app driven in-process through ASGI, each in
+a thread with its own event loop."""
 
 from __future__ import annotations
 

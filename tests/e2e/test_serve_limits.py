@@ -461,6 +461,7 @@ def test_a_slow_body_gets_408_and_the_connection_is_closed(serve: Serve) -> None
     slow.close()
 
 
+@pytest.mark.served
 def test_the_body_deadline_holds_in_library_mode_too(
     make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
 ) -> None:
