@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit bench clean
+# pytest-xdist workers for `make test` (2 pays on a 2-core machine; 0 runs in this process).
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup demo test lint typecheck unit fast bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "liveness-proxy needs Python 3.11 or newer (set PYTHON=...)")'
@@ -26,8 +29,14 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Every test (tests/unit, tests/integration, tests/e2e, tests/sandbox); the heavy e2e tests share one
+# worker (xdist_group "heavy", see tests/conftest.py).
 unit: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The developer's loop: everything but the tests marked slow.
+fast: setup
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
 test: lint typecheck unit
 

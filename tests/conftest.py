@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from liveness_proxy.settings import async_database_url
-from services import scratch_postgres, shared_backend
-from support import Harness, LogScan, ProxyHarness
+from prepared import SQLITE_NAME, PreparedDatabases
+from services import scratch_postgres, scratch_redis
+from support import Harness, Keys, LogScan, ProxyHarness
 
 LOG_SCAN = pytest.StashKey[LogScan]()
 
@@ -20,11 +21,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[LOG_SCAN] = LogScan()
 
 
+# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`, one worker per core): the tests that
+# start many processes or a browser and load the machine for tens of seconds (crash, soak, fleet,
+# browser, benchmark smoke) are marked `xdist_group("heavy")`, so they run one after another on one
+# worker while the other worker takes the rest, and never two of them at once. They are collected
+# first, so that long chain starts at once instead of ending the run. (More workers than cores was
+# faster still, but starved timing-bound tests: 200 concurrent requests against a 1 s upstream
+# timeout got 502s.)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every proxy log line the suite produced was scanned for secrets, tokens, keys and image
-    bytes; any hit fails the run, whichever test caused it."""
+    bytes; any hit fails the run, whichever test caused it. An xdist worker hands its scan to the
+    controller (its own exit status would be ignored), which reports and fails the run."""
     scan = session.config.stash.get(LOG_SCAN, None)
-    if scan is None or not scan.leaks:
+    if scan is None:
+        return
+    workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["log_scan"] = {"lines_scanned": scan.lines_scanned, "leaks": scan.leaks}
+        return
+    if not scan.leaks:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -34,41 +56,89 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist, on the controller: a worker finished; its log scan joins the controller's."""
+    output = getattr(node, "workeroutput", {}).get("log_scan")
+    if output is None:
+        return
+    scan = node.config.stash[LOG_SCAN]
+    scan.lines_scanned += output["lines_scanned"]
+    scan.leaks.extend(output["leaks"])
+
+
+@pytest.fixture(scope="session")
+def prepared_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PreparedDatabases]:
+    """Migrated databases with the harness's keys, made once per session (per xdist worker)."""
+    prepared = PreparedDatabases(tmp_path_factory.mktemp("prepared"))
+    try:
+        yield prepared
+    finally:
+        prepared.close()
+
+
 @contextlib.contextmanager
-def _backend(name: str) -> Iterator[dict[str, str]]:
+def _backend(name: str, prepared: PreparedDatabases, folder: Path) -> Iterator[tuple[dict[str, str], Keys]]:
+    """Proxy settings and keys for a backend: a copy of the prepared SQLite file in `folder`, or a
+    clone of the prepared PostgreSQL database with a Redis key prefix of the test's own."""
     if name == "postgres-redis":
-        with shared_backend() as overrides:
-            yield overrides
+        with prepared.postgres() as (database_url, keys), scratch_redis() as (redis_url, prefix):
+            yield (
+                {
+                    "LIVENESS_PROXY_DATABASE_URL": database_url,
+                    "LIVENESS_PROXY_REDIS_URL": redis_url,
+                    "LIVENESS_PROXY_REDIS_KEY_PREFIX": prefix,
+                },
+                keys,
+            )
     else:
-        yield {}
+        yield {}, prepared.sqlite(folder / SQLITE_NAME)
+
+
+def _in_process(request: pytest.FixtureRequest) -> bool:
+    """The proxy runs in-process (through ASGI, no socket) unless the test is marked `served`."""
+    return request.node.get_closest_marker("served") is None
 
 
 @pytest.fixture(params=["sqlite", "postgres-redis"])
-def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyHarness]:
+def proxy(
+    tmp_path: Path, request: pytest.FixtureRequest, prepared_databases: PreparedDatabases
+) -> Iterator[ProxyHarness]:
     """A proxy in front of a sandbox upstream, with keys for alice, bob, an admin and carol; every
-    test that uses it runs twice: on SQLite alone, and on PostgreSQL with Redis."""
+    test that uses it runs twice: on SQLite alone, and on PostgreSQL with Redis. In-process (its
+    `client()` only) unless the test is marked `served`."""
     with (
-        _backend(request.param) as overrides,
+        _backend(request.param, prepared_databases, tmp_path) as (overrides, keys),
         Harness(
             tmp_path,
             proxy_overrides=overrides,
             log_scan=request.config.stash[LOG_SCAN],
             origin=request.node.nodeid,
+            in_process=_in_process(request),
+            prepared_keys=keys,
         ) as running,
     ):
         yield running
 
 
+# Settings that make a prepared database the wrong one: another database, or keys under another pepper.
+_OWN_DATABASE = ("LIVENESS_PROXY_DATABASE_URL", "LIVENESS_PROXY_API_KEY_PEPPER")
+
+
 @pytest.fixture
 def make_proxy(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, prepared_databases: PreparedDatabases
 ) -> Callable[..., AbstractContextManager[ProxyHarness]]:
-    """Builds a proxy with special settings: `with make_proxy(proxy_overrides={...}) as p:`."""
+    """Builds a proxy with special settings: `with make_proxy(proxy_overrides={...}) as p:`.
+    In-process unless the test is marked `served` (or passes `in_process=`)."""
     counter = iter(range(1000))
 
     def build(**kwargs: Any) -> AbstractContextManager[ProxyHarness]:
         folder = tmp_path / f"harness-{next(counter)}"
         folder.mkdir()
+        kwargs.setdefault("in_process", _in_process(request))
+        if not any(name in kwargs.get("proxy_overrides", {}) for name in _OWN_DATABASE):
+            kwargs.setdefault("prepared_keys", prepared_databases.sqlite(folder / SQLITE_NAME))
         return Harness(folder, log_scan=request.config.stash[LOG_SCAN], origin=request.node.nodeid, **kwargs)
 
     return build

@@ -1,4 +1,5 @@
-"""Test harness: real servers on loopback, each in a thread with its own event loop."""
+"""Test harness: real servers on loopback (uvicorn), or an app driven in-process through ASGI, each in
+a thread with its own event loop."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import httpx
 import orjson
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message
 
 from liveness_proxy.app import create_app
 from liveness_proxy.auth import IssuedApiKey, new_api_key
@@ -96,6 +97,20 @@ def background_command(
             process.wait(timeout=10)
 
 
+class _PromptServer(uvicorn.Server):
+    """uvicorn's Server, looking at `should_exit` every 10 ms instead of every 100 ms: stopping a
+    server is paid by every test that starts one (its `on_tick` still refreshes the Date header
+    and checks the limits, only more often)."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            await asyncio.sleep(0.01)
+            should_exit = await self.on_tick(counter)
+
+
 class ServerThread:
     """Runs an ASGI app under uvicorn on 127.0.0.1 and an OS-chosen port, in a background thread.
 
@@ -130,7 +145,7 @@ class ServerThread:
             loop="asyncio",
             **tls,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _PromptServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 15.0) -> ServerThread:
@@ -157,6 +172,109 @@ class ServerThread:
         self.thread.join(timeout=15)
 
 
+class InProcessApp:
+    """An ASGI app served without a socket: its lifespan and every request run on one event loop in a
+    thread of its own (as under uvicorn), and `transport()` hands each httpx request to it through
+    ASGI. For behaviour that needs no real server; tests where the socket is the point (raw bytes,
+    connection handling, other clients on the URL) use `ServerThread`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._to_app: asyncio.Queue[Message] | None = None
+        self._from_app: asyncio.Queue[Message] | None = None
+        self._lifespan: asyncio.Future[None] | None = None
+
+    def start(self, timeout: float = 15.0) -> InProcessApp:
+        self.thread.start()
+        self.call(self._lifespan_event("startup"), timeout)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        try:
+            self.call(self._lifespan_event("shutdown"), timeout)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=timeout)
+            self.loop.close()
+
+    def call(self, coroutine: Any, timeout: float | None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def _lifespan_event(self, event: str) -> None:
+        """The ASGI lifespan protocol, as uvicorn speaks it: one long-lived call of the app."""
+        if self._lifespan is None:
+            to_app = self._to_app = asyncio.Queue()
+            from_app = self._from_app = asyncio.Queue()
+            scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
+            self._lifespan = asyncio.ensure_future(self.app(scope, to_app.get, from_app.put))
+        assert self._to_app is not None
+        assert self._from_app is not None
+        await self._to_app.put({"type": f"lifespan.{event}"})
+        answer = asyncio.ensure_future(self._from_app.get())
+        pending: set[asyncio.Future[Any]] = {answer, self._lifespan}
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            answer.cancel()
+            self._lifespan.result()  # the app's own exception, if it raised
+            raise RuntimeError(f"the app ended its lifespan without answering lifespan.{event}")
+        message = answer.result()
+        if message["type"] != f"lifespan.{event}.complete":
+            raise RuntimeError(f"lifespan.{event} failed: {message.get('message', message)}")
+        if event == "shutdown":
+            await self._lifespan
+
+    def transport(self) -> httpx.BaseTransport:
+        return _InProcessTransport(self)
+
+
+class _InProcessTransport(httpx.BaseTransport):
+    """A synchronous httpx transport onto an `InProcessApp`: the request body is read from the
+    caller's thread chunk by chunk as the app asks for it, the answer's timeout is the client's."""
+
+    def __init__(self, served: InProcessApp) -> None:
+        self.served = served
+        # An app exception becomes a 500, as a server would answer (the app's own last-resort
+        # middleware should have answered already; the test sees what a client would).
+        self.asgi = httpx.ASGITransport(served.app, raise_app_exceptions=False)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        chunks = iter(request.stream)
+        loop = self.served.loop
+
+        async def body() -> AsyncIterator[bytes]:
+            while (chunk := await loop.run_in_executor(None, next, chunks, None)) is not None:
+                yield chunk
+
+        async def exchange() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+            forwarded = httpx.Request(
+                request.method, request.url, headers=request.headers, stream=_AsyncBody(body())
+            )
+            answer = await self.asgi.handle_async_request(forwarded)
+            content = await answer.aread()
+            return answer.status_code, answer.headers.raw, content
+
+        read_timeout = request.extensions.get("timeout", {}).get("read")
+        future = asyncio.run_coroutine_threadsafe(exchange(), loop)
+        try:
+            status, headers, content = future.result(read_timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise httpx.ReadTimeout("the in-process app did not answer in time", request=request) from exc
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+
+class _AsyncBody(httpx.AsyncByteStream):
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks:
+            yield chunk
+
+
 @dataclass
 class Keys:
     alice: str
@@ -168,9 +286,11 @@ class Keys:
 
 @dataclass
 class ProxyHarness:
-    """A proxy and its sandbox upstream, both served over loopback, sharing one manual clock."""
+    """A proxy and its sandbox upstream, sharing one manual clock. The sandbox is served over
+    loopback; the proxy too (`url`), or, `in_process`, driven through ASGI without a socket (its
+    `client()` is all there is)."""
 
-    url: str
+    base_url: str
     sandbox: Sandbox
     sandbox_url: str
     clock: ManualClock
@@ -179,6 +299,17 @@ class ProxyHarness:
     log: io.StringIO
     app: Any
     responses: list[bytes] = field(default_factory=list)
+    in_process: InProcessApp | None = None
+
+    @property
+    def url(self) -> str:
+        """The proxy's URL on loopback; an in-process proxy has none."""
+        if self.in_process is not None:
+            raise AssertionError(
+                "this proxy runs in-process, without a socket: use proxy.client(), or mark the test "
+                "@pytest.mark.served to have it served by uvicorn on loopback"
+            )
+        return self.base_url
 
     @property
     def runtime(self) -> Service:
@@ -192,7 +323,10 @@ class ProxyHarness:
             response.read()
             self.responses.append(str(response.headers).encode() + b"\n" + response.content)
 
-        return httpx.Client(base_url=self.url, event_hooks={"response": [keep]}, timeout=10)
+        transport = self.in_process.transport() if self.in_process is not None else None
+        return httpx.Client(
+            base_url=self.base_url, transport=transport, event_hooks={"response": [keep]}, timeout=10
+        )
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.keys.alice}"}
@@ -357,25 +491,46 @@ class Harness:
     app_options: dict[str, Any] = field(default_factory=dict)
     log_scan: LogScan | None = None
     origin: str = "harness"
-    _servers: list[ServerThread] = field(default_factory=list)
+    # The proxy driven through ASGI in this process instead of served on a socket (InProcessApp).
+    in_process: bool = False
+    # Keys already in the proxy's database (a copy of a prepared one): no migration, no new keys.
+    prepared_keys: Keys | None = None
+    _servers: list[ServerThread | InProcessApp] = field(default_factory=list)
     _log: io.StringIO | None = None
 
     def __enter__(self) -> ProxyHarness:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)  # whatever did start stops
+            raise
+
+    def _start(self) -> ProxyHarness:
         clock = ManualClock()
         sandbox = upstream_sandbox(clock=clock, **self.sandbox_config)
-        sandbox_server = ServerThread(sandbox.app, lifespan="off").start()
+        sandbox_server = ServerThread(sandbox.app, lifespan="off")
         self._servers.append(sandbox_server)
+        sandbox_server.start()
         settings = proxy_settings(sandbox_server.url, self.tmp_path / "proxy.db", **self.proxy_overrides)
-        keys = asyncio.run(_prepare_database(settings))
+        keys = self.prepared_keys or asyncio.run(_prepare_database(settings))
         log = self._log = io.StringIO()
         # The shared token store dates tokens by the same manual clock, so advancing it expires them.
         app = create_app(
             settings, clock=clock.now, shared_clock=clock.now, log_stream=log, **self.app_options
         )
-        proxy_server = ServerThread(app).start()
-        self._servers.append(proxy_server)
+        in_process: InProcessApp | None = None
+        if self.in_process:
+            in_process = InProcessApp(app)
+            self._servers.append(in_process)
+            in_process.start()
+            base_url = "http://proxy.in-process"
+        else:
+            proxy_server = ServerThread(app)
+            self._servers.append(proxy_server)
+            base_url = proxy_server.start().url
         return ProxyHarness(
-            url=proxy_server.url,
+            base_url=base_url,
+            in_process=in_process,
             sandbox=sandbox,
             sandbox_url=sandbox_server.url,
             clock=clock,

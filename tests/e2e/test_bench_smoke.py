@@ -1,0 +1,145 @@
+"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S6) against
+nginx stubs, the naive proxy and our proxy, and writes its JSON, Markdown and chart. Nothing here
+judges a timing or a target: the smoke run is too short for either to mean anything. What it proves
+is that every scenario runs, reports numbers and ratios, and that our proxy answered 2xx throughout.
+
+Needs wrk, nginx and nginx's echo module (Debian: wrk, nginx-light, libnginx-mod-http-echo; .ci/run
+and bench/install-tools install them). Without them the test is skipped, unless
+LIVENESS_PROXY_TEST_REQUIRE_SERVICES=1 (CI), where the harness installs them itself. S4's fleet
+variant needs PostgreSQL and Redis, with the same rule as tests/services.py: required in CI,
+otherwise skipped (only that variant) when they are not there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import REQUIRE_SERVICES, postgres_problem, redis_problem
+
+RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
+ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
+
+
+def _missing_tools() -> list[str]:
+    missing = []
+    if shutil.which("wrk") is None:
+        missing.append("wrk")
+    if shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin") is None:
+        missing.append("nginx-light")
+    if not ECHO_MODULE.exists():
+        missing.append("libnginx-mod-http-echo")
+    return missing
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _assert_spread(section: dict[str, Any], figure: str, where: str) -> None:
+    values = section[figure]
+    for name in ("min", "median", "max"):
+        assert _is_number(values[name]), f"{where}: {figure}.{name} is {values[name]!r}"
+
+
+def _run_smoke(out: Path, fleet: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(RUN), "--smoke", "--out", str(out), "--fleet", fleet]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the harness then stops nginx and every proxy it started.
+        process.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"bench/run.py --smoke did not finish in 240 s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.timeout(300)
+def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
+    missing = _missing_tools()
+    if missing and not REQUIRE_SERVICES:
+        pytest.skip(
+            f"benchmark tools missing ({', '.join(missing)}): run bench/install-tools as root, "
+            "or set LIVENESS_PROXY_TEST_REQUIRE_SERVICES=1 to have the harness install them"
+        )
+    services_problem = postgres_problem() or redis_problem()
+    fleet = "require" if REQUIRE_SERVICES or services_problem is None else "skip"
+
+    answer = _run_smoke(tmp_path, fleet)
+
+    assert answer.returncode == 0, f"bench/run.py --smoke failed:\n{answer.stderr[-4000:]}"
+    reports = list(tmp_path.glob("*.json"))
+    assert len(reports) == 1, reports
+    report = json.loads(reports[0].read_text())
+    assert report["mode"] == "smoke"
+    assert sorted(report["scenarios"]) == list(SCENARIOS)
+    for suffix in ("md", "png"):
+        written = reports[0].with_suffix(f".{suffix}")
+        assert written.exists(), written
+        assert written.stat().st_size > 0, written
+    assert reports[0].with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert "| scenario |" in answer.stdout  # the summary table
+
+    scenarios = report["scenarios"]
+    for name in SCENARIOS:
+        assert {"measured", "ratios", "targets"} <= set(scenarios[name]), name
+        for target in scenarios[name]["targets"]:
+            assert target["met"] in (True, False, None), (name, target)
+
+    # S1-S3: every system measured, with numbers; our proxy answered nothing but 2xx.
+    throughput = {"S1": ("ours", "nginx", "naive", "stub_direct"), "S2": ("ours", "nginx", "naive")}
+    for name, systems in throughput.items():
+        measured = scenarios[name]["measured"]
+        for system in systems:
+            for figure in ("requests_per_second", "p50_ms", "p99_ms", "non_2xx", "socket_errors"):
+                _assert_spread(measured[system], figure, f"{name}/{system}")
+        assert measured["ours"]["requests_per_second"]["min"] > 0, name
+        assert measured["ours"]["non_2xx"]["max"] == 0, (name, measured["ours"].get("sample_failure"))
+    for ratio in ("ours_to_nginx", "ours_to_naive"):
+        assert _is_number(scenarios["S1"]["ratios"][ratio]), ratio
+    for ratio in ("ours_to_ours_s1", "ours_to_nginx", "ours_to_naive"):
+        assert _is_number(scenarios["S2"]["ratios"][ratio]), ratio
+    for system in ("ours", "nginx", "naive"):
+        for figure in ("requests_per_second", "p99_ms", "errors"):
+            _assert_spread(scenarios["S3"]["measured"][system], figure, f"S3/{system}")
+    for ratio in ("ours_to_ideal", "ours_to_nginx"):
+        assert _is_number(scenarios["S3"]["ratios"][ratio]), ratio
+
+    # S4: token requests counted (no judgement of the count: that is the benchmark's to report).
+    s4 = scenarios["S4"]
+    _assert_spread(s4["measured"]["per_process"], "token_requests_in_burst", "S4/per_process")
+    assert _is_number(s4["ratios"]["per_process_count_to_expected"])
+    if fleet == "require":
+        _assert_spread(s4["measured"]["fleet"], "token_requests_in_burst", "S4/fleet")
+        assert _is_number(s4["ratios"]["fleet_count_to_expected"])
+    else:
+        assert s4["measured"]["fleet"]["skipped"]
+    for variant in ("per_process", *(("fleet",) if fleet == "require" else ())):
+        for rep in s4["measured"][variant]["reps"]:
+            assert sum(rep["answers"].values()) == report["plan"]["burst_requests"], rep
+
+    # S5 and S6: memory and start-up figures.
+    s5 = scenarios["S5"]["measured"]["ours"]
+    for figure in ("rss_idle_mb", "rss_at_first_mb", "rss_at_last_mb", "growth_percent"):
+        assert _is_number(s5[figure]), figure
+    assert s5["checkpoints"][1]["requests"] > s5["checkpoints"][0]["requests"] > 0
+    for ratio in ("rss_at_last_to_limit", "growth_percent"):
+        assert _is_number(scenarios["S5"]["ratios"][ratio]), ratio
+    for system in ("ours", "naive"):
+        _assert_spread(scenarios["S6"]["measured"][system], "seconds", f"S6/{system}")
+    assert _is_number(scenarios["S6"]["ratios"]["ours_to_naive"])

@@ -1,0 +1,72 @@
+"""Log redaction on its own: known secrets and credential shapes, nested values, the access-log line."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from liveness_proxy.observability import REDACTED, AccessLog, Redactor, build_logger
+
+
+def test_redactor_scrubs_known_secrets_and_credential_shapes() -> None:
+    redactor = Redactor(["client-secret-value"])
+    redactor.add_secret("access-token-value-123")
+    text = (
+        "secret=client-secret-value token=access-token-value-123 "
+        "key=lpk_0123456789abcdef_abcdefghijklmnopqrstuvwxyz012345 "
+        "header=Bearer eyJhbGciOiJSUzI1NiJ9.x.y form=client_secret=abc&x=1"
+    )
+    scrubbed = redactor.scrub(text)
+    for leaked in (
+        "client-secret-value",
+        "access-token-value-123",
+        "lpk_0123",
+        "eyJhbGci",
+        "client_secret=abc",
+    ):
+        assert leaked not in scrubbed
+    assert scrubbed.count(REDACTED) == 5
+
+
+def test_every_log_line_passes_the_redactor_nested_values_too() -> None:
+    stream = io.StringIO()
+    redactor = Redactor(["pepper-pepper-pepper"])
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=stream)
+    logger.info("event", detail={"inner": ["pepper-pepper-pepper"]}, note="Bearer abc.def")
+    logger.debug("hidden at info level")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["detail"] == {"inner": [REDACTED]}
+    assert record["note"] == REDACTED
+
+
+def test_the_direct_access_log_line_matches_the_structlog_pipeline_and_is_redacted() -> None:
+    secret = "pepper-" + "s" * 40
+    fields = {
+        "request_id": "r-1",
+        "method": "GET",
+        "route": "/v1/liveness/sessions/{session_id}/result",
+        "status": 200,
+        "duration_ms": 1.5,
+        "subject": f"user-{secret}",
+        "upstream_status": None,
+    }
+    through_structlog, direct = io.StringIO(), io.StringIO()
+    redactor = Redactor([secret])
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=through_structlog)
+    logger.info("request", **fields)
+    AccessLog(level="info", log_format="json", redactor=redactor, fallback=logger, stream=direct).request(
+        dict(fields)
+    )
+    expected, written = json.loads(through_structlog.getvalue()), json.loads(direct.getvalue())
+    assert list(written) == list(expected)  # same keys, same order
+    assert {**written, "timestamp": None} == {**expected, "timestamp": None}
+    assert written["timestamp"].endswith("Z")
+    assert written["subject"] == f"user-{REDACTED}"
+    assert secret not in direct.getvalue()
+    quiet = io.StringIO()
+    AccessLog(level="warning", log_format="json", redactor=redactor, fallback=logger, stream=quiet).request(
+        dict(fields)
+    )
+    assert quiet.getvalue() == ""
