@@ -43,7 +43,9 @@ from liveness_proxy.observability import AccessLog, Redactor, build_logger
 from liveness_proxy.settings import Settings
 from liveness_proxy.wiring import Service, app_options, request_policy, running_service
 
-# The operations that need the running service, and the handler each one has before it runs.
+# Routes that may be absent: `/metrics` when LIVENESS_PROXY_METRICS_ENABLED is false.
+OPTIONAL_OPERATIONS = frozenset({"metrics"})
+# The operations that need the running service; before it runs, each answers 503 "starting".
 SERVICE_OPERATIONS = (
     "getLivenessResult",
     "getSessionToken",
@@ -162,10 +164,12 @@ def create_app(
         always["metrics"] = metrics_endpoint(
             metrics, token=options.metrics_token, allowed_networks=options.metrics_allowed_networks
         )
-    before_start = starlette_routes(ROUTES, {**always, **dict.fromkeys(SERVICE_OPERATIONS, starting)})
+    before_start = starlette_routes(
+        ROUTES, {**always, **dict.fromkeys(SERVICE_OPERATIONS, starting)}, optional=OPTIONAL_OPERATIONS
+    )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async with running_service(
             settings,
             logger=logger,
@@ -185,21 +189,21 @@ def create_app(
                 "getSessionRecord": liveness.session_record,
                 "readiness": readiness_handler(service),
             }
-            app.router.routes[:] = starlette_routes(ROUTES, handlers)
+            proxy.router.routes[:] = starlette_routes(ROUTES, handlers, optional=OPTIONAL_OPERATIONS)
             proxy._service = service
             try:
                 logger.info(
                     "started",
-                    upstream=settings.cynopsis_api_base_url,
-                    token_url=settings.cynopsis_token_url,
+                    upstream=options.upstream_base_url,
+                    token_url=options.token_url,
                     # Which trust the upstream's certificate is checked against, and whether we present one.
-                    upstream_ca="CYNOPSIS_CA_BUNDLE" if settings.cynopsis_ca_bundle is not None else "system",
-                    upstream_client_certificate=settings.cynopsis_client_cert_file is not None,
+                    upstream_ca=options.upstream_ca,
+                    upstream_client_certificate=options.upstream_client_certificate,
                     client_secret_reloadable=service.client_secret.reloadable,
                 )
                 yield
             finally:
-                app.router.routes[:] = before_start
+                proxy.router.routes[:] = before_start
                 proxy._service = None
         logger.info("stopped")
 

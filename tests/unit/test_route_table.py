@@ -24,16 +24,20 @@ def test_a_route_without_its_documentation_is_refused() -> None:
         build_openapi((*ROUTES, RouteSpec("/new", "GET", "undocumentedOperation")))
 
 
-def test_routes_are_built_in_table_order_for_the_handlers_given() -> None:
+def test_routes_are_built_in_table_order_and_every_route_needs_its_handler() -> None:
     async def handler(_request: object) -> object:
         raise AssertionError("not called")
 
-    built = starlette_routes(ROUTES, dict.fromkeys(("health", "getLivenessResult"), handler))  # type: ignore[arg-type]
-    assert [route.path for route in built] == [
-        route.path for route in ROUTES if route.operation_id in ("health", "getLivenessResult")
-    ]
+    every = dict.fromkeys((route.operation_id for route in ROUTES), handler)
+    built = starlette_routes(ROUTES, every)  # type: ignore[arg-type]
+    assert [route.path for route in built] == [route.path for route in ROUTES]
+    without_metrics = {name: value for name, value in every.items() if name != "metrics"}
+    with pytest.raises(ValueError, match="metrics"):
+        starlette_routes(ROUTES, without_metrics)  # type: ignore[arg-type]
+    optional = starlette_routes(ROUTES, without_metrics, optional=frozenset({"metrics"}))  # type: ignore[arg-type]
+    assert "/metrics" not in [route.path for route in optional]
     with pytest.raises(ValueError, match="noSuchOperation"):
-        starlette_routes(ROUTES, {"noSuchOperation": handler})  # type: ignore[dict-item]
+        starlette_routes(ROUTES, {**every, "noSuchOperation": handler})  # type: ignore[dict-item]
 
 
 def test_the_location_header_matches_its_documented_pattern() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import orjson
@@ -12,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from liveness_proxy.api.responses import json_response, problem_response
+from liveness_proxy.api.routes import Handler
 from liveness_proxy.errors import ProblemError, ServiceUnavailable
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.wiring import Service
@@ -27,8 +27,6 @@ CLIENT_FILES = {
     "jsClientTypes": ("liveness-proxy-client.d.ts", "application/typescript; charset=utf-8"),
 }
 CLIENT_CACHE_CONTROL = "public, max-age=300"
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 async def health(_request: Request) -> Response:

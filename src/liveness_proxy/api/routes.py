@@ -65,12 +65,19 @@ class Endpoint:
         await response(scope, receive, send)
 
 
-def starlette_routes(routes: Sequence[RouteSpec], handlers: Mapping[str, Handler]) -> list[Route]:
-    """The routes that have a handler, in table order (a route without one, such as `/metrics` when
-    it is disabled, is answered like any unknown path)."""
-    unknown = set(handlers) - {route.operation_id for route in routes}
+def starlette_routes(
+    routes: Sequence[RouteSpec], handlers: Mapping[str, Handler], *, optional: frozenset[str] = frozenset()
+) -> list[Route]:
+    """The routes, in table order, each with its handler. Only an `optional` route may lack one
+    (`/metrics` when it is disabled): it is then answered like any unknown path. A handler for no
+    route, or a route without a handler, is a bug, refused when the app is built."""
+    operations = {route.operation_id for route in routes}
+    unknown = set(handlers) - operations
     if unknown:
         raise ValueError(f"handlers for operations not in the route table: {sorted(unknown)}")
+    unhandled = operations - set(handlers) - optional
+    if unhandled:
+        raise ValueError(f"routes without a handler: {sorted(unhandled)}")
     return [
         Route(route.path, Endpoint(handlers[route.operation_id]), methods=[route.method])
         for route in routes

@@ -41,6 +41,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS, EC_ALGORITHM_BY_CURVE, RSA_ALGORITHMS
+
 MAX_JWKS_BYTES = 256 * 1024
 # More keys than any identity provider publishes; bounds the work one (possibly hostile) JWKS causes.
 MAX_JWKS_KEYS = 100
@@ -48,12 +50,10 @@ MAX_KID_LENGTH = 256
 MAX_PEM_BYTES = 64 * 1024
 MIN_RSA_KEY_BITS = 2048
 
-RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_EC_ALGORITHM_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _OKP_CURVES = frozenset({"Ed25519", "Ed448"})
-# Signature algorithms with a public key. HS* and "none" are not here, so nothing built from this
-# module can verify them, whatever the settings say.
-ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | frozenset(_EC_ALGORITHM_BY_CURVE.values()) | {"EdDSA"}
+# Signature algorithms with a public key (one definition, shared with the settings). HS* and "none"
+# are not there, so nothing built from this module can verify them, whatever the settings say.
+ASYMMETRIC_ALGORITHMS = ASYMMETRIC_JWT_ALGORITHMS
 # Private-key members (RFC 7518 §6): a JWKS that carries them is broken, and "k" is a shared secret.
 _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _PUBLIC_KEY_TYPES = (
@@ -130,8 +130,8 @@ def _algorithms_for(jwk: Mapping[str, Any]) -> frozenset[str]:
     crv = jwk.get("crv")
     if kty == "RSA":
         return RSA_ALGORITHMS
-    if kty == "EC" and isinstance(crv, str) and crv in _EC_ALGORITHM_BY_CURVE:
-        return frozenset({_EC_ALGORITHM_BY_CURVE[crv]})
+    if kty == "EC" and isinstance(crv, str) and crv in EC_ALGORITHM_BY_CURVE:
+        return frozenset({EC_ALGORITHM_BY_CURVE[crv]})
     if kty == "OKP" and isinstance(crv, str) and crv in _OKP_CURVES:
         return frozenset({"EdDSA"})
     return frozenset()

@@ -60,6 +60,12 @@ def _positive_days(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
 # -- parser -----------------------------------------------------------------------------------------
 
 
@@ -72,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the proxy from configuration")
     serve.add_argument("--host", default=None, help="bind address (default LIVENESS_PROXY_HOST)")
-    serve.add_argument("--port", type=int, default=None, help="port (default LIVENESS_PROXY_PORT)")
+    serve.add_argument("--port", type=_port, default=None, help="port (default LIVENESS_PROXY_PORT)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument(
         "--ssl-certfile",
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sandbox = commands.add_parser("sandbox", help="run only the simulated Cynopsis API")
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8081)
+    sandbox.add_argument("--port", type=_port, default=8081)
     sandbox.add_argument("--client-id", default="sandbox-client")
     sandbox.add_argument("--client-secret", default="sandbox-secret")
     sandbox.add_argument("--domain-id", default="sandbox-domain")
@@ -100,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="sandbox + proxy in one command, with a demo API key")
     demo.add_argument("--dir", default=".liveness-demo", help="folder for the demo database and pepper")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--sandbox-port", type=int, default=8081)
+    demo.add_argument("--port", type=_port, default=8080)
+    demo.add_argument("--sandbox-port", type=_port, default=8081)
     demo.add_argument(
         "--walkthrough-only",
         action="store_true",

@@ -13,7 +13,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from liveness_proxy.serving import serve
 
     settings = Settings.load()
-    settings.require_proxy_secrets()
     host = args.host or settings.liveness_proxy_host
     port = settings.liveness_proxy_port if args.port is None else args.port
     return serve(

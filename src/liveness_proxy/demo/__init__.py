@@ -27,7 +27,7 @@ from liveness_proxy.demo.identity import DEMO_AUDIENCE, DEMO_ISSUER, DemoIdentit
 from liveness_proxy.demo.web import create_demo_app
 from liveness_proxy.http import Http1Transport, Url
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
-from liveness_proxy.serving.sockets import listening_socket
+from liveness_proxy.serving.sockets import bound_sockets
 from liveness_proxy.settings import settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 
@@ -79,8 +79,8 @@ async def run_demo(
     )
     # Both ports are bound before anything starts: a port that is taken ends the demo with one line.
     with (
-        listening_socket(host, sandbox_port, "--sandbox-port") as sandbox_socket,
-        listening_socket(host, port, "--port") as proxy_socket,
+        bound_sockets(host, sandbox_port, "--sandbox-port") as sandbox_sockets,
+        bound_sockets(host, port, "--port") as proxy_sockets,
     ):
         return await _run_servers(
             folder=folder,
@@ -90,8 +90,8 @@ async def run_demo(
             sandbox_secret=sandbox_secret,
             sandbox=sandbox,
             host=host,
-            sandbox_socket=sandbox_socket,
-            proxy_socket=proxy_socket,
+            sandbox_sockets=sandbox_sockets,
+            proxy_sockets=proxy_sockets,
             walkthrough_only=walkthrough_only,
         )
 
@@ -105,14 +105,14 @@ async def _run_servers(
     sandbox_secret: str,
     sandbox: Sandbox,
     host: str,
-    sandbox_socket: socket.socket,
-    proxy_socket: socket.socket,
+    sandbox_sockets: list[socket.socket],
+    proxy_sockets: list[socket.socket],
     walkthrough_only: bool,
 ) -> int:
     sandbox_server = EmbeddedServer(
         uvicorn.Config(sandbox.app, host=host, port=0, log_level="warning", lifespan="off")
     )
-    sandbox_task = asyncio.create_task(sandbox_server.serve(sockets=[sandbox_socket]))
+    sandbox_task = asyncio.create_task(sandbox_server.serve(sockets=sandbox_sockets))
     while not sandbox_server.started:
         if sandbox_task.done():
             await sandbox_task
@@ -169,7 +169,7 @@ async def _run_servers(
             server_header=False,
         )
     )
-    proxy_task = asyncio.create_task(proxy_server.serve(sockets=[proxy_socket]))
+    proxy_task = asyncio.create_task(proxy_server.serve(sockets=proxy_sockets))
     while not proxy_server.started:
         if proxy_task.done():
             sandbox_server.should_exit = True

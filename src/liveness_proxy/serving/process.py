@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -37,7 +37,7 @@ def tune_gc_for_serving() -> None:
 
 
 @contextlib.contextmanager
-def secrets_reloaded_on_sighup(service: Service) -> Any:
+def secrets_reloaded_on_sighup(service: Service) -> Iterator[None]:
     """Re-reads CYNOPSIS_CLIENT_SECRET_FILE on SIGHUP while the block runs, and nothing else: the
     cached access token keeps serving until it is due. Needs the main thread; the handler that was
     there before comes back afterwards (asyncio would leave the default, which ends the process)."""
@@ -63,7 +63,7 @@ def secrets_reloaded_on_sighup(service: Service) -> Any:
 
 @contextlib.asynccontextmanager
 async def served(app: ProxyApplication) -> AsyncIterator[None]:
-    """The app running as a server process runs it."""
+    """The app running, and the process tuned for serving it, for the block."""
     async with app.running() as service:
         tune_gc_for_serving()
         with secrets_reloaded_on_sighup(service):
@@ -83,24 +83,21 @@ class ServedApp:
         await self._lifespan(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        """The ASGI lifespan protocol around `served`. A start-up that fails is reported to uvicorn
-        as one line (it then exits non-zero); nothing opened before the failure stays open."""
+        """The ASGI lifespan protocol around `served`. The shutdown message is awaited inside
+        `served`, so that however the lifespan ends (shutdown, or cancelled when uvicorn is forced
+        to exit) the service is closed. A start-up that fails is reported to uvicorn as one line (it
+        then exits non-zero); nothing opened before the failure stays open."""
         await receive()  # lifespan.startup
-        running = served(self.app)
+        started = False
         try:
-            await running.__aenter__()
-        except ConfigurationError as exc:
-            await send({"type": "lifespan.startup.failed", "message": f"configuration error: {exc}"})
-            return
+            async with served(self.app):
+                started = True
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
         except Exception as exc:
-            await send({"type": "lifespan.startup.failed", "message": f"start-up failed: {describe(exc)}"})
-            return
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        try:
-            await running.__aexit__(None, None, None)
-        except Exception as exc:
-            await send({"type": "lifespan.shutdown.failed", "message": f"shutdown failed: {describe(exc)}"})
+            phase = "shutdown" if started else "startup"
+            reason = f"configuration error: {exc}" if isinstance(exc, ConfigurationError) else describe(exc)
+            await send({"type": f"lifespan.{phase}.failed", "message": f"{phase} failed: {reason}"})
             return
         await send({"type": "lifespan.shutdown.complete"})
 

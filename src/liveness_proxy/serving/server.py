@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from liveness_proxy.serving.protocol import ServeLimits, protocol_class
-from liveness_proxy.serving.sockets import listening_socket
+from liveness_proxy.serving.sockets import bound_sockets
 from liveness_proxy.serving.tls import TlsFiles, check_tls_files, tls_files
 from liveness_proxy.settings import Settings
 from liveness_proxy.wiring import ServeOptions, check_startable, serve_options
@@ -54,6 +54,7 @@ def serve(
     ConfigurationError line for the CLI), binds the port (a taken one is one StartRefused line),
     runs `prepare` (the migrations, once for all workers), then runs uvicorn until SIGTERM/SIGINT."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from liveness_proxy.app import create_app
     from liveness_proxy.serving.process import ServedApp
@@ -65,14 +66,12 @@ def serve(
         check_tls_files(tls)
     # Likewise the secrets, the JWT set-up and the CA bundle and client certificate towards Cynopsis.
     check_startable(settings)
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
-    # kills the process; a drained, cleanly stopped server should exit 0 instead.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _exit_cleanly)
     common: dict[str, Any] = {
         "host": host,
         "port": port,
         "loop": "uvloop",
+        # On: a lifespan that fails ends the process (with "auto", uvicorn would serve on without it).
+        "lifespan": "on",
         "access_log": False,  # our own access log is structured and redacted
         "server_header": False,
         "log_level": "warning",
@@ -80,22 +79,27 @@ def serve(
         # keep-alive, graceful shutdown and TLS.
         **uvicorn_options(options, tls),
     }
-    # Bound first: a port that is taken is one line, before the service opens anything.
-    with listening_socket(host, port, "--port") as listener:
+    # Bound first, listening only once uvicorn serves: a taken port is one line, before the
+    # migrations or the service run, and nobody connects to a port that cannot answer yet.
+    with bound_sockets(host, port, "--port") as sockets:
         prepare()
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the default handler
+        # kills the process; a drained, cleanly stopped server should exit 0 instead. (After the
+        # migrations: an interrupted migration is not a clean stop.)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit_cleanly)
         if workers > 1:
-            # uvicorn binds the socket it hands its workers itself: this one only checked the address.
-            listener.close()
-            uvicorn.run(
+            config = uvicorn.Config(
                 "liveness_proxy.serving.server:served_app_from_environment",
                 factory=True,
                 workers=workers,
                 **common,
             )
+            # What `uvicorn.run` does for workers, with our sockets instead of one it binds itself.
+            Multiprocess(config, sockets=sockets).run()
             return 0
         server = uvicorn.Server(uvicorn.Config(ServedApp(create_app(settings)), **common))
-        server.run(sockets=[listener])
-        # Not started: the lifespan refused (its one line is logged above) or the loop failed.
+        server.run(sockets=sockets)
         return 0 if server.started else EXIT_NOT_STARTED
 
 

@@ -8,7 +8,7 @@ a part can then be built, and tested, without a whole configuration.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,15 +39,21 @@ class AppOptions:
     hsts_max_age_seconds: int
     cors_origins: tuple[str, ...]
     metrics_enabled: bool
-    metrics_token: str
+    metrics_token: str = field(repr=False)
     metrics_allowed_networks: tuple[str, ...]
     # Values no log line may show, known before anything starts (tokens are added as they come).
-    secrets: tuple[str, ...]
+    secrets: tuple[str, ...] = field(repr=False)
+    # What the "started" log line says of the upstream (never a secret).
+    upstream_base_url: str
+    token_url: str
+    upstream_ca: str  # "CYNOPSIS_CA_BUNDLE" or "system": which trust checks the upstream's certificate
+    upstream_client_certificate: bool
 
 
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
-    """What `serve` enforces per connection and hands uvicorn. Picklable: workers receive it."""
+    """What `serve` enforces per connection (the protocol's `ServeLimits` are built from it) and
+    hands uvicorn."""
 
     max_connections: int
     max_header_bytes: int
@@ -85,6 +91,10 @@ def app_options(settings: Settings) -> AppOptions:
             urlsplit(settings.redis_url).password or "",
             settings.liveness_proxy_token_cache_key.get_secret_value(),
         ),
+        upstream_base_url=settings.cynopsis_api_base_url,
+        token_url=settings.cynopsis_token_url,
+        upstream_ca="CYNOPSIS_CA_BUNDLE" if settings.cynopsis_ca_bundle is not None else "system",
+        upstream_client_certificate=settings.cynopsis_client_cert_file is not None,
     )
 
 

@@ -16,9 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from liveness_proxy.auth import (
-    JwtAuthenticator,
-)
+from liveness_proxy.auth import JwtAuthenticator
 from liveness_proxy.auth.jwks import (
     JwksCache,
     KeySource,
