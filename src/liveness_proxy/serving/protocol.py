@@ -23,7 +23,7 @@ protocol class here is uvicorn's httptools protocol with:
 The request *body* deadline is the app's (`read_json_object`), so that library mode has it too.
 
 This subclasses uvicorn internals (`HttpToolsProtocol` and its request cycle, uvicorn 0.54): an
-upgrade of uvicorn must re-run tests/test_serve_limits.py, test_shutdown.py and test_tls_serve.py.
+upgrade of uvicorn must re-run tests/e2e/test_serve_limits.py, test_shutdown.py and test_tls_serve.py.
 """
 
 from __future__ import annotations
