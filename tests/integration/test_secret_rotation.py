@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import secrets
 import signal
 import threading
 import time
@@ -30,46 +29,19 @@ from liveness_proxy.upstream import (
     TokenEndpointError,
     TokenManager,
 )
+from rotation import assert_no_secret_in, new_secret, secret_file, served_sandbox, write_atomically
 from support import (
     CLIENT_ID,
     CLIENT_SECRET,
     ProxyHarness,
-    ServerThread,
-    find_leaks,
     proxy_settings,
-    upstream_sandbox,
 )
-
-
-def new_secret() -> str:
-    return "rotated-client-secret-" + secrets.token_urlsafe(16)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """As Kubernetes updates a mounted secret: the new content appears whole, never half-written."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, path)
-
-
-def secret_file(folder: Path, value: str = CLIENT_SECRET) -> Path:
-    path = folder / "client-secret"
-    write_atomically(path, value)
-    return path
-
-
-def assert_no_secret_in(text: str, *values: str) -> None:
-    assert find_leaks(text) == []
-    for value in (CLIENT_SECRET, *values):
-        assert value not in text
 
 
 @pytest.fixture
 def sandbox() -> Iterator[tuple[Sandbox, str]]:
-    upstream = upstream_sandbox()
-    server = ServerThread(upstream.app, lifespan="off").start()
-    yield upstream, server.url
-    server.stop()
+    with served_sandbox() as pair:
+        yield pair
 
 
 # -- the token request ----------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ when the file is empty or gone, and a rotated secret stays redacted."""
 from __future__ import annotations
 
 import io
-import os
 import secrets
 from pathlib import Path
 
@@ -12,34 +11,10 @@ from liveness_proxy.observability import REDACTED, Redactor, build_logger
 from liveness_proxy.upstream import (
     ClientSecretSource,
 )
+from rotation import assert_no_secret_in, new_secret, secret_file, write_atomically
 from support import (
     CLIENT_SECRET,
-    find_leaks,
 )
-
-
-def new_secret() -> str:
-    return "rotated-client-secret-" + secrets.token_urlsafe(16)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """As Kubernetes updates a mounted secret: the new content appears whole, never half-written."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, path)
-
-
-def secret_file(folder: Path, value: str = CLIENT_SECRET) -> Path:
-    path = folder / "client-secret"
-    write_atomically(path, value)
-    return path
-
-
-def assert_no_secret_in(text: str, *values: str) -> None:
-    assert find_leaks(text) == []
-    for value in (CLIENT_SECRET, *values):
-        assert value not in text
-
 
 # -- the secret source --------------------------------------------------------------------------------
 
