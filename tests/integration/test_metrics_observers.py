@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from liveness_proxy.errors import (
     UpstreamError,
@@ -20,25 +18,10 @@ from liveness_proxy.sandbox import Fault, Sandbox, SandboxConfig
 from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamObserver
 from liveness_proxy.upstream.oauth import ClientCredentialsFetcher
 from liveness_proxy.upstream.tokens import TokenManager, TokenObserver
+from metric_samples import RecordingObserver, value
 from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, ServerThread
 
 UPSTREAM_REQUESTS = "liveness_proxy_upstream_requests_total"
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(metrics: ProxyMetrics) -> Samples:
-    """Every sample of the rendered output, keyed by name and labels, parsed as a scraper would."""
-    body, _ = metrics.render()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def value(metrics: ProxyMetrics, name: str, **labels: str) -> float:
-    return samples(metrics).get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture
@@ -47,24 +30,6 @@ def metrics() -> ProxyMetrics:
 
 
 # --- Observer hooks: the upstream client against the sandbox over loopback --------------------
-
-
-@dataclass
-class RecordingObserver:
-    upstream: list[tuple[str, str]] = field(default_factory=list)
-    refreshes: list[str] = field(default_factory=list)
-    cache: list[bool] = field(default_factory=list)
-
-    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
-        assert seconds >= 0
-        self.upstream.append((endpoint, outcome))
-
-    def token_refreshed(self, outcome: str, seconds: float) -> None:
-        assert seconds >= 0
-        self.refreshes.append(outcome)
-
-    def token_cache(self, hit: bool) -> None:
-        self.cache.append(hit)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ documented upstream error, objects reach the caller unchanged, and an accepted s
 leaves the configured result path. (The pure helpers, JWT parsing, the problem renderer and the
 session-id validator are in unit/test_*_properties.py.)
 
-Every test runs with `derandomize=True` and no example database: CI checks the same examples on
-every run and machine, so a failure is reproducible from the test name alone. The cost is that
-runs do not explore new inputs over time; the example counts are set for each test to take at most
-a few seconds."""
+The settings (derandomized, no example database) and the strategies the property tests share are
+in properties.py, which says why."""
 
 from __future__ import annotations
 
@@ -44,18 +42,17 @@ from liveness_proxy.upstream.answers import (
     upstream_error_code,
 )
 from liveness_proxy.upstream.oauth import ClientCredentialsFetcher
+from properties import (
+    ERROR_CODE,
+    PROPERTIES,
+    SESSION_ID_ALPHABET,
+    json_values,
+    nested,
+    unicode_text,
+    weighted,
+)
 from support import ServerThread
 
-PROPERTIES = hypothesis.settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=200,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
-
-SESSION_ID_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_RESPONSE_BYTES = 4096
 RESULT_PREFIX = "/api/v2/liveness_result/"
 RESULT_SUFFIX = "/details"
@@ -63,42 +60,8 @@ RESULT_SUFFIX = "/details"
 UPSTREAM_TEXT_MARKER = "Zq7-upstream-text"
 
 
-def _weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
-    """One of the strategies, each drawn about in proportion to its weight (st.one_of would merge
-    repeated strategies, so repeating one does not weigh it)."""
-    pool = [strategy for weight, strategy in choices for _ in range(weight)]
-    return st.sampled_from(range(len(pool))).flatmap(lambda index: pool[index])
-
-
-def _unicode_text(**kwargs: Any) -> st.SearchStrategy[str]:
-    """Any text a Python str can hold and UTF-8 can encode (no lone surrogates)."""
-    return st.text(alphabet=st.characters(exclude_categories=["Cs"]), **kwargs)
-
-
-def _json_values() -> st.SearchStrategy[Any]:
-    scalars = st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(min_value=-(2**63), max_value=2**64 - 1),
-        st.floats(allow_nan=False, allow_infinity=False),
-        _unicode_text(max_size=20),
-    )
-    return st.recursive(
-        scalars,
-        lambda children: st.one_of(
-            st.lists(children, max_size=4), st.dictionaries(_unicode_text(max_size=8), children, max_size=4)
-        ),
-        max_leaves=20,
-    )
-
-
 def _json_objects() -> st.SearchStrategy[dict[str, Any]]:
-    return st.dictionaries(_unicode_text(max_size=8), _json_values(), max_size=5)
-
-
-def _nested(depth: int) -> bytes:
-    """A JSON object holding arrays nested `depth` levels deep."""
-    return b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    return st.dictionaries(unicode_text(max_size=8), json_values(), max_size=5)
 
 
 # --- a loopback upstream that answers what the test scripts -------------------------------------
@@ -259,23 +222,23 @@ def _header_value(max_size: int) -> st.SearchStrategy[str]:
 
 
 def _upstream_bodies() -> st.SearchStrategy[bytes]:
-    return _weighted(
+    return weighted(
         (3, _json_objects().map(orjson.dumps)),
         (1, st.binary(max_size=300)),
-        (1, _json_values().map(orjson.dumps)),
+        (1, json_values().map(orjson.dumps)),
         (
             2,
             st.builds(
                 lambda code, text: orjson.dumps({"error": code, "message": text}),
                 st.one_of(
                     st.from_regex(ERROR_CODE, fullmatch=True),
-                    _unicode_text(max_size=70),
+                    unicode_text(max_size=70),
                     st.integers(min_value=-(2**63), max_value=2**63 - 1),
                 ),
                 st.just(UPSTREAM_TEXT_MARKER),
             ),
         ),
-        (1, st.integers(min_value=1000, max_value=1100).map(_nested)),
+        (1, st.integers(min_value=1000, max_value=1100).map(nested)),
         (
             1,
             st.integers(min_value=MAX_RESPONSE_BYTES - 16, max_value=MAX_RESPONSE_BYTES + 64).map(
@@ -320,7 +283,7 @@ def _upstream_scripts() -> st.SearchStrategy[UpstreamScript]:
         chunked=st.booleans(),
         close=st.booleans(),
     )
-    return _weighted((3, plausible), (1, anything))
+    return weighted((3, plausible), (1, anything))
 
 
 def _expected_problem(script: UpstreamScript, *, is_result: bool) -> type[UpstreamError] | None:

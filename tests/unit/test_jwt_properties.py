@@ -1,10 +1,8 @@
 """Property-based tests (Hypothesis) of JWT parsing: which tokens and Authorization headers the
 authenticator accepts, refuses or ignores, with static keys (split from the former test_properties.py).
 
-Every test runs with `derandomize=True` and no example database: CI checks the same examples on
-every run and machine, so a failure is reproducible from the test name alone. The cost is that
-runs do not explore new inputs over time; the example counts are set for each test to take at most
-a few seconds."""
+The settings (derandomized, no example database) and the strategies the property tests share are
+in properties.py, which says why."""
 
 from __future__ import annotations
 
@@ -32,46 +30,11 @@ from liveness_proxy.auth.jwks import parse_jwks
 from liveness_proxy.errors import (
     Unauthenticated,
 )
+from properties import PROPERTIES, json_values, unicode_text, weighted
 
-PROPERTIES = hypothesis.settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=200,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
 JWT_ISSUER = "https://idp.properties.test/"
 JWT_AUDIENCE = "liveness-proxy"
 JWT_ALGORITHMS = frozenset({"ES256", "EdDSA"})
-
-
-def _weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
-    """One of the strategies, each drawn about in proportion to its weight (st.one_of would merge
-    repeated strategies, so repeating one does not weigh it)."""
-    pool = [strategy for weight, strategy in choices for _ in range(weight)]
-    return st.sampled_from(range(len(pool))).flatmap(lambda index: pool[index])
-
-
-def _unicode_text(**kwargs: Any) -> st.SearchStrategy[str]:
-    """Any text a Python str can hold and UTF-8 can encode (no lone surrogates)."""
-    return st.text(alphabet=st.characters(exclude_categories=["Cs"]), **kwargs)
-
-
-def _json_values() -> st.SearchStrategy[Any]:
-    scalars = st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(min_value=-(2**63), max_value=2**64 - 1),
-        st.floats(allow_nan=False, allow_infinity=False),
-        _unicode_text(max_size=20),
-    )
-    return st.recursive(
-        scalars,
-        lambda children: st.one_of(
-            st.lists(children, max_size=4), st.dictionaries(_unicode_text(max_size=8), children, max_size=4)
-        ),
-        max_leaves=20,
-    )
 
 
 # --- 3. JWT parsing ------------------------------------------------------------------------------
@@ -149,20 +112,20 @@ def _jwt_headers() -> st.SearchStrategy[Any]:
     refused = st.one_of(
         st.sampled_from(["none", "None", "NONE", "nOnE", "HS256", "HS384", "HS512", "hs256", "RS256"]),
         st.sampled_from(["ES512", "PS256", "ES256 ", "es256", "", "ES256\x00"]),
-        _unicode_text(max_size=10),
+        unicode_text(max_size=10),
         st.integers(min_value=-(2**63), max_value=2**63 - 1),
         st.lists(st.just("ES256"), max_size=2),
         st.none(),
     )
     odd = st.one_of(
-        _unicode_text(max_size=300), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.none()
+        unicode_text(max_size=300), st.integers(min_value=-(2**63), max_value=2**63 - 1), st.none()
     )
     members = st.fixed_dictionaries(
-        {"alg": _weighted((3, accepted), (2, refused))},
+        {"alg": weighted((3, accepted), (2, refused))},
         optional={
             "kid": st.one_of(st.sampled_from(["ec-1", "ed-1"]), st.sampled_from(["rsa-1", ""]), odd),
-            "typ": st.one_of(st.sampled_from(["JWT", "at+jwt", "JOSE"]), _unicode_text(max_size=10)),
-            "crit": st.lists(_unicode_text(max_size=5), max_size=2),
+            "typ": st.one_of(st.sampled_from(["JWT", "at+jwt", "JOSE"]), unicode_text(max_size=10)),
+            "crit": st.lists(unicode_text(max_size=5), max_size=2),
             "b64": st.booleans(),
             "jku": st.just("https://attacker.example/jwks.json"),
             "jwk": st.just({"kty": "oct", "k": "c2VjcmV0"}),
@@ -170,7 +133,7 @@ def _jwt_headers() -> st.SearchStrategy[Any]:
         },
     )
     without_alg = members.map(lambda header: {name: value for name, value in header.items() if name != "alg"})
-    return _weighted((6, members), (1, without_alg), (1, _json_values()))
+    return weighted((6, members), (1, without_alg), (1, json_values()))
 
 
 def _claims() -> st.SearchStrategy[Any]:
@@ -180,11 +143,11 @@ def _claims() -> st.SearchStrategy[Any]:
         valid,
         st.dictionaries(
             st.sampled_from(["sub", "exp", "nbf", "iat", "iss", "aud", "scope", "scp"]),
-            _json_values(),
+            json_values(),
             max_size=3,
         ),
     )
-    return _weighted((2, valid), (2, changed), (1, _json_values()))
+    return weighted((2, valid), (2, changed), (1, json_values()))
 
 
 @PROPERTIES

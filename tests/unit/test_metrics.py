@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import structlog
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
@@ -31,27 +29,12 @@ from liveness_proxy.middleware import RequestContextMiddleware
 from liveness_proxy.observability import Redactor, build_logger
 from liveness_proxy.upstream.oauth import FetchedToken, TokenEndpointError
 from liveness_proxy.upstream.tokens import TokenManager
+from metric_samples import RecordingObserver, samples, value
 
 ITEM_TEMPLATE = "/items/{item_id}/detail"
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 REQUESTS = "liveness_proxy_http_requests_total"
 UPSTREAM_REQUESTS = "liveness_proxy_upstream_requests_total"
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(metrics: ProxyMetrics) -> Samples:
-    """Every sample of the rendered output, keyed by name and labels, parsed as a scraper would."""
-    body, _ = metrics.render()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def value(metrics: ProxyMetrics, name: str, **labels: str) -> float:
-    return samples(metrics).get((name, frozenset(labels.items())), 0.0)
 
 
 def label_values(metrics: ProxyMetrics, name: str, label: str) -> set[str]:
@@ -345,27 +328,6 @@ async def test_metrics_is_hidden_from_clients_outside_the_allowed_networks(
     assert response.status_code == status
     if status == 404:
         assert response.json()["type"] == "urn:liveness-proxy:problem:not-found"
-
-
-# --- Observer hooks (the upstream client against the sandbox is in integration/test_metrics_observers.py)
-
-
-@dataclass
-class RecordingObserver:
-    upstream: list[tuple[str, str]] = field(default_factory=list)
-    refreshes: list[str] = field(default_factory=list)
-    cache: list[bool] = field(default_factory=list)
-
-    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
-        assert seconds >= 0
-        self.upstream.append((endpoint, outcome))
-
-    def token_refreshed(self, outcome: str, seconds: float) -> None:
-        assert seconds >= 0
-        self.refreshes.append(outcome)
-
-    def token_cache(self, hit: bool) -> None:
-        self.cache.append(hit)
 
 
 # --- Observer hooks: the token manager on its own --------------------------------------------

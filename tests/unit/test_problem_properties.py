@@ -1,16 +1,13 @@
 """Property-based tests (Hypothesis) of the problem renderer: RFC 9457 members for every problem
 class, extensions added without losing one (split from the former test_properties.py).
 
-Every test runs with `derandomize=True` and no example database: CI checks the same examples on
-every run and machine, so a failure is reproducible from the test name alone. The cost is that
-runs do not explore new inputs over time; the example counts are set for each test to take at most
-a few seconds."""
+The settings (derandomized, no example database) and the strategies the property tests share are
+in properties.py, which says why."""
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 import hypothesis
 import orjson
@@ -28,20 +25,7 @@ from liveness_proxy.errors import (
     UpstreamUnavailable,
     render_problem,
 )
-
-PROPERTIES = hypothesis.settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=200,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
-
-
-def _unicode_text(**kwargs: Any) -> st.SearchStrategy[str]:
-    """Any text a Python str can hold and UTF-8 can encode (no lone surrogates)."""
-    return st.text(alphabet=st.characters(exclude_categories=["Cs"]), **kwargs)
-
+from properties import PROPERTIES, unicode_text
 
 # --- 4. The problem renderer --------------------------------------------------------------------
 
@@ -93,8 +77,8 @@ def test_the_renderer_properties_cover_every_problem_class() -> None:
 @PROPERTIES
 @hypothesis.given(
     which=st.integers(min_value=0, max_value=len(_every_problem("", 0)) - 1),
-    detail=_unicode_text(max_size=200),
-    request_id=_unicode_text(min_size=1, max_size=130),
+    detail=unicode_text(max_size=200),
+    request_id=unicode_text(min_size=1, max_size=130),
     number=st.integers(min_value=-5, max_value=10**6),
 )
 def test_a_rendered_problem_is_json_with_exactly_the_rfc_9457_members(
@@ -126,8 +110,8 @@ def test_a_rendered_problem_is_json_with_exactly_the_rfc_9457_members(
 
 @PROPERTIES
 @hypothesis.given(
-    checks=st.dictionaries(_unicode_text(max_size=10), _unicode_text(max_size=30), max_size=4),
-    request_id=_unicode_text(min_size=1, max_size=40),
+    checks=st.dictionaries(unicode_text(max_size=10), unicode_text(max_size=30), max_size=4),
+    request_id=unicode_text(min_size=1, max_size=40),
 )
 def test_problem_extensions_are_added_without_losing_a_member(
     checks: dict[str, str], request_id: str

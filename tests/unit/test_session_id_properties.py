@@ -2,15 +2,12 @@
 serves for it (split from the former test_properties.py; the round trip to the upstream is in
 integration/test_upstream_answer_properties.py).
 
-Every test runs with `derandomize=True` and no example database: CI checks the same examples on
-every run and machine, so a failure is reproducible from the test name alone. The cost is that
-runs do not explore new inputs over time; the example counts are set for each test to take at most
-a few seconds."""
+The settings (derandomized, no example database) and the strategies the property tests share are
+in properties.py, which says why."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import hypothesis
 import pytest
@@ -23,22 +20,7 @@ from liveness_proxy.api.paths import SESSION_ID_PATTERN
 from liveness_proxy.errors import (
     UpstreamMalformed,
 )
-
-PROPERTIES = hypothesis.settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=200,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
-
-SESSION_ID_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-
-
-def _unicode_text(**kwargs: Any) -> st.SearchStrategy[str]:
-    """Any text a Python str can hold and UTF-8 can encode (no lone surrogates)."""
-    return st.text(alphabet=st.characters(exclude_categories=["Cs"]), **kwargs)
-
+from properties import PROPERTIES, SESSION_ID_ALPHABET, unicode_text
 
 # --- 1. The session-id validator ----------------------------------------------------------------
 
@@ -61,7 +43,7 @@ def _session_id_candidates() -> st.SearchStrategy[str]:
     return st.one_of(
         st.text(valid_character, min_size=0, max_size=130),
         near_misses,
-        _unicode_text(max_size=140),
+        unicode_text(max_size=140),
     )
 
 

@@ -2,15 +2,12 @@
 Retry-After / expires_in / error-code helpers of upstream/transport.py and the JSON re-encoding
 bound (split from the former test_properties.py).
 
-Every test runs with `derandomize=True` and no example database: CI checks the same examples on
-every run and machine, so a failure is reproducible from the test name alone. The cost is that
-runs do not explore new inputs over time; the example counts are set for each test to take at most
-a few seconds."""
+The settings (derandomized, no example database) and the strategies the property tests share are
+in properties.py, which says why."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import hypothesis
 import orjson
@@ -26,49 +23,14 @@ from liveness_proxy.upstream.answers import (
     parse_seconds,
     upstream_error_code,
 )
-
-PROPERTIES = hypothesis.settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=200,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-)
-ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
-
-
-def _unicode_text(**kwargs: Any) -> st.SearchStrategy[str]:
-    """Any text a Python str can hold and UTF-8 can encode (no lone surrogates)."""
-    return st.text(alphabet=st.characters(exclude_categories=["Cs"]), **kwargs)
-
-
-def _json_values() -> st.SearchStrategy[Any]:
-    scalars = st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(min_value=-(2**63), max_value=2**64 - 1),
-        st.floats(allow_nan=False, allow_infinity=False),
-        _unicode_text(max_size=20),
-    )
-    return st.recursive(
-        scalars,
-        lambda children: st.one_of(
-            st.lists(children, max_size=4), st.dictionaries(_unicode_text(max_size=8), children, max_size=4)
-        ),
-        max_leaves=20,
-    )
-
-
-def _nested(depth: int) -> bytes:
-    """A JSON object holding arrays nested `depth` levels deep."""
-    return b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+from properties import ERROR_CODE, PROPERTIES, json_values, nested, unicode_text
 
 
 @PROPERTIES
 @hypothesis.given(depth=st.integers(min_value=1, max_value=1100))
 def test_upstream_json_nested_too_deeply_to_re_encode_is_malformed_not_a_crash(depth: int) -> None:
     try:
-        payload = orjson.loads(_nested(depth))
+        payload = orjson.loads(nested(depth))
     except orjson.JSONDecodeError:
         return  # deeper than orjson reads: the client refuses it as malformed (test above)
     try:
@@ -92,7 +54,7 @@ def _retry_after_values() -> st.SearchStrategy[str | None]:
         st.sampled_from(["GMT", "UTC", "+2359", "-2359", "+9999", "-0000", "EST", ""]),
     )
     return st.one_of(
-        st.none(), _unicode_text(max_size=40), st.integers(-(10**12), 10**12).map(str), http_dates
+        st.none(), unicode_text(max_size=40), st.integers(-(10**12), 10**12).map(str), http_dates
     )
 
 
@@ -106,7 +68,7 @@ def test_retry_after_is_always_between_1_and_3600_seconds(value: str | None, now
 
 
 @PROPERTIES
-@hypothesis.given(value=st.one_of(_unicode_text(max_size=12), st.integers(0, 10**12).map(str)))
+@hypothesis.given(value=st.one_of(unicode_text(max_size=12), st.integers(0, 10**12).map(str)))
 def test_parse_seconds_reads_exactly_one_to_nine_ascii_digits(value: str) -> None:
     parsed = parse_seconds(value)
     if 1 <= len(value) <= 9 and all(character in "0123456789" for character in value):
@@ -119,9 +81,9 @@ def test_parse_seconds_reads_exactly_one_to_nine_ascii_digits(value: str) -> Non
 @hypothesis.given(
     body=st.one_of(
         st.binary(max_size=200),
-        _json_values().map(orjson.dumps),
+        json_values().map(orjson.dumps),
         st.one_of(
-            _unicode_text(max_size=80),
+            unicode_text(max_size=80),
             st.from_regex(ERROR_CODE, fullmatch=True),
             st.integers(min_value=-(2**63), max_value=2**63 - 1),
         ).map(lambda code: orjson.dumps({"error": code})),
