@@ -9,10 +9,14 @@ from typing import Any
 import httpx
 import pytest
 
-from liveness_proxy.settings import async_database_url
-from prepared import SQLITE_NAME, PreparedDatabases
-from services import scratch_postgres, scratch_redis
-from support import Harness, Keys, LogScan, ProxyHarness
+# The shared helper modules assert too: rewritten like test modules, so a failure shows its values.
+pytest.register_assert_rewrite("metric_samples", "properties", "rotation", "support")
+
+# E402: these imports must come after the registration above.
+from liveness_proxy.settings import async_database_url  # noqa: E402
+from prepared import SQLITE_NAME, PreparedDatabases  # noqa: E402
+from services import scratch_postgres, scratch_redis  # noqa: E402
+from support import Harness, Keys, LogScan, ProxyHarness  # noqa: E402
 
 LOG_SCAN = pytest.StashKey[LogScan]()
 

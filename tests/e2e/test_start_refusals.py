@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from e2e.test_cli import COMMAND, free_port
 from support import subprocess_env
-
-COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
 
 
 @pytest.fixture
@@ -22,12 +20,6 @@ def taken_port() -> Iterator[int]:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         yield int(holder.getsockname()[1])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def run(
