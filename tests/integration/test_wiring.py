@@ -1,11 +1,14 @@
-"""The wiring opens every part inside one exit stack: a start-up that fails halfway closes what it
-had opened, and an app that is not running answers only what needs no service."""
+"""The wiring opens every part inside one exit stack: whatever fails, every connection and thread the
+parts opened is closed; a start-up refused halfway raises its one error; and an app that is not
+running answers only what needs no service."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import os
+import secrets
+import threading
 from pathlib import Path
 
 import httpx
@@ -15,16 +18,56 @@ from liveness_proxy.app import ProxyApplication, create_app
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor, build_logger
+from liveness_proxy.sandbox.server import running_sandbox
 from liveness_proxy.wiring import running_service
-from support import proxy_settings
+from services import REDIS_URL, require_redis
+from support import proxy_settings, upstream_sandbox
 
 
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+class Boom(Exception):
+    """A failure of the code running inside the service's block."""
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
-async def test_a_start_that_fails_halfway_closes_everything_it_opened(tmp_path: Path) -> None:
+async def test_a_failure_while_the_service_runs_closes_every_connection_and_thread(tmp_path: Path) -> None:
+    require_redis()
+    redactor = Redactor()
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=io.StringIO())
+    async with running_sandbox(upstream_sandbox()) as sandbox_url:
+        settings = proxy_settings(
+            sandbox_url,
+            tmp_path / "proxy.db",
+            LIVENESS_PROXY_REDIS_URL=REDIS_URL,
+            LIVENESS_PROXY_REDIS_KEY_PREFIX=f"lp-wiring-{secrets.token_hex(4)}:",
+        )
+        descriptors, threads = open_descriptors(), threading.active_count()
+
+        async def use_every_part_then_fail() -> None:
+            async with running_service(
+                settings, logger=logger, redactor=redactor, metrics=ProxyMetrics(), migrate=True
+            ) as service:
+                # Every kind of live resource: a database connection (and its thread), Redis
+                # connections, the token endpoint's HTTP connection.
+                await service.ping_store()
+                await service.ping_redis()
+                await service.tokens.get()
+                assert open_descriptors() > descriptors
+                raise Boom
+
+        for _ in range(2):
+            with pytest.raises(Boom):
+                await use_every_part_then_fail()
+        await asyncio.sleep(0.05)  # the database threads end once their connections close
+        assert open_descriptors() <= descriptors
+        assert threading.active_count() <= threads
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+async def test_a_start_refused_halfway_raises_its_one_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
     key_file = tmp_path / "idp.pem"
     key_file.write_text("not a key")
     settings = proxy_settings(
