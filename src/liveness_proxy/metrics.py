@@ -65,6 +65,9 @@ TOKEN_REFRESH_OUTCOMES = frozenset({"ok", "failed"})
 RATE_LIMITS = frozenset({"session_token", "create_session", "result", "daily_attempts"})
 # Parts of the state shared across replicas that fall back to per-process state when unreachable.
 SHARED_STATE_COMPONENTS = frozenset({"token_cache", "rate_limits"})
+FINALIZER_POLL_OUTCOMES = frozenset({"terminal", "pending", "failed"})
+FINALIZER_OUTCOMES = frozenset({"final", "unresolved", "already_final"})
+WEBHOOK_ATTEMPT_RESULTS = frozenset({"delivered", "failed", "gone", "dead_letter"})
 _STATUS_PATTERN = re.compile(r"[1-5][0-9][0-9]")
 
 
@@ -190,6 +193,37 @@ class ProxyMetrics:
             ["component"],
             registry=registry,
         )
+        self._finalizer_polls = Counter(
+            "liveness_proxy_finalizer_polls",
+            "Result reads the finalizer made on its own, by outcome (terminal, pending, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self._finalizer_outcomes = Counter(
+            "liveness_proxy_finalizer_outcomes",
+            "Sessions the finalizer ended, by outcome (final: it read the verdict; unresolved: "
+            "the deadline passed; already_final: a caller's read recorded it first).",
+            ["outcome"],
+            registry=registry,
+        )
+        self._webhook_attempts = Counter(
+            "liveness_proxy_webhook_attempts",
+            "Webhook delivery attempts, by result (delivered, failed, gone, dead_letter).",
+            ["result"],
+            registry=registry,
+        )
+        self._jobs = Gauge(
+            "liveness_proxy_jobs",
+            "Background jobs in the database, by kind (finalize, deliver) and state (queued, dead); "
+            "sampled by each process's worker.",
+            ["kind", "state"],
+            registry=registry,
+        )
+        self._webhook_endpoint_disabled = Gauge(
+            "liveness_proxy_webhook_endpoint_disabled",
+            "1 while the webhook endpoint is disabled (it answered 410 Gone), else 0.",
+            registry=registry,
+        )
         # Families with labels show up only once a series exists; these are known in advance, so a
         # dashboard sees zeros instead of gaps before the first event.
         for outcome in sorted(TOKEN_REFRESH_OUTCOMES):
@@ -203,6 +237,12 @@ class ProxyMetrics:
             self._rate_limited.labels(limit=limit)
         for component in sorted(SHARED_STATE_COMPONENTS):
             self._shared_state_failures.labels(component=component)
+        for outcome in sorted(FINALIZER_POLL_OUTCOMES):
+            self._finalizer_polls.labels(outcome=outcome)
+        for outcome in sorted(FINALIZER_OUTCOMES):
+            self._finalizer_outcomes.labels(outcome=outcome)
+        for result in sorted(WEBHOOK_ATTEMPT_RESULTS):
+            self._webhook_attempts.labels(result=result)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type (the classic text format every scraper reads)."""
@@ -269,6 +309,21 @@ class ProxyMetrics:
 
     def upstream_slot_rejected(self) -> None:
         self._upstream_rejected.inc()
+
+    def finalizer_polled(self, outcome: str) -> None:
+        self._finalizer_polls.labels(outcome=_one_of(outcome, FINALIZER_POLL_OUTCOMES)).inc()
+
+    def finalizer_ended(self, outcome: str) -> None:
+        self._finalizer_outcomes.labels(outcome=_one_of(outcome, FINALIZER_OUTCOMES)).inc()
+
+    def webhook_attempted(self, result: str) -> None:
+        self._webhook_attempts.labels(result=_one_of(result, WEBHOOK_ATTEMPT_RESULTS)).inc()
+
+    def jobs_counted(self, counts: dict[tuple[str, str], int], *, endpoint_disabled: bool) -> None:
+        for kind in ("finalize", "deliver"):
+            for state in ("queued", "dead"):
+                self._jobs.labels(kind=kind, state=state).set(counts.get((kind, state), 0))
+        self._webhook_endpoint_disabled.set(1 if endpoint_disabled else 0)
 
     def shared_state_failed(self, component: str) -> None:
         self._shared_state_failures.labels(component=_one_of(component, SHARED_STATE_COMPONENTS)).inc()

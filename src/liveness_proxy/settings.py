@@ -13,6 +13,7 @@ each with its default and bounds, and splitting it would scatter that list.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS
+from liveness_proxy.webhook_signing import parse_webhook_secrets
 
 # A URL, not a password (bandit guesses from the name).
 DEMO_TOKEN_URL = "https://crm-demo.cynopsis.co/oauth/token"  # nosec B105
@@ -40,6 +42,7 @@ _FILE_BACKED_FIELDS = (
     "liveness_proxy_metrics_token",
     "liveness_proxy_redis_url",
     "liveness_proxy_token_cache_key",
+    "liveness_proxy_webhook_secret",
 )
 _MIN_PEPPER_LENGTH = 32
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "xxx", "todo"})
@@ -131,6 +134,8 @@ class Settings(BaseSettings):
     liveness_proxy_jwt_audience: Annotated[list[str], NoDecode] = []
     liveness_proxy_jwt_algorithms: Annotated[list[str], NoDecode] = ["RS256", "ES256"]
     liveness_proxy_jwt_subject_claim: str = "sub"
+    # The claim that carries the customer's own business id for the session (webhooks, admin views).
+    liveness_proxy_jwt_reference_claim: str = ""
     liveness_proxy_jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
     liveness_proxy_jwt_max_token_bytes: int = Field(default=8192, ge=256, le=65536)
     liveness_proxy_jwt_jwks_cache_seconds: float = Field(default=300.0, ge=1, le=86400)
@@ -161,6 +166,36 @@ class Settings(BaseSettings):
     # --- Audit ---------------------------------------------------------------------------------
     liveness_proxy_audit_batch_max: int = Field(default=256, ge=1, le=10000)
 
+    # --- Finalizer: the proxy follows every session it created to its verdict ---------------------
+    liveness_proxy_finalizer: bool = True
+    # Offsets in seconds after creation at which the proxy reads the result itself.
+    liveness_proxy_finalizer_schedule: Annotated[list[float], NoDecode] = [3, 6, 12, 24, 48, 96, 192, 384]
+    liveness_proxy_finalizer_deadline_seconds: float = Field(default=600.0, gt=0, le=7 * 86400)
+    liveness_proxy_finalizer_concurrency: int = Field(default=4, ge=1, le=1000)
+
+    # --- Webhooks (Standard Webhooks) to the customer's backend ----------------------------------
+    liveness_proxy_webhook_url: str = ""
+    liveness_proxy_webhook_secret: SecretStr = SecretStr("")
+    liveness_proxy_webhook_secret_file: Path | None = None
+    liveness_proxy_webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    liveness_proxy_webhook_retry_schedule: Annotated[list[float], NoDecode] = [
+        0,
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        50400,
+        72000,
+        86400,
+    ]
+    liveness_proxy_webhook_concurrency: int = Field(default=8, ge=1, le=1000)
+
+    # --- Background work (finalizer follow-ups, webhook deliveries): rows claimed with a lease ----
+    liveness_proxy_worker_lease_seconds: float = Field(default=60.0, ge=1, le=3600)
+    liveness_proxy_worker_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+
     # --- Metrics -------------------------------------------------------------------------------
     liveness_proxy_metrics_enabled: bool = True
     liveness_proxy_metrics_token: SecretStr = SecretStr("")
@@ -182,6 +217,8 @@ class Settings(BaseSettings):
         "liveness_proxy_jwt_algorithms",
         "liveness_proxy_cors_origins",
         "liveness_proxy_metrics_allowed_networks",
+        "liveness_proxy_finalizer_schedule",
+        "liveness_proxy_webhook_retry_schedule",
         mode="before",
     )
     @classmethod
@@ -212,6 +249,40 @@ class Settings(BaseSettings):
         if parts.username or parts.password:
             raise ValueError("must not carry credentials in the URL")
         # Whoever can change the JWKS in transit can mint any caller: plain http only on loopback.
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must use https (plain http is accepted for loopback addresses only)")
+        return value
+
+    @field_validator("liveness_proxy_finalizer_schedule", "liveness_proxy_webhook_retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("must list at least one delay in seconds")
+        if len(value) > 100:
+            raise ValueError("must list at most 100 delays")
+        for delay in value:
+            if not 0 <= delay <= 7 * 86400:
+                raise ValueError("each delay must be between 0 and 604800 seconds")
+        return value
+
+    @field_validator("liveness_proxy_finalizer_schedule")
+    @classmethod
+    def _check_offsets_increase(cls, value: list[float]) -> list[float]:
+        if any(later <= earlier for earlier, later in itertools.pairwise(value)):
+            raise ValueError("offsets must increase strictly (seconds after the session was created)")
+        return value
+
+    @field_validator("liveness_proxy_webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            raise ValueError("must be an absolute http(s) URL without a fragment")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials in the URL")
+        # Verdicts and subjects travel to it: plain http only on loopback, like the upstream URLs.
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             raise ValueError("must use https (plain http is accepted for loopback addresses only)")
         return value
@@ -395,10 +466,26 @@ class Settings(BaseSettings):
                 f"{_MIN_PEPPER_LENGTH} characters"
             )
 
+    def require_webhook_secret(self) -> None:
+        """With a webhook URL, its signing secret(s) must be set and well formed."""
+        if not self.liveness_proxy_webhook_url:
+            return
+        secret = self.liveness_proxy_webhook_secret.get_secret_value()
+        if not secret:
+            raise ConfigurationError(
+                "LIVENESS_PROXY_WEBHOOK_SECRET: required with LIVENESS_PROXY_WEBHOOK_URL "
+                "(or LIVENESS_PROXY_WEBHOOK_SECRET_FILE); generate one with `liveness-proxy webhooks secret`"
+            )
+        try:
+            parse_webhook_secrets(secret)
+        except ValueError as exc:
+            raise ConfigurationError(f"LIVENESS_PROXY_WEBHOOK_SECRET: {exc}") from None
+
     def require_proxy_secrets(self) -> None:
         """Everything a running proxy cannot do without."""
         self.require_upstream_credentials()
         self.require_api_key_pepper()
+        self.require_webhook_secret()
 
     @classmethod
     def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:

@@ -126,23 +126,6 @@ def test_no_image_bytes_reach_the_database(proxy: ProxyHarness, client: httpx.Cl
     assert base64.b64encode(b"\x89PNG\r\n\x1a\n")[:10] not in stored
 
 
-async def test_the_first_verdict_is_kept(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'verdict.db'}")
-    try:
-        await upgrade_database(engine)
-        ownership = SessionOwnership(engine)
-        owner = SessionOwner("s-1", "alice", "key:1", 1.0, "r-1")
-        await ownership.bind(owner, "r-1")
-        first = await ownership.record_verdict(owner, SessionVerdict("SUCCEEDED", 97.0, 2.0))
-        # Another process (its own cache) later reads a different answer: history stays.
-        again = await SessionOwnership(engine).record_verdict(owner, SessionVerdict("FAILED", 3.0, 3.0))
-        await ownership.close()
-    finally:
-        await engine.dispose()
-    assert first.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
-    assert again.verdict == SessionVerdict("SUCCEEDED", 97.0, 2.0)
-
-
 async def test_batched_bindings_never_give_one_session_two_owners(database_url: str) -> None:
     """Bindings are group-committed: within one batch and against rows already stored, the first
     claim on a session id wins and every other claim gets SessionAlreadyBound; the rest of the batch

@@ -8,7 +8,6 @@ record (`audit_policy.py`).
 from __future__ import annotations
 
 import datetime as dt
-import math
 from typing import Any
 
 import orjson
@@ -22,8 +21,9 @@ from liveness_proxy.api.responses import json_response
 from liveness_proxy.auth import ADMIN_SCOPE, Caller, HostAuthenticator
 from liveness_proxy.errors import BadRequest, Forbidden, NotFound, UpstreamMalformed
 from liveness_proxy.middleware import request_id_of
-from liveness_proxy.privacy import derived_pass, is_terminal
-from liveness_proxy.store import SessionAlreadyBound, SessionOwner, SessionVerdict
+from liveness_proxy.privacy import derived_pass
+from liveness_proxy.store import SessionAlreadyBound, SessionOwner
+from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.wiring import RequestPolicy, Service
 
 
@@ -103,6 +103,7 @@ class LivenessHandlers:
             credential_id=caller.credential_id,
             created_at=service.wall_clock(),
             request_id=request_id,
+            reference=caller.reference,
         )
         try:
             await service.ownership.bind(owner, request_id)
@@ -127,10 +128,11 @@ class LivenessHandlers:
         # A foreign session and an unknown one are indistinguishable to the caller, on purpose.
         if owner is None or (owner.subject != caller.subject and not caller.is_admin):
             raise NotFound("No such liveness session.")
+        request_id = request_id_of(request.scope)
         async with service.upstream_gate.slot():
-            answer = await service.cynopsis.get_result(session_id, request_id_of(request.scope))
+            answer = await service.cynopsis.get_result(session_id, request_id)
         audit.upstream_status = answer.status
-        await self._record_verdict(owner, answer.payload)
+        await self._record_verdict(owner, answer.payload, request_id)
         payload, removed = service.biometrics.apply(answer.payload)
         if removed:
             payload["redacted_fields"] = removed
@@ -139,21 +141,16 @@ class LivenessHandlers:
             payload["passed"] = derived_pass(payload, threshold)
         return json_response(encode_upstream(payload, answer.status))
 
-    async def _record_verdict(self, owner: SessionOwner, payload: dict[str, Any]) -> None:
-        status = payload.get("status")
-        if not is_terminal(status):
+    async def _record_verdict(self, owner: SessionOwner, payload: dict[str, Any], request_id: str) -> None:
+        """A terminal status read by a caller is the verdict, unless one is already recorded: the
+        finalizer then stops following the session, and the webhook goes out at once."""
+        if owner.verdict is not None:
             return
-        confidence = payload.get("confidence")
-        if (
-            isinstance(confidence, bool)
-            or not isinstance(confidence, int | float)
-            or not math.isfinite(confidence)
-        ):
-            confidence = None
-        verdict = SessionVerdict(
-            status=str(status), confidence=confidence, recorded_at=self._service.wall_clock()
-        )
-        await self._service.ownership.record_verdict(owner, verdict)
+        service = self._service
+        verdict = verdict_of(payload, recorded_at=service.wall_clock(), request_id=request_id)
+        if verdict is not None:
+            await service.verdicts.record(owner, verdict, read_by="request")
+            service.background.wake()
 
     async def _session_record(self, request: Request, audit: AuditContext) -> Response:
         service = self._service

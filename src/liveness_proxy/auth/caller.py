@@ -18,6 +18,10 @@ class Caller:
     subject: str
     scopes: frozenset[str]
     credential_id: str
+    # The customer's own business id (onboarding application, payout, …) for the sessions this
+    # caller creates: from its credential (a JWT claim, or the host in library mode), never from a
+    # request body, so the frontend cannot forge it.
+    reference: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -32,3 +36,8 @@ class Authenticator(Protocol):
     """
 
     async def authenticate(self, headers: Headers) -> Caller | None: ...
+
+
+def is_reference(value: object) -> bool:
+    """A usable reference: 1-255 printable characters."""
+    return isinstance(value, str) and 0 < len(value) <= 255 and value.isprintable()

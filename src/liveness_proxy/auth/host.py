@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import HTTPConnection
 
 from liveness_proxy.auth.api_keys import SCOPE_PATTERN, SUBJECT_PATTERN
-from liveness_proxy.auth.caller import Caller
+from liveness_proxy.auth.caller import Caller, is_reference
 
 HostAuthentication = Callable[[HTTPConnection], Awaitable[Caller | None]]
 
@@ -62,4 +62,6 @@ class HostAuthenticator:
             isinstance(scope, str) and SCOPE_PATTERN.fullmatch(scope) for scope in caller.scopes
         ):
             raise InvalidHostCaller("Caller.scopes must be a frozenset of scope names")
+        if caller.reference is not None and not is_reference(caller.reference):
+            raise InvalidHostCaller("Caller.reference must be None or 1-255 printable characters")
         return caller

@@ -30,7 +30,7 @@ import orjson
 from starlette.datastructures import Headers
 
 from liveness_proxy.auth.api_keys import SCOPE_PATTERN, SUBJECT_PATTERN, bearer_credential, looks_like_api_key
-from liveness_proxy.auth.caller import Caller
+from liveness_proxy.auth.caller import Caller, is_reference
 from liveness_proxy.auth.jwks import (
     ASYMMETRIC_ALGORITHMS,
     MAX_KID_LENGTH,
@@ -60,6 +60,7 @@ class JwtPolicy:
     subject_claim: str
     leeway_seconds: float
     max_token_bytes: int
+    reference_claim: str | None = None  # the customer's business id for the session, if any
 
 
 def _refuse(detail: str) -> Unauthenticated:
@@ -187,7 +188,14 @@ class JwtAuthenticator:
             or not subject.isprintable()
         ):
             raise _refuse("The token has no usable subject.")
-        return Caller(subject=subject, scopes=_scopes(claims), credential_id=_credential_id(kid))
+        reference = None
+        if policy.reference_claim is not None and policy.reference_claim in claims:
+            reference = claims[policy.reference_claim]
+            if not is_reference(reference):
+                raise _refuse("The token's reference claim is not usable.")
+        return Caller(
+            subject=subject, scopes=_scopes(claims), credential_id=_credential_id(kid), reference=reference
+        )
 
 
 def _decode_header(segment: str) -> dict[str, Any]:

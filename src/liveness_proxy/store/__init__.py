@@ -11,6 +11,8 @@ from liveness_proxy.store.database import (
     ping,
     upgrade_database,
 )
+from liveness_proxy.store.jobs import ClaimedJob, JobQueue
+from liveness_proxy.store.outbox import OutboxEvent, StoredEvent, WebhookOutbox
 from liveness_proxy.store.repositories import (
     ApiKeyStore,
     SessionAlreadyBound,
@@ -19,6 +21,7 @@ from liveness_proxy.store.repositories import (
     SessionVerdict,
     StoredApiKey,
 )
+from liveness_proxy.store.verdicts import VerdictLedger
 
 __all__ = [
     "ApiKeyStore",
@@ -29,6 +32,9 @@ __all__ = [
     "AuditRecord",
     "ChainProblem",
     "ChainVerdict",
+    "ClaimedJob",
+    "JobQueue",
+    "OutboxEvent",
     "PoolOptions",
     "PurgeResult",
     "SessionAlreadyBound",
@@ -36,6 +42,9 @@ __all__ = [
     "SessionOwnership",
     "SessionVerdict",
     "StoredApiKey",
+    "StoredEvent",
+    "VerdictLedger",
+    "WebhookOutbox",
     "create_engine",
     "current_revision",
     "is_store_outage",

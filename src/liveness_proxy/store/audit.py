@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Insert, Integer, String, Update, bindparam, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.store.audit_chain import (
     HEAD_ROW_ID,
@@ -48,16 +48,19 @@ class AuditLogClosed(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class _WriterStatements:
-    """The writer's three statements, built once: SQLAlchemy then reuses their compiled form instead
-    of deriving a cache key for new statement objects on every commit."""
+class ChainWriter:
+    """Appends records to the chain inside a transaction the caller holds: the audit log's group
+    commit, or a system event that must commit together with the fact it records (a verdict).
+
+    Its three statements are built once: SQLAlchemy then reuses their compiled form instead of
+    deriving a cache key for new statement objects on every commit."""
 
     lock_head: Update
     insert_records: Insert
     store_head_hash: Update
 
     @classmethod
-    def build(cls) -> _WriterStatements:
+    def build(cls) -> ChainWriter:
         head = audit_chain_head.c
         return cls(
             lock_head=update(audit_chain_head)
@@ -69,6 +72,23 @@ class _WriterStatements:
             .where(head.id == HEAD_ROW_ID)
             .values(last_hash=bindparam("new_hash", type_=String)),
         )
+
+    async def append(self, connection: AsyncConnection, batch: list[dict[str, Any]]) -> None:
+        """Chains `batch` (column values, see `column_values`) after the current head. The head lock
+        is the first thing taken: see the module docstring."""
+        locked = (await connection.execute(self.lock_head, {"batch_size": len(batch)})).one_or_none()
+        if locked is None:
+            raise AuditChainMissing("the audit chain head is missing: run `liveness-proxy db upgrade`")
+        seq = int(locked.last_seq) - len(batch)
+        prev_hash = str(locked.last_hash)
+        rows = []
+        for values in batch:
+            seq += 1
+            row = {**values, "seq": seq, "prev_hash": prev_hash}
+            row["record_hash"] = prev_hash = record_hash(row)
+            rows.append(row)
+        await connection.execute(self.insert_records, rows)
+        await connection.execute(self.store_head_hash, {"new_hash": prev_hash})
 
 
 class AuditLog:
@@ -82,7 +102,7 @@ class AuditLog:
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._engine = engine
-        self._statements = _WriterStatements.build()
+        self._chain = ChainWriter.build()
         self._committer: GroupCommitter[dict[str, Any]] = GroupCommitter(
             self._write_values,
             batch_max=batch_max,
@@ -114,24 +134,8 @@ class AuditLog:
         return [None] * len(batch)
 
     async def _write_batch(self, batch: list[dict[str, Any]]) -> None:
-        statements = self._statements
         async with self._engine.begin() as connection:
-            # The lock comes first, the read with it: see the module docstring.
-            locked = (
-                await connection.execute(statements.lock_head, {"batch_size": len(batch)})
-            ).one_or_none()
-            if locked is None:
-                raise AuditChainMissing("the audit chain head is missing: run `liveness-proxy db upgrade`")
-            seq = int(locked.last_seq) - len(batch)
-            prev_hash = str(locked.last_hash)
-            rows = []
-            for values in batch:
-                seq += 1
-                row = {**values, "seq": seq, "prev_hash": prev_hash}
-                row["record_hash"] = prev_hash = record_hash(row)
-                rows.append(row)
-            await connection.execute(statements.insert_records, rows)
-            await connection.execute(statements.store_head_hash, {"new_hash": prev_hash})
+            await self._chain.append(connection, batch)
 
     # -- reading -------------------------------------------------------------------------------------
 

@@ -8,15 +8,19 @@ Every record has `seq` (1, 2, 3, … with no gaps: assigned under the head lock,
 `id`, which a rolled-back insert can skip), `prev_hash` (the `record_hash` of seq - 1; for seq 1 the
 genesis value, 64 zeros) and `record_hash`, the lowercase hex SHA-256 of its canonical encoding:
 
-    a JSON object with exactly the twelve members action, credential_id, latency_ms, occurred_at,
-    prev_hash, problem, request_id, seq, session_id, status, subject, upstream_status (every column
-    but `id`, which the database assigns after hashing, and `record_hash` itself), keys in sorted
-    order, no whitespace, UTF-8; null as null;
+    a JSON object with the twelve members action, credential_id, latency_ms, occurred_at,
+    prev_hash, problem, request_id, seq, session_id, status, subject, upstream_status, plus `detail`
+    when it is not null (every column but `id`, which the database assigns after hashing, and
+    `record_hash` itself), keys in sorted order, no whitespace, UTF-8; null as null;
     strings as JSON strings escaping only `"`, `\\` and control characters (`\\b \\t \\n \\f \\r`,
     others as `\\u00xx`), everything else written as itself;
     integers (seq, status, upstream_status) as JSON integers;
     floats (occurred_at, latency_ms) as JSON strings of 16 lowercase hex digits, the big-endian
     IEEE-754 binary64 bit pattern, after mapping -0.0 to 0.0.
+
+`detail` is present only on system events (a recorded verdict, a webhook delivered or dead-lettered:
+see `SYSTEM_ACTIONS`); it holds their facts as a JSON string. Leaving it out when null keeps the hash
+of every record written before it existed unchanged.
 
 With floats carried as strings this is also the object's RFC 8785 (JCS) form, so the hash can be
 recomputed from an export in any language. Floats are hashed as bits, not decimals, because both
@@ -62,7 +66,13 @@ class AuditRecord:
     upstream_status: int | None
     latency_ms: float
     problem: str | None
+    detail: str | None = None
 
+
+# Records the proxy writes on its own, not in answer to a request: one per fact, not per request.
+SYSTEM_ACTIONS = frozenset(
+    {"verdict.record", "session.unresolved", "webhook.delivered", "webhook.dead_letter", "webhook.disabled"}
+)
 
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(AuditRecord))
 HASHED_FIELDS = tuple(sorted((*RECORD_FIELDS, "seq", "prev_hash")))
@@ -82,7 +92,9 @@ def canonical_bytes(values: Mapping[Any, Any]) -> bytes:
     value that has no canonical form (wrong type, NaN, infinity)."""
     document: dict[str, Any] = {}
     for name in HASHED_FIELDS:
-        value = values[name]
+        value = values.get(name) if name == "detail" else values[name]
+        if name == "detail" and value is None:
+            continue
         if name in _FLOAT_FIELDS:
             document[name] = _float_bits(value)
         elif value is None or (type(value) is int) or (type(value) is str):

@@ -11,7 +11,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.store.group_commit import GroupCommitter
-from liveness_proxy.store.tables import api_keys, liveness_sessions
+from liveness_proxy.store.jobs import enqueue_values
+from liveness_proxy.store.tables import api_keys, jobs, liveness_sessions
 
 
 class SessionAlreadyBound(Exception):
@@ -25,6 +26,7 @@ class SessionVerdict:
     status: str
     confidence: float | None
     recorded_at: float
+    request_id: str | None = None  # the caller's request that read it, or the finalizer's poll
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ class SessionOwner:
     created_at: float
     request_id: str = ""
     verdict: SessionVerdict | None = None
+    reference: str | None = None
+    finalizer_state: str | None = None  # following, final, unresolved; None: not followed
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +65,18 @@ class SessionOwnership:
     INSERT per batch. One commit per created session capped session creation at the database's
     commit rate (profiled: most of a create's cost); a commit now serves a batch."""
 
-    def __init__(self, engine: AsyncEngine, *, cache_size: int = 10_000, batch_max: int = 256) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        first_followup_seconds: float | None = None,
+        cache_size: int = 10_000,
+        batch_max: int = 256,
+    ) -> None:
+        """`first_followup_seconds`: when the finalizer is on, each binding schedules its first
+        follow-up that long after creation, in the binding's own transaction."""
         self._engine = engine
+        self._first_followup_seconds = first_followup_seconds
         self._cache: dict[str, SessionOwner] = {}
         self._cache_size = cache_size
         self._committer: GroupCommitter[tuple[SessionOwner, str]] = GroupCommitter(
@@ -103,6 +117,8 @@ class SessionOwnership:
                 "credential_id": owner.credential_id,
                 "created_at": owner.created_at,
                 "request_id": request_id,
+                "reference": owner.reference,
+                "finalizer_state": None if self._first_followup_seconds is None else "following",
             }
             for owner, request_id in batch
         ]
@@ -115,7 +131,24 @@ class SessionOwnership:
         )
         async with self._engine.begin() as connection:
             result = await connection.execute(statement)
-            return {str(row[0]) for row in result}
+            inserted = {str(row[0]) for row in result}
+            delay = self._first_followup_seconds
+            if delay is not None and inserted:
+                # The follow-up commits with the binding: no session is ever bound but not followed.
+                await connection.execute(
+                    insert(jobs),
+                    [
+                        enqueue_values(
+                            "finalize",
+                            owner.session_id,
+                            due_at=owner.created_at + delay,
+                            now=owner.created_at,
+                        )
+                        for owner, _request_id in batch
+                        if owner.session_id in inserted
+                    ],
+                )
+            return inserted
 
     async def owner_of(self, session_id: str, *, fresh: bool = False) -> SessionOwner | None:
         """The binding of `session_id`; `fresh` skips the cache (to see a verdict another replica
@@ -132,37 +165,13 @@ class SessionOwnership:
             ).first()
         if row is None:
             return None  # not cached: the session may be bound by another process a moment later
-        verdict = None
-        if row.verdict_status is not None:
-            verdict = SessionVerdict(row.verdict_status, row.verdict_confidence, row.verdict_at)
-        owner = SessionOwner(
-            row.session_id, row.subject, row.credential_id, row.created_at, row.request_id, verdict
-        )
+        owner = owner_from_row(row)
         self._remember(owner)
         return owner
 
-    async def record_verdict(self, owner: SessionOwner, verdict: SessionVerdict) -> SessionOwner:
-        """Stores the first terminal verdict with the binding; it is never overwritten (a later,
-        different answer upstream does not rewrite history). A session whose verdict this process
-        already knows costs no write, however often its result is read."""
-        if owner.verdict is not None:
-            return owner
-        async with self._engine.begin() as connection:
-            await connection.execute(
-                update(liveness_sessions)
-                .where(
-                    liveness_sessions.c.session_id == owner.session_id,
-                    liveness_sessions.c.verdict_status.is_(None),
-                )
-                .values(
-                    verdict_status=verdict.status,
-                    verdict_confidence=verdict.confidence,
-                    verdict_at=verdict.recorded_at,
-                )
-            )
-        # Read back: another process may have stored its verdict first.
-        stored = await self.owner_of(owner.session_id, fresh=True)
-        return stored or owner
+    def forget(self, session_id: str) -> None:
+        """Drops the cached binding (its verdict or state changed)."""
+        self._cache.pop(session_id, None)
 
     def _remember(self, owner: SessionOwner) -> None:
         if owner.session_id not in self._cache and len(self._cache) >= self._cache_size:
@@ -208,6 +217,24 @@ class ApiKeyStore:
                 .values(revoked_at=revoked_at)
             )
         return bool(result.rowcount)
+
+
+def owner_from_row(row: Any) -> SessionOwner:
+    verdict = None
+    if row.verdict_status is not None:
+        verdict = SessionVerdict(
+            row.verdict_status, row.verdict_confidence, row.verdict_at, row.verdict_request_id
+        )
+    return SessionOwner(
+        session_id=row.session_id,
+        subject=row.subject,
+        credential_id=row.credential_id,
+        created_at=row.created_at,
+        request_id=row.request_id,
+        verdict=verdict,
+        reference=row.reference,
+        finalizer_state=row.finalizer_state,
+    )
 
 
 def _stored_key(row: Any) -> StoredApiKey:

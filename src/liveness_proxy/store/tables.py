@@ -43,8 +43,16 @@ liveness_sessions = Table(
     Column("verdict_status", String(32), nullable=True),
     Column("verdict_confidence", Float, nullable=True),
     Column("verdict_at", Float, nullable=True),
+    # Who read the verdict first: the caller's request id, or the finalizer's.
+    Column("verdict_request_id", String(128), nullable=True),
+    # The customer's own business id, from the caller's credential (never from a request body).
+    Column("reference", String(255), nullable=True),
+    # The finalizer's view: following, final or unresolved; null when the proxy does not follow it.
+    Column("finalizer_state", String(16), nullable=True),
 )
 Index("ix_liveness_sessions_subject_created_at", liveness_sessions.c.subject, liveness_sessions.c.created_at)
+Index("ix_liveness_sessions_created_at", liveness_sessions.c.created_at, liveness_sessions.c.session_id)
+Index("ix_liveness_sessions_reference", liveness_sessions.c.reference)
 
 # API keys: only the keyed hash (HMAC-SHA256 with the server pepper) of the secret part is stored.
 api_keys = Table(
@@ -79,6 +87,8 @@ audit_records = Table(
     Column("seq", BigInteger, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("record_hash", String(64), nullable=False),
+    # System events only (verdicts, deliveries): their facts as canonical JSON; hashed when present.
+    Column("detail", Text, nullable=True),
     # Also the index that verify and export walk in chain order.
     UniqueConstraint("seq"),
 )
@@ -113,4 +123,52 @@ upstream_token = Table(
     Column("lease_until", Float, nullable=True),
     Column("backoff_until", Float, nullable=True),
     CheckConstraint("id = 1", name="single_token_row"),
+)
+
+# Durable background work, one mechanism for every kind (store/jobs.py): a finalizer follow-up of a
+# session (`finalize`, ref = session id) or a webhook delivery (`deliver`, ref = event id). A row is
+# written in the same transaction as the fact it follows from, and claimed with a lease.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("ref", String(128), nullable=False),
+    Column("state", String(16), nullable=False),  # queued, done or dead
+    Column("due_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("last_error", String(255), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("kind", "ref"),
+)
+Index("ix_jobs_state_kind_due_at", jobs.c.state, jobs.c.kind, jobs.c.due_at)
+
+# The webhook outbox: each event's exact body, signed afresh at every attempt. Its delivery is the
+# `deliver` job with ref = event_id.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("type", String(64), nullable=False),
+    Column("session_id", String(128), nullable=True),
+    Column("body", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_status", Integer, nullable=True),
+    Column("delivered_at", Float, nullable=True),
+)
+Index("ix_webhook_events_session_id", webhook_events.c.session_id)
+
+WEBHOOK_ENDPOINT_ROW_ID = 1
+
+# The one webhook endpoint's state: disabled after it answered 410 Gone, until an operator
+# re-enables it (`liveness-proxy webhooks enable`). Deliveries wait queued meanwhile.
+webhook_endpoint = Table(
+    "webhook_endpoint",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("disabled_at", Float, nullable=True),
+    CheckConstraint("id = 1", name="single_endpoint_row"),
 )

@@ -144,6 +144,7 @@ def jwt_policy(settings: Settings) -> JwtPolicy:
         issuer=settings.liveness_proxy_jwt_issuer or None,
         audiences=frozenset(settings.liveness_proxy_jwt_audience),
         subject_claim=settings.liveness_proxy_jwt_subject_claim,
+        reference_claim=settings.liveness_proxy_jwt_reference_claim or None,
         leeway_seconds=float(settings.liveness_proxy_jwt_leeway_seconds),
         max_token_bytes=settings.liveness_proxy_jwt_max_token_bytes,
     )

@@ -16,6 +16,15 @@ from liveness_proxy.auth import (
     Authenticator,
     CallerAuthentication,
 )
+from liveness_proxy.background import (
+    BackgroundWorker,
+    Finalizer,
+    FinalizerSchedule,
+    JobRunner,
+    RetrySchedule,
+    WebhookDeliveries,
+)
+from liveness_proxy.delivery import VerdictEvents, WebhookSender
 from liveness_proxy.http import Http1Transport
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.observability import Redactor
@@ -25,7 +34,10 @@ from liveness_proxy.settings import Settings
 from liveness_proxy.store import (
     ApiKeyStore,
     AuditLog,
+    JobQueue,
     SessionOwnership,
+    VerdictLedger,
+    WebhookOutbox,
     create_engine,
     ping,
     upgrade_database,
@@ -42,6 +54,7 @@ from liveness_proxy.upstream import (
 )
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.client_secret import ClientSecretSource
+from liveness_proxy.webhook_signing import parse_webhook_secrets
 from liveness_proxy.wiring.options import limit_policy, pool_options, token_refresh_margin
 from liveness_proxy.wiring.parts import (
     CircuitSignals,
@@ -75,6 +88,9 @@ class Service:
     wall_clock: Callable[[], float]
     client_secret: ClientSecretSource
     redis: aioredis.Redis | None
+    verdicts: VerdictLedger
+    outbox: WebhookOutbox
+    background: BackgroundWorker
 
     async def ping_store(self) -> None:
         await ping(self.engine)
@@ -243,8 +259,87 @@ async def running_service(
         )
         # Closed before the token manager and the pools: its last batch is written on close.
         opened.push_async_callback(audit.close)
-        ownership = SessionOwnership(engine)
+        schedule = FinalizerSchedule(
+            offsets=tuple(settings.liveness_proxy_finalizer_schedule),
+            deadline_seconds=settings.liveness_proxy_finalizer_deadline_seconds,
+        )
+        finalizer_on = settings.liveness_proxy_finalizer
+        ownership = SessionOwnership(
+            engine, first_followup_seconds=schedule.first_offset if finalizer_on else None
+        )
         opened.push_async_callback(ownership.close)
+        webhook_url = settings.liveness_proxy_webhook_url
+        verdicts = VerdictLedger(
+            engine,
+            ownership,
+            events=VerdictEvents(pass_threshold=settings.liveness_proxy_pass_threshold)
+            if webhook_url
+            else None,
+            wall_clock=wall_clock,
+        )
+        outbox = WebhookOutbox(engine)
+        queue = JobQueue(engine)
+        runners: list[JobRunner] = []
+        if finalizer_on:
+            runners.append(
+                Finalizer(
+                    queue=queue,
+                    ownership=ownership,
+                    ledger=verdicts,
+                    cynopsis=cynopsis,
+                    schedule=schedule,
+                    concurrency=settings.liveness_proxy_finalizer_concurrency,
+                    wall_clock=wall_clock,
+                    metrics=metrics,
+                    logger=logger,
+                )
+            )
+        if webhook_url:
+            webhook_keys = parse_webhook_secrets(settings.liveness_proxy_webhook_secret.get_secret_value())
+            for key in settings.liveness_proxy_webhook_secret.get_secret_value().split():
+                redactor.add_secret(key, permanent=True)
+            # A pool of its own: a slow receiver never holds a connection the liveness calls need,
+            # and the receiver's certificate is checked against the system's trust store.
+            webhook_http = Http1Transport(
+                max_connections=settings.liveness_proxy_webhook_concurrency,
+                connect_timeout_seconds=min(settings.liveness_proxy_webhook_timeout_seconds, 10.0),
+            )
+            opened.push_async_callback(webhook_http.aclose)
+            runners.append(
+                WebhookDeliveries(
+                    outbox=outbox,
+                    sender=WebhookSender(
+                        webhook_http,
+                        webhook_url,
+                        keys=webhook_keys,
+                        timeout_seconds=settings.liveness_proxy_webhook_timeout_seconds,
+                        wall_clock=wall_clock,
+                    ),
+                    schedule=RetrySchedule(tuple(settings.liveness_proxy_webhook_retry_schedule)),
+                    concurrency=settings.liveness_proxy_webhook_concurrency,
+                    wall_clock=wall_clock,
+                    metrics=metrics,
+                    logger=logger,
+                )
+            )
+
+        async def sample_backlog() -> None:
+            metrics.jobs_counted(
+                await queue.counts(), endpoint_disabled=await outbox.endpoint_disabled_at() is not None
+            )
+
+        background = BackgroundWorker(
+            queue,
+            runners,
+            lease_seconds=settings.liveness_proxy_worker_lease_seconds,
+            interval_seconds=settings.liveness_proxy_worker_interval_seconds,
+            wall_clock=wall_clock,
+            logger=logger,
+            on_pass=sample_backlog,
+        )
+        # Last in, so first out: the worker stops before the store and the transports it uses close.
+        background.start()
+        opened.push_async_callback(background.close)
         yield Service(
             engine=engine,
             tokens=tokens,
@@ -275,4 +370,7 @@ async def running_service(
             wall_clock=wall_clock,
             client_secret=client_secret,
             redis=redis,
+            verdicts=verdicts,
+            outbox=outbox,
+            background=background,
         )

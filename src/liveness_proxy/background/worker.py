@@ -1,0 +1,155 @@
+"""The one background worker per process.
+
+Each pass asks every runner how many more jobs it may run now (its concurrency budget minus what is
+in flight), claims that many due jobs of its kind with a lease, and runs each in a task of its own.
+A pass happens every `interval_seconds`, when a job finishes, and when `wake()` is called (the
+process just wrote a job that is due now, e.g. a webhook). Claiming only what can start at once
+means no lease ticks away on work waiting inside this process.
+
+The worker never settles a job itself: a runner settles it in the same transaction as what the job
+produced. A runner that raises leaves its job leased; the lease lapses and the job is claimed again.
+At shutdown the worker stops claiming, gives running jobs `grace_seconds`, then cancels them: their
+leases lapse the same way, so nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import structlog
+
+from liveness_proxy.store import ClaimedJob, JobQueue, is_store_outage
+from liveness_proxy.store.jobs import JobKind
+
+
+class JobRunner(Protocol):
+    @property
+    def kind(self) -> JobKind: ...
+
+    @property
+    def concurrency(self) -> int: ...
+
+    async def ready(self) -> bool:
+        """Whether jobs of this kind may be claimed now (e.g. the webhook endpoint is enabled)."""
+        ...
+
+    async def run(self, job: ClaimedJob, *, lease_owner: str) -> None:
+        """Does the job and settles it (fenced by `lease_owner`)."""
+        ...
+
+
+def new_lease_owner() -> str:
+    """Names this process in leases: host, pid and a random part (a pid can be reused)."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class BackgroundWorker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        runners: Sequence[JobRunner],
+        *,
+        lease_seconds: float,
+        interval_seconds: float,
+        wall_clock: Callable[[], float],
+        logger: structlog.typing.FilteringBoundLogger,
+        on_pass: Callable[[], Awaitable[None]] | None = None,
+        grace_seconds: float = 5.0,
+    ) -> None:
+        """`on_pass` runs every `sample_every` passes (the backlog gauges)."""
+        self._queue = queue
+        self._runners = tuple(runners)
+        self._lease_seconds = lease_seconds
+        self._interval_seconds = interval_seconds
+        self._wall_clock = wall_clock
+        self._logger = logger
+        self._on_pass = on_pass
+        self._grace_seconds = grace_seconds
+        self.lease_owner = new_lease_owner()
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = {runner.kind: set() for runner in self._runners}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._loop_task is None and self._runners:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="background worker")
+
+    def wake(self) -> None:
+        """New work may be due now: look without waiting for the timer."""
+        self._wakeup.set()
+
+    @property
+    def running_jobs(self) -> int:
+        return sum(len(tasks) for tasks in self._in_flight.values())
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        tasks = [task for tasks in self._in_flight.values() for task in tasks]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self._grace_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _run(self) -> None:
+        passes = 0
+        while not self._closing:
+            self._wakeup.clear()
+            try:
+                await self._claim_and_start()
+                if self._on_pass is not None and passes % 10 == 0:
+                    await self._on_pass()
+            except Exception as exc:
+                # The database may be down: say so once per pass and try again after the interval.
+                self._logger.warning(
+                    "background_pass_failed",
+                    reason=type(exc).__name__,
+                    store_outage=is_store_outage(exc),
+                )
+            passes += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._interval_seconds)
+
+    async def _claim_and_start(self) -> None:
+        for runner in self._runners:
+            free = runner.concurrency - len(self._in_flight[runner.kind])
+            if free <= 0 or self._closing or not await runner.ready():
+                continue
+            claimed = await self._queue.claim(
+                runner.kind,
+                owner=self.lease_owner,
+                limit=free,
+                lease_seconds=self._lease_seconds,
+                now=self._wall_clock(),
+            )
+            for job in claimed:
+                task = asyncio.get_running_loop().create_task(
+                    self._run_job(runner, job), name=f"job {job.kind}"
+                )
+                self._in_flight[runner.kind].add(task)
+                task.add_done_callback(self._in_flight[runner.kind].discard)
+
+    async def _run_job(self, runner: JobRunner, job: ClaimedJob) -> None:
+        try:
+            await runner.run(job, lease_owner=self.lease_owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The job stays leased to us; once the lease lapses, it is claimed again (by anyone).
+            self._logger.warning(
+                "background_job_failed", kind=job.kind, job_id=job.id, reason=type(exc).__name__
+            )
+        finally:
+            self._wakeup.set()

@@ -1,0 +1,93 @@
+"""One webhook attempt: sign, POST, and classify the answer.
+
+Only a 2xx answer is a delivery. No redirect is followed (the transport follows none): a 3xx is a
+failure like any other. `410 Gone` means the receiver removed the endpoint: the worker disables it
+until an operator re-enables it. `Retry-After` on 429 and 503 says when to try again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from liveness_proxy.http import USER_AGENT, HttpError, HttpTransport, Url
+from liveness_proxy.webhook_signing import webhook_headers
+
+_MAX_ANSWER_BYTES = 64 * 1024  # the receiver's body is read only to be dropped
+_MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+Verdict = Literal["delivered", "gone", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    verdict: Verdict
+    status: int | None  # the receiver's HTTP status; None when no answer came
+    error: str | None  # log-safe: a status or an error class, never a URL, a header or a body
+    retry_after: float | None = None  # seconds, from Retry-After on 429/503
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        transport: HttpTransport,
+        url: str,
+        *,
+        keys: Sequence[bytes],
+        timeout_seconds: float,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._transport = transport
+        self._url = Url.parse(url)
+        self._keys = tuple(keys)
+        self._timeout_seconds = timeout_seconds
+        self._wall_clock = wall_clock
+
+    async def attempt(self, event_id: str, body: bytes, *, traceparent: str | None = None) -> AttemptOutcome:
+        """Sends `body` once, signed with this moment's timestamp."""
+        headers = [
+            ("content-type", "application/json"),
+            ("user-agent", USER_AGENT),
+            *webhook_headers(self._keys, event_id, int(self._wall_clock()), body).items(),
+        ]
+        if traceparent is not None:
+            headers.append(("traceparent", traceparent))
+        try:
+            response = await self._transport.request(
+                "POST",
+                self._url,
+                headers=headers,
+                body=body,
+                max_body_bytes=_MAX_ANSWER_BYTES,
+                timeout_seconds=self._timeout_seconds,
+            )
+        except HttpError as exc:
+            return AttemptOutcome("failed", None, f"no answer: {type(exc).__name__}")
+        status = response.status
+        if 200 <= status < 300:
+            return AttemptOutcome("delivered", status, None)
+        if status == 410:
+            return AttemptOutcome("gone", status, "HTTP 410 Gone: endpoint disabled")
+        retry_after = None
+        if status in (429, 503):
+            retry_after = parse_retry_after(response.header(b"retry-after"), now=self._wall_clock())
+        return AttemptOutcome("failed", status, f"HTTP {status}", retry_after)
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait, from delta-seconds or an HTTP date; None when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return min(float(text), _MAX_RETRY_AFTER_SECONDS)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - now, 0.0), _MAX_RETRY_AFTER_SECONDS)

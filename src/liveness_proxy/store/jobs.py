@@ -1,0 +1,192 @@
+"""Durable background work: rows in `jobs`, claimed with a lease, retried on a schedule.
+
+One mechanism serves every kind of work (finalizer follow-ups, webhook deliveries): a row is
+written in the same transaction as the fact it follows from (`enqueue_values` gives its columns to
+the writer of that fact), so a crash can never leave the fact without its follow-up.
+
+Claiming
+--------
+`claim` takes due, queued rows whose lease is free or lapsed and stamps them with this process's
+lease (`lease_owner`, `lease_until`) and one more attempt, in one statement. On PostgreSQL the
+candidate rows are locked `FOR UPDATE SKIP LOCKED`, so replicas claiming at the same moment take
+different rows without waiting for each other. SQLite has one writer at a time, so the same
+statement there is already exclusive.
+
+A worker that dies mid-job (SIGKILL, lost machine) simply stops renewing nothing: once its lease has
+lapsed, another process claims the row again. That is why work must be idempotent or tolerate being
+done twice (a finalizer poll is a read; a webhook is delivered at least once, deduplicated by the
+receiver on `webhook-id`).
+
+Every later write of a claimed row is fenced by the lease owner: a process whose lease lapsed and
+was taken over cannot overwrite the new owner's outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from liveness_proxy.store.tables import jobs
+
+JobKind = Literal["finalize", "deliver"]
+JobState = Literal["queued", "done", "dead"]
+_MAX_ERROR_CHARS = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    ref: str
+    attempts: int  # including this one
+    due_at: float
+    created_at: float
+
+
+def enqueue_values(kind: JobKind, ref: str, *, due_at: float, now: float) -> dict[str, Any]:
+    """The columns of a new queued job, for an INSERT in the caller's transaction."""
+    return {
+        "kind": kind,
+        "ref": ref,
+        "state": "queued",
+        "due_at": due_at,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+async def finish_job(connection: AsyncConnection, kind: JobKind, ref: str, *, now: float) -> None:
+    """Marks the queued job of `ref` done, whoever holds its lease: the fact it waited for happened
+    (a caller read the verdict first), so nobody needs to run it again."""
+    await connection.execute(
+        update(jobs)
+        .where(jobs.c.kind == kind, jobs.c.ref == ref, jobs.c.state == "queued")
+        .values(state="done", lease_owner=None, lease_until=None, updated_at=now)
+    )
+
+
+class JobQueue:
+    """Claims and settles jobs on one engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._skip_locked = engine.dialect.name == "postgresql"
+
+    async def claim(
+        self, kind: JobKind, *, owner: str, limit: int, lease_seconds: float, now: float
+    ) -> list[ClaimedJob]:
+        """Up to `limit` due jobs of `kind`, leased to `owner` until now + lease_seconds."""
+        if limit <= 0:
+            return []
+        candidates = (
+            select(jobs.c.id)
+            .where(
+                jobs.c.state == "queued",
+                jobs.c.kind == kind,
+                jobs.c.due_at <= now,
+                or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now),
+            )
+            .order_by(jobs.c.due_at)
+            .limit(limit)
+        )
+        if self._skip_locked:
+            candidates = candidates.with_for_update(skip_locked=True)
+        statement = (
+            update(jobs)
+            .where(jobs.c.id.in_(candidates.scalar_subquery()))
+            .values(
+                lease_owner=owner,
+                lease_until=now + lease_seconds,
+                attempts=jobs.c.attempts + 1,
+                updated_at=now,
+            )
+            .returning(jobs.c.id, jobs.c.kind, jobs.c.ref, jobs.c.attempts, jobs.c.due_at, jobs.c.created_at)
+        )
+        async with self._engine.begin() as connection:
+            rows = (await connection.execute(statement)).all()
+        return sorted(
+            (ClaimedJob(row.id, row.kind, row.ref, row.attempts, row.due_at, row.created_at) for row in rows),
+            key=lambda job: job.due_at,
+        )
+
+    async def settle(
+        self,
+        connection: AsyncConnection,
+        job: ClaimedJob,
+        *,
+        owner: str,
+        state: JobState,
+        now: float,
+        due_at: float | None = None,
+        error: str | None = None,
+        count_attempt: bool = True,
+    ) -> bool:
+        """Ends this claim in the caller's transaction: `done`, `dead`, or `queued` again at `due_at`
+        (a retry). `count_attempt=False` gives the attempt back (the work was put back, not tried).
+        False when the lease was lost to another process meanwhile: its outcome stands."""
+        values: dict[str, Any] = {"state": state, "lease_owner": None, "lease_until": None, "updated_at": now}
+        if due_at is not None:
+            values["due_at"] = due_at
+        if error is not None or state != "queued":
+            values["last_error"] = None if error is None else error[:_MAX_ERROR_CHARS]
+        if not count_attempt:
+            values["attempts"] = jobs.c.attempts - 1
+        result = await connection.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id, jobs.c.lease_owner == owner, jobs.c.state == "queued")
+            .values(**values)
+        )
+        return bool(result.rowcount)
+
+    def begin(self) -> Any:
+        """A transaction on the queue's engine (for a settle that commits with other writes)."""
+        return self._engine.begin()
+
+    async def requeue(self, kind: JobKind, ref: str, *, now: float) -> bool:
+        """Puts a job back in the queue, due now, with its attempts reset (an operator's resend of a
+        dead letter, or of one already delivered). False when there is no such job."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(
+                update(jobs)
+                .where(jobs.c.kind == kind, jobs.c.ref == ref)
+                .values(
+                    state="queued",
+                    due_at=now,
+                    attempts=0,
+                    lease_owner=None,
+                    lease_until=None,
+                    last_error=None,
+                    updated_at=now,
+                )
+            )
+        return bool(result.rowcount)
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs are queued or dead, per (kind, state): the backlog gauges. Done jobs are not
+        counted: they only grow, and the index on state keeps this count to the live ones."""
+        async with self._engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(jobs.c.kind, jobs.c.state, func.count())
+                    .where(jobs.c.state.in_(["queued", "dead"]))
+                    .group_by(jobs.c.kind, jobs.c.state)
+                )
+            ).all()
+        return {(str(kind), str(state)): int(count) for kind, state, count in rows}
+
+    async def next_due(self, kinds: Iterable[JobKind]) -> float | None:
+        """The earliest due time of a queued job of these kinds (for the worker's sleep)."""
+        async with self._engine.connect() as connection:
+            value = (
+                await connection.execute(
+                    select(func.min(jobs.c.due_at)).where(
+                        and_(jobs.c.state == "queued", jobs.c.kind.in_(list(kinds)))
+                    )
+                )
+            ).scalar_one_or_none()
+        return None if value is None else float(value)

@@ -1,0 +1,227 @@
+"""The webhook outbox: events written in the same transaction as the fact they announce, and the
+state of the one endpoint they go to. Their delivery is a `deliver` job (store/jobs.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from liveness_proxy.store.audit import ChainWriter
+from liveness_proxy.store.audit_chain import AuditRecord, column_values
+from liveness_proxy.store.jobs import ClaimedJob, JobQueue, enqueue_values
+from liveness_proxy.store.tables import WEBHOOK_ENDPOINT_ROW_ID, jobs, webhook_endpoint, webhook_events
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """An event as it is signed and sent: `body` is the exact bytes of every attempt."""
+
+    event_id: str
+    type: str
+    session_id: str | None
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    event_id: str
+    type: str
+    session_id: str | None
+    body: bytes
+    created_at: float
+    state: str  # queued, done (delivered) or dead
+    attempts: int
+    due_at: float
+    last_status: int | None
+    last_error: str | None
+    delivered_at: float | None
+
+
+async def add_event(connection: AsyncConnection, event: OutboxEvent, *, now: float) -> None:
+    """Writes the event and its delivery job, due now, in the caller's transaction."""
+    await connection.execute(
+        insert(webhook_events).values(
+            event_id=event.event_id,
+            type=event.type,
+            session_id=event.session_id,
+            body=event.body.decode(),
+            created_at=now,
+        )
+    )
+    await connection.execute(
+        insert(jobs).values(enqueue_values("deliver", event.event_id, due_at=now, now=now))
+    )
+
+
+class WebhookOutbox:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._queue = JobQueue(engine)
+        self._chain = ChainWriter.build()
+
+    async def settle_attempt(
+        self,
+        job: ClaimedJob,
+        *,
+        owner: str,
+        now: float,
+        result: str,
+        status: int | None,
+        error: str | None,
+        retry_at: float | None,
+        session_id: str | None,
+    ) -> bool:
+        """Records one attempt's result and what follows from it, in one transaction:
+        `delivered` ends the job; `gone` disables the endpoint and puts the job back without
+        counting the attempt; `failed` queues a retry at `retry_at`, or dead-letters the event when
+        `retry_at` is None. Delivery, dead letter and disabling are chain events. False when the
+        lease was lost meanwhile (another process owns the job now; its outcome stands)."""
+        action: str | None = None
+        async with self._engine.begin() as connection:
+            await mark_event_attempt(
+                connection, job.ref, status=status, delivered_at=now if result == "delivered" else None
+            )
+            if result == "delivered":
+                settled = await self._queue.settle(connection, job, owner=owner, state="done", now=now)
+                action = "webhook.delivered"
+            elif result == "gone":
+                settled = await self._queue.settle(
+                    connection,
+                    job,
+                    owner=owner,
+                    state="queued",
+                    now=now,
+                    due_at=now,
+                    error=error,
+                    count_attempt=False,
+                )
+                if await disable_endpoint(connection, now=now):
+                    action = "webhook.disabled"
+            elif retry_at is not None:
+                settled = await self._queue.settle(
+                    connection, job, owner=owner, state="queued", now=now, due_at=retry_at, error=error
+                )
+            else:
+                settled = await self._queue.settle(
+                    connection, job, owner=owner, state="dead", now=now, error=error
+                )
+                action = "webhook.dead_letter"
+            if not settled:
+                await connection.rollback()
+                return False
+            if action is not None:
+                detail = {"event_id": job.ref, "attempts": job.attempts, "status": status}
+                record = AuditRecord(
+                    occurred_at=now,
+                    request_id=job.ref,
+                    subject=None,
+                    credential_id=None,
+                    action=action,
+                    session_id=session_id,
+                    status=200,
+                    upstream_status=status,
+                    latency_ms=0.0,
+                    problem=None,
+                    detail=orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode(),
+                )
+                await self._chain.append(connection, [column_values(record)])
+        return True
+
+    async def event(self, event_id: str) -> StoredEvent | None:
+        rows = await self._events(webhook_events.c.event_id == event_id, limit=1)
+        return rows[0] if rows else None
+
+    async def events(
+        self, *, failed_only: bool = False, session_id: str | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        """Newest first. `failed_only`: dead letters, and queued events that have failed an attempt."""
+        conditions: list[Any] = []
+        if session_id is not None:
+            conditions.append(webhook_events.c.session_id == session_id)
+        if failed_only:
+            conditions.append(
+                (jobs.c.state == "dead") | ((jobs.c.state == "queued") & jobs.c.last_error.is_not(None))
+            )
+        return await self._events(*conditions, limit=limit)
+
+    async def _events(self, *conditions: Any, limit: int) -> list[StoredEvent]:
+        query = (
+            select(
+                webhook_events,
+                jobs.c.state,
+                jobs.c.attempts,
+                jobs.c.due_at,
+                jobs.c.last_error,
+            )
+            .join(jobs, (jobs.c.kind == "deliver") & (jobs.c.ref == webhook_events.c.event_id))
+            .where(*conditions)
+            .order_by(webhook_events.c.created_at.desc(), webhook_events.c.event_id.desc())
+            .limit(limit)
+        )
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [
+            StoredEvent(
+                event_id=row.event_id,
+                type=row.type,
+                session_id=row.session_id,
+                body=str(row.body).encode(),
+                created_at=row.created_at,
+                state=row.state,
+                attempts=row.attempts,
+                due_at=row.due_at,
+                last_status=row.last_status,
+                last_error=row.last_error,
+                delivered_at=row.delivered_at,
+            )
+            for row in rows
+        ]
+
+    async def endpoint_disabled_at(self) -> float | None:
+        async with self._engine.connect() as connection:
+            value = (
+                await connection.execute(
+                    select(webhook_endpoint.c.disabled_at).where(
+                        webhook_endpoint.c.id == WEBHOOK_ENDPOINT_ROW_ID
+                    )
+                )
+            ).scalar_one_or_none()
+        return None if value is None else float(value)
+
+    async def enable_endpoint(self) -> bool:
+        """Re-enables the endpoint; False when it was not disabled."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(
+                update(webhook_endpoint)
+                .where(
+                    webhook_endpoint.c.id == WEBHOOK_ENDPOINT_ROW_ID,
+                    webhook_endpoint.c.disabled_at.is_not(None),
+                )
+                .values(disabled_at=None)
+            )
+        return bool(result.rowcount)
+
+
+async def disable_endpoint(connection: AsyncConnection, *, now: float) -> bool:
+    """Disables the endpoint (it answered 410 Gone); False when it already was."""
+    result = await connection.execute(
+        update(webhook_endpoint)
+        .where(webhook_endpoint.c.id == WEBHOOK_ENDPOINT_ROW_ID, webhook_endpoint.c.disabled_at.is_(None))
+        .values(disabled_at=now)
+    )
+    return bool(result.rowcount)
+
+
+async def mark_event_attempt(
+    connection: AsyncConnection, event_id: str, *, status: int | None, delivered_at: float | None
+) -> None:
+    values: dict[str, Any] = {"last_status": status}
+    if delivered_at is not None:
+        values["delivered_at"] = delivered_at
+    await connection.execute(
+        update(webhook_events).where(webhook_events.c.event_id == event_id).values(**values)
+    )

@@ -1,0 +1,136 @@
+"""The verdict ledger on both engines: the first terminal verdict wins across writers, and only the
+winner writes the chain event, the webhook event and its delivery job, in the verdict's
+transaction; the finalizer's follow-up is scheduled with the binding and ended by the verdict."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+
+from liveness_proxy.delivery import VerdictEvents
+from liveness_proxy.store import (
+    AuditLog,
+    SessionOwner,
+    SessionOwnership,
+    SessionVerdict,
+    VerdictLedger,
+    create_engine,
+    upgrade_database,
+)
+from liveness_proxy.store.tables import audit_records, jobs, liveness_sessions, webhook_events
+
+
+async def _rows(engine: Any, table: Any) -> list[dict[str, Any]]:
+    async with engine.connect() as connection:
+        return [dict(row._mapping) for row in (await connection.execute(select(table))).all()]
+
+
+async def test_racing_writers_record_one_verdict_one_event_one_webhook(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine, first_followup_seconds=3.0)
+        owner = SessionOwner("s-1", "alice", "key:1", 100.0, "r-1", reference="loan-7")
+        await ownership.bind(owner, "r-1")
+        follow_ups = await _rows(engine, jobs)
+
+        # Eight writers, each with its own cache as on eight replicas, read different answers.
+        async def record(index: int) -> SessionOwner:
+            ledger = VerdictLedger(
+                engine,
+                SessionOwnership(engine),
+                events=VerdictEvents(pass_threshold=90.0),
+                wall_clock=lambda: 200.0,
+            )
+            status = "SUCCEEDED" if index % 2 == 0 else "FAILED"
+            verdict = SessionVerdict(status, float(index), 200.0 + index, f"req-{index}")
+            return await ledger.record(owner, verdict, read_by="request" if index else "finalizer")
+
+        results = await asyncio.gather(*(record(index) for index in range(8)))
+        await ownership.close()
+        chain = [row for row in await _rows(engine, audit_records) if row["action"] == "verdict.record"]
+        events = await _rows(engine, webhook_events)
+        job_rows = await _rows(engine, jobs)
+        verdict = await AuditLog(engine).verify()
+    finally:
+        await engine.dispose()
+
+    assert [(row["kind"], row["ref"], row["state"], row["due_at"]) for row in follow_ups] == [
+        ("finalize", "s-1", "queued", 103.0)
+    ]
+    stored = {result.verdict for result in results}
+    assert len(stored) == 1, "every writer sees the one verdict that stands"
+    winner = stored.pop()
+    assert winner is not None
+    assert len(chain) == 1
+    detail = orjson.loads(chain[0]["detail"])
+    assert detail["status"] == winner.status
+    assert detail["confidence"] == winner.confidence
+    assert chain[0]["request_id"] == winner.request_id
+    assert chain[0]["subject"] == "alice"
+    assert len(events) == 1
+    assert detail["event_id"] == events[0]["event_id"]
+    body = orjson.loads(events[0]["body"])
+    assert body["type"] == "liveness.session.completed"
+    assert body["data"]["status"] == winner.status
+    assert body["data"]["reference"] == "loan-7"
+    assert body["data"]["passed"] is False  # confidence below 90
+    states = sorted((row["kind"], row["state"]) for row in job_rows)
+    assert states == [("deliver", "queued"), ("finalize", "done")]
+    assert verdict.problem is None
+
+
+async def test_unresolved_is_announced_and_a_later_verdict_still_follows(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine, first_followup_seconds=3.0)
+        owner = SessionOwner("s-2", "bob", "key:2", 100.0, "r-2")
+        await ownership.bind(owner, "r-2")
+        ledger = VerdictLedger(
+            engine, ownership, events=VerdictEvents(pass_threshold=None), wall_clock=lambda: 900.0
+        )
+        assert await ledger.mark_unresolved(owner, request_id="fin-1")
+        assert not await ledger.mark_unresolved(owner, request_id="fin-2"), "announced once"
+        await ledger.record(owner, SessionVerdict("EXPIRED", None, 950.0, "req-9"), read_by="request")
+        await ownership.close()
+        sessions = await _rows(engine, liveness_sessions)
+        events = [orjson.loads(row["body"]) for row in await _rows(engine, webhook_events)]
+        actions = [row["action"] for row in await _rows(engine, audit_records)]
+        verdict = await AuditLog(engine).verify()
+    finally:
+        await engine.dispose()
+    assert sessions[0]["finalizer_state"] == "final"
+    assert sessions[0]["verdict_status"] == "EXPIRED"
+    assert sorted(event["type"] for event in events) == [
+        "liveness.session.expired",
+        "liveness.session.unresolved",
+    ]
+    unresolved = next(event for event in events if event["type"] == "liveness.session.unresolved")
+    assert unresolved["data"]["status"] is None
+    assert unresolved["data"]["completed_at"] is None
+    assert actions == ["session.unresolved", "verdict.record"]
+    assert verdict.problem is None
+
+
+async def test_without_a_webhook_endpoint_no_event_is_written(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine)
+        owner = SessionOwner("s-3", "carol", "key:3", 100.0, "r-3")
+        await ownership.bind(owner, "r-3")
+        ledger = VerdictLedger(engine, ownership, events=None, wall_clock=lambda: 900.0)
+        await ledger.record(owner, SessionVerdict("SUCCEEDED", 99.0, 101.0, "req-1"), read_by="request")
+        await ownership.close()
+        events = await _rows(engine, webhook_events)
+        job_rows = await _rows(engine, jobs)
+        chain = await _rows(engine, audit_records)
+    finally:
+        await engine.dispose()
+    assert events == []
+    assert job_rows == []  # not followed (finalizer off): no follow-up either
+    assert [row["action"] for row in chain] == ["verdict.record"]
