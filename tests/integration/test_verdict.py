@@ -17,7 +17,6 @@ from liveness_proxy.store import (
     SessionAlreadyBound,
     SessionOwner,
     SessionOwnership,
-    SessionVerdict,
     create_engine,
     upgrade_database,
 )

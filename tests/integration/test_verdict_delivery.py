@@ -1,0 +1,223 @@
+"""Verdict delivery end to end: the proxy follows sessions nobody reads to their verdict, records it
+in the audit chain and delivers it to a real receiver that verifies every signature with the
+official `standardwebhooks` package; retries, 410, dead letters and Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import orjson
+
+from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
+from support import ProxyHarness
+from webhook_receiver import WebhookReceiver
+
+MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
+
+# Seconds instead of minutes: the same code, on a schedule a test can wait for.
+FAST = {
+    "LIVENESS_PROXY_FINALIZER": True,
+    "LIVENESS_PROXY_FINALIZER_SCHEDULE": "0.2,0.4,0.8",
+    "LIVENESS_PROXY_FINALIZER_DEADLINE_SECONDS": 2,
+    "LIVENESS_PROXY_WORKER_INTERVAL_SECONDS": 0.05,
+    "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": "0,0.2,0.2",
+}
+
+
+def result_reads(proxy: ProxyHarness, session_id: str) -> int:
+    return sum(path.endswith(f"/liveness_result/{session_id}") for path in proxy.upstream_paths())
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+    return value
+
+
+def run(proxy: ProxyHarness, work: Callable[[Any], Any]) -> Any:
+    async def go() -> Any:
+        async with proxy.database() as engine:
+            return await work(engine)
+
+    return asyncio.run(go())
+
+
+def test_a_verdict_nobody_reads_reaches_the_backend_signed(make_proxy: MakeProxy) -> None:
+    with WebhookReceiver() as receiver, make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy:
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=97.5)
+        [delivery] = receiver.wait_for(1)
+        reads_at_delivery = result_reads(proxy, session_id)
+        time.sleep(1.0)  # past every remaining offset: a final session is not read again
+        reads_later = result_reads(proxy, session_id)
+        chain = [row for row in proxy.audit_rows() if row["action"] == "verdict.record"]
+        verdict = run(proxy, lambda engine: AuditLog(engine).verify())
+    assert delivery.verified, "standardwebhooks rejected our signature"
+    assert delivery.webhook_id.startswith("msg_")
+    assert abs(delivery.timestamp - time.time()) < 30
+    body = delivery.body
+    assert body["type"] == "liveness.session.completed"
+    assert body["data"]["session_id"] == session_id
+    assert body["data"]["subject"] == "alice"
+    assert body["data"]["status"] == "SUCCEEDED"
+    assert body["data"]["confidence"] == 97.5
+    assert body["data"]["passed"] is None  # no pass threshold configured
+    assert set(body["data"]) == {
+        "session_id",
+        "subject",
+        "reference",
+        "status",
+        "confidence",
+        "passed",
+        "created_at",
+        "completed_at",
+    }
+    assert reads_at_delivery >= 1
+    assert reads_later == reads_at_delivery
+    [event] = chain
+    detail = orjson.loads(event["detail"])
+    assert detail["read_by"] == "finalizer"
+    assert detail["status"] == "SUCCEEDED"
+    assert detail["event_id"] == delivery.webhook_id
+    assert verdict.problem is None
+
+
+def test_a_callers_terminal_read_ends_the_follow_up_at_once(make_proxy: MakeProxy) -> None:
+    slow = {**FAST, "LIVENESS_PROXY_FINALIZER_SCHEDULE": "0.6,1.2"}
+    with WebhookReceiver() as receiver, make_proxy(proxy_overrides={**slow, **receiver.settings()}) as proxy:
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+            proxy.sandbox.complete_session(session_id, live=False, confidence=4.0)
+            answer = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
+        [delivery] = receiver.wait_for(1)
+        time.sleep(1.5)  # past both offsets
+        reads = result_reads(proxy, session_id)
+        chain = [row for row in proxy.audit_rows() if row["action"] == "verdict.record"]
+    assert answer.json()["status"] == "FAILED"
+    assert reads == 1, "the finalizer read a session a caller had already finalized"
+    assert delivery.body["data"]["status"] == "FAILED"
+    assert orjson.loads(chain[0]["detail"])["read_by"] == "request"
+    assert chain[0]["request_id"] == answer.headers["x-request-id"]
+
+
+def test_an_expired_session_gives_the_expired_event(make_proxy: MakeProxy) -> None:
+    with WebhookReceiver() as receiver, make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy:
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.expire_session(session_id)
+        [delivery] = receiver.wait_for(1)
+    assert delivery.body["type"] == "liveness.session.expired"
+    assert delivery.body["data"]["status"] == "EXPIRED"
+
+
+def test_past_the_deadline_the_session_is_unresolved_and_a_later_verdict_follows(
+    make_proxy: MakeProxy,
+) -> None:
+    with WebhookReceiver() as receiver, make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy:
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+            [unresolved] = receiver.wait_for(1, timeout=10)
+            proxy.sandbox.complete_session(session_id, live=True, confidence=99.0)
+            client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
+        deliveries = receiver.wait_for(2)
+    assert unresolved.body["type"] == "liveness.session.unresolved"
+    assert unresolved.body["data"]["status"] is None
+    assert deliveries[1].body["type"] == "liveness.session.completed"
+    assert deliveries[1].webhook_id != unresolved.webhook_id
+
+
+def test_a_failing_receiver_gets_retries_under_the_same_webhook_id(make_proxy: MakeProxy) -> None:
+    with (
+        WebhookReceiver(script=deque([500, 502])) as receiver,
+        make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy,
+    ):
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=90.0)
+        receiver.wait_for(1)
+        attempts = list(receiver.deliveries)
+    assert [attempt.answered for attempt in attempts] == [500, 502, 200]
+    assert len({attempt.webhook_id for attempt in attempts}) == 1
+    assert all(attempt.verified for attempt in attempts), "every attempt is signed afresh and valid"
+    assert attempts[0].body == attempts[2].body
+
+
+def test_retry_after_is_honoured(make_proxy: MakeProxy) -> None:
+    script = deque([(503, {"Retry-After": "2"})])
+    with (
+        WebhookReceiver(script=script) as receiver,
+        make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy,
+    ):
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=90.0)
+        receiver.wait_for(1)
+        first, second = receiver.deliveries
+    assert second.received_at - first.received_at >= 1.9
+
+
+def test_a_dead_letter_is_delivered_by_resend_and_410_waits_for_enable(make_proxy: MakeProxy) -> None:
+    with (
+        WebhookReceiver(always=500) as receiver,
+        make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy,
+    ):
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=90.0)
+        receiver.wait_for(3, accepted=False)
+
+        def dead() -> list[Any]:
+            events = run(proxy, lambda engine: WebhookOutbox(engine).events(failed_only=True))
+            return [event for event in events if event.state == "dead"]
+
+        [letter] = wait_until(dead)
+        assert letter.attempts == 3
+        assert letter.last_error == "HTTP 500"
+        # The receiver is back, but answers 410 once: the endpoint is disabled, nothing is lost.
+        receiver.always = None
+        receiver.script.append(410)
+        assert run(
+            proxy, lambda engine: JobQueue(engine).requeue("deliver", letter.event_id, now=time.time())
+        )
+        wait_until(lambda: run(proxy, lambda engine: WebhookOutbox(engine).endpoint_disabled_at()))
+        time.sleep(0.5)
+        assert receiver.accepted() == []
+        [queued] = run(proxy, lambda engine: WebhookOutbox(engine).events())
+        assert queued.state == "queued"
+        assert run(proxy, lambda engine: WebhookOutbox(engine).enable_endpoint())
+        [delivery] = receiver.wait_for(1)
+        actions = [row["action"] for row in proxy.audit_rows()]
+    assert delivery.webhook_id == letter.event_id
+    assert delivery.verified
+    assert [attempt.answered for attempt in receiver.deliveries] == [500, 500, 500, 410, 200]
+    assert actions.count("webhook.dead_letter") == 1
+    assert actions.count("webhook.disabled") == 1
+    assert actions.count("webhook.delivered") == 1
+
+
+def test_with_the_finalizer_off_nothing_is_followed(make_proxy: MakeProxy) -> None:
+    with (
+        WebhookReceiver() as receiver,
+        make_proxy(
+            proxy_overrides={**FAST, **receiver.settings(), "LIVENESS_PROXY_FINALIZER": "off"}
+        ) as proxy,
+    ):
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=90.0)
+        time.sleep(1.0)
+        assert result_reads(proxy, session_id) == 0
+        assert receiver.deliveries == []
+        # A caller's read still records the verdict, and the webhook still goes out.
+        with proxy.client() as client:
+            client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
+        [delivery] = receiver.wait_for(1)
+    assert delivery.body["data"]["session_id"] == session_id
