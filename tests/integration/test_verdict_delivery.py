@@ -151,7 +151,7 @@ def test_a_failing_receiver_gets_retries_under_the_same_webhook_id(make_proxy: M
 
 
 def test_retry_after_is_honoured(make_proxy: MakeProxy) -> None:
-    script = deque([(503, {"Retry-After": "2"})])
+    script: deque[int | tuple[int, dict[str, str]]] = deque([(503, {"Retry-After": "2"})])
     with (
         WebhookReceiver(script=script) as receiver,
         make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy,
