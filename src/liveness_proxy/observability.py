@@ -24,6 +24,7 @@ _CREDENTIAL_PATTERNS = re.compile(
     r"lpk_[0-9a-f]{16}_[A-Za-z0-9_-]+"  # our API keys
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]+"  # any bearer credential
     r"|(?i:client_secret)=[^&\s]+"  # a form-encoded client secret
+    r"|whsec_[A-Za-z0-9+/=]+"  # a webhook signing secret
 )
 _MAX_KNOWN_SECRETS = 16
 # Secrets shorter than this are not matched (they would redact ordinary words); no credential shape

@@ -199,3 +199,52 @@ def test_plain_http_upstream_is_refused_naming_the_flag_and_accepted_on_loopback
     environment.setenv("LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM", "false")
     with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_ALLOW_INSECURE_UPSTREAM"):
         Settings.load()
+
+
+def test_webhook_settings_refuse_what_would_leak_or_never_verify(tmp_path: Path) -> None:
+    from liveness_proxy.webhook_signing import new_webhook_secret
+
+    secret = new_webhook_secret()
+    base = {**REQUIRED, "LIVENESS_PROXY_WEBHOOK_SECRET": secret}
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WEBHOOK_URL: must use https"):
+        settings_from_mapping({**base, "LIVENESS_PROXY_WEBHOOK_URL": "http://backend.example/hooks"})
+    with pytest.raises(ConfigurationError, match="must not carry credentials"):
+        settings_from_mapping({**base, "LIVENESS_PROXY_WEBHOOK_URL": "https://u:p@backend.example/hooks"})
+    url = {"LIVENESS_PROXY_WEBHOOK_URL": "https://backend.example/hooks"}
+    settings_from_mapping({**base, **url}).require_proxy_secrets()
+    settings_from_mapping(
+        {**base, "LIVENESS_PROXY_WEBHOOK_URL": "http://127.0.0.1:9/h"}
+    ).require_proxy_secrets()
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WEBHOOK_SECRET: required"):
+        settings_from_mapping({**REQUIRED, **url}).require_proxy_secrets()
+    bad = "whsec_" + "A" * 8
+    with pytest.raises(
+        ConfigurationError, match="LIVENESS_PROXY_WEBHOOK_SECRET: secret 1 must decode"
+    ) as refused:
+        settings_from_mapping(
+            {**REQUIRED, **url, "LIVENESS_PROXY_WEBHOOK_SECRET": bad}
+        ).require_proxy_secrets()
+    assert bad not in str(refused.value)
+    secret_file = tmp_path / "webhook_secret"
+    secret_file.write_text(secret + "\n")
+    from_file = settings_from_mapping({**REQUIRED, **url, "LIVENESS_PROXY_WEBHOOK_SECRET_FILE": secret_file})
+    assert from_file.liveness_proxy_webhook_secret.get_secret_value() == secret
+    assert secret not in str(from_file.redacted_summary())
+
+
+def test_finalizer_settings() -> None:
+    defaults = settings_from_mapping(REQUIRED)
+    assert defaults.liveness_proxy_finalizer is True
+    assert defaults.liveness_proxy_finalizer_schedule == [3, 6, 12, 24, 48, 96, 192, 384]
+    assert (
+        settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_FINALIZER": "off"}).liveness_proxy_finalizer
+        is False
+    )
+    parsed = settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_FINALIZER_SCHEDULE": "1, 2.5,10"})
+    assert parsed.liveness_proxy_finalizer_schedule == [1, 2.5, 10]
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_FINALIZER_SCHEDULE: offsets must increase"):
+        settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_FINALIZER_SCHEDULE": "3,3,6"})
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE"):
+        settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": "0,-5"})
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE"):
+        settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": ""})
