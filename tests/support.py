@@ -39,7 +39,8 @@ DOMAIN_ID = "test-domain"
 
 # What must never appear in any log line of the proxy (the whole suite's logs are scanned for these):
 # the client secret and pepper, sandbox access tokens (sbx_) and session tokens (sst_), API keys
-# with their secret part, JWTs, and the base64 PNG signature that starts every sandbox image.
+# with their secret part, JWTs, webhook secrets, and the base64 PNG signature that starts every
+# sandbox image.
 LEAK_PATTERNS = re.compile(
     "|".join(
         (
@@ -49,6 +50,7 @@ LEAK_PATTERNS = re.compile(
             r"sst_[A-Za-z0-9_-]{8,}",
             r"lpk_[0-9a-f]{16}_[A-Za-z0-9_-]{8,}",
             r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.",
+            r"whsec_[A-Za-z0-9+/=]{8,}",
             "iVBORw0KGg",
         )
     )

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
-from support import ProxyHarness
+from support import ProxyHarness, find_leaks
 from webhook_receiver import WebhookReceiver
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -221,3 +221,34 @@ def test_with_the_finalizer_off_nothing_is_followed(make_proxy: MakeProxy) -> No
             client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
         [delivery] = receiver.wait_for(1)
     assert delivery.body["data"]["session_id"] == session_id
+
+
+def test_webhooks_and_what_they_leave_behind_carry_no_secret_token_or_image(make_proxy: MakeProxy) -> None:
+    with WebhookReceiver() as receiver, make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy:
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=97.5)
+        [delivery] = receiver.wait_for(1)
+        stored = run(proxy, lambda engine: WebhookOutbox(engine).events())
+        audit = proxy.audit_rows()
+        access_tokens = {
+            record.headers["authorization"].removeprefix("Bearer ")
+            for record in proxy.sandbox.request_log
+            if "authorization" in record.headers
+        }
+    # The upstream result the finalizer read did carry images: the filter is not vacuous.
+    assert proxy.sandbox.face_images(session_id)
+    written = {
+        "webhook": orjson.dumps(delivery.body).decode() + delivery.signature,
+        "outbox": "\n".join(event.body.decode() for event in stored),
+        "audit": "\n".join(str(row) for row in audit),
+        "logs": proxy.log_text(),
+    }
+    for where, text in written.items():
+        assert find_leaks(text) == [], f"{where}: {find_leaks(text)}"
+        assert receiver.secret not in text, f"the webhook secret leaked into {where}"
+        assert receiver.secret.removeprefix("whsec_") not in text
+        for token in access_tokens:
+            assert token not in text, f"an access token leaked into {where}"
+        for image in proxy.sandbox.face_images(session_id):
+            assert image[:40] not in text, f"a face image leaked into {where}"
