@@ -83,17 +83,18 @@ class JobQueue:
         """Up to `limit` due jobs of `kind`, leased to `owner` until now + lease_seconds."""
         if limit <= 0:
             return []
-        candidates = (
-            select(jobs.c.id)
-            .where(
-                jobs.c.state == "queued",
-                jobs.c.kind == kind,
-                jobs.c.due_at <= now,
-                or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now),
-            )
-            .order_by(jobs.c.due_at)
-            .limit(limit)
+        claimable = (
+            jobs.c.state == "queued",
+            jobs.c.kind == kind,
+            jobs.c.due_at <= now,
+            or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now),
         )
+        # A read first: most passes find nothing due, and on SQLite even an UPDATE that changes
+        # nothing takes the database's write lock, which the audit writer is waiting for.
+        async with self._engine.connect() as connection:
+            if (await connection.execute(select(jobs.c.id).where(*claimable).limit(1))).first() is None:
+                return []
+        candidates = select(jobs.c.id).where(*claimable).order_by(jobs.c.due_at).limit(limit)
         if self._skip_locked:
             candidates = candidates.with_for_update(skip_locked=True)
         statement = (
