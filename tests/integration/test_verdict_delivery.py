@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
 from support import ProxyHarness, find_leaks
 from webhook_receiver import WebhookReceiver
@@ -252,3 +253,31 @@ def test_webhooks_and_what_they_leave_behind_carry_no_secret_token_or_image(make
             assert token not in text, f"an access token leaked into {where}"
         for image in proxy.sandbox.face_images(session_id):
             assert image[:40] not in text, f"a face image leaked into {where}"
+
+
+def test_a_finalizer_backlog_never_takes_the_callers_upstream_slots(make_proxy: MakeProxy) -> None:
+    """Callers get one upstream slot and no queueing; the finalizer is saturated with slow reads of
+    many sessions. The caller's read still gets its slot: the finalizer has a budget of its own,
+    and never exceeds it."""
+    settings = {
+        **FAST,
+        "LIVENESS_PROXY_FINALIZER_SCHEDULE": "0.1,5",
+        "LIVENESS_PROXY_FINALIZER_CONCURRENCY": 4,
+        "LIVENESS_PROXY_UPSTREAM_CONCURRENCY": 1,
+        "LIVENESS_PROXY_UPSTREAM_QUEUE_TIMEOUT_SECONDS": 0,
+        "CYNOPSIS_TIMEOUT_SECONDS": 5,
+    }
+    with make_proxy(proxy_overrides=settings) as proxy, proxy.client() as client:
+        proxy.sandbox.inject_fault(
+            Fault(target="liveness_result", kind="latency", delay_seconds=0.8, count=13)
+        )
+        sessions = [proxy.create_session(client) for _ in range(12)]
+        background = proxy.runtime.background
+        wait_until(lambda: background.running_jobs == 4)
+        answer = client.get(f"/v1/liveness/sessions/{sessions[0]}/result", headers=proxy.auth())
+        busy = []
+        for _ in range(50):
+            busy.append(background.running_jobs)
+            time.sleep(0.01)
+    assert answer.status_code == 200, answer.text
+    assert max(busy) <= 4
