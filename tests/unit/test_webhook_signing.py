@@ -17,8 +17,9 @@ from liveness_proxy.delivery.sender import parse_retry_after
 from liveness_proxy.observability import Redactor
 from liveness_proxy.webhook_signing import new_webhook_secret, parse_webhook_secrets, webhook_headers
 
-SECRET = new_webhook_secret()
-OTHER = new_webhook_secret()
+# Fixed, so that parametrized test ids are the same in every xdist worker.
+SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+OTHER = "whsec_" + base64.b64encode(bytes(range(32, 64))).decode()
 
 
 @given(text=st.text(max_size=512), message_id=st.from_regex(r"msg_[a-z0-9]{1,40}", fullmatch=True))
@@ -109,3 +110,9 @@ def test_retry_after_as_seconds_or_http_date() -> None:
     assert parse_retry_after("garbage", now=now) is None
     assert parse_retry_after(None, now=now) is None
     assert parse_retry_after("99999999", now=now) == 86_400  # capped at a day
+
+
+def test_new_secrets_are_random_32_byte_keys() -> None:
+    first, second = new_webhook_secret(), new_webhook_secret()
+    assert first != second
+    assert [len(key) for key in parse_webhook_secrets(f"{first} {second}")] == [32, 32]
