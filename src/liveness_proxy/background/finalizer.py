@@ -25,7 +25,7 @@ import structlog
 from liveness_proxy.errors import ProblemError
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.store import ClaimedJob, JobQueue, SessionOwnership, VerdictLedger
-from liveness_proxy.store.jobs import JobKind
+from liveness_proxy.store.jobs import JobKind, JobState
 from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.upstream import CynopsisClient
 
@@ -117,14 +117,14 @@ class Finalizer:
         await self._settle(job, lease_owner, state="done")
 
     async def _settle(
-        self, job: ClaimedJob, lease_owner: str, *, state: str, due_at: float | None = None
+        self, job: ClaimedJob, lease_owner: str, *, state: JobState, due_at: float | None = None
     ) -> None:
         async with self._queue.begin() as connection:
             await self._queue.settle(
                 connection,
                 job,
                 owner=lease_owner,
-                state=state,  # type: ignore[arg-type]
+                state=state,
                 now=self._wall_clock(),
                 due_at=due_at,
             )

@@ -67,17 +67,8 @@ class WebhookDeliveries:
     async def run(self, job: ClaimedJob, *, lease_owner: str) -> None:
         event = await self._outbox.event(job.ref)
         now = self._wall_clock()
-        if event is None:  # nothing to send (an erased event): the job has no purpose left
-            await self._outbox.settle_attempt(
-                job,
-                owner=lease_owner,
-                now=now,
-                result="delivered",
-                status=None,
-                error=None,
-                retry_at=None,
-                session_id=None,
-            )
+        if event is None:  # nothing to send (the event was erased): the job has no purpose left
+            await self._outbox.abandon(job, owner=lease_owner, now=now)
             return
         outcome = await self._sender.attempt(event.event_id, event.body)
         now = self._wall_clock()

@@ -63,6 +63,19 @@ class WebhookOutbox:
         self._queue = JobQueue(engine)
         self._chain = ChainWriter.build()
 
+    async def abandon(self, job: ClaimedJob, *, owner: str, now: float) -> None:
+        """Ends a delivery whose event no longer exists, without an attempt or a chain event."""
+        async with self._engine.begin() as connection:
+            await self._queue.settle(
+                connection,
+                job,
+                owner=owner,
+                state="done",
+                now=now,
+                error="event not found",
+                count_attempt=False,
+            )
+
     async def settle_attempt(
         self,
         job: ClaimedJob,
