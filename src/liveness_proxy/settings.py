@@ -395,6 +395,22 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_lease_outlasts_a_job(self) -> Settings:
+        # Leases are not renewed: a job that can run longer than its lease would be claimed again
+        # while it still runs, and a webhook would go out twice without any crash.
+        longest = max(
+            self.liveness_proxy_webhook_timeout_seconds,
+            self.cynopsis_timeout_seconds + self.cynopsis_token_timeout_seconds,
+        )
+        if self.liveness_proxy_worker_lease_seconds <= longest:
+            raise ValueError(
+                "LIVENESS_PROXY_WORKER_LEASE_SECONDS: must be longer than the longest job it covers "
+                f"({longest:g} s: LIVENESS_PROXY_WEBHOOK_TIMEOUT_SECONDS, or CYNOPSIS_TIMEOUT_SECONDS plus "
+                "CYNOPSIS_TOKEN_TIMEOUT_SECONDS)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_certificate_pairs(self) -> Settings:
         pairs = (
             ("liveness_proxy_tls_cert_file", "liveness_proxy_tls_key_file"),

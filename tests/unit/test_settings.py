@@ -248,3 +248,18 @@ def test_finalizer_settings() -> None:
         settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": "0,-5"})
     with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE"):
         settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": ""})
+
+
+def test_a_lease_shorter_than_a_job_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WORKER_LEASE_SECONDS: must be longer"):
+        settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WORKER_LEASE_SECONDS": 10})  # webhook: 15 s
+    with pytest.raises(ConfigurationError, match="longest job it covers .6 s"):
+        settings_from_mapping(
+            {
+                **REQUIRED,
+                "LIVENESS_PROXY_WORKER_LEASE_SECONDS": 5,
+                "LIVENESS_PROXY_WEBHOOK_TIMEOUT_SECONDS": 2,
+                "CYNOPSIS_TIMEOUT_SECONDS": 4,
+                "CYNOPSIS_TOKEN_TIMEOUT_SECONDS": 2,
+            }
+        )
