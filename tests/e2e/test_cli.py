@@ -116,7 +116,12 @@ def test_check_on_postgresql_and_redis_reports_both(env: dict[str, str]) -> None
         assert result.returncode == 0, result.stderr
         result = run({**env, **overrides}, "check")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "schema revision 0004" in result.stdout
+        from alembic.script import ScriptDirectory
+
+        from liveness_proxy.store.database import alembic_config
+
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        assert f"schema revision {head}" in result.stdout
         assert "redis: reachable" in result.stdout
     result = run({**env, "LIVENESS_PROXY_REDIS_URL": "redis://:hidden-redis-password@127.0.0.1:1/0"}, "check")
     assert result.returncode == 1
@@ -189,11 +194,15 @@ def test_serve_runs_the_flow_and_stops_on_sigterm(
     assert key not in stderr
     exported = run(env, "audit", "export", "--format", "jsonl")
     records = [json.loads(line) for line in exported.stdout.splitlines()]
-    assert [r["action"] for r in records] == ["session_token.create", "session.create", "result.read"]
-    assert [r["seq"] for r in records] == [1, 2, 3]
+    # One record per request, plus the system event of the verdict (the caller's read or the
+    # finalizer's, whichever came first), told apart by `kind`.
+    requests = [r["action"] for r in records if r["kind"] == "request"]
+    assert requests == ["session_token.create", "session.create", "result.read"]
+    assert [r["action"] for r in records if r["kind"] == "system"] == ["verdict.record"]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]
     verified = run(env, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert f"3 records verified (seq 1..3); head hash {records[-1]['record_hash']}" in verified.stdout
+    assert f"4 records verified (seq 1..4); head hash {records[-1]['record_hash']}" in verified.stdout
 
 
 def test_sandbox_command_serves_the_simulated_api(tmp_path: Path) -> None:

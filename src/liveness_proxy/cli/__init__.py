@@ -1,9 +1,9 @@
-"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit.
+"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit, webhooks.
 
 This module holds only the parser and `main`; each command group is a module of its own (`serve`,
-`keys`, `check`, `db`, `audit`, `sandbox_demo`), imported when its command runs, so a command loads
-only what it needs: `sandbox` never the database layer, `keys`, `check` and `audit` never the app or
-uvicorn.
+`keys`, `check`, `db`, `audit`, `webhooks`, `sandbox_demo`), imported when its command runs, so a
+command loads only what it needs: `sandbox` never the database layer, `keys`, `check`, `audit` and
+`webhooks` never the app or uvicorn, `webhooks secret` nothing but the settings.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ def _instant(text: str) -> float:
 def _positive_days(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days greater than 0")
+    return int(text)
+
+
+def _positive_count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number greater than 0")
     return int(text)
 
 
@@ -161,7 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=_positive_days, required=True, metavar="DAYS", help="age in whole days (> 0)"
     )
     purge.set_defaults(handler=_command("audit", "cmd_audit_purge"))
+
+    _add_webhooks(commands)
     return parser
+
+
+def _add_webhooks(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    webhooks = commands.add_parser("webhooks", help="the webhook endpoint and its events").add_subparsers(
+        dest="webhooks_command", required=True, metavar="ACTION"
+    )
+    webhooks.add_parser(
+        "secret",
+        help="print a new signing secret (whsec_...) for LIVENESS_PROXY_WEBHOOK_SECRET, and nothing else",
+    ).set_defaults(handler=_command("webhooks", "cmd_webhooks_secret"))
+    webhooks.add_parser(
+        "test", help="send a signed liveness.ping to LIVENESS_PROXY_WEBHOOK_URL; exit 1 unless it answers 2xx"
+    ).set_defaults(handler=_command("webhooks", "cmd_webhooks_test"))
+    listing = webhooks.add_parser("list", help="events, newest first: state, attempts, last status and error")
+    listing.add_argument(
+        "--failed", action="store_true", help="only dead letters and events whose last try failed"
+    )
+    listing.add_argument(
+        "--json", action="store_true", help='one JSON object: {"endpoint": ..., "events": [...]}'
+    )
+    listing.add_argument("--session", default=None, metavar="SESSION_ID", help="only this session's events")
+    listing.add_argument("--limit", type=_positive_count, default=100, help="at most this many (default 100)")
+    listing.set_defaults(handler=_command("webhooks", "cmd_webhooks_list"))
+    resend = webhooks.add_parser("resend", help="queue an event again, under the same webhook-id")
+    resend.add_argument("event_id", metavar="EVENT_ID")
+    resend.set_defaults(handler=_command("webhooks", "cmd_webhooks_resend"))
+    webhooks.add_parser("enable", help="re-enable the endpoint after it answered 410 Gone").set_defaults(
+        handler=_command("webhooks", "cmd_webhooks_enable")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import datetime
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +19,7 @@ from liveness_proxy.cli.db import open_database
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import AuditChainBroken, AuditLog, ChainVerdict, PurgeResult, current_revision
+from liveness_proxy.store.audit_chain import SYSTEM_ACTIONS
 
 
 def _utc(epoch: float) -> str:
@@ -25,9 +27,10 @@ def _utc(epoch: float) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _audit_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The audit commands never migrate (a reader must not change the schema under a running older
-    proxy); they refuse a database that is not at the schema this version writes."""
+async def current_schema_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The engine of a command that must not migrate (the audit commands, `webhooks list | resend |
+    enable`): a reader or an operator's fix must not change the schema under a running older proxy.
+    It refuses a database that is not at the schema this version writes."""
     from alembic.script import ScriptDirectory
 
     from liveness_proxy.store.database import alembic_config
@@ -43,6 +46,15 @@ async def _audit_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
         yield engine
 
 
+def exported(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as `audit export` prints it: every column, plus `kind`, "system" for the events the
+    proxy records on its own (verdicts, deliveries: `SYSTEM_ACTIONS`) and "request" for the one
+    record of each request. `kind` is not hashed (it follows from `action`, which is). `detail` stays
+    the JSON string it was hashed as: parsed and written again it might not be the same bytes (key
+    order, number formatting), and then no one could recompute `record_hash` from the export."""
+    return {**record, "kind": "system" if record["action"] in SYSTEM_ACTIONS else "request"}
+
+
 def cmd_audit_export(args: argparse.Namespace) -> int:
     if args.since is not None and args.until is not None and args.since >= args.until:
         print("liveness-proxy audit export: --since must be earlier than --until", file=sys.stderr)
@@ -51,9 +63,9 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         out = sys.stdout.buffer
-        async with _audit_database(settings) as engine:
+        async with current_schema_database(settings) as engine:
             async for record in AuditLog(engine).iterate(since=args.since, until=args.until):
-                out.write(orjson.dumps(record) + b"\n")
+                out.write(orjson.dumps(exported(record)) + b"\n")
         out.flush()
 
     asyncio.run(run())
@@ -64,7 +76,7 @@ def cmd_audit_verify(_args: argparse.Namespace) -> int:
     settings = Settings.load()
 
     async def run() -> ChainVerdict:
-        async with _audit_database(settings) as engine:
+        async with current_schema_database(settings) as engine:
             return await AuditLog(engine).verify()
 
     verdict = asyncio.run(run())
@@ -87,7 +99,7 @@ def cmd_audit_purge(args: argparse.Namespace) -> int:
     cutoff = time.time() - args.older_than * 86400
 
     async def run() -> PurgeResult:
-        async with _audit_database(settings) as engine:
+        async with current_schema_database(settings) as engine:
             return await AuditLog(engine).purge(older_than=cutoff)
 
     try:
