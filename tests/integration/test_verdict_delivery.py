@@ -15,6 +15,7 @@ import orjson
 
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
+from metric_samples import value
 from support import ProxyHarness, find_leaks
 from webhook_receiver import WebhookReceiver
 
@@ -61,6 +62,20 @@ def test_a_verdict_nobody_reads_reaches_the_backend_signed(make_proxy: MakeProxy
         reads_later = result_reads(proxy, session_id)
         chain = [row for row in proxy.audit_rows() if row["action"] == "verdict.record"]
         verdict = run(proxy, lambda engine: AuditLog(engine).verify())
+        metrics = proxy.runtime.metrics
+        # The backlog gauges are sampled every few passes: wait for a sample taken after the delivery.
+        wait_until(
+            lambda: value(metrics, "liveness_proxy_jobs", kind="deliver", state="queued")
+            + value(metrics, "liveness_proxy_jobs", kind="finalize", state="queued")
+            == 0
+        )
+        observed = {
+            "terminal": value(metrics, "liveness_proxy_finalizer_polls_total", outcome="terminal"),
+            "final": value(metrics, "liveness_proxy_finalizer_outcomes_total", outcome="final"),
+            "delivered": value(metrics, "liveness_proxy_webhook_attempts_total", result="delivered"),
+            "following": value(metrics, "liveness_proxy_jobs", kind="finalize", state="queued"),
+        }
+    assert observed == {"terminal": 1, "final": 1, "delivered": 1, "following": 0}
     assert delivery.verified, "standardwebhooks rejected our signature"
     assert delivery.webhook_id.startswith("msg_")
     assert abs(delivery.timestamp - time.time()) < 30
