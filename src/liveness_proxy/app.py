@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from liveness_proxy.api.admin import AdminHandlers
 from liveness_proxy.api.handlers import LivenessHandlers
 from liveness_proxy.api.openapi import build_openapi
 from liveness_proxy.api.operational import (
@@ -51,6 +52,7 @@ SERVICE_OPERATIONS = (
     "getSessionToken",
     "createSession",
     "getSessionRecord",
+    "listSessions",
     "readiness",
 )
 
@@ -181,12 +183,14 @@ def create_app(
             migrate=migrate,
         ) as service:
             liveness = LivenessHandlers(service, policy, host_authentication=host_authentication)
+            admin = AdminHandlers(service, policy, authenticate=liveness.authenticate)
             handlers: dict[str, Handler] = {
                 **always,
                 "getLivenessResult": liveness.result,
                 "getSessionToken": liveness.session_token,
                 "createSession": liveness.create_session,
-                "getSessionRecord": liveness.session_record,
+                "getSessionRecord": admin.session_record,
+                "listSessions": admin.list_sessions,
                 "readiness": readiness_handler(service),
             }
             proxy.router.routes[:] = starlette_routes(ROUTES, handlers, optional=OPTIONAL_OPERATIONS)

@@ -67,18 +67,141 @@ class SessionVerdict(_ClosedObject):
     status: str = Field(description="The terminal status the proxy itself read from Cynopsis.")
     confidence: float | None
     recorded_at: str = Field(description="ISO 8601, UTC.")
+    request_id: str | None = Field(
+        description="The request whose upstream read gave this verdict: a caller's request id (a "
+        "result read, or this route with refresh=true), or the finalizer's poll; null for verdicts "
+        "recorded before version 0005 of the schema. The audit chain's `verdict.record` event says "
+        "which of the two it was."
+    )
     passed: bool | None = Field(default=None, description="Only with LIVENESS_PROXY_PASS_THRESHOLD.")
 
 
-class SessionRecord(_ClosedObject):
-    """What the proxy knows about a session: its owner and the verdict it read upstream."""
+class WebhookDelivery(_ClosedObject):
+    """One webhook event announcing this session's outcome, and how its delivery stands."""
+
+    event_id: str = Field(pattern=r"^msg_", description="Sent as the webhook-id header.")
+    type: Literal["liveness.session.completed", "liveness.session.expired", "liveness.session.unresolved"]
+    state: Literal["queued", "delivered", "dead"] = Field(
+        description="queued: not delivered yet (waiting for its next attempt, or for the endpoint to "
+        "be re-enabled after a 410); delivered: the receiver answered 2xx; dead: every attempt of "
+        "the retry schedule failed (an operator can queue it again)."
+    )
+    attempts: int = Field(ge=0, description="Attempts made so far (a 410 answer is not counted).")
+    created_at: str = Field(description="When the event was recorded; ISO 8601, UTC.")
+    next_attempt_at: str | None = Field(description="While queued: when it is due; ISO 8601, UTC.")
+    last_status: int | None = Field(description="The receiver's HTTP status at the last attempt.")
+    last_error: str | None = Field(
+        description="Why the last attempt failed: a status or an error class, never a body."
+    )
+    delivered_at: str | None = Field(description="ISO 8601, UTC.")
+
+
+class SessionSummary(_ClosedObject):
+    """What the proxy knows about a session: its owner, its reference, where the finalizer stands and
+    the verdict the proxy itself read upstream. In the session list; the single-session route adds
+    the webhook deliveries (`SessionRecord`)."""
 
     session_id: str
     subject: str
+    reference: str | None = Field(
+        description="The customer's business id, from the creating caller's credential (a JWT "
+        "claim, or the host in library mode); never from a request body."
+    )
     credential_id: str
     created_at: str = Field(description="ISO 8601, UTC.")
     request_id: str
+    finalizer: Literal["following", "final", "unresolved", "off"] = Field(
+        description="final: a verdict is recorded; following: the finalizer still reads the result "
+        "on its schedule; unresolved: its deadline passed without a terminal status (a later read "
+        "still records the verdict); off: the session is not followed (LIVENESS_PROXY_FINALIZER was "
+        "off when it was created) and has no verdict yet."
+    )
     verdict: SessionVerdict | None
+
+
+class SessionRecord(SessionSummary):
+    """A session's summary and the webhook events announcing its outcome, newest first (none when
+    no webhook endpoint is configured, or before there is an outcome to announce)."""
+
+    webhooks: list[WebhookDelivery]
+
+
+class SessionList(_ClosedObject):
+    """One page of sessions, newest first. The list leaves out each session's webhooks (one query per
+    page, not per session): ask the single-session route for them."""
+
+    sessions: list[SessionSummary]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` (with the same filters) for the next page; null on the last page."
+    )
+
+
+class _WebhookBody(BaseModel):
+    """A webhook body: what each member means is fixed, but members may be added in a later
+    version, so a receiver should ignore the ones it does not know (no `additionalProperties`)."""
+
+
+class _WebhookSession(_WebhookBody):
+    session_id: str
+    subject: str = Field(description="The caller that created the session.")
+    reference: str | None = Field(
+        description="The customer's business id, from the creating caller's credential; null when "
+        "it carried none."
+    )
+    created_at: str = Field(description="When the session was created; ISO 8601, UTC (`Z`).")
+
+
+class CompletedSessionData(_WebhookSession):
+    status: Literal["SUCCEEDED", "FAILED"] = Field(description="The verdict the proxy read upstream.")
+    confidence: float | None = Field(description="0-100; null when Cynopsis sent no usable number.")
+    passed: bool | None = Field(
+        description="With LIVENESS_PROXY_PASS_THRESHOLD: SUCCEEDED and confidence at or above it; "
+        "null without a threshold."
+    )
+    completed_at: str = Field(description="When the proxy recorded the verdict; ISO 8601, UTC.")
+
+
+class ExpiredSessionData(_WebhookSession):
+    status: Literal["EXPIRED"] = Field(description="The session ended without a liveness check.")
+    confidence: float | None
+    passed: bool | None = Field(
+        description="With LIVENESS_PROXY_PASS_THRESHOLD: false; null without a threshold."
+    )
+    completed_at: str = Field(description="When the proxy recorded the verdict; ISO 8601, UTC.")
+
+
+class UnresolvedSessionData(_WebhookSession):
+    status: None = Field(description="No terminal status was read before the finalizer's deadline.")
+    confidence: None
+    passed: None
+    completed_at: None
+
+
+class SessionCompletedEvent(_WebhookBody):
+    """The session finished: it SUCCEEDED or FAILED. Sent once per session, whoever read the verdict
+    first (a caller's result read or the finalizer)."""
+
+    type: Literal["liveness.session.completed"]
+    timestamp: str = Field(description="When the event was recorded; ISO 8601, UTC.")
+    data: CompletedSessionData
+
+
+class SessionExpiredEvent(_WebhookBody):
+    """The session expired before the user finished it."""
+
+    type: Literal["liveness.session.expired"]
+    timestamp: str = Field(description="When the event was recorded; ISO 8601, UTC.")
+    data: ExpiredSessionData
+
+
+class SessionUnresolvedEvent(_WebhookBody):
+    """The finalizer's deadline (LIVENESS_PROXY_FINALIZER_DEADLINE_SECONDS) passed without a terminal
+    status. Not a verdict: if one is read later, `completed` or `expired` follows, under another
+    webhook-id."""
+
+    type: Literal["liveness.session.unresolved"]
+    timestamp: str = Field(description="When the event was recorded; ISO 8601, UTC.")
+    data: UnresolvedSessionData
 
 
 class Problem(_ClosedObject):
@@ -116,7 +239,13 @@ def json_schema_components() -> dict[str, Any]:
         SessionResponse,
         LivenessResult,
         SessionVerdict,
+        WebhookDelivery,
+        SessionSummary,
         SessionRecord,
+        SessionList,
+        SessionCompletedEvent,
+        SessionExpiredEvent,
+        SessionUnresolvedEvent,
         Problem,
         Health,
         Readiness,

@@ -69,7 +69,10 @@ SESSION_TOKEN = "POST /v1/liveness/session-token"
 CREATE_SESSION = "POST /v1/liveness/sessions"
 RESULT = "GET /v1/liveness/sessions/{session_id}/result"
 SESSION_RECORD = "GET /v1/liveness/sessions/{session_id}"
-LIVENESS_ROUTES = (SESSION_TOKEN, CREATE_SESSION, RESULT, SESSION_RECORD)
+LIST_SESSIONS = "GET /v1/liveness/sessions"
+LIVENESS_ROUTES = (SESSION_TOKEN, CREATE_SESSION, RESULT, SESSION_RECORD, LIST_SESSIONS)
+# Filters whose random values match no session (a random subject, a time in year 312).
+NARROWING_FILTERS = ("subject", "reference", "created_after", "created_before")
 UPSTREAM_RESULT_PREFIX = "/service/liveness-v2/liveness_result/"
 # _known_sessions reads each finished session once: two owners, two finished sessions each.
 SETUP_RESULT_READS = 4
@@ -93,7 +96,7 @@ ODD_CONTENT_TYPES = (
 # Cases per operation and generation mode. Positive cases conform to the document, with the
 # credential drawn per case (most of them valid); negative cases break it (bodies that are not
 # objects, malformed session ids, stray headers). Operations without parameters have no negative
-# form. The sum (2160) is the exact count when Hypothesis runs every campaign to its end.
+# form. The sum (2400) is the exact count when Hypothesis runs every campaign to its end.
 CAMPAIGNS: tuple[tuple[str, GenerationMode, int], ...] = (
     (SESSION_TOKEN, GenerationMode.POSITIVE, 330),
     (SESSION_TOKEN, GenerationMode.NEGATIVE, 170),
@@ -103,6 +106,8 @@ CAMPAIGNS: tuple[tuple[str, GenerationMode, int], ...] = (
     (RESULT, GenerationMode.NEGATIVE, 170),
     (SESSION_RECORD, GenerationMode.POSITIVE, 280),
     (SESSION_RECORD, GenerationMode.NEGATIVE, 120),
+    (LIST_SESSIONS, GenerationMode.POSITIVE, 160),
+    (LIST_SESSIONS, GenerationMode.NEGATIVE, 80),
     ("GET /healthz", GenerationMode.POSITIVE, 30),
     ("GET /readyz", GenerationMode.POSITIVE, 30),
     ("GET /metrics", GenerationMode.POSITIVE, 30),
@@ -130,6 +135,10 @@ REQUIRED_OUTCOMES = {
     (SESSION_RECORD, 401),
     (SESSION_RECORD, 403),
     (SESSION_RECORD, 404),
+    (LIST_SESSIONS, 200),
+    (LIST_SESSIONS, 400),
+    (LIST_SESSIONS, 401),
+    (LIST_SESSIONS, 403),
     ("GET /healthz", 200),
     ("GET /readyz", 200),
     ("GET /metrics", 200),
@@ -179,6 +188,8 @@ class FuzzReport:
     by_credential: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
+    # Session records answered with refresh=true and no verdict: each read the result upstream.
+    refresh_reads: int = 0
 
 
 def _es256_key_file(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
@@ -280,6 +291,18 @@ def _known_sessions(proxy: ProxyHarness, client: httpx.Client, jwt_credential: C
     return made
 
 
+def _known_cursor(proxy: ProxyHarness, client: httpx.Client) -> str:
+    """The cursor after the newest session: a page that exists."""
+    first = client.get("/v1/liveness/sessions?limit=1", headers=proxy.auth(proxy.keys.admin))
+    assert first.status_code == 200, first.text
+    cursor: str = first.json()["next_cursor"]
+    return cursor
+
+
+def _refresh_asked(case: FuzzCase) -> bool:
+    return str((case.query or {}).get("refresh", "")).lower() == "true"
+
+
 def _header_text(max_size: int) -> st.SearchStrategy[str]:
     """What a header value can be: printable ASCII, no space at either end."""
     return st.from_regex(
@@ -329,10 +352,14 @@ class Fuzzer:
     """Sends one case with its variation; checks the answer with schemathesis and against the
     proxy's own promises, and scans it for secrets. Failures are collected, not raised."""
 
-    def __init__(self, proxy: ProxyHarness, session: requests.Session, report: FuzzReport) -> None:
+    def __init__(
+        self, proxy: ProxyHarness, session: requests.Session, report: FuzzReport, known_cursor: str
+    ) -> None:
         self.proxy = proxy
         self.session = session
         self.report = report
+        # A cursor the list returned: a positive list case sometimes pages on with it.
+        self.known_cursor = known_cursor
 
     def exercise(self, case: FuzzCase, mode: GenerationMode, variation: Variation) -> None:
         report = self.report
@@ -347,6 +374,8 @@ class Fuzzer:
             report.failures.append(f"{label} [{credential.name}]: no answer: {type(exc).__name__}: {exc}")
             return
         report.outcomes[(label, response.status_code)] += 1
+        if label == SESSION_RECORD and response.status_code == 200 and _refresh_asked(case):
+            report.refresh_reads += orjson.loads(response.content)["verdict"] is None
         try:
             case.validate_response(response, checks=list(RESPONSE_CHECKS))
         except FailureGroup as group:
@@ -374,6 +403,12 @@ class Fuzzer:
             return
         if variation.known_session_id is not None and case.path_parameters:
             case.path_parameters = {"session_id": variation.known_session_id}
+        if variation.known_session_id is not None and case.operation.label == LIST_SESSIONS and case.query:
+            # Most list cases page through the sessions that exist, by status: random filters match
+            # none, and a random cursor is one the list never returned (a 400).
+            case.query = {name: value for name, value in case.query.items() if name not in NARROWING_FILTERS}
+            if "cursor" in case.query:
+                case.query["cursor"] = self.known_cursor
         if (
             variation.fresh_session_token
             and case.operation.label == CREATE_SESSION
@@ -538,7 +573,7 @@ def fuzz(
         assert set(operations) == {label for label, _, _ in CAMPAIGNS}
         credentials = _credentials(proxy, idp_key, public_key_file.read_bytes())
         session_ids = _known_sessions(proxy, client, next(c for c in credentials if c.name == "jwt"))
-        fuzzer = Fuzzer(proxy, session, report)
+        fuzzer = Fuzzer(proxy, session, report, _known_cursor(proxy, client))
         variations = _variations(credentials, session_ids)
         for label, mode, examples in campaigns:
 
@@ -582,9 +617,12 @@ def assert_clean(run: FuzzRun) -> None:
     # One access-log line per request at least: the scan read the whole run's log.
     assert run.log_lines_scanned >= report.cases
     # A read reaches the upstream only for a session that exists and is the caller's (or the caller
-    # is an admin): with a healthy upstream, exactly the reads answered 200, and the setup's.
+    # is an admin): with a healthy upstream, exactly the reads answered 200, the admin's refreshes
+    # of sessions without a verdict, and the setup's.
     assert set(run.upstream_reads) <= run.existing_sessions
-    assert len(run.upstream_reads) == report.outcomes[(RESULT, 200)] + SETUP_RESULT_READS
+    assert len(run.upstream_reads) == (
+        report.outcomes[(RESULT, 200)] + report.refresh_reads + SETUP_RESULT_READS
+    )
 
 
 # About 40 s on an idle 2-core machine, up to 100 s when it is shared with other work: the default
@@ -628,7 +666,7 @@ def test_fuzz_with_tight_limits_every_429_is_documented(
         tmp_path,
         campaigns,
         # What the setup itself needs: 3 session tokens, 3 sessions and 2 reads each for alice and
-        # bob; the admins' reads meet their limit after 2.
+        # bob; the admins' reads (the setup's one list page among them) meet their limit after 2.
         LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN="3/minute",
         LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION="3/minute",
         LIVENESS_PROXY_RATE_LIMIT_RESULT="2/minute",

@@ -30,7 +30,11 @@ def test_routes_are_built_in_table_order_and_every_route_needs_its_handler() -> 
 
     every = dict.fromkeys((route.operation_id for route in ROUTES), handler)
     built = starlette_routes(ROUTES, every)  # type: ignore[arg-type]
-    assert [route.path for route in built] == [route.path for route in ROUTES]
+    # One route per path, where the path first appears: its methods are served together.
+    assert [route.path for route in built] == list(dict.fromkeys(route.path for route in ROUTES))
+    methods = {route.path: route.methods or set() for route in built}
+    for spec in ROUTES:
+        assert spec.method in methods[spec.path]
     without_metrics = {name: value for name, value in every.items() if name != "metrics"}
     with pytest.raises(ValueError, match="metrics"):
         starlette_routes(ROUTES, without_metrics)  # type: ignore[arg-type]

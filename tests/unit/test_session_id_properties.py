@@ -68,5 +68,6 @@ def test_a_session_id_is_accepted_exactly_when_it_is_1_to_128_of_the_documented_
 def test_the_served_document_uses_the_session_id_pattern_on_both_session_routes() -> None:
     paths = build_openapi()["paths"]
     for path in ("/v1/liveness/sessions/{session_id}/result", "/v1/liveness/sessions/{session_id}"):
-        (parameter,) = paths[path]["get"]["parameters"]
+        (parameter,) = [p for p in paths[path]["get"]["parameters"] if p["in"] == "path"]
+        assert parameter["name"] == "session_id"
         assert parameter["schema"]["pattern"] == DOCUMENTED_SESSION_ID_PATTERN

@@ -1,4 +1,4 @@
-"""The liveness handlers: the three proxied calls and the admin's session record.
+"""The liveness handlers: the three proxied calls (the admin's routes are in `admin.py`).
 
 A handler is built once the service runs, with everything it uses as constructor arguments. Each
 one authenticates, limits, validates and calls upstream; the audit policy around it writes the
@@ -7,10 +7,8 @@ record (`audit_policy.py`).
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,8 +16,8 @@ from liveness_proxy.api.audit_policy import AuditContext, AuditPolicy
 from liveness_proxy.api.bodies import encode_upstream, read_json_object, session_id_from
 from liveness_proxy.api.paths import SESSION_ID_RULE, is_session_id, session_result_location
 from liveness_proxy.api.responses import json_response
-from liveness_proxy.auth import ADMIN_SCOPE, Caller, HostAuthenticator
-from liveness_proxy.errors import BadRequest, Forbidden, NotFound, UpstreamMalformed
+from liveness_proxy.auth import Caller, HostAuthenticator
+from liveness_proxy.errors import BadRequest, NotFound, UpstreamMalformed
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.privacy import derived_pass
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
@@ -51,12 +49,9 @@ class LivenessHandlers:
     async def result(self, request: Request) -> Response:
         return await self._audit.run(request, "result.read", self._result)
 
-    async def session_record(self, request: Request) -> Response:
-        return await self._audit.run(request, "session.read", self._session_record)
-
     async def _session_token(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
-        caller = audit.caller = await self._authenticate(request)
+        caller = audit.caller = await self.authenticate(request)
         await service.limits.check("session_token", caller.subject)
         body = await read_json_object(
             request,
@@ -71,7 +66,7 @@ class LivenessHandlers:
 
     async def _create_session(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
-        caller = audit.caller = await self._authenticate(request)
+        caller = audit.caller = await self.authenticate(request)
         await service.limits.check("create_session", caller.subject)
         body = await read_json_object(
             request,
@@ -120,7 +115,7 @@ class LivenessHandlers:
 
     async def _result(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
-        caller = audit.caller = await self._authenticate(request)
+        caller = audit.caller = await self.authenticate(request)
         session_id = valid_session_id(request)
         audit.session_id = session_id
         await service.limits.check("result", caller.subject)
@@ -152,20 +147,9 @@ class LivenessHandlers:
             await service.verdicts.record(owner, verdict, read_by="request")
             service.background.wake()
 
-    async def _session_record(self, request: Request, audit: AuditContext) -> Response:
-        service = self._service
-        caller = audit.caller = await self._authenticate(request)
-        if not caller.is_admin:
-            raise Forbidden(f"This route needs the '{ADMIN_SCOPE}' scope.")
-        session_id = valid_session_id(request)
-        audit.session_id = session_id
-        await service.limits.check("result", caller.subject)
-        owner = await service.ownership.owner_of(session_id, fresh=True)
-        if owner is None:
-            raise NotFound("No such liveness session.")
-        return json_response(orjson.dumps(session_record(owner, self._policy.pass_threshold)))
-
-    async def _authenticate(self, request: Request) -> Caller:
+    async def authenticate(self, request: Request) -> Caller:
+        """Who calls (the admin routes authenticate through here too): the host's hook first in
+        library mode, then the proxy's API keys and JWTs."""
         caller = None
         if self._host_authentication is not None:
             # Library mode: the host application's own authentication speaks first.
@@ -181,31 +165,3 @@ def valid_session_id(request: Request) -> str:
     if not is_session_id(session_id):
         raise BadRequest(f"The session id must be {SESSION_ID_RULE}.")
     return session_id
-
-
-def session_record(owner: SessionOwner, pass_threshold: float | None) -> dict[str, Any]:
-    """What the admin route tells about a session: who created it, when, and the verdict the
-    proxy itself read from Cynopsis (never anything the frontend claimed)."""
-    verdict: dict[str, Any] | None = None
-    if owner.verdict is not None:
-        verdict = {
-            "status": owner.verdict.status,
-            "confidence": owner.verdict.confidence,
-            "recorded_at": iso_time(owner.verdict.recorded_at),
-        }
-        if pass_threshold is not None:
-            verdict["passed"] = derived_pass(
-                {"status": owner.verdict.status, "confidence": owner.verdict.confidence}, pass_threshold
-            )
-    return {
-        "session_id": owner.session_id,
-        "subject": owner.subject,
-        "credential_id": owner.credential_id,
-        "created_at": iso_time(owner.created_at),
-        "request_id": owner.request_id,
-        "verdict": verdict,
-    }
-
-
-def iso_time(epoch_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="milliseconds")

@@ -1,5 +1,6 @@
 """The OpenAPI 3.1 document, generated once per app from the route table (`routes.py`: paths and
-methods) and the models in `schemas`; here is only each operation's text."""
+methods) and the models in `schemas`; here is only each operation's text (the webhooks the proxy
+sends are described in `openapi_webhooks.py`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from liveness_proxy._version import __version__
+from liveness_proxy.api.openapi_webhooks import webhooks_section
 from liveness_proxy.api.paths import SESSION_ID_REGEX, SESSION_RESULT_PATH
 from liveness_proxy.api.routes import ROUTES, RouteSpec
+from liveness_proxy.api.session_list_query import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from liveness_proxy.schemas import json_schema_components
+from liveness_proxy.store import SESSION_STATUSES
 
 SESSION_ID_PATTERN = f"^{SESSION_ID_REGEX}$"
 # The Location of a new session: the result path with its id filled in.
@@ -111,6 +115,46 @@ def _rejections() -> dict[str, Any]:
     }
 
 
+_REFRESH_PARAMETER: dict[str, Any] = {
+    "name": "refresh",
+    "in": "query",
+    "required": False,
+    "description": "true: read the result upstream now when no verdict is stored yet.",
+    "schema": {"type": "boolean", "default": False},
+}
+
+
+def _list_parameters() -> list[dict[str, Any]]:
+    def query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+    text = {"type": "string", "minLength": 1, "maxLength": 255}
+    moment = {"type": "string", "format": "date-time"}
+    return [
+        query("subject", "Only sessions created by this subject.", text),
+        query("reference", "Only sessions created for this business reference.", text),
+        query(
+            "status",
+            "SUCCEEDED, FAILED or EXPIRED: the recorded verdict. Without a verdict yet: `following` "
+            "(the finalizer still reads it), `unresolved` (past the finalizer's deadline), or "
+            "`pending` (any session without a verdict, followed or not).",
+            {"type": "string", "enum": list(SESSION_STATUSES)},
+        ),
+        query("created_after", "Created at or after this moment (RFC 3339, with its offset).", moment),
+        query("created_before", "Created strictly before this moment (RFC 3339, with its offset).", moment),
+        query(
+            "cursor",
+            "The `next_cursor` of the page before; opaque.",
+            {"type": "string", "pattern": "^[A-Za-z0-9_-]+$", "maxLength": 512},
+        ),
+        query(
+            "limit",
+            f"Sessions per page (default {DEFAULT_PAGE_SIZE}).",
+            {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": DEFAULT_PAGE_SIZE},
+        ),
+    ]
+
+
 def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every documented operation, by its operationId; the route table says where each one lives."""
     operations: dict[str, dict[str, Any]] = {
@@ -168,15 +212,45 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
             },
         },
         "getSessionRecord": {
-            "summary": "Admin only (liveness:admin): the session's owner and the verdict the proxy "
-            "read from Cynopsis, for a backend that must not trust the frontend.",
+            "summary": "Admin only (liveness:admin): the session's owner, reference, finalizer state, "
+            "the verdict the proxy read from Cynopsis and its webhook deliveries, for a backend that "
+            "must not trust the frontend.",
+            "description": "With `refresh=true`, a session without a stored verdict is read upstream "
+            "first (as its owner's result read would be) and a terminal status is recorded as its "
+            "verdict, with its audit event and webhook. A session with a verdict is never read again. "
+            "Audited as `session.read`, or `session.refresh` when refresh=true was asked.",
             "security": _SECURITY,
-            "parameters": [session_id_parameter],
+            "parameters": [session_id_parameter, _REFRESH_PARAMETER],
             "responses": {
                 "200": _ok("The session record.", "SessionRecord"),
-                "400": _problem("The session id is malformed."),
+                "400": _problem("The session id is malformed, or `refresh` is not true or false."),
                 "403": _problem("The caller lacks the liveness:admin scope."),
-                "404": _problem("No such session."),
+                "404": _problem(
+                    "No such session (with refresh=true: also when the liveness service does not know it)."
+                ),
+                # Only with refresh=true can the upstream's answers reach the caller.
+                **_upstream_errors(),
+                **_rejections(),
+            },
+        },
+        "listSessions": {
+            "summary": "Admin only (liveness:admin): the sessions, newest first, filtered and "
+            "keyset-paginated.",
+            "description": "Follow `next_cursor` with the same filters until it is null: a page "
+            "starts strictly after the last session of the page before, so sessions created "
+            "meanwhile neither repeat nor shift a page. Each session is a `SessionSummary`: its "
+            "webhook deliveries are on `GET /v1/liveness/sessions/{session_id}`. Any query "
+            "parameter not listed here, or given twice, is refused (400): a misspelt filter never "
+            "lists every session. Audited as `session.list`; counts against the result-read limit.",
+            "security": _SECURITY,
+            "parameters": _list_parameters(),
+            "responses": {
+                "200": _ok("One page of sessions.", "SessionList"),
+                "400": _problem(
+                    "A query parameter is unknown, repeated or malformed, or the cursor is not one "
+                    "this route returned."
+                ),
+                "403": _problem("The caller lacks the liveness:admin scope."),
                 "429": _problem("Rate limited (the result-read limit).", retry_after=True),
                 "503": _problem(
                     "The JWT verification keys are unavailable, or the proxy's database cannot be reached.",
@@ -278,6 +352,7 @@ def build_openapi(routes: Sequence[RouteSpec] = ROUTES) -> dict[str, Any]:
             "Errors are RFC 9457 problem details carrying the request id.",
         },
         "paths": _paths(routes, _operations(session_id_parameter)),
+        "webhooks": webhooks_section(),
         "components": {
             "schemas": json_schema_components(),
             "headers": {

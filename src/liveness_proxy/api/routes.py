@@ -37,6 +37,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(SESSION_TOKEN_PATH, "POST", "getSessionToken"),
     RouteSpec(SESSIONS_PATH, "POST", "createSession"),
     RouteSpec(SESSION_RECORD_PATH, "GET", "getSessionRecord"),
+    RouteSpec(SESSIONS_PATH, "GET", "listSessions"),
     RouteSpec("/healthz", "GET", "health"),
     RouteSpec("/readyz", "GET", "readiness"),
     RouteSpec("/metrics", "GET", "metrics"),
@@ -65,12 +66,30 @@ class Endpoint:
         await response(scope, receive, send)
 
 
+class MethodDispatch:
+    """The endpoints of one path that serves several methods (GET lists sessions, POST creates one),
+    as one route: the router then answers any other method with a 405 whose Allow header names
+    every method of the path, not only those of the first route it tried."""
+
+    __slots__ = ("_endpoints",)
+
+    def __init__(self, endpoints: Mapping[str, Endpoint]) -> None:
+        self._endpoints = dict(endpoints)
+        if "GET" in self._endpoints:
+            self._endpoints.setdefault("HEAD", self._endpoints["GET"])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The route admits only its own methods: the lookup cannot miss.
+        await self._endpoints[scope["method"]](scope, receive, send)
+
+
 def starlette_routes(
     routes: Sequence[RouteSpec], handlers: Mapping[str, Handler], *, optional: frozenset[str] = frozenset()
 ) -> list[Route]:
-    """The routes, in table order, each with its handler. Only an `optional` route may lack one
-    (`/metrics` when it is disabled): it is then answered like any unknown path. A handler for no
-    route, or a route without a handler, is a bug, refused when the app is built."""
+    """The routes, in table order (a path with several methods where its first one is), each with
+    its handler. Only an `optional` route may lack one (`/metrics` when it is disabled): it is then
+    answered like any unknown path. A handler for no route, or a route without a handler, is a bug,
+    refused when the app is built."""
     operations = {route.operation_id for route in routes}
     unknown = set(handlers) - operations
     if unknown:
@@ -78,8 +97,15 @@ def starlette_routes(
     unhandled = operations - set(handlers) - optional
     if unhandled:
         raise ValueError(f"routes without a handler: {sorted(unhandled)}")
-    return [
-        Route(route.path, Endpoint(handlers[route.operation_id]), methods=[route.method])
-        for route in routes
-        if route.operation_id in handlers
-    ]
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for route in routes:
+        if route.operation_id in handlers:
+            by_path.setdefault(route.path, {})[route.method] = Endpoint(handlers[route.operation_id])
+    built = []
+    for path, endpoints in by_path.items():
+        if len(endpoints) == 1:
+            [(method, endpoint)] = endpoints.items()
+            built.append(Route(path, endpoint, methods=[method]))
+        else:
+            built.append(Route(path, MethodDispatch(endpoints), methods=list(endpoints)))
+    return built

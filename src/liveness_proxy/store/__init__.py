@@ -21,9 +21,18 @@ from liveness_proxy.store.repositories import (
     SessionVerdict,
     StoredApiKey,
 )
+from liveness_proxy.store.session_queries import (
+    SESSION_STATUSES,
+    SessionFilter,
+    SessionPage,
+    SessionPosition,
+    SessionQueries,
+    SessionStatus,
+)
 from liveness_proxy.store.verdicts import VerdictLedger
 
 __all__ = [
+    "SESSION_STATUSES",
     "ApiKeyStore",
     "AuditChainBroken",
     "AuditChainMissing",
@@ -38,8 +47,13 @@ __all__ = [
     "PoolOptions",
     "PurgeResult",
     "SessionAlreadyBound",
+    "SessionFilter",
     "SessionOwner",
     "SessionOwnership",
+    "SessionPage",
+    "SessionPosition",
+    "SessionQueries",
+    "SessionStatus",
     "SessionVerdict",
     "StoredApiKey",
     "StoredEvent",
