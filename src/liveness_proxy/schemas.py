@@ -204,6 +204,14 @@ class SessionUnresolvedEvent(_WebhookBody):
     data: UnresolvedSessionData
 
 
+class PingEvent(_WebhookBody):
+    """Sent only by `liveness-proxy webhooks test`, to check the endpoint and its secret."""
+
+    type: Literal["liveness.ping"]
+    timestamp: str = Field(description="When the ping was sent; ISO 8601, UTC.")
+    data: dict[str, Any] = Field(description="Empty.")
+
+
 class Problem(_ClosedObject):
     """RFC 9457 problem details."""
 
@@ -246,6 +254,7 @@ def json_schema_components() -> dict[str, Any]:
         SessionCompletedEvent,
         SessionExpiredEvent,
         SessionUnresolvedEvent,
+        PingEvent,
         Problem,
         Health,
         Readiness,

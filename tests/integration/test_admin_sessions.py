@@ -388,6 +388,13 @@ def test_the_record_shows_the_finalizer_and_every_webhook_delivery_as_documented
         # Those two are read at their next offset; nobody finishes the last one: past the deadline
         # it is unresolved, and announced.
         wait_until(lambda: len(receiver.accepted()) >= 3)
+        # The receiver has answered; the proxy records the delivery just after: wait for that too.
+        wait_until(
+            lambda: all(
+                record(session_id)["webhooks"] and record(session_id)["webhooks"][0]["state"] == "delivered"
+                for session_id in (delivered, expired, unresolved)
+            )
+        )
         records = {session_id: record(session_id) for session_id in (dead, delivered, expired, unresolved)}
         unresolved_list = client.get(SESSIONS, params={"status": "unresolved"}, headers=auditor).json()
         document = client.get("/openapi.json").json()
@@ -435,6 +442,7 @@ def test_the_record_shows_the_finalizer_and_every_webhook_delivery_as_documented
         "liveness.session.completed",
         "liveness.session.expired",
         "liveness.session.unresolved",
+        "liveness.ping",  # sent only by `liveness-proxy webhooks test`
     }
     for delivery in receiver.deliveries:
         operation = webhooks[delivery.body["type"]]["post"]

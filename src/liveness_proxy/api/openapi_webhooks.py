@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from liveness_proxy.delivery.events import COMPLETED, EXPIRED, UNRESOLVED
+from liveness_proxy.delivery.events import COMPLETED, EXPIRED, PING_EVENT, UNRESOLVED
 
 # The three Standard Webhooks headers of every delivery attempt (liveness_proxy.webhook_signing).
 _WEBHOOK_HEADERS: list[dict[str, Any]] = [
@@ -43,6 +43,7 @@ _WEBHOOK_EVENTS = (
     (COMPLETED, "sessionCompletedWebhook", "SessionCompletedEvent"),
     (EXPIRED, "sessionExpiredWebhook", "SessionExpiredEvent"),
     (UNRESOLVED, "sessionUnresolvedWebhook", "SessionUnresolvedEvent"),
+    (PING_EVENT, "pingWebhook", "PingEvent"),
 )
 
 
