@@ -160,6 +160,11 @@ async def test_forged_or_replayed_webhooks_are_refused_and_never_listed(demo: Ru
         assert listed["events"] == []
         assert listed["refused"] == 3
         assert secret not in orjson.dumps(listed).decode()
+        # Had it reached a browser, the page's leak check would say so.
+        leaked = await http.post(
+            "/demo/api/leak-check", json={"received": [f"x{secret.removeprefix('whsec_')}x"]}
+        )
+        assert leaked.json()["found"] == ["the webhook signing secret"]
 
         # What carries the demo's signature is accepted, once per webhook-id (a retry is not listed twice).
         genuine = event_body("a-session", "SUCCEEDED")

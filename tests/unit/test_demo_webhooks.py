@@ -6,12 +6,15 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import secrets
+import socket
 
 import orjson
 import pytest
 import standardwebhooks
 
+from liveness_proxy.demo.servers import loopback_webhook_url
 from liveness_proxy.demo.webhooks import WebhookInbox, WebhookRefused, WebhookVerifier
+from liveness_proxy.serving.sockets import bound_sockets
 from liveness_proxy.webhook_signing import new_webhook_secret
 
 NOW = 1_800_000_000
@@ -128,3 +131,20 @@ def test_a_signed_body_that_is_not_an_event_is_refused_and_not_listed() -> None:
         with pytest.raises(WebhookRefused):
             inbox.accept(delivery, body, received_at=NOW)
     assert inbox.since(0) == ([], 0)
+
+
+def test_the_proxy_posts_to_a_loopback_address_the_demo_listens_on() -> None:
+    """Bound, never listening: the address the demo's proxy is told to post its webhooks to."""
+    with bound_sockets("localhost", 0, "--port") as sockets:
+        ipv4 = next(sock for sock in sockets if sock.family == socket.AF_INET)
+        assert loopback_webhook_url(sockets) == f"http://127.0.0.1:{ipv4.getsockname()[1]}/demo/webhooks"
+    # Every address (`--host ''`): loopback among them.
+    with bound_sockets("", 0, "--port") as sockets:
+        url = loopback_webhook_url(sockets)
+        assert url is not None
+        assert url.startswith("http://127.0.0.1:")
+    if socket.has_ipv6:
+        with bound_sockets("::1", 0, "--port") as sockets:
+            assert (
+                loopback_webhook_url(sockets) == f"http://[::1]:{sockets[0].getsockname()[1]}/demo/webhooks"
+            )

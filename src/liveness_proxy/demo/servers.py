@@ -92,7 +92,7 @@ async def serving_demo(
     )
     async with _served(sandbox_server, sandbox_sockets):
         sandbox_url = f"http://{host}:{_bound_port(sandbox_server)}"
-        webhook_url = _webhook_url(proxy_sockets)
+        webhook_url = loopback_webhook_url(proxy_sockets)
         webhook_secret = new_webhook_secret() if webhook_url else None  # new every run, never shown
         database = folder / "liveness-proxy.db"
         settings = demo_settings(
@@ -191,7 +191,7 @@ async def _served(server: EmbeddedServer, sockets: Sequence[socket.socket]) -> A
         await task
 
 
-def _webhook_url(proxy_sockets: Sequence[socket.socket]) -> str | None:
+def loopback_webhook_url(proxy_sockets: Sequence[socket.socket]) -> str | None:
     """Where the proxy reaches the demo's backend route: a loopback address the demo listens on
     (the proxy posts webhooks over plain http to loopback only). IPv4 first."""
     candidates = []

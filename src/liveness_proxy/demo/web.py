@@ -16,8 +16,8 @@ None of this exists outside `liveness-proxy demo`: the sandbox control API it fo
 there when the sandbox runs with `control_enabled`.
 
 The demo identity provider is in `demo/identity.py`, the webhook receiver in `demo/webhooks.py`,
-the request and answer helpers of the demo's
-routes in `demo/handling.py`, what the page shows of the sandbox in `demo/sandbox_view.py`.
+the request and answer helpers of the demo's routes in `demo/handling.py`, what the page shows of
+the sandbox in `demo/sandbox_view.py`.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from liveness_proxy.demo.webhooks import WebhookInbox, WebhookRefused, WebhookVe
 from liveness_proxy.errors import BadRequest, NotFound, ProblemError, ServiceUnavailable
 from liveness_proxy.http import Http1Transport, HttpError, Url
 from liveness_proxy.sandbox import Sandbox
+from liveness_proxy.webhook_signing import SECRET_PREFIX
 
 # The OAuth2 token type of the demo IdP's JWTs.
 OAUTH_BEARER = "Bearer"
@@ -319,8 +320,9 @@ def create_demo_app(
         received = "\n".join(body.received)
         groups = secrets_to_look_for(sandbox, {client_secret, sandbox.config.client_secret})
         if webhook_secret:
-            # The whole value and each secret of a rotation: none may reach a browser.
-            groups.append(("the webhook signing secret", [webhook_secret, *webhook_secret.split()]))
+            # Each secret's key part, with or without its `whsec_` prefix: none may reach a browser.
+            keys = [part.removeprefix(SECRET_PREFIX) for part in webhook_secret.split()]
+            groups.append(("the webhook signing secret", keys))
         found = [label for label, values in groups if any(value in received for value in values)]
         return json_response(
             {
