@@ -195,6 +195,11 @@ def test_live_capture_passes_and_nothing_secret_reaches_the_browser(
     expect(by_id(tab, "verdict")).to_contain_text("Passed")
     expect(by_id(tab, "progress")).to_be_hidden()
     expect(by_id(tab, "confidence")).to_contain_text("98.2")
+    # The demo server plays the customer's backend: the proxy's webhook arrives there, verified.
+    expect(by_id(tab, "verdict-webhook")).to_have_text(
+        "Your backend received: liveness.session.completed — SUCCEEDED 98.2 — signature verified ✓"
+    )
+    expect(webhook_entry(tab, session_id)).to_have_count(1)
     wait_idle(tab)
 
     # The teaching panels: the browser's calls went to the proxy, the proxy's to Cynopsis.
@@ -207,8 +212,53 @@ def test_live_capture_passes_and_nothing_secret_reaches_the_browser(
     assert "demo-domain" in upstream_calls
     expect(by_id(tab, "leak-check")).to_have_attribute("data-clean", "true")
     expect(by_id(tab, "leak-check")).to_contain_text("no client secret")
+    expect(by_id(tab, "leak-check")).to_contain_text("no webhook signing secret")
     expect(by_id(tab, "error")).to_be_hidden()
     shot(tab, "live-4-passed")
+    assert_clean(record)
+
+
+def webhook_entry(page: Any, session_id: str) -> Any:
+    return by_id(page, "webhooks").locator(f'li[data-session-id="{session_id}"]')
+
+
+@pytest.mark.timeout(120)
+def test_verdict_reaches_the_backend_after_the_page_is_closed(
+    page: tuple[Any, BrowserRecord], demo: DemoRun
+) -> None:
+    """The user leaves before the verdict: the proxy follows the session on its own, and its webhook
+    is on the backend's list when the page is opened again. A forged one never is."""
+    expect = playwright_sync.expect
+    tab, record = page
+    session_id = sign_in_and_create_session(tab)
+    by_id(tab, "capture-live").click()
+    expect(by_id(tab, "progress")).to_be_visible()
+    # Gone before Cynopsis finishes (the capture takes 2 s): nothing of the page reads the result now.
+    tab.goto("about:blank")
+    forged = httpx.post(
+        f"{demo.url}/demo/webhooks",
+        json={"type": "liveness.session.completed", "data": {"session_id": session_id, "status": "FAILED"}},
+        headers={
+            "webhook-id": "msg_forged",
+            "webhook-timestamp": str(int(time.time())),
+            "webhook-signature": "v1,Zm9yZ2VkIHNpZ25hdHVyZSBvZiAzMiBieXRlcyEhISE=",
+        },
+    )
+    assert forged.status_code == 400
+
+    tab.goto(f"{demo.url}/demo/")
+    entry = webhook_entry(tab, session_id)
+    expect(entry).to_contain_text("liveness.session.completed — SUCCEEDED 98.2 — signature verified ✓")
+    expect(entry).to_have_count(1)  # the forged FAILED for the same session is not listed
+    expect(by_id(tab, "webhooks-refused")).to_contain_text("Refused 1")
+    wait_idle(tab)
+    shot(tab, "closed-page-webhook")
+    # The page never saw the verdict itself: the proxy's finalizer read it, and the webhook told.
+    expect(by_id(tab, "upstream-calls")).to_contain_text("the finalizer")
+    results = [
+        text for url, text in record.bodies if url.endswith(f"/v1/liveness/sessions/{session_id}/result")
+    ]
+    assert not any("SUCCEEDED" in text for text in results)
     assert_clean(record)
 
 

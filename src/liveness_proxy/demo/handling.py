@@ -117,7 +117,8 @@ def answers_problems(handler: Handler) -> Handler:
     return handle
 
 
-async def read_body(request: Request, model: type[ModelT], max_bytes: int = 64 * 1024) -> ModelT:
+async def read_json_bytes(request: Request, max_bytes: int = 64 * 1024) -> bytes:
+    """The body of an application/json request, as sent (a webhook's signature covers these bytes)."""
     # JSON only: a cross-site form or text/plain POST (no preflight) cannot press the demo's buttons.
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
@@ -129,8 +130,13 @@ async def read_body(request: Request, model: type[ModelT], max_bytes: int = 64 *
         if size > max_bytes:
             raise PayloadTooLarge(f"The body is larger than {max_bytes} bytes.")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, model: type[ModelT], max_bytes: int = 64 * 1024) -> ModelT:
+    body = await read_json_bytes(request, max_bytes)
     try:
-        return model.model_validate_json(b"".join(chunks) or b"{}")
+        return model.model_validate_json(body or b"{}")
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"

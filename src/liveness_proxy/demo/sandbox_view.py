@@ -39,14 +39,28 @@ def describe_upstream_call(
         credential = (
             "Bearer <Cynopsis access token>" if authorization.lower().startswith("bearer ") else "none"
         )
+    request_id = headers.get("x-request-id")
     return {
         "method": method,
         "path": path,
         "endpoint": endpoint,
         "credential": credential,
         "domain_id": headers.get("x-domain-id"),
-        "request_id": headers.get("x-request-id"),
+        "request_id": request_id,
+        "asked_by": _asked_by(endpoint, request_id),
     }
+
+
+def _asked_by(endpoint: str, request_id: str | None) -> str:
+    """Who made the proxy call: with the finalizer on, the proxy also reads results on its own (its
+    request ids start with `fin-`), so the panel shows reads the page did not ask for."""
+    if endpoint == "token":
+        return "the token manager"
+    if endpoint == "sandbox_control":
+        return "the demo (control)"
+    if request_id is not None and request_id.startswith("fin-"):
+        return "the finalizer"
+    return "a caller's request"
 
 
 def secrets_to_look_for(sandbox: Sandbox, client_secrets: Iterable[str]) -> list[tuple[str, list[str]]]:

@@ -7,13 +7,17 @@
 - `/demo/api/...` — a demo identity provider that signs short-lived ES256 JWTs for the demo user
   (the proxy verifies them like any IdP's, so the real JWT path runs), and buttons for what a
   person, a camera or an outage would do, forwarded to the sandbox's control API;
+- `/demo/webhooks` — the customer's backend: the proxy's webhook URL in the demo. It verifies each
+  delivery's signature and keeps the verified events, which the page lists from
+  `/demo/api/webhooks` (see `demo/webhooks.py`);
 - everything else — the proxy itself, unchanged.
 
 None of this exists outside `liveness-proxy demo`: the sandbox control API it forwards to is only
 there when the sandbox runs with `control_enabled`.
 
-The demo identity provider is in `demo/identity.py`, the request and answer helpers of the demo's
-routes in `demo/handling.py`, what the page shows of the sandbox in `demo/sandbox_view.py`.
+The demo identity provider is in `demo/identity.py`, the webhook receiver in `demo/webhooks.py`,
+the request and answer helpers of the demo's routes in `demo/handling.py`, what the page shows of
+the sandbox in `demo/sandbox_view.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -44,12 +49,15 @@ from liveness_proxy.demo.handling import (
     known_session_id,
     problem_response,
     read_body,
+    read_json_bytes,
 )
 from liveness_proxy.demo.identity import DemoIdentityProvider
 from liveness_proxy.demo.sandbox_view import describe_upstream_call, secrets_to_look_for
+from liveness_proxy.demo.webhooks import WebhookInbox, WebhookRefused, WebhookVerifier
 from liveness_proxy.errors import BadRequest, NotFound, ProblemError, ServiceUnavailable
 from liveness_proxy.http import Http1Transport, HttpError, Url
 from liveness_proxy.sandbox import Sandbox
+from liveness_proxy.webhook_signing import SECRET_PREFIX
 
 # The OAuth2 token type of the demo IdP's JWTs.
 OAUTH_BEARER = "Bearer"
@@ -62,6 +70,9 @@ OUTAGE_ENDPOINTS = ("session_token", "liveness_session", "liveness_result")
 # The sandbox control API answers with a few bytes of JSON, on loopback.
 _CONTROL_ANSWER_BYTES = 64 * 1024
 _CONTROL_TIMEOUT_SECONDS = 30.0
+# A verdict event is well under 1 KiB; anything far larger is not the proxy's.
+MAX_WEBHOOK_BYTES = 64 * 1024
+WEBHOOK_PATH = "/demo/webhooks"
 STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "demo.css": "text/css; charset=utf-8",
@@ -118,10 +129,17 @@ def create_demo_app(
     client_secret: str,
     capture_delay_seconds: float = DEFAULT_CAPTURE_DELAY_SECONDS,
     allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+    webhook_secret: str | None = None,
+    webhook_url: str | None = None,
 ) -> Starlette:
     """The demo host app around `proxy`. `client_secret` is what the leak check looks for;
-    `allowed_hosts` the Host names the demo's own routes answer under (None: any)."""
+    `allowed_hosts` the Host names the demo's own routes answer under (None: any). With
+    `webhook_secret` (the proxy's LIVENESS_PROXY_WEBHOOK_SECRET), `/demo/webhooks` receives the
+    proxy's webhooks (`webhook_url` is how the proxy was told to reach it, shown on the page);
+    without, it answers 404."""
     state = DemoState()
+    verifier = WebhookVerifier(webhook_secret) if webhook_secret else None
+    inbox = WebhookInbox()
     logger = logging.getLogger("liveness_proxy.demo")
     static = {
         name: resources.files("liveness_proxy.demo").joinpath("static", name).read_bytes()
@@ -178,6 +196,7 @@ def create_demo_app(
                 "token_lifetime_seconds": identity.lifetime_seconds,
                 "capture_delay_seconds": capture_delay_seconds,
                 "upstream_outage": state.outage,
+                "webhook_url": webhook_url if verifier is not None else None,
             }
         )
 
@@ -253,10 +272,57 @@ def create_demo_app(
         ]
         return json_response({"calls": calls, "next": after + len(log)})
 
+    async def receive_webhook(request: Request) -> Response:
+        """The customer's backend: verify, then keep. Anyone who reaches the demo can POST here, so
+        nothing unverified is kept (a 400 with the reason, counted as refused)."""
+        if verifier is None:
+            raise NotFound("This demo runs without webhooks.")
+        body = await read_json_bytes(request, MAX_WEBHOOK_BYTES)
+        try:
+            delivery = verifier.verify(request.headers, body)
+            received = inbox.accept(delivery, body, received_at=time.time())
+        except WebhookRefused as exc:
+            inbox.count_refused()
+            logger.warning("demo backend refused a webhook: %s", exc.detail)
+            raise
+        if received is None:
+            logger.info(
+                "demo backend received webhook %s again: acknowledged, not listed", delivery.webhook_id
+            )
+        else:
+            logger.info(
+                "demo backend received %s for session %s (signature verified)",
+                received.type,
+                received.session_id,
+            )
+        # Any 2xx is a delivery; a duplicate is acknowledged too, or the proxy would retry it.
+        return Response(status_code=204)
+
+    async def received_webhooks(request: Request) -> Response:
+        try:
+            after = max(0, int(request.query_params.get("after", "0")))
+        except ValueError:
+            raise BadRequest("'after' must be a whole number.") from None
+        events, latest = inbox.since(after)
+        return json_response(
+            {
+                "enabled": verifier is not None,
+                "run": inbox.run_id,
+                "events": [event.as_json() for event in events],
+                "next": latest,
+                "refused": inbox.refused,
+                "duplicates": inbox.duplicates,
+            }
+        )
+
     async def leak_check(request: Request) -> Response:
         body = await read_body(request, LeakCheckBody, max_bytes=MAX_LEAK_CHECK_BYTES)
         received = "\n".join(body.received)
         groups = secrets_to_look_for(sandbox, {client_secret, sandbox.config.client_secret})
+        if webhook_secret:
+            # Each secret's key part, with or without its `whsec_` prefix: none may reach a browser.
+            keys = [part.removeprefix(SECRET_PREFIX) for part in webhook_secret.split()]
+            groups.append(("the webhook signing secret", keys))
         found = [label for label, values in groups if any(value in received for value in values)]
         return json_response(
             {
@@ -285,6 +351,8 @@ def create_demo_app(
         route("/demo/api/upstream-outage", outage, "POST"),
         route("/demo/api/upstream-calls", upstream_calls, "GET"),
         route("/demo/api/leak-check", leak_check, "POST"),
+        route("/demo/api/webhooks", received_webhooks, "GET"),
+        route(WEBHOOK_PATH, receive_webhook, "POST"),
         # Everything else is the proxy, exactly as `serve` runs it.
         Mount("/", app=proxy),
     ]

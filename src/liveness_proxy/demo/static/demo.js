@@ -13,7 +13,10 @@ import {
 } from "/client/liveness-proxy-client.js";
 
 const WAIT_TIMEOUT_MS = 60000;
-const BOOKKEEPING_PATHS = ["/demo/api/upstream-calls", "/demo/api/leak-check"];
+const BOOKKEEPING_PATHS = ["/demo/api/upstream-calls", "/demo/api/leak-check", "/demo/api/webhooks"];
+// The backend's list of received webhooks is polled: every second, every 5 s after a failure.
+const WEBHOOK_POLL_MS = 1000;
+const WEBHOOK_RETRY_MS = 5000;
 
 const $ = (id) => {
   const element = document.getElementById(id);
@@ -44,6 +47,9 @@ const state = {
   upstreamRefresh: null,
   outagePending: false,
   expiryTimer: null,
+  // What the demo's backend received: `after` is the last event listed, `run` names the server run
+  // (a restart starts its numbering again), `bySession` the latest event per session id.
+  webhooks: { after: 0, run: null, lastText: null, bySession: new Map() },
 };
 
 // ---- Everything this page receives passes through here --------------------------------------------
@@ -53,15 +59,18 @@ async function recordingFetch(input, init) {
   const path = new URL(typeof input === "string" ? input : input.url, location.href).pathname;
   if (path !== "/demo/api/leak-check") {
     try {
-      const text = await response.clone().text();
-      const head = [`HTTP ${response.status} ${response.statusText}`];
-      for (const [name, value] of response.headers) head.push(`${name}: ${value}`);
-      state.received.push(`${head.join("\n")}\n\n${text}`);
+      recordReceived(response, await response.clone().text());
     } catch {
       // A body that cannot be read is not in the browser's hands either.
     }
   }
   return response;
+}
+
+function recordReceived(response, text) {
+  const head = [`HTTP ${response.status} ${response.statusText}`];
+  for (const [name, value] of response.headers) head.push(`${name}: ${value}`);
+  state.received.push(`${head.join("\n")}\n\n${text}`);
 }
 
 function recordBrowserCall({ method, url, status, requestId }) {
@@ -238,6 +247,7 @@ async function loadUpstreamCalls() {
     addCell(row, String(call.index ?? ""));
     addCell(row, String(call.method ?? ""));
     addCell(row, String(call.path ?? ""), "mono");
+    addCell(row, String(call.asked_by ?? ""));
     addCell(row, String(call.credential ?? ""));
     addCell(row, call.domain_id == null ? "—" : String(call.domain_id), "mono");
     body.append(row);
@@ -266,7 +276,8 @@ async function runLeakCheck() {
   const bytes = state.leakBytes;
   const lookedFor = Array.isArray(data?.looked_for) ? data.looked_for.map(String) : [];
   if (found.length === 0) {
-    element.textContent = `Checked ${items} responses (${bytes} bytes): no client secret, no Cynopsis access token, no face image.`;
+    const webhookSecret = lookedFor.includes("the webhook signing secret") ? ", no webhook signing secret" : "";
+    element.textContent = `Checked ${items} responses (${bytes} bytes): no client secret, no Cynopsis access token${webhookSecret}, no face image.`;
     element.dataset.clean = "true";
   } else {
     element.textContent = `Warning: checked ${items} responses (${bytes} bytes) and found ${found.join(", ")} in what reached this browser.`;
@@ -358,6 +369,7 @@ async function createSession() {
     throw error;
   }
   state.sessionToken = null; // single use
+  showBackendLine();
   $("session-id").textContent = state.sessionId;
   $("session-subject").textContent = state.subject ?? state.config.subject;
   $("session-output").hidden = false;
@@ -458,8 +470,10 @@ function startOver() {
   state.sessionId = null;
   state.result = null;
   clearError();
-  for (const id of ["token-output", "session-output", "capture-output", "confidence", "redacted"]) $(id).hidden = true;
-  for (const id of ["session-token", "token-lifetime", "session-id", "capture-output", "confidence", "redacted"]) {
+  for (const id of ["token-output", "session-output", "capture-output", "confidence", "redacted", "verdict-webhook"]) {
+    $(id).hidden = true;
+  }
+  for (const id of ["session-token", "token-lifetime", "session-id", "capture-output", "confidence", "redacted", "verdict-webhook"]) {
     $(id).textContent = "";
   }
   $("verdict").textContent = "No verdict yet.";
@@ -485,6 +499,105 @@ async function setOutage(enabled) {
   status.textContent = toggle.checked
     ? "Outage on: Cynopsis answers 503 to every liveness call."
     : "Outage off: Cynopsis answers normally.";
+}
+
+// ---- The customer's backend: the webhooks it received ----------------------------------------------
+
+function describeWebhook(event) {
+  const parts = [String(event.type ?? "an event")];
+  if (event.status != null) {
+    const confidence = Number(event.confidence);
+    parts.push(event.confidence != null && Number.isFinite(confidence)
+      ? `${event.status} ${confidence.toFixed(1)}` : String(event.status));
+  } else {
+    parts.push("no verdict");
+  }
+  if (event.passed === true) parts.push("passed");
+  if (event.passed === false) parts.push("not passed");
+  parts.push(event.signature_verified === true ? "signature verified ✓" : "signature NOT verified");
+  return parts.join(" — ");
+}
+
+function showWebhook(event) {
+  const item = document.createElement("li");
+  item.dataset.sessionId = String(event.session_id ?? "");
+  const line = document.createElement("p");
+  line.className = "webhook__event";
+  line.textContent = describeWebhook(event);
+  if (event.signature_verified === true) line.classList.add("webhook__verified");
+  const meta = document.createElement("p");
+  meta.className = "webhook__meta";
+  const received = Number(event.received_at);
+  const when = Number.isFinite(received) ? new Date(received * 1000).toLocaleTimeString() : "—";
+  meta.textContent = `session ${event.session_id ?? "—"} · ${event.webhook_id ?? ""} · received ${when}`;
+  item.append(line, meta);
+  $("webhooks").prepend(item);
+  $("webhooks-empty").hidden = true;
+}
+
+// The verdict step names what the backend received for this page's session, once it has.
+function showBackendLine() {
+  const line = $("verdict-webhook");
+  const event = state.sessionId ? state.webhooks.bySession.get(state.sessionId) : undefined;
+  line.textContent = event ? `Your backend received: ${describeWebhook(event)}` : "";
+  line.hidden = !event;
+}
+
+function clearWebhooks() {
+  state.webhooks.bySession.clear();
+  $("webhooks").replaceChildren();
+  $("webhooks-empty").hidden = false;
+  showBackendLine();
+}
+
+function showWebhooks(data) {
+  if (state.webhooks.run !== null && data.run !== state.webhooks.run) {
+    // The demo restarted: its events are numbered anew. List them again from the start.
+    clearWebhooks();
+    state.webhooks.run = null;
+    state.webhooks.after = 0;
+    return;
+  }
+  state.webhooks.run = data.run;
+  if (data.enabled === false) {
+    $("webhooks-empty").textContent = "This demo runs without webhooks (it listens on no loopback address).";
+  }
+  const events = (Array.isArray(data.events) ? data.events : []).filter((event) => event && typeof event === "object");
+  for (const event of events) {
+    showWebhook(event);
+    if (event.session_id) state.webhooks.bySession.set(String(event.session_id), event);
+  }
+  // A verdict the page did not wait for was read by the proxy's finalizer: show that read too.
+  if (events.length) refreshUpstreamCalls();
+  if (Number.isInteger(data.next)) state.webhooks.after = data.next;
+  const refused = Number(data.refused) || 0;
+  const refusedLine = $("webhooks-refused");
+  refusedLine.textContent = refused
+    ? `Refused ${refused} delivery attempt(s) without a valid signature: not listed.`
+    : "";
+  refusedLine.hidden = refused === 0;
+  showBackendLine();
+}
+
+async function pollWebhooks() {
+  let delay = WEBHOOK_POLL_MS;
+  try {
+    const response = await fetch(`/demo/api/webhooks?after=${encodeURIComponent(state.webhooks.after)}`, {
+      headers: { Accept: "application/json" }, credentials: "same-origin", cache: "no-store",
+    });
+    const text = await response.text();
+    // Polled every second: an answer the same as the last adds nothing for the leak check to search.
+    if (text !== state.webhooks.lastText) {
+      recordReceived(response, text);
+      state.webhooks.lastText = text;
+    }
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const data = JSON.parse(text);
+    if (data && typeof data === "object") showWebhooks(data);
+  } catch {
+    delay = WEBHOOK_RETRY_MS; // a teaching panel: it waits and tries again, the steps go on
+  }
+  setTimeout(pollWebhooks, delay);
 }
 
 // ---- Rendering of what can be done now -------------------------------------------------------------
@@ -522,6 +635,7 @@ async function loadConfig() {
   if (state.config.sandbox_url) $("sandbox-url").textContent = `a local sandbox at ${state.config.sandbox_url}`;
   $("capture-delay").textContent = `${Number(state.config.capture_delay_seconds) || 2} s`;
   if (typeof state.config.upstream_outage === "boolean") $("outage-toggle").checked = state.config.upstream_outage;
+  if (typeof state.config.webhook_url === "string") $("webhook-url").textContent = state.config.webhook_url;
 }
 
 function wire() {
@@ -542,3 +656,4 @@ function wire() {
 wire();
 render();
 run("config", loadConfig, { isStep: false });
+pollWebhooks();
