@@ -55,7 +55,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
             fleet=args.fleet,
             fleet_size=3,
             # The shipped budget only: it also sizes the busy backlog (see s7_finalizer.py).
-            follow_sessions=100,
+            follow_sessions=50,
             follow_budgets=((4, 8),),
             busy_backlog_floor=200,
         )
