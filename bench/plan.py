@@ -25,6 +25,12 @@ class Plan:
     warmup_seconds: int
     fleet: str
     fleet_size: int
+    # S7: how many bound sessions one process follows to a verdict, once under each background
+    # budget (finalizer concurrency, webhook concurrency); and the least backlog of due follow-ups put in
+    # front of the finalizer while S1 is measured with it busy.
+    follow_sessions: int
+    follow_budgets: tuple[tuple[int, int], ...]
+    busy_backlog_floor: int
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -48,6 +54,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
             warmup_seconds=0,
             fleet=args.fleet,
             fleet_size=3,
+            # The shipped budget only: it also sizes the busy backlog (see s7_finalizer.py).
+            follow_sessions=50,
+            follow_budgets=((4, 8),),
+            busy_backlog_floor=200,
         )
     return Plan(
         mode="full",
@@ -71,6 +81,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
         warmup_seconds=2,
         fleet=args.fleet,
         fleet_size=3,
+        # As shipped (finalizer 4, webhooks 8), then raised: where does one process stop scaling?
+        follow_sessions=2_000,
+        follow_budgets=((4, 8), (16, 16), (64, 64)),
+        busy_backlog_floor=2_000,
     )
 
 

@@ -1,6 +1,6 @@
 """The processes of a run: `Children` starts every one of them (nginx, our proxy, the naive proxy,
 py-spy) in a session of its own with its output in a log file, and stops them; free loopback ports,
-the open-file limit, a process's RSS, and bench/install-tools for the tools the run drives.
+the open-file limit, a process's RSS and CPU time, and bench/install-tools for the tools the run drives.
 """
 
 from __future__ import annotations
@@ -103,6 +103,15 @@ def rss_megabytes(pid: int) -> float:
     if match is None:
         raise BenchError(f"no VmRSS for pid {pid}")
     return round(int(match.group(1)) * 1024 / 1e6, 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far (its threads included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def ensure_tools() -> None:

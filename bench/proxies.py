@@ -77,10 +77,14 @@ class Bench:
             "LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN": UNLIMITED_RATE,
             "LIVENESS_PROXY_DAILY_ATTEMPTS": "0",  # 0: no daily cap
             "LIVENESS_PROXY_LOG_LEVEL": PROXY_LOG_LEVEL,
+            # Off unless a scenario turns it on (S7 measures what it costs): on, every session S2
+            # creates would be followed for minutes after S2's window, taking CPU from whatever is
+            # measured next (nginx and the naive proxy in S2's own repetitions, then S3-S6).
+            "LIVENESS_PROXY_FINALIZER": "off",
             **extra,
         }
         env.update(settings)
-        hidden = ("CYNOPSIS_CLIENT_SECRET", "LIVENESS_PROXY_API_KEY_PEPPER")
+        hidden = ("CYNOPSIS_CLIENT_SECRET", "LIVENESS_PROXY_API_KEY_PEPPER", "LIVENESS_PROXY_WEBHOOK_SECRET")
         self.settings_used.setdefault(
             label,
             {

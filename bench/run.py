@@ -7,9 +7,10 @@ proxy (the floor), all in front of one static nginx stub of the Cynopsis API, on
 
 Scenarios (see bench/README.md): S1 result read, S2 create session, S3 slow upstream (500 ms),
 S4 token stampede (one process, and a fleet on PostgreSQL + Redis), S5 memory over many requests,
-S6 start-up time. Every throughput figure is min/median/max over the repetitions, which run
-interleaved across the systems so that drift on a shared machine hits all of them alike; only
-ratios measured in one run mean anything.
+S6 start-up time, S7 the finalizer's cost to S1/S2 (on vs off) and the sessions per second one
+process follows to a verdict and announces by webhook. Every throughput figure is min/median/max
+over the repetitions, which run interleaved across the systems so that drift on a shared machine
+hits all of them alike; only ratios measured in one run mean anything.
 
 Writes <out>/<YYYY-MM-DD>.json, .md and .png; progress goes to stderr, the summary table to stdout.
 """
@@ -46,10 +47,11 @@ from scenarios.s3_slow_upstream import scenario_s3
 from scenarios.s4_token_stampede import scenario_s4
 from scenarios.s5_memory import scenario_s5
 from scenarios.s6_startup import scenario_s6
+from scenarios.s7_finalizer import scenario_s7
 from stats import Outcome, Row
 from stubs import start_nginx
 
-ALL_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
+ALL_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
 
 
 def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[dict[str, Any], list[Row]]:
@@ -73,6 +75,8 @@ def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[di
         outcomes["S5"] = scenario_s5(bench, main)
     if "S6" in chosen:
         outcomes["S6"] = scenario_s6(bench)
+    if "S7" in chosen:
+        outcomes["S7"] = scenario_s7(bench)
     rows = [row for outcome in outcomes.values() for row in outcome.rows]
     return {name: outcome.data for name, outcome in outcomes.items()}, rows
 
@@ -87,7 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios",
         type=lambda text: tuple(part.strip().upper() for part in text.split(",") if part.strip()),
         default=ALL_SCENARIOS,
-        help="comma-separated subset of S1,S2,S3,S4,S5,S6 (default all)",
+        help="comma-separated subset of S1,S2,S3,S4,S5,S6,S7 (default all)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny run proving every scenario works (~1 min)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results folder")

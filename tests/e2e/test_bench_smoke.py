@@ -1,4 +1,4 @@
-"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S6) against
+"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S7) against
 nginx stubs, the naive proxy and our proxy, and writes its JSON, Markdown and chart. Nothing here
 judges a timing or a target: the smoke run is too short for either to mean anything. What it proves
 is that every scenario runs, reports numbers and ratios, and that our proxy answered 2xx throughout.
@@ -27,7 +27,7 @@ import pytest
 from services import REQUIRE_SERVICES, postgres_problem, redis_problem
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
-SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
 ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
 
 
@@ -143,3 +143,40 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     for system in ("ours", "naive"):
         _assert_spread(scenarios["S6"]["measured"][system], "seconds", f"S6/{system}")
     assert _is_number(scenarios["S6"]["ratios"]["ours_to_naive"])
+
+    # S7: S1 and S2 with the finalizer off, on with nothing due, and on and busy (+ webhook), every
+    # reading 2xx; what the background did in each "on" window; the sessions one process followed.
+    s7 = scenarios["S7"]
+    hot_path = s7["measured"]["hot_path"]
+    modes = ("off", "on_quiet", "on_busy")
+    for system in (f"{scenario}_{mode}" for scenario in ("s1", "s2") for mode in modes):
+        for figure in ("requests_per_second", "p50_ms", "p99_ms", "non_2xx", "socket_errors"):
+            _assert_spread(hot_path[system], figure, f"S7/{system}")
+        assert hot_path[system]["requests_per_second"]["min"] > 0, system
+        assert hot_path[system]["non_2xx"]["max"] == 0, (system, hot_path[system].get("sample_failure"))
+        if system.endswith("_off"):
+            continue
+        windows = hot_path[system]["background"]
+        assert len(windows) == report["plan"]["reps"], system
+        for window in windows:
+            for figure in ("sessions_followed_to_verdict", "webhooks_delivered", "jobs_discarded_after"):
+                assert isinstance(window[figure], int), (system, figure, window)
+                assert window[figure] >= 0, (system, figure, window)
+    # Nothing came due on the quiet proxy; the busy one read S1 with a backlog in front of it.
+    for system in ("s1_on_quiet", "s2_on_quiet"):
+        assert hot_path[system]["background"][0]["sessions_followed_to_verdict"] == 0, system
+    assert hot_path["s2_on_quiet"]["background"][0]["jobs_discarded_after"] > 0  # rows written
+    assert hot_path["s1_on_busy"]["background"][0]["backlog_bound"] >= report["plan"]["busy_backlog_floor"]
+    assert hot_path["s2_on_busy"]["background"][0]["sessions_created"] > 0
+    for scenario in ("s1", "s2"):
+        for mode in ("on_quiet", "on_busy"):
+            for figure in ("requests_per_second", "p99"):
+                assert _is_number(s7["ratios"][f"{scenario}_{mode}_to_off_{figure}"]), (scenario, mode)
+    follow = s7["measured"]["follow"]
+    budgets = [[entry["finalizer_concurrency"], entry["webhook_concurrency"]] for entry in follow]
+    assert budgets == report["plan"]["follow_budgets"]
+    for entry in follow:
+        assert entry["sessions"] == report["plan"]["follow_sessions"]
+        for figure in ("followed_per_second", "delivered_per_second", "cpu_ms_per_session"):
+            assert _is_number(entry[figure]), (figure, entry)
+            assert entry[figure] > 0, (figure, entry)
