@@ -35,12 +35,9 @@ from liveness_proxy.errors import (
     UpstreamUnavailable,
 )
 from liveness_proxy.http import Http1Transport
+from liveness_proxy.http.retry_after import MAX_RETRY_AFTER_SECONDS, parse_retry_after
 from liveness_proxy.upstream import CynopsisClient, CynopsisEndpoints, TokenManager, UpstreamResult
-from liveness_proxy.upstream.answers import (
-    MAX_RETRY_AFTER_SECONDS,
-    parse_retry_after,
-    upstream_error_code,
-)
+from liveness_proxy.upstream.answers import upstream_error_code
 from liveness_proxy.upstream.oauth import ClientCredentialsFetcher
 from properties import (
     ERROR_CODE,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from liveness_proxy.http import USER_AGENT, HttpError, HttpTransport, Url
+from liveness_proxy.http.retry_after import parse_retry_after
 from liveness_proxy.webhook_signing import webhook_headers
 
 _MAX_ANSWER_BYTES = 64 * 1024  # the receiver's body is read only to be dropped
-_MAX_RETRY_AFTER_SECONDS = 86_400.0
 
 Verdict = Literal["delivered", "gone", "failed"]
 
@@ -70,24 +70,7 @@ class WebhookSender:
         if status == 410:
             return AttemptOutcome("gone", status, "HTTP 410 Gone: endpoint disabled")
         retry_after = None
-        if status in (429, 503):
-            retry_after = parse_retry_after(response.header(b"retry-after"), now=self._wall_clock())
+        header = response.header(b"retry-after")
+        if status in (429, 503) and header is not None:
+            retry_after = float(parse_retry_after(header, now=self._wall_clock()))
         return AttemptOutcome("failed", status, f"HTTP {status}", retry_after)
-
-
-def parse_retry_after(value: str | None, *, now: float) -> float | None:
-    """Seconds to wait, from delta-seconds or an HTTP date; None when absent or unreadable."""
-    if value is None:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return min(float(text), _MAX_RETRY_AFTER_SECONDS)
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return min(max(when.timestamp() - now, 0.0), _MAX_RETRY_AFTER_SECONDS)

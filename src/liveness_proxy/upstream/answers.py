@@ -8,14 +8,10 @@ hour, an error code that is an identifier and never free text.
 
 from __future__ import annotations
 
-import email.utils
-import math
 import re
-import time
 
 import orjson
 
-MAX_RETRY_AFTER_SECONDS = 3600
 # ASCII digits only, and few of them: str.isdigit() accepts "²", and int() refuses 4,300+ digits.
 _DIGITS = re.compile(r"[0-9]{1,9}")
 _ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -36,18 +32,3 @@ def upstream_error_code(body: bytes) -> str | None:
     if isinstance(code, str) and _ERROR_CODE_PATTERN.fullmatch(code):
         return code
     return None
-
-
-def parse_retry_after(value: str | None, *, default: int = 1, now: float | None = None) -> int:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), bounded to [1, 3600]."""
-    if not value:
-        return default
-    value = value.strip()
-    if _DIGITS.fullmatch(value):
-        return max(1, min(int(value), MAX_RETRY_AFTER_SECONDS))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, OverflowError):  # a year past what datetime holds: OverflowError
-        return default
-    delta = when.timestamp() - (time.time() if now is None else now)
-    return max(1, min(math.ceil(delta), MAX_RETRY_AFTER_SECONDS))

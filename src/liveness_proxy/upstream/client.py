@@ -45,7 +45,8 @@ from liveness_proxy.errors import (
 from liveness_proxy.http import HttpError, HttpResponse, HttpTransport, Url
 from liveness_proxy.http.base import PATH_SAFE as _PATH_SAFE
 from liveness_proxy.http.problems import upstream_problem
-from liveness_proxy.upstream.answers import parse_retry_after, upstream_error_code
+from liveness_proxy.http.retry_after import parse_retry_after
+from liveness_proxy.upstream.answers import upstream_error_code
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
 
