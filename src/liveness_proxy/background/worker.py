@@ -6,16 +6,21 @@ A pass happens every `interval_seconds`, when a job finishes, and when `wake()` 
 process just wrote a job that is due now, e.g. a webhook). Claiming only what can start at once
 means no lease ticks away on work waiting inside this process.
 
-The worker never settles a job itself: a runner settles it in the same transaction as what the job
-produced. A runner that raises leaves its job leased; the lease lapses and the job is claimed again.
-At shutdown the worker stops claiming, gives running jobs `grace_seconds`, then cancels them: their
-leases lapse the same way, so nothing acknowledged is lost.
+A runner settles its job in the same transaction as what the job produced. A runner that raises
+(a bug, or a store outage mid-job) gets its job back in the queue one lease later, with the error
+recorded, and after `MAX_ATTEMPTS` attempts the job is dead: a poison job cannot spin forever. At
+shutdown the worker stops claiming, gives running jobs `grace_seconds`, then cancels them and
+releases their leases, so another process takes them over at once; nothing acknowledged is lost.
+
+A job is never claimed again by the process that still runs it, even when its lease lapsed (a
+process's lease owner is the same for all its claims; the claim's attempt number fences its settle).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import socket
@@ -26,6 +31,10 @@ import structlog
 
 from liveness_proxy.store import ClaimedJob, JobQueue, is_store_outage
 from liveness_proxy.store.jobs import JobKind
+
+# Attempts after which a job whose runner keeps raising is dead (its runner's own schedule ends
+# every healthy job long before: nine finalizer reads, ten webhook attempts by default).
+MAX_ATTEMPTS = 50
 
 
 class JobRunner(Protocol):
@@ -72,7 +81,9 @@ class BackgroundWorker:
         self._on_pass = on_pass
         self._grace_seconds = grace_seconds
         self.lease_owner = new_lease_owner()
-        self._in_flight: dict[str, set[asyncio.Task[None]]] = {runner.kind: set() for runner in self._runners}
+        self._in_flight: dict[str, dict[int, asyncio.Task[None]]] = {
+            runner.kind: {} for runner in self._runners
+        }
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -95,7 +106,7 @@ class BackgroundWorker:
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        tasks = [task for tasks in self._in_flight.values() for task in tasks]
+        tasks = [task for tasks in self._in_flight.values() for task in tasks.values()]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=self._grace_seconds)
             for task in pending:
@@ -127,29 +138,54 @@ class BackgroundWorker:
             free = runner.concurrency - len(self._in_flight[runner.kind])
             if free <= 0 or self._closing or not await runner.ready():
                 continue
+            running = self._in_flight[runner.kind]
             claimed = await self._queue.claim(
                 runner.kind,
                 owner=self.lease_owner,
                 limit=free,
                 lease_seconds=self._lease_seconds,
                 now=self._wall_clock(),
+                running=running.keys(),
             )
             for job in claimed:
                 task = asyncio.get_running_loop().create_task(
-                    self._run_job(runner, job), name=f"job {job.kind}"
+                    self._run_job(runner, job), name=f"job {job.kind} {job.id}"
                 )
-                self._in_flight[runner.kind].add(task)
-                task.add_done_callback(self._in_flight[runner.kind].discard)
+                running[job.id] = task
+                task.add_done_callback(functools.partial(_forget, running, job.id))
 
     async def _run_job(self, runner: JobRunner, job: ClaimedJob) -> None:
         try:
             await runner.run(job, lease_owner=self.lease_owner)
         except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self._queue.release(job, owner=self.lease_owner, now=self._wall_clock())
             raise
         except Exception as exc:
-            # The job stays leased to us; once the lease lapses, it is claimed again (by anyone).
-            self._logger.warning(
-                "background_job_failed", kind=job.kind, job_id=job.id, reason=type(exc).__name__
-            )
+            reason = type(exc).__name__
+            self._logger.warning("background_job_failed", kind=job.kind, job_id=job.id, reason=reason)
+            with contextlib.suppress(Exception):  # the store may be what failed: the lease then lapses
+                await self._give_back(job, reason)
         finally:
-            self._wakeup.set()
+            # Claim again once half the budget is free, not after every job: one claim then takes
+            # several rows instead of a transaction per row. (This job is still counted here.)
+            if len(self._in_flight[job.kind]) <= runner.concurrency // 2 + 1:
+                self._wakeup.set()
+
+    async def _give_back(self, job: ClaimedJob, reason: str) -> None:
+        now = self._wall_clock()
+        dead = job.attempts >= MAX_ATTEMPTS
+        async with self._queue.begin() as connection:
+            await self._queue.settle(
+                connection,
+                job,
+                owner=self.lease_owner,
+                state="dead" if dead else "queued",
+                now=now,
+                due_at=None if dead else now + self._lease_seconds,
+                error=f"the {job.kind} runner failed: {reason}",
+            )
+
+
+def _forget(running: dict[int, asyncio.Task[None]], job_id: int, _task: asyncio.Task[None]) -> None:
+    running.pop(job_id, None)

@@ -184,21 +184,30 @@ def _print_table(events: Sequence[StoredEvent], disabled_at: float | None, *, fa
 def cmd_webhooks_resend(args: argparse.Namespace) -> int:
     settings = Settings.load()
 
-    async def run() -> tuple[StoredEvent | None, float | None]:
+    async def run() -> tuple[StoredEvent | None, bool, float | None]:
         from liveness_proxy.cli.audit import current_schema_database
         from liveness_proxy.store import JobQueue, WebhookOutbox
 
         async with current_schema_database(settings) as engine:
             outbox = WebhookOutbox(engine)
             event = await outbox.event(args.event_id)
-            if event is None or not await JobQueue(engine).requeue("deliver", args.event_id, now=time.time()):
-                return None, None
-            return event, await outbox.endpoint_disabled_at()
+            if event is None:
+                return None, False, None
+            if not await JobQueue(engine).requeue("deliver", args.event_id, now=time.time()):
+                return event, False, None
+            return event, True, await outbox.endpoint_disabled_at()
 
-    event, disabled_at = asyncio.run(run())
+    event, requeued, disabled_at = asyncio.run(run())
     if event is None:
         print(
             f"no webhook event with id {args.event_id!r} (see `liveness-proxy webhooks list`)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if not requeued:
+        # A process holds its lease: an attempt is under way, and a second one beside it would race.
+        print(
+            f"{event.event_id} is being attempted right now; try again when that attempt has ended",
             file=sys.stderr,
         )
         return EXIT_FAILURE

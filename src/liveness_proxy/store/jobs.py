@@ -23,7 +23,7 @@ was taken over cannot overwrite the new owner's outcome.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,17 +78,27 @@ class JobQueue:
         self._skip_locked = engine.dialect.name == "postgresql"
 
     async def claim(
-        self, kind: JobKind, *, owner: str, limit: int, lease_seconds: float, now: float
+        self,
+        kind: JobKind,
+        *,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        now: float,
+        running: Collection[int] = (),
     ) -> list[ClaimedJob]:
-        """Up to `limit` due jobs of `kind`, leased to `owner` until now + lease_seconds."""
+        """Up to `limit` due jobs of `kind`, leased to `owner` until now + lease_seconds. `running`:
+        the ids this process still runs, never claimed again by it even if their lease lapsed."""
         if limit <= 0:
             return []
-        claimable = (
+        claimable = [
             jobs.c.state == "queued",
             jobs.c.kind == kind,
             jobs.c.due_at <= now,
             or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now),
-        )
+        ]
+        if running:
+            claimable.append(jobs.c.id.not_in(list(running)))
         # A read first: most passes find nothing due, and on SQLite even an UPDATE that changes
         # nothing takes the database's write lock, which the audit writer is waiting for.
         async with self._engine.connect() as connection:
@@ -129,7 +139,9 @@ class JobQueue:
     ) -> bool:
         """Ends this claim in the caller's transaction: `done`, `dead`, or `queued` again at `due_at`
         (a retry). `count_attempt=False` gives the attempt back (the work was put back, not tried).
-        False when the lease was lost to another process meanwhile: its outcome stands."""
+        False when this claim is no longer the job's current one (its lease lapsed and the job was
+        claimed again, by another process or by this one): the newer claim's outcome stands. The
+        claim is identified by its owner and its attempt number, which every claim increments."""
         values: dict[str, Any] = {"state": state, "lease_owner": None, "lease_until": None, "updated_at": now}
         if due_at is not None:
             values["due_at"] = due_at
@@ -139,10 +151,30 @@ class JobQueue:
             values["attempts"] = jobs.c.attempts - 1
         result = await connection.execute(
             update(jobs)
-            .where(jobs.c.id == job.id, jobs.c.lease_owner == owner, jobs.c.state == "queued")
+            .where(
+                jobs.c.id == job.id,
+                jobs.c.lease_owner == owner,
+                jobs.c.attempts == job.attempts,
+                jobs.c.state == "queued",
+            )
             .values(**values)
         )
         return bool(result.rowcount)
+
+    async def release(self, job: ClaimedJob, *, owner: str, now: float) -> None:
+        """Gives up this claim at once (a shutdown cut it short), so that any process may claim the
+        job again without waiting for the lease; the attempt stays counted (it may have happened)."""
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job.id,
+                    jobs.c.lease_owner == owner,
+                    jobs.c.attempts == job.attempts,
+                    jobs.c.state == "queued",
+                )
+                .values(lease_owner=None, lease_until=None, updated_at=now)
+            )
 
     def begin(self) -> Any:
         """A transaction on the queue's engine (for a settle that commits with other writes)."""
@@ -150,11 +182,16 @@ class JobQueue:
 
     async def requeue(self, kind: JobKind, ref: str, *, now: float) -> bool:
         """Puts a job back in the queue, due now, with its attempts reset (an operator's resend of a
-        dead letter, or of one already delivered). False when there is no such job."""
+        dead letter, or of one already delivered). False when there is no such job, or when a
+        process holds its lease right now (it is being run: a second run beside it would race)."""
         async with self._engine.begin() as connection:
             result = await connection.execute(
                 update(jobs)
-                .where(jobs.c.kind == kind, jobs.c.ref == ref)
+                .where(
+                    jobs.c.kind == kind,
+                    jobs.c.ref == ref,
+                    or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now),
+                )
                 .values(
                     state="queued",
                     due_at=now,

@@ -336,6 +336,12 @@ async def running_service(
             wall_clock=wall_clock,
             logger=logger,
             on_pass=sample_backlog,
+            # Long enough for a delivery in flight to end, within the operator's shutdown budget: a
+            # cut one is released at once, but it may then arrive twice (same webhook-id).
+            grace_seconds=min(
+                settings.liveness_proxy_shutdown_timeout_seconds,
+                settings.liveness_proxy_webhook_timeout_seconds,
+            ),
         )
         # Last in, so first out: the worker stops before the store and the transports it uses close.
         background.start()
