@@ -21,7 +21,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # nosec B105: the format's prefix, not a secret
 _MIN_SECRET_BYTES = 24
 _MAX_SECRET_BYTES = 64
 

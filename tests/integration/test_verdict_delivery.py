@@ -65,9 +65,11 @@ def test_a_verdict_nobody_reads_reaches_the_backend_signed(make_proxy: MakeProxy
         metrics = proxy.runtime.metrics
         # The backlog gauges are sampled every few passes: wait for a sample taken after the delivery.
         wait_until(
-            lambda: value(metrics, "liveness_proxy_jobs", kind="deliver", state="queued")
-            + value(metrics, "liveness_proxy_jobs", kind="finalize", state="queued")
-            == 0
+            lambda: (
+                value(metrics, "liveness_proxy_jobs", kind="deliver", state="queued")
+                + value(metrics, "liveness_proxy_jobs", kind="finalize", state="queued")
+                == 0
+            )
         )
         observed = {
             "terminal": value(metrics, "liveness_proxy_finalizer_polls_total", outcome="terminal"),
