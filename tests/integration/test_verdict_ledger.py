@@ -134,3 +134,48 @@ async def test_without_a_webhook_endpoint_no_event_is_written(database_url: str)
     assert events == []
     assert job_rows == []  # not followed (finalizer off): no follow-up either
     assert [row["action"] for row in chain] == ["verdict.record"]
+
+
+async def test_within_one_group_commit_the_first_verdict_of_a_session_wins(database_url: str) -> None:
+    """One ledger, many verdicts at once: they share a transaction (group commit), in which the
+    first claim on a session wins and the others read it back; other sessions are unaffected."""
+    engine = create_engine(database_url)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine, first_followup_seconds=3.0)
+        owners = [SessionOwner(f"s-{index}", "dora", "key:4", 100.0, f"r-{index}") for index in range(3)]
+        for owner in owners:
+            await ownership.bind(owner, owner.request_id)
+        ledger = VerdictLedger(
+            engine,
+            SessionOwnership(engine),
+            events=VerdictEvents(pass_threshold=None),
+            wall_clock=lambda: 200.0,
+        )
+        contested = owners[0]
+        results = await asyncio.gather(
+            *(
+                ledger.record(
+                    contested, SessionVerdict("FAILED", float(index), 200.0, f"q-{index}"), read_by="request"
+                )
+                for index in range(6)
+            ),
+            *(
+                ledger.record(owner, SessionVerdict("SUCCEEDED", 99.0, 200.0, "q-x"), read_by="finalizer")
+                for owner in owners[1:]
+            ),
+        )
+        await ledger.close()
+        await ownership.close()
+        chain = [row for row in await _rows(engine, audit_records) if row["action"] == "verdict.record"]
+        events = await _rows(engine, webhook_events)
+        followups = {
+            row["ref"]: row["state"] for row in await _rows(engine, jobs) if row["kind"] == "finalize"
+        }
+    finally:
+        await engine.dispose()
+    assert {result.verdict for result in results[:6]} == {SessionVerdict("FAILED", 0.0, 200.0, "q-0")}
+    assert [result.verdict.status for result in results[6:] if result.verdict] == ["SUCCEEDED", "SUCCEEDED"]
+    assert sorted(row["session_id"] for row in chain) == ["s-0", "s-1", "s-2"]
+    assert sorted(row["session_id"] for row in events) == ["s-0", "s-1", "s-2"]
+    assert followups == {"s-0": "done", "s-1": "done", "s-2": "done"}

@@ -41,17 +41,20 @@ class StoredEvent:
     delivered_at: float | None
 
 
+def event_values(event: OutboxEvent, *, now: float) -> dict[str, Any]:
+    """The columns of an outbox row, for an INSERT in the caller's transaction."""
+    return {
+        "event_id": event.event_id,
+        "type": event.type,
+        "session_id": event.session_id,
+        "body": event.body.decode(),
+        "created_at": now,
+    }
+
+
 async def add_event(connection: AsyncConnection, event: OutboxEvent, *, now: float) -> None:
     """Writes the event and its delivery job, due now, in the caller's transaction."""
-    await connection.execute(
-        insert(webhook_events).values(
-            event_id=event.event_id,
-            type=event.type,
-            session_id=event.session_id,
-            body=event.body.decode(),
-            created_at=now,
-        )
-    )
+    await connection.execute(insert(webhook_events).values(event_values(event, now=now)))
     await connection.execute(
         insert(jobs).values(enqueue_values("deliver", event.event_id, due_at=now, now=now))
     )

@@ -169,6 +169,10 @@ class SessionOwnership:
         self._remember(owner)
         return owner
 
+    def remember(self, owner: SessionOwner) -> None:
+        """Caches what this process just wrote (the verdict ledger's winner)."""
+        self._remember(owner)
+
     def forget(self, session_id: str) -> None:
         """Drops the cached binding (its verdict or state changed)."""
         self._cache.pop(session_id, None)

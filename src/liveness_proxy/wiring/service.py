@@ -277,6 +277,7 @@ async def running_service(
             else None,
             wall_clock=wall_clock,
         )
+        opened.push_async_callback(verdicts.close)
         outbox = WebhookOutbox(engine)
         queue = JobQueue(engine)
         runners: list[JobRunner] = []
