@@ -30,6 +30,7 @@ from liveness_proxy.delivery import VerdictEvents
 from liveness_proxy.store import (
     AuditLog,
     AuditRecord,
+    DeliveryRecorder,
     JobQueue,
     SessionOwner,
     SessionOwnership,
@@ -143,11 +144,12 @@ async def _seed_dead_letter(database_url: str) -> str:
             engine, ownership, events=VerdictEvents(pass_threshold=None), wall_clock=lambda: NOW - 60
         )
         await ledger.record(owner, SessionVerdict("SUCCEEDED", 97.5, NOW - 60, "req-1"), read_by="request")
+        await ledger.close()
         await ownership.close()
-        queue, outbox = JobQueue(engine), WebhookOutbox(engine)
+        queue, outbox, recorder = JobQueue(engine), WebhookOutbox(engine), DeliveryRecorder(engine)
         for retry_at in (NOW - 30, None):  # a retry, then no more: the dead letter
             [job] = await queue.claim("deliver", owner="worker-1", limit=1, lease_seconds=60, now=NOW - 30)
-            assert await outbox.settle_attempt(
+            assert await recorder.settle_attempt(
                 job,
                 owner="worker-1",
                 now=NOW - 30,
@@ -157,6 +159,7 @@ async def _seed_dead_letter(database_url: str) -> str:
                 retry_at=retry_at,
                 session_id="s-1",
             )
+        await recorder.close()
         [event] = await outbox.events()
         return event.event_id
     finally:

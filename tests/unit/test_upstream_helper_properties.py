@@ -17,9 +17,8 @@ from liveness_proxy.api.bodies import encode_upstream
 from liveness_proxy.errors import (
     UpstreamMalformed,
 )
+from liveness_proxy.http.retry_after import MAX_RETRY_AFTER_SECONDS, parse_retry_after
 from liveness_proxy.upstream.answers import (
-    MAX_RETRY_AFTER_SECONDS,
-    parse_retry_after,
     parse_seconds,
     upstream_error_code,
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from liveness_proxy.upstream.answers import parse_retry_after
+from liveness_proxy.http.retry_after import parse_retry_after
 
 
 def test_retry_after_is_bounded_and_tolerant() -> None:

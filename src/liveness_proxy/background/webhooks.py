@@ -17,7 +17,7 @@ import structlog
 
 from liveness_proxy.delivery import WebhookSender
 from liveness_proxy.metrics import ProxyMetrics
-from liveness_proxy.store import ClaimedJob, WebhookOutbox
+from liveness_proxy.store import ClaimedJob, DeliveryRecorder, WebhookOutbox
 from liveness_proxy.store.jobs import JobKind
 
 _JITTER = 0.2  # each delay is drawn from ±20% around its value, so retries of many events spread out
@@ -44,6 +44,7 @@ class WebhookDeliveries:
         self,
         *,
         outbox: WebhookOutbox,
+        recorder: DeliveryRecorder,
         sender: WebhookSender,
         schedule: RetrySchedule,
         concurrency: int,
@@ -53,6 +54,7 @@ class WebhookDeliveries:
         draw: Callable[[], float] = random.random,
     ) -> None:
         self._outbox = outbox
+        self._recorder = recorder
         self._sender = sender
         self._schedule = schedule
         self.concurrency = concurrency
@@ -68,7 +70,7 @@ class WebhookDeliveries:
         event = await self._outbox.event(job.ref)
         now = self._wall_clock()
         if event is None:  # nothing to send (the event was erased): the job has no purpose left
-            await self._outbox.abandon(job, owner=lease_owner, now=now)
+            await self._recorder.abandon(job, owner=lease_owner, now=now)
             return
         outcome = await self._sender.attempt(event.event_id, event.body)
         now = self._wall_clock()
@@ -79,7 +81,7 @@ class WebhookDeliveries:
                 job.attempts, retry_after=outcome.retry_after, draw=self._draw
             )
             retry_at = None if delay is None else now + delay
-        settled = await self._outbox.settle_attempt(
+        settled = await self._recorder.settle_attempt(
             job,
             owner=lease_owner,
             now=now,

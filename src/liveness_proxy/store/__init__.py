@@ -11,6 +11,7 @@ from liveness_proxy.store.database import (
     ping,
     upgrade_database,
 )
+from liveness_proxy.store.deliveries import DeliveryRecorder
 from liveness_proxy.store.jobs import ClaimedJob, JobQueue
 from liveness_proxy.store.outbox import OutboxEvent, StoredEvent, WebhookOutbox
 from liveness_proxy.store.repositories import (
@@ -42,6 +43,7 @@ __all__ = [
     "ChainProblem",
     "ChainVerdict",
     "ClaimedJob",
+    "DeliveryRecorder",
     "JobQueue",
     "OutboxEvent",
     "PoolOptions",

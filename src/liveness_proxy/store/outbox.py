@@ -6,13 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from liveness_proxy.store.audit import ChainWriter
-from liveness_proxy.store.audit_chain import AuditRecord, column_values
-from liveness_proxy.store.jobs import ClaimedJob, JobQueue, enqueue_values
+from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.tables import WEBHOOK_ENDPOINT_ROW_ID, jobs, webhook_endpoint, webhook_events
 
 
@@ -63,89 +60,6 @@ async def add_event(connection: AsyncConnection, event: OutboxEvent, *, now: flo
 class WebhookOutbox:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._queue = JobQueue(engine)
-        self._chain = ChainWriter.build()
-
-    async def abandon(self, job: ClaimedJob, *, owner: str, now: float) -> None:
-        """Ends a delivery whose event no longer exists, without an attempt or a chain event."""
-        async with self._engine.begin() as connection:
-            await self._queue.settle(
-                connection,
-                job,
-                owner=owner,
-                state="done",
-                now=now,
-                error="event not found",
-                count_attempt=False,
-            )
-
-    async def settle_attempt(
-        self,
-        job: ClaimedJob,
-        *,
-        owner: str,
-        now: float,
-        result: str,
-        status: int | None,
-        error: str | None,
-        retry_at: float | None,
-        session_id: str | None,
-    ) -> bool:
-        """Records one attempt's result and what follows from it, in one transaction:
-        `delivered` ends the job; `gone` disables the endpoint and puts the job back without
-        counting the attempt; `failed` queues a retry at `retry_at`, or dead-letters the event when
-        `retry_at` is None. Delivery, dead letter and disabling are chain events. False when the
-        lease was lost meanwhile (another process owns the job now; its outcome stands)."""
-        action: str | None = None
-        async with self._engine.begin() as connection:
-            await mark_event_attempt(
-                connection, job.ref, status=status, delivered_at=now if result == "delivered" else None
-            )
-            if result == "delivered":
-                settled = await self._queue.settle(connection, job, owner=owner, state="done", now=now)
-                action = "webhook.delivered"
-            elif result == "gone":
-                settled = await self._queue.settle(
-                    connection,
-                    job,
-                    owner=owner,
-                    state="queued",
-                    now=now,
-                    due_at=now,
-                    error=error,
-                    count_attempt=False,
-                )
-                if await disable_endpoint(connection, now=now):
-                    action = "webhook.disabled"
-            elif retry_at is not None:
-                settled = await self._queue.settle(
-                    connection, job, owner=owner, state="queued", now=now, due_at=retry_at, error=error
-                )
-            else:
-                settled = await self._queue.settle(
-                    connection, job, owner=owner, state="dead", now=now, error=error
-                )
-                action = "webhook.dead_letter"
-            if not settled:
-                await connection.rollback()
-                return False
-            if action is not None:
-                detail = {"event_id": job.ref, "attempts": job.attempts, "status": status}
-                record = AuditRecord(
-                    occurred_at=now,
-                    request_id=job.ref,
-                    subject=None,
-                    credential_id=None,
-                    action=action,
-                    session_id=session_id,
-                    status=200,
-                    upstream_status=status,
-                    latency_ms=0.0,
-                    problem=None,
-                    detail=orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode(),
-                )
-                await self._chain.append(connection, [column_values(record)])
-        return True
 
     async def event(self, event_id: str) -> StoredEvent | None:
         rows = await self._events(webhook_events.c.event_id == event_id, limit=1)

@@ -34,6 +34,7 @@ from liveness_proxy.settings import Settings
 from liveness_proxy.store import (
     ApiKeyStore,
     AuditLog,
+    DeliveryRecorder,
     JobQueue,
     SessionOwnership,
     VerdictLedger,
@@ -306,9 +307,12 @@ async def running_service(
                 connect_timeout_seconds=min(settings.liveness_proxy_webhook_timeout_seconds, 10.0),
             )
             opened.push_async_callback(webhook_http.aclose)
+            recorder = DeliveryRecorder(engine)
+            opened.push_async_callback(recorder.close)
             runners.append(
                 WebhookDeliveries(
                     outbox=outbox,
+                    recorder=recorder,
                     sender=WebhookSender(
                         webhook_http,
                         webhook_url,
