@@ -63,6 +63,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # System events hash their `detail`: dropping the column would break `audit verify` for good.
+    system_events = op.get_bind().execute(
+        sa.text("SELECT count(*) FROM audit_records WHERE detail IS NOT NULL")
+    ).scalar_one()
+    if system_events:
+        raise RuntimeError(
+            f"cannot downgrade below 0005: {system_events} audit records are system events whose hash "
+            "covers `detail`; without the column the chain would no longer verify"
+        )
     op.drop_table("webhook_endpoint")
     op.drop_index("ix_webhook_events_session_id", table_name="webhook_events")
     op.drop_table("webhook_events")
