@@ -85,3 +85,41 @@ def test_jwt_without_issuer_or_audience_is_accepted_but_warned_about(
     warning = next(line for line in log.splitlines() if "jwt_claims_not_checked" in line)
     assert "LIVENESS_PROXY_JWT_ISSUER" in warning
     assert "LIVENESS_PROXY_JWT_AUDIENCE" in warning
+
+
+def test_the_reference_comes_from_the_jwt_claim_never_from_the_body(
+    make_proxy: MakeProxy, identity_provider: tuple[str, JwksEndpoint], signing_key: rsa.RSAPrivateKey
+) -> None:
+    jwks_url, _endpoint = identity_provider
+    settings = {
+        "LIVENESS_PROXY_JWT_JWKS_URL": jwks_url,
+        "LIVENESS_PROXY_JWT_ISSUER": ISSUER,
+        "LIVENESS_PROXY_JWT_AUDIENCE": AUDIENCE,
+        "LIVENESS_PROXY_JWT_REFERENCE_CLAIM": "application_id",
+    }
+    dana = {"Authorization": f"Bearer {sign(signing_key, sub='dana', application_id='loan-42')}"}
+    no_claim = {"Authorization": f"Bearer {sign(signing_key, sub='erin')}"}
+    unusable = {"Authorization": f"Bearer {sign(signing_key, sub='finn', application_id=['a', 'b'])}"}
+    admin = {"Authorization": f"Bearer {sign(signing_key, sub='ops-bot', scope='liveness:admin')}"}
+    with make_proxy(proxy_overrides=settings) as proxy, proxy.client() as client:
+
+        def create(headers: dict[str, str]) -> str:
+            token = client.post(SESSION_TOKEN, headers=headers).json()["session_token"]
+            # A body that tries to set the reference is forwarded upstream, never believed.
+            body = {"session_token": token, "reference": "forged-by-the-frontend"}
+            created = client.post("/v1/liveness/sessions", headers=headers, json=body)
+            assert created.status_code == 201, created.text
+            return str(created.json()["session_id"])
+
+        with_reference, without = create(dana), create(no_claim)
+        records = {
+            session_id: client.get(f"/v1/liveness/sessions/{session_id}", headers=admin).json()
+            for session_id in (with_reference, without)
+        }
+        listed = client.get("/v1/liveness/sessions", params={"reference": "loan-42"}, headers=admin).json()
+        refused = client.post(SESSION_TOKEN, headers=unusable)
+    assert records[with_reference]["reference"] == "loan-42"
+    assert records[without]["reference"] is None
+    assert [session["session_id"] for session in listed["sessions"]] == [with_reference]
+    assert refused.status_code == 401
+    assert refused.json()["detail"] == "The token's reference claim is not usable."
