@@ -193,7 +193,8 @@ class Settings(BaseSettings):
     liveness_proxy_webhook_concurrency: int = Field(default=8, ge=1, le=1000)
 
     # --- Background work (finalizer follow-ups, webhook deliveries): rows claimed with a lease ----
-    liveness_proxy_worker_lease_seconds: float = Field(default=60.0, ge=1, le=3600)
+    # Unset: twice the longest job, and at least 60 s (`worker_lease_seconds`).
+    liveness_proxy_worker_lease_seconds: float | None = Field(default=None, ge=1, le=3600)
     liveness_proxy_worker_interval_seconds: float = Field(default=1.0, gt=0, le=60)
 
     # --- Metrics -------------------------------------------------------------------------------
@@ -398,11 +399,9 @@ class Settings(BaseSettings):
     def _check_lease_outlasts_a_job(self) -> Settings:
         # Leases are not renewed: a job that can run longer than its lease would be claimed again
         # while it still runs, and a webhook would go out twice without any crash.
-        longest = max(
-            self.liveness_proxy_webhook_timeout_seconds,
-            self.cynopsis_timeout_seconds + self.cynopsis_token_timeout_seconds,
-        )
-        if self.liveness_proxy_worker_lease_seconds <= longest:
+        longest = self._longest_job_seconds
+        lease = self.liveness_proxy_worker_lease_seconds
+        if lease is not None and lease <= longest:
             raise ValueError(
                 "LIVENESS_PROXY_WORKER_LEASE_SECONDS: must be longer than the longest job it covers "
                 f"({longest:g} s: LIVENESS_PROXY_WEBHOOK_TIMEOUT_SECONDS, or CYNOPSIS_TIMEOUT_SECONDS plus "
@@ -447,6 +446,22 @@ class Settings(BaseSettings):
         return self
 
     # -- derived values ---------------------------------------------------------------------------
+
+    @property
+    def _longest_job_seconds(self) -> float:
+        """The longest a background job can take: a webhook attempt, or a finalizer read that may
+        first wait for an access token."""
+        return max(
+            self.liveness_proxy_webhook_timeout_seconds,
+            self.cynopsis_timeout_seconds + self.cynopsis_token_timeout_seconds,
+        )
+
+    @property
+    def worker_lease_seconds(self) -> float:
+        """The lease of a claimed job: as set, or twice the longest job and at least 60 s."""
+        if self.liveness_proxy_worker_lease_seconds is not None:
+            return self.liveness_proxy_worker_lease_seconds
+        return max(60.0, 2 * self._longest_job_seconds)
 
     @property
     def database_url(self) -> str:

@@ -250,7 +250,10 @@ def test_finalizer_settings() -> None:
         settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": ""})
 
 
-def test_a_lease_shorter_than_a_job_is_refused() -> None:
+def test_a_lease_shorter_than_a_job_is_refused_and_the_default_follows_the_timeouts() -> None:
+    assert settings_from_mapping(REQUIRED).worker_lease_seconds == 60
+    slow = settings_from_mapping({**REQUIRED, "CYNOPSIS_TIMEOUT_SECONDS": 60})
+    assert slow.worker_lease_seconds == 130  # 2 x (60 s call + 5 s token)
     with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_WORKER_LEASE_SECONDS: must be longer"):
         settings_from_mapping({**REQUIRED, "LIVENESS_PROXY_WORKER_LEASE_SECONDS": 10})  # webhook: 15 s
     with pytest.raises(ConfigurationError, match=r"longest job it covers \(6 s"):

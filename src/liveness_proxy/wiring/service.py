@@ -336,7 +336,7 @@ async def running_service(
         background = BackgroundWorker(
             queue,
             runners,
-            lease_seconds=settings.liveness_proxy_worker_lease_seconds,
+            lease_seconds=settings.worker_lease_seconds,
             interval_seconds=settings.liveness_proxy_worker_interval_seconds,
             wall_clock=wall_clock,
             logger=logger,

@@ -64,9 +64,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # System events hash their `detail`: dropping the column would break `audit verify` for good.
-    system_events = op.get_bind().execute(
-        sa.text("SELECT count(*) FROM audit_records WHERE detail IS NOT NULL")
-    ).scalar_one()
+    system_events = (
+        op.get_bind()
+        .execute(sa.text("SELECT count(*) FROM audit_records WHERE detail IS NOT NULL"))
+        .scalar_one()
+    )
     if system_events:
         raise RuntimeError(
             f"cannot downgrade below 0005: {system_events} audit records are system events whose hash "
