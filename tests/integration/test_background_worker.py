@@ -130,3 +130,53 @@ async def test_shutdown_hands_an_unfinished_job_back_at_once(tmp_path: Path) -> 
     assert (released["lease_owner"], released["lease_until"], released["state"]) == (None, None, "queued")
     assert released["attempts"] == 1  # the cut attempt may have happened: it stays counted
     assert [job.attempts for job in again] == [2]
+
+
+async def test_jobs_that_end_together_are_followed_by_the_next_claim_at_once(tmp_path: Path) -> None:
+    """A group commit answers a whole batch of jobs in one event-loop step. The worker must still
+    see their budget free and claim again, not sleep until its timer (10 s here)."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
+    await upgrade_database(engine)
+    async with engine.begin() as connection:
+        await connection.execute(
+            insert(jobs),
+            [enqueue_values("deliver", f"e-{index}", due_at=0.0, now=0.0) for index in range(12)],
+        )
+    queue = JobQueue(engine)
+
+    class TogetherRunner(Runner):
+        concurrency = 4
+
+        def __init__(self) -> None:
+            super().__init__(queue)
+            self.gate: asyncio.Future[None] | None = None
+
+        async def run(self, job: ClaimedJob, *, lease_owner: str) -> None:
+            if self.gate is None or self.gate.done():
+                self.gate = asyncio.get_running_loop().create_future()
+            gate = self.gate
+            self.runs.append(job.id)
+            if len(self.runs) % self.concurrency == 0:
+                gate.set_result(None)  # the batch is complete: all four end in the same step
+            await gate
+            async with queue.begin() as connection:
+                await queue.settle(connection, job, owner=lease_owner, state="done", now=time.time())
+
+    runner = TogetherRunner()
+    worker = BackgroundWorker(
+        queue,
+        [runner],
+        lease_seconds=60,
+        interval_seconds=10,
+        wall_clock=time.time,
+        logger=structlog.get_logger(),
+    )
+    try:
+        started = time.monotonic()
+        worker.start()
+        while len(runner.runs) < 12:
+            assert time.monotonic() - started < 5, f"only {len(runner.runs)} of 12 jobs ran: the worker slept"
+            await asyncio.sleep(0.01)
+        await worker.close()
+    finally:
+        await engine.dispose()

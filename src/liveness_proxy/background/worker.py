@@ -167,10 +167,10 @@ class BackgroundWorker:
             with contextlib.suppress(Exception):  # the store may be what failed: the lease then lapses
                 await self._give_back(job, reason)
         finally:
-            # Claim again once half the budget is free, not after every job: one claim then takes
-            # several rows instead of a transaction per row. (This job is still counted here.)
-            if len(self._in_flight[job.kind]) <= runner.concurrency // 2 + 1:
-                self._wakeup.set()
+            # Out of the count here, not only in the done callback: jobs that end together (one
+            # group commit answers them all) run their callbacks only after every `finally`.
+            self._in_flight[job.kind].pop(job.id, None)
+            self._wakeup.set()  # a slot is free: claim again now, not at the next timer tick
 
     async def _give_back(self, job: ClaimedJob, reason: str) -> None:
         now = self._wall_clock()
