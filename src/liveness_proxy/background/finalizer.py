@@ -24,7 +24,7 @@ import structlog
 
 from liveness_proxy.errors import ProblemError
 from liveness_proxy.metrics import ProxyMetrics
-from liveness_proxy.store import ClaimedJob, JobQueue, SessionOwnership, VerdictLedger
+from liveness_proxy.store import ClaimedJob, JobQueue, SessionOwnership, SessionVerdict, VerdictLedger
 from liveness_proxy.store.jobs import JobKind, JobState
 from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.upstream import CynopsisClient
@@ -81,13 +81,8 @@ class Finalizer:
         return True
 
     async def run(self, job: ClaimedJob, *, lease_owner: str) -> None:
-        binding = await self._ownership.owner_of(job.ref, fresh=True)
-        if binding is None or binding.verdict is not None:
-            # The binding is gone, or a caller's read recorded the verdict after this was claimed.
-            if binding is not None:
-                self._metrics.finalizer_ended("already_final")
-            await self._settle(job, lease_owner, state="done")
-            return
+        # The binding is read only when an outcome is to be recorded: most reads find the session
+        # still pending, and the job itself knows when the session was created.
         request_id = "fin-" + secrets.token_hex(12)
         try:
             answer = await self._cynopsis.get_result(job.ref, request_id)
@@ -100,21 +95,32 @@ class Finalizer:
             verdict = verdict_of(answer.payload, recorded_at=self._wall_clock(), request_id=request_id)
             if verdict is not None:
                 self._metrics.finalizer_polled("terminal")
-                stored = await self._ledger.record(binding, verdict, read_by="finalizer")
-                self._metrics.finalizer_ended("final")
-                if stored.verdict is not None and stored.verdict.request_id != request_id:
-                    self._logger.info("finalizer_verdict_already_recorded", session_id=job.ref)
-                return  # the ledger ended the job in the verdict's transaction
+                await self._record(job, lease_owner, verdict)
+                return
             self._metrics.finalizer_polled("pending")
-        now = self._wall_clock()
-        due = self._schedule.next_read(binding.created_at, now)
+        due = self._schedule.next_read(job.created_at, self._wall_clock())
         if due is not None:
             await self._settle(job, lease_owner, state="queued", due_at=due)
             return
-        if await self._ledger.mark_unresolved(binding, request_id=request_id):
+        binding = await self._ownership.owner_of(job.ref, fresh=True)
+        if binding is not None and await self._ledger.mark_unresolved(binding, request_id=request_id):
             self._metrics.finalizer_ended("unresolved")
             self._logger.info("finalizer_unresolved", session_id=job.ref, reads=job.attempts)
         await self._settle(job, lease_owner, state="done")
+
+    async def _record(self, job: ClaimedJob, lease_owner: str, verdict: SessionVerdict) -> None:
+        binding = await self._ownership.owner_of(job.ref, fresh=True)
+        if binding is None or binding.verdict is not None:
+            # The binding is gone, or a caller's read recorded the verdict after this was claimed
+            # (its transaction ended the job already; this settle is then a no-op).
+            if binding is not None:
+                self._metrics.finalizer_ended("already_final")
+            await self._settle(job, lease_owner, state="done")
+            return
+        stored = await self._ledger.record(binding, verdict, read_by="finalizer")
+        # The ledger ended the job in the verdict's transaction, whoever's verdict stands.
+        won = stored.verdict is not None and stored.verdict.request_id == verdict.request_id
+        self._metrics.finalizer_ended("final" if won else "already_final")
 
     async def _settle(
         self, job: ClaimedJob, lease_owner: str, *, state: JobState, due_at: float | None = None

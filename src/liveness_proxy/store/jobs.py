@@ -44,7 +44,7 @@ class ClaimedJob:
     ref: str
     attempts: int  # including this one
     due_at: float
-    created_at: float
+    created_at: float  # for a follow-up: when its session was created (the schedule counts from it)
 
 
 def enqueue_values(kind: JobKind, ref: str, *, due_at: float, now: float) -> dict[str, Any]:
