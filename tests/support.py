@@ -13,10 +13,10 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -37,6 +37,8 @@ CLIENT_SECRET = "test-client-secret-s3cr3t-value"
 DOMAIN_ID = "test-domain"
 
 
+T = TypeVar("T")
+
 # What must never appear in any log line of the proxy (the whole suite's logs are scanned for these):
 # the client secret and pepper, sandbox access tokens (sbx_) and session tokens (sst_), API keys
 # with their secret part, JWTs, webhook secrets, and the base64 PNG signature that starts every
@@ -55,6 +57,15 @@ LEAK_PATTERNS = re.compile(
         )
     )
 )
+
+
+def wait_until(condition: Callable[[], T], *, timeout: float = 10.0) -> T:
+    """Polls `condition` until it returns something true, and returns that; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+    return value
 
 
 def find_leaks(text: str) -> list[str]:
@@ -352,6 +363,10 @@ class ProxyHarness:
 
     def upstream_paths(self) -> list[str]:
         return [record.raw_path for record in self.sandbox.request_log]
+
+    def result_reads(self, session_id: str) -> int:
+        """How often the sandbox was asked for this session's result (by callers or the finalizer)."""
+        return sum(path.endswith(f"/liveness_result/{session_id}") for path in self.upstream_paths())
 
     def create_session(self, client: httpx.Client, key: str | None = None) -> str:
         """Session token, then session, through the proxy; returns the bound session id."""

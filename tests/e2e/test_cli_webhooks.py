@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import itertools
 import json
 import os
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import orjson
 import pytest
 import standardwebhooks
 
+from integration.test_audit_chain import independent_hash
 from liveness_proxy.cli import main
 from liveness_proxy.delivery import VerdictEvents
 from liveness_proxy.store import (
@@ -92,35 +91,6 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.chdir(tmp_path)  # Settings.load reads ./.env: none here
     monkeypatch.setenv("LIVENESS_PROXY_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
     return Cli(capsys, monkeypatch)
-
-
-def _independent_hash(record: dict[str, Any]) -> str:
-    """store/audit_chain.py's documented encoding rebuilt from an exported record with the standard
-    library: the twelve members, plus `detail` when it is not null; floats as their IEEE-754 bits."""
-    names = [
-        "action",
-        "credential_id",
-        "latency_ms",
-        "occurred_at",
-        "prev_hash",
-        "problem",
-        "request_id",
-        "seq",
-        "session_id",
-        "status",
-        "subject",
-        "upstream_status",
-    ]
-    if record["detail"] is not None:
-        names.append("detail")
-    document = {
-        name: struct.pack(">d", record[name] + 0.0).hex()
-        if name in ("occurred_at", "latency_ms")
-        else record[name]
-        for name in names
-    }
-    encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(encoded.encode()).hexdigest()
 
 
 # -- state made by the store's own writers ----------------------------------------------------------
@@ -427,6 +397,6 @@ def test_audit_export_says_which_records_are_system_events_and_stays_rehashable(
     # `detail` is exported as the JSON string that was hashed, so anyone can recompute the chain.
     assert json.loads(records[2]["detail"]) == {"attempts": 2, "event_id": event_id, "status": 500}
     for record in records:
-        assert record["record_hash"] == _independent_hash(record)
+        assert record["record_hash"] == independent_hash(record)
     for earlier, later in itertools.pairwise(records):
         assert later["prev_hash"] == earlier["record_hash"]

@@ -8,7 +8,6 @@ import base64
 import contextlib
 import datetime as dt
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -22,7 +21,7 @@ from starlette.requests import HTTPConnection
 from liveness_proxy import ADMIN_SCOPE, Caller
 from liveness_proxy.sandbox import Fault
 from prepared import SQLITE_NAME, PreparedDatabases
-from support import Harness, LogScan, ProxyHarness
+from support import Harness, LogScan, ProxyHarness, wait_until
 from webhook_receiver import WebhookReceiver
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -107,18 +106,6 @@ def rfc3339(epoch_seconds: float, offset_hours: int) -> str:
     """The moment as RFC 3339 in another time zone than UTC: the offset must be honoured."""
     zone = dt.timezone(dt.timedelta(hours=offset_hours))
     return dt.datetime.fromtimestamp(epoch_seconds, zone).isoformat()
-
-
-def upstream_reads(proxy: ProxyHarness, session_id: str) -> int:
-    return sum(path.endswith(f"/liveness_result/{session_id}") for path in proxy.upstream_paths())
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 def test_the_list_filters_by_subject_reference_status_and_creation_time(
@@ -290,10 +277,10 @@ def test_refresh_records_a_verdict_nobody_read_and_a_second_refresh_reads_nothin
     pending = proxy.create_session(client)
     proxy.sandbox.complete_session(finished, live=True, confidence=91.5)
     before = client.get(f"{SESSIONS}/{finished}", headers=admin).json()
-    assert upstream_reads(proxy, finished) == 0  # without refresh, the record reads nothing upstream
+    assert proxy.result_reads(finished) == 0  # without refresh, the record reads nothing upstream
     refreshed = client.get(f"{SESSIONS}/{finished}?refresh=true", headers=admin)
     again = client.get(f"{SESSIONS}/{finished}", params={"refresh": "true"}, headers=admin)
-    reads_after_both = upstream_reads(proxy, finished)
+    reads_after_both = proxy.result_reads(finished)
     still_pending = client.get(f"{SESSIONS}/{pending}?refresh=true", headers=admin)
     not_refreshed = client.get(f"{SESSIONS}/{pending}?refresh=false", headers=admin)
     bad = [
@@ -317,7 +304,7 @@ def test_refresh_records_a_verdict_nobody_read_and_a_second_refresh_reads_nothin
     assert reads_after_both == 1, "a stored verdict is final: the second refresh must not read upstream"
     assert still_pending.status_code == 200
     assert still_pending.json()["verdict"] is None
-    assert upstream_reads(proxy, pending) == 2  # the pending refresh, and the one the fault failed
+    assert proxy.result_reads(pending) == 2  # the pending refresh, and the one the fault failed
     assert not_refreshed.status_code == 200
     for response in bad:
         assert response.status_code == 400, response.text

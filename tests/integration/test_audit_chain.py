@@ -7,6 +7,7 @@ Every test runs on SQLite and on PostgreSQL (a scratch database per test; see te
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -86,25 +87,29 @@ async def test_appends_form_a_contiguous_chain_that_verifies(engine: AsyncEngine
     assert verdict.head_hash == stored[-1]["record_hash"]
 
 
-def _independent_hash(row: dict[str, Any]) -> str:
-    """The documented encoding, rebuilt with the standard library only."""
+def independent_hash(row: dict[str, Any]) -> str:
+    """The documented encoding (store/audit_chain.py), rebuilt with the standard library only, from
+    a row or an exported record: the twelve members, plus `detail` when it is not null; floats as
+    their IEEE-754 bits."""
+    names = [
+        "action",
+        "credential_id",
+        "latency_ms",
+        "occurred_at",
+        "prev_hash",
+        "problem",
+        "request_id",
+        "seq",
+        "session_id",
+        "status",
+        "subject",
+        "upstream_status",
+    ]
+    if row.get("detail") is not None:
+        names.append("detail")
     floats = {"occurred_at", "latency_ms"}
     document = {
-        name: struct.pack(">d", row[name] + 0.0).hex() if name in floats else row[name]
-        for name in (
-            "action",
-            "credential_id",
-            "latency_ms",
-            "occurred_at",
-            "prev_hash",
-            "problem",
-            "request_id",
-            "seq",
-            "session_id",
-            "status",
-            "subject",
-            "upstream_status",
-        )
+        name: struct.pack(">d", row[name] + 0.0).hex() if name in floats else row[name] for name in names
     }
     encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(encoded.encode()).hexdigest()
@@ -114,11 +119,13 @@ async def test_record_hash_is_the_documented_canonical_encoding(engine: AsyncEng
     log = AuditLog(engine)
     await log.append(record(0, subject='ünï "cödé"\t\\', latency_ms=-0.0, upstream_status=None))
     await log.append(record(1, occurred_at=1e16, latency_ms=5))
+    await log.append(dataclasses.replace(record(2), action="verdict.record", detail='{"status":"FAILED"}'))
     await log.close()
     stored = await rows(engine)
     assert stored[0]["latency_ms"] == 0.0  # -0.0 is stored (and hashed) as 0.0 on both engines
+    assert stored[2]["detail"] == '{"status":"FAILED"}'
     for row in stored:
-        assert row["record_hash"] == _independent_hash(row)
+        assert row["record_hash"] == independent_hash(row)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import orjson
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
 from metric_samples import value
-from support import ProxyHarness, find_leaks
+from support import ProxyHarness, find_leaks, wait_until
 from webhook_receiver import WebhookReceiver
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -29,18 +29,6 @@ FAST = {
     "LIVENESS_PROXY_WORKER_INTERVAL_SECONDS": 0.05,
     "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": "0,0.2,0.2",
 }
-
-
-def result_reads(proxy: ProxyHarness, session_id: str) -> int:
-    return sum(path.endswith(f"/liveness_result/{session_id}") for path in proxy.upstream_paths())
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 def run(proxy: ProxyHarness, work: Callable[[Any], Any]) -> Any:
@@ -57,9 +45,9 @@ def test_a_verdict_nobody_reads_reaches_the_backend_signed(make_proxy: MakeProxy
             session_id = proxy.create_session(client)
         proxy.sandbox.complete_session(session_id, live=True, confidence=97.5)
         [delivery] = receiver.wait_for(1)
-        reads_at_delivery = result_reads(proxy, session_id)
+        reads_at_delivery = proxy.result_reads(session_id)
         time.sleep(1.0)  # past every remaining offset: a final session is not read again
-        reads_later = result_reads(proxy, session_id)
+        reads_later = proxy.result_reads(session_id)
         chain = [row for row in proxy.audit_rows() if row["action"] == "verdict.record"]
         verdict = run(proxy, lambda engine: AuditLog(engine).verify())
         metrics = proxy.runtime.metrics
@@ -117,7 +105,7 @@ def test_a_callers_terminal_read_ends_the_follow_up_at_once(make_proxy: MakeProx
             answer = client.get(f"/v1/liveness/sessions/{session_id}/result", headers=proxy.auth())
         [delivery] = receiver.wait_for(1)
         time.sleep(1.5)  # past both offsets
-        reads = result_reads(proxy, session_id)
+        reads = proxy.result_reads(session_id)
         chain = [row for row in proxy.audit_rows() if row["action"] == "verdict.record"]
     assert answer.json()["status"] == "FAILED"
     assert reads == 1, "the finalizer read a session a caller had already finalized"
@@ -232,7 +220,7 @@ def test_with_the_finalizer_off_nothing_is_followed(make_proxy: MakeProxy) -> No
             session_id = proxy.create_session(client)
         proxy.sandbox.complete_session(session_id, live=True, confidence=90.0)
         time.sleep(1.0)
-        assert result_reads(proxy, session_id) == 0
+        assert proxy.result_reads(session_id) == 0
         assert receiver.deliveries == []
         # A caller's read still records the verdict, and the webhook still goes out.
         with proxy.client() as client:
