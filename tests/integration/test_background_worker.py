@@ -127,7 +127,9 @@ async def test_shutdown_hands_an_unfinished_job_back_at_once(tmp_path: Path) -> 
     finally:
         await engine.dispose()
     assert leased["lease_owner"] == worker.lease_owner
-    assert (released["lease_owner"], released["lease_until"], released["state"]) == (None, None, "queued")
+    assert leased["lease_until"] > time.time() + 30
+    assert released["state"] == "queued"
+    assert released["lease_until"] <= time.time()  # lapsed now, not a minute from now
     assert released["attempts"] == 1  # the cut attempt may have happened: it stays counted
     assert [job.attempts for job in again] == [2]
 

@@ -179,3 +179,44 @@ async def test_within_one_group_commit_the_first_verdict_of_a_session_wins(datab
     assert sorted(row["session_id"] for row in chain) == ["s-0", "s-1", "s-2"]
     assert sorted(row["session_id"] for row in events) == ["s-0", "s-1", "s-2"]
     assert followups == {"s-0": "done", "s-1": "done", "s-2": "done"}
+
+
+async def test_two_writers_recording_the_same_sessions_in_opposite_orders_do_not_deadlock(
+    database_url: str,
+) -> None:
+    """A caller's reads on one replica and finalizer polls on another, over the same sessions in
+    opposite orders: batches lock the sessions in one order, so no transaction is aborted."""
+    engine = create_engine(database_url, pool_size=10)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine, first_followup_seconds=3.0)
+        owners = [SessionOwner(f"s-{index:03d}", "erin", "key:5", 100.0, f"r-{index}") for index in range(60)]
+        await asyncio.gather(*(ownership.bind(owner, owner.request_id) for owner in owners))
+        await ownership.close()
+        replica_a, replica_b = (
+            VerdictLedger(
+                engine,
+                SessionOwnership(engine),
+                events=VerdictEvents(pass_threshold=None),
+                wall_clock=lambda: 200.0,
+            )
+            for _ in range(2)
+        )
+        outcomes = await asyncio.gather(
+            *(
+                replica_a.record(owner, SessionVerdict("SUCCEEDED", 95.0, 200.0, "a"), read_by="request")
+                for owner in owners
+            ),
+            *(
+                replica_b.record(owner, SessionVerdict("FAILED", 5.0, 200.0, "b"), read_by="finalizer")
+                for owner in reversed(owners)
+            ),
+            return_exceptions=True,
+        )
+        await replica_a.close()
+        await replica_b.close()
+        chain = [row for row in await _rows(engine, audit_records) if row["action"] == "verdict.record"]
+    finally:
+        await engine.dispose()
+    assert [outcome for outcome in outcomes if isinstance(outcome, BaseException)] == []
+    assert len(chain) == 60, "one verdict event per session"

@@ -162,8 +162,10 @@ class JobQueue:
         return bool(result.rowcount)
 
     async def release(self, job: ClaimedJob, *, owner: str, now: float) -> None:
-        """Gives up this claim at once (a shutdown cut it short), so that any process may claim the
-        job again without waiting for the lease; the attempt stays counted (it may have happened)."""
+        """Ends this claim's lease now (a shutdown cut it short), so that any process may claim the
+        job again without waiting for it; the attempt stays counted (it may have happened). The
+        owner stays: a result this claim already handed to a group commit is still written if it
+        commits before another process claims the job (a delivered webhook stays delivered)."""
         async with self._engine.begin() as connection:
             await connection.execute(
                 update(jobs)
@@ -173,7 +175,7 @@ class JobQueue:
                     jobs.c.attempts == job.attempts,
                     jobs.c.state == "queued",
                 )
-                .values(lease_owner=None, lease_until=None, updated_at=now)
+                .values(lease_until=now, updated_at=now)
             )
 
     def begin(self) -> Any:

@@ -110,7 +110,10 @@ class VerdictLedger:
         events: list[OutboxEvent] = []
         followed_up: list[str] = []
         async with self._engine.begin() as connection:
-            for recording in batch:
+            # In session-id order: replicas that record verdicts of the same sessions then take
+            # the row locks in the same order, and cannot deadlock (the sort is stable, so within
+            # the batch the first claim on a session still wins).
+            for recording in sorted(batch, key=lambda recording: recording.owner.session_id):
                 owner, verdict = recording.owner, recording.verdict
                 # Within the batch too, the first claim on a session wins: a later UPDATE of the same
                 # transaction sees the first one's verdict and changes nothing.
@@ -151,15 +154,16 @@ class VerdictLedger:
                     insert(jobs),
                     [enqueue_values("deliver", event.event_id, due_at=now, now=now) for event in events],
                 )
-            if chain_rows:
-                await self._chain.append(connection, chain_rows)
             if followed_up:
-                # The follow-ups have nothing left to wait for: no further poll is made.
+                # The follow-ups have nothing left to wait for: no further poll is made. Before the
+                # chain append, so that the chain-head lock is held for the append alone.
                 await connection.execute(
                     update(jobs)
                     .where(jobs.c.kind == "finalize", jobs.c.ref.in_(followed_up), jobs.c.state == "queued")
                     .values(state="done", lease_owner=None, lease_until=None, updated_at=self._wall_clock())
                 )
+            if chain_rows:
+                await self._chain.append(connection, chain_rows)
         return [None] * len(batch)
 
     async def mark_unresolved(self, owner: SessionOwner, *, request_id: str) -> bool:
