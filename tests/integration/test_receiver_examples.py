@@ -22,7 +22,8 @@ from liveness_proxy.http import Http1Transport
 from liveness_proxy.webhook_signing import new_webhook_secret, parse_webhook_secrets
 from support import ServerThread
 
-GUIDE = Path(__file__).resolve().parents[2] / "docs" / "integration.md"
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = (ROOT / "docs" / "integration.md", ROOT / "README.md")
 BODY = event_body(
     "liveness.session.completed",
     time.time(),
@@ -39,10 +40,10 @@ BODY = event_body(
 )
 
 
-def example(language: str) -> str:
-    text = GUIDE.read_text(encoding="utf-8")
+def example(document: Path, language: str) -> str:
+    text = document.read_text(encoding="utf-8")
     match = re.search(rf"<!-- receiver:{language} -->\n```\w+\n(.*?)```", text, re.DOTALL)
-    assert match, f"no {language} receiver in docs/integration.md"
+    assert match, f"no {language} receiver in {document.name}"
     return match.group(1)
 
 
@@ -71,11 +72,12 @@ def exercise(url: str, secret: str) -> list[int | None]:
     ]
 
 
-def test_the_python_receiver_example(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_the_python_receiver_example(document: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = new_webhook_secret()
     monkeypatch.setenv("LIVENESS_WEBHOOK_SECRET", secret)
     namespace: dict[str, Any] = {}
-    exec(compile(example("python"), str(GUIDE), "exec"), namespace)  # noqa: S102 (our own docs)
+    exec(compile(example(document, "python"), str(document), "exec"), namespace)  # noqa: S102 (our own docs)
     server = ServerThread(namespace["app"], lifespan="off").start()
     try:
         answers = exercise(f"{server.url}/hooks/liveness", secret)
@@ -92,10 +94,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("node") is None and not os.environ.get("CI"), reason="no node binary")
-def test_the_node_receiver_example(tmp_path: Path) -> None:
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_the_node_receiver_example(document: Path, tmp_path: Path) -> None:
     secret = f"{new_webhook_secret()} {new_webhook_secret()}"  # a rotation: either key verifies
     script = tmp_path / "receiver.js"
-    script.write_text(example("node"))
+    script.write_text(example(document, "node"))
     port = _free_port()
     node = subprocess.Popen(
         ["node", str(script)],
