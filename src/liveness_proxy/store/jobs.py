@@ -23,11 +23,11 @@ was taken over cannot overwrite the new owner's outcome.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.store.tables import jobs
@@ -58,16 +58,6 @@ def enqueue_values(kind: JobKind, ref: str, *, due_at: float, now: float) -> dic
         "created_at": now,
         "updated_at": now,
     }
-
-
-async def finish_job(connection: AsyncConnection, kind: JobKind, ref: str, *, now: float) -> None:
-    """Marks the queued job of `ref` done, whoever holds its lease: the fact it waited for happened
-    (a caller read the verdict first), so nobody needs to run it again."""
-    await connection.execute(
-        update(jobs)
-        .where(jobs.c.kind == kind, jobs.c.ref == ref, jobs.c.state == "queued")
-        .values(state="done", lease_owner=None, lease_until=None, updated_at=now)
-    )
 
 
 class JobQueue:
@@ -218,15 +208,3 @@ class JobQueue:
                 )
             ).all()
         return {(str(kind), str(state)): int(count) for kind, state, count in rows}
-
-    async def next_due(self, kinds: Iterable[JobKind]) -> float | None:
-        """The earliest due time of a queued job of these kinds (for the worker's sleep)."""
-        async with self._engine.connect() as connection:
-            value = (
-                await connection.execute(
-                    select(func.min(jobs.c.due_at)).where(
-                        and_(jobs.c.state == "queued", jobs.c.kind.in_(list(kinds)))
-                    )
-                )
-            ).scalar_one_or_none()
-        return None if value is None else float(value)
