@@ -286,3 +286,19 @@ def test_a_finalizer_backlog_never_takes_the_callers_upstream_slots(make_proxy: 
             time.sleep(0.01)
     assert answer.status_code == 200, answer.text
     assert max(busy) <= 4
+
+
+def test_a_redirect_is_a_failed_attempt_never_followed(make_proxy: MakeProxy) -> None:
+    with WebhookReceiver() as receiver, make_proxy(proxy_overrides={**FAST, **receiver.settings()}) as proxy:
+        # Pointing back at the receiver itself: had the proxy followed it, a third POST would arrive.
+        receiver.script.append((307, {"Location": receiver.url + "?redirected=1"}))
+        with proxy.client() as client:
+            session_id = proxy.create_session(client)
+        proxy.sandbox.complete_session(session_id, live=True, confidence=90.0)
+        [delivery] = receiver.wait_for(1)
+        time.sleep(0.3)
+        answers = [attempt.answered for attempt in receiver.deliveries]
+        [event] = run(proxy, lambda engine: WebhookOutbox(engine).events())
+    assert answers == [307, 200]
+    assert (event.state, event.attempts, event.last_status) == ("done", 2, 200)
+    assert delivery.verified
