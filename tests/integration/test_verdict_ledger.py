@@ -220,3 +220,30 @@ async def test_two_writers_recording_the_same_sessions_in_opposite_orders_do_not
         await engine.dispose()
     assert [outcome for outcome in outcomes if isinstance(outcome, BaseException)] == []
     assert len(chain) == 60, "one verdict event per session"
+
+
+async def test_the_first_delivery_waits_the_first_entry_of_the_retry_schedule(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade_database(engine)
+        ownership = SessionOwnership(engine, first_followup_seconds=3.0)
+        done, given_up = (
+            SessionOwner(f"s-{name}", "gus", "key:6", 100.0, f"r-{name}") for name in ("v", "u")
+        )
+        for owner in (done, given_up):
+            await ownership.bind(owner, owner.request_id)
+        ledger = VerdictLedger(
+            engine,
+            ownership,
+            events=VerdictEvents(pass_threshold=None),
+            wall_clock=lambda: 900.0,
+            first_delivery_delay=30.0,
+        )
+        await ledger.record(done, SessionVerdict("SUCCEEDED", 99.0, 900.0, "q-1"), read_by="request")
+        await ledger.mark_unresolved(given_up, request_id="fin-1")
+        await ledger.close()
+        await ownership.close()
+        deliveries = [row["due_at"] for row in await _rows(engine, jobs) if row["kind"] == "deliver"]
+    finally:
+        await engine.dispose()
+    assert deliveries == [930.0, 930.0]

@@ -1,10 +1,11 @@
 """Webhook deliveries: one signed attempt per claim, retried on a schedule with jitter.
 
-The schedule lists delays in seconds after the previous attempt (the first entry: after the event
-was written). After as many failed attempts as the schedule has entries, the event is a dead letter
-(`liveness-proxy webhooks list --failed`, `webhooks resend`). `Retry-After` on 429/503 is honoured:
-the next attempt is no sooner than it says. `410 Gone` disables the endpoint: no delivery is
-claimed until `liveness-proxy webhooks enable`, and the events wait queued, not dead-lettered.
+The schedule lists delays in seconds after the previous attempt; its first entry is the wait after
+the event was written, which the verdict ledger applies when it queues the event. After as many
+failed attempts as the schedule has entries, the event is a dead letter (`liveness-proxy webhooks
+list --failed`, `webhooks resend`). `Retry-After` on 429/503 is honoured: the next attempt is no
+sooner than it says. `410 Gone` disables the endpoint: no delivery is claimed until
+`liveness-proxy webhooks enable`, and the events wait queued, not dead-lettered.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class RetrySchedule:
     def after_attempt(
         self, attempts: int, *, retry_after: float | None, draw: Callable[[], float]
     ) -> float | None:
-        """Seconds until the next attempt after `attempts` failed ones, or None: dead letter."""
+        """Seconds until the next attempt after `attempts` failed ones (so `delays[attempts]`; the
+        first entry was the wait before the first attempt), or None: dead letter."""
         if attempts >= len(self.delays):
             return None
         delay = self.delays[attempts] * (1 + _JITTER * (2 * draw() - 1))

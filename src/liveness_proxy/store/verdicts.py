@@ -63,10 +63,14 @@ class VerdictLedger:
         *,
         events: EventFactory | None,
         wall_clock: Callable[[], float],
+        first_delivery_delay: float = 0.0,
         batch_max: int = 256,
     ) -> None:
-        """`events`: None when no webhook endpoint is configured (nothing to announce to)."""
+        """`events`: None when no webhook endpoint is configured (nothing to announce to).
+        `first_delivery_delay`: seconds from an event to its first delivery attempt (the first entry
+        of the retry schedule)."""
         self._engine = engine
+        self._first_delivery_delay = first_delivery_delay
         self._ownership = ownership
         self._events = events
         self._wall_clock = wall_clock
@@ -152,7 +156,12 @@ class VerdictLedger:
                 )
                 await connection.execute(
                     insert(jobs),
-                    [enqueue_values("deliver", event.event_id, due_at=now, now=now) for event in events],
+                    [
+                        enqueue_values(
+                            "deliver", event.event_id, due_at=now + self._first_delivery_delay, now=now
+                        )
+                        for event in events
+                    ],
                 )
             if followed_up:
                 # The follow-ups have nothing left to wait for: no further poll is made. Before the
@@ -199,7 +208,7 @@ class VerdictLedger:
         if self._events is None:
             return None
         event = self._events(owner, verdict, now)
-        await add_event(connection, event, now=now)
+        await add_event(connection, event, now=now, due_at=now + self._first_delivery_delay)
         return event.event_id
 
     @staticmethod

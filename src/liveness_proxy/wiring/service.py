@@ -277,6 +277,7 @@ async def running_service(
             if webhook_url
             else None,
             wall_clock=wall_clock,
+            first_delivery_delay=settings.liveness_proxy_webhook_retry_schedule[0],
         )
         opened.push_async_callback(verdicts.close)
         outbox = WebhookOutbox(engine)
