@@ -25,7 +25,6 @@ from liveness_proxy.auth import ADMIN_SCOPE, Caller
 from liveness_proxy.errors import BadRequest, Forbidden, NotFound
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.store import SessionOwner, SessionQueries
-from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.wiring import RequestPolicy, Service
 
 Authenticate = Callable[[Request], Awaitable[Caller]]
@@ -81,12 +80,7 @@ class AdminHandlers:
         async with service.upstream_gate.slot():
             answer = await service.cynopsis.get_result(owner.session_id, request_id)
         audit.upstream_status = answer.status
-        verdict = verdict_of(answer.payload, recorded_at=service.wall_clock(), request_id=request_id)
-        if verdict is None:
-            return owner
-        stored = await service.verdicts.record(owner, verdict, read_by="request")
-        service.background.wake()  # the webhook is due now
-        return stored
+        return await service.record_read(owner, answer.payload, request_id)
 
     async def _admin(self, request: Request, audit: AuditContext) -> Caller:
         caller = audit.caller = await self._authenticate(request)

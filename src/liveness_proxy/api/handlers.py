@@ -7,8 +7,6 @@ record (`audit_policy.py`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,7 +19,6 @@ from liveness_proxy.errors import BadRequest, NotFound, UpstreamMalformed
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.privacy import derived_pass
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
-from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.wiring import RequestPolicy, Service
 
 
@@ -127,7 +124,7 @@ class LivenessHandlers:
         async with service.upstream_gate.slot():
             answer = await service.cynopsis.get_result(session_id, request_id)
         audit.upstream_status = answer.status
-        await self._record_verdict(owner, answer.payload, request_id)
+        await service.record_read(owner, answer.payload, request_id)
         payload, removed = service.biometrics.apply(answer.payload)
         if removed:
             payload["redacted_fields"] = removed
@@ -135,17 +132,6 @@ class LivenessHandlers:
         if threshold is not None:
             payload["passed"] = derived_pass(payload, threshold)
         return json_response(encode_upstream(payload, answer.status))
-
-    async def _record_verdict(self, owner: SessionOwner, payload: dict[str, Any], request_id: str) -> None:
-        """A terminal status read by a caller is the verdict, unless one is already recorded: the
-        finalizer then stops following the session, and the webhook goes out at once."""
-        if owner.verdict is not None:
-            return
-        service = self._service
-        verdict = verdict_of(payload, recorded_at=service.wall_clock(), request_id=request_id)
-        if verdict is not None:
-            await service.verdicts.record(owner, verdict, read_by="request")
-            service.background.wake()
 
     async def authenticate(self, request: Request) -> Caller:
         """Who calls (the admin routes authenticate through here too): the host's hook first in

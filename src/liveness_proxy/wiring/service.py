@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -36,6 +37,7 @@ from liveness_proxy.store import (
     AuditLog,
     DeliveryRecorder,
     JobQueue,
+    SessionOwner,
     SessionOwnership,
     VerdictLedger,
     WebhookOutbox,
@@ -43,6 +45,7 @@ from liveness_proxy.store import (
     ping,
     upgrade_database,
 )
+from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.upstream import (
     CynopsisClient,
     CynopsisEndpoints,
@@ -92,6 +95,21 @@ class Service:
     verdicts: VerdictLedger
     outbox: WebhookOutbox
     background: BackgroundWorker
+
+    async def record_read(
+        self, owner: SessionOwner, payload: dict[str, Any], request_id: str
+    ) -> SessionOwner:
+        """A caller's (or an admin's refresh) read of a session's result: a terminal status is the
+        verdict unless one is stored (the finalizer then stops following the session, and the
+        webhook goes out at once). Returns the binding with the verdict that stands."""
+        if owner.verdict is not None:
+            return owner
+        verdict = verdict_of(payload, recorded_at=self.wall_clock(), request_id=request_id)
+        if verdict is None:
+            return owner
+        stored = await self.verdicts.record(owner, verdict, read_by="request")
+        self.background.wake()
+        return stored
 
     async def ping_store(self) -> None:
         await ping(self.engine)
