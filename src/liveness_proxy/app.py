@@ -159,7 +159,14 @@ def create_app(
     metrics = ProxyMetrics()
     always: dict[str, Handler] = {
         "health": health,
-        "openapi": document_handler(orjson.dumps(build_openapi())),
+        "openapi": document_handler(
+            orjson.dumps(
+                build_openapi(
+                    extra_body_fields=policy.extra_body_fields,
+                    extra_response_fields=policy.extra_response_fields,
+                )
+            )
+        ),
         **{operation: client_file_handler(*file) for operation, file in CLIENT_FILES.items()},
     }
     if options.metrics_enabled:

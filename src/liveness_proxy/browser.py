@@ -24,8 +24,10 @@ _BASE_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 )
 CORS_ALLOWED_METHODS = ("GET", "POST")
-CORS_ALLOWED_HEADERS = frozenset({"authorization", "content-type", "x-api-key", "x-request-id"})
-CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After, Location, WWW-Authenticate"
+CORS_ALLOWED_HEADERS = frozenset(
+    {"authorization", "content-type", "idempotency-key", "x-api-key", "x-request-id"}
+)
+CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After, Location, WWW-Authenticate, Idempotent-Replayed"
 CORS_MAX_AGE_SECONDS = "600"
 
 
@@ -58,7 +60,7 @@ class CorsMiddleware:
     `preflight_response`, which sees the request headers but not the scope (no request id), so a
     subclass would override `__call__` and the whole preflight, inheriting only the ~15 lines that
     decorate actual answers. It would also allow the CORS-safelisted Accept, Accept-Language and
-    Content-Language beyond the four documented headers, and send Expose-Headers to foreign origins.
+    Content-Language beyond the five documented headers, and send Expose-Headers to foreign origins.
     """
 
     def __init__(self, app: ASGIApp, *, origins: Iterable[str]) -> None:

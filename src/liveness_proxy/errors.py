@@ -13,7 +13,10 @@ The tree:
         ├── MethodNotAllowed          405
         ├── PayloadTooLarge           413
         ├── UnsupportedMediaType      415
-        ├── UnprocessableContent      422  JSON that is not the expected shape
+        ├── Conflict                  409  (+ Retry-After) an idempotent create with this key is in flight
+        ├── UnprocessableContent      422  JSON that is not the declared shape (an unknown field, a bad type)
+        │   ├── SessionTokenInvalid   422  a session token that is unknown, foreign, used or expired
+        │   └── IdempotencyKeyReused  422  an Idempotency-Key already used with another body
         ├── RateLimited               429  (+ Retry-After; the body names the limit)
         ├── InternalError             500  a bug: the caller sees only the request id
         ├── ServiceUnavailable        503  (+ Retry-After) readiness, overload
@@ -130,6 +133,51 @@ class UnprocessableContent(ProblemError):
     status = 422
     slug = "unprocessable-content"
     title = "Unprocessable content"
+
+
+class SessionTokenInvalid(UnprocessableContent):
+    """One answer for every reason a session token is refused, so none of them can be told apart."""
+
+    slug = "session-token-invalid"
+    title = "Session token invalid"
+
+    def __init__(
+        self,
+        detail: str = "The session token is not valid for this caller: get a new one from "
+        "POST /v1/liveness/session-token.",
+    ) -> None:
+        super().__init__(detail)
+
+
+class IdempotencyKeyReused(UnprocessableContent):
+    slug = "idempotency-key-reused"
+    title = "Idempotency key reused"
+
+    def __init__(
+        self,
+        detail: str = "This Idempotency-Key was used with another request body: use a new key for a "
+        "new request.",
+    ) -> None:
+        super().__init__(detail)
+
+
+class Conflict(ProblemError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class IdempotencyKeyInFlight(Conflict):
+    slug = "idempotency-key-in-flight"
+    title = "Idempotency key in flight"
+
+    def __init__(
+        self,
+        detail: str = "A request with this Idempotency-Key is still being processed; retry after it ends.",
+        *,
+        retry_after_seconds: int,
+    ) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
 
 
 class RateLimited(ProblemError):

@@ -1,7 +1,8 @@
 """Request and response models: the source of the OpenAPI document.
 
-Upstream bodies are only partly published (see the upstream notes), so the models name the fields
-we rely on and allow the rest through.
+The request bodies and the three proxied answers are closed: exactly the declared members (the
+assumed contract of the upstream notes), plus the extra members an operator lists, which
+`api/openapi.py` adds to the document it serves.
 """
 
 from __future__ import annotations
@@ -11,12 +12,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _OpenObject(BaseModel):
-    """An upstream body: the fields we rely on, and whatever else Cynopsis sends."""
-
-    model_config = ConfigDict(extra="allow")
-
-
 class _ClosedObject(BaseModel):
     """A body the proxy writes itself: exactly these members (`additionalProperties: false`), so a
     member added by accident fails the response-schema check of the API fuzz tests."""
@@ -24,38 +19,62 @@ class _ClosedObject(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SessionTokenRequest(_OpenObject):
-    """Any JSON object (may be empty); forwarded to get_session_token."""
+_REDACTED_FIELDS_DESCRIPTION = (
+    "What the proxy dropped from the upstream answer: members outside the declared shape (and "
+    "LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS), declared members of the wrong type or out of bounds, and "
+    "image-like values. At most 8 names, identifiers only; `...` stands for any other."
+)
 
 
-class SessionTokenResponse(_OpenObject):
-    session_token: str = Field(description="One-time token for the Cynopsis frontend SDK.")
-    expires_in: int | None = Field(default=None, description="Seconds until the token expires.")
+class SessionTokenRequest(_ClosedObject):
+    """No member is declared: send `{}` or no body. Members listed in
+    LIVENESS_PROXY_EXTRA_BODY_FIELDS are forwarded as they are; any other is refused (422)."""
 
 
-class CreateSessionRequest(_OpenObject):
-    session_token: str | None = Field(
-        default=None, description="The token from POST /v1/liveness/session-token."
+class SessionTokenResponse(_ClosedObject):
+    session_token: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[!-~]+$",
+        description="One-time token for the Cynopsis frontend SDK, bound to the caller that obtained "
+        "it: only that caller can create a session with it, once, before it expires.",
+    )
+    expires_in: int | None = Field(
+        default=None, ge=0, le=10_000_000, description="Seconds until the token expires."
+    )
+    redacted_fields: list[str] | None = Field(default=None, description=_REDACTED_FIELDS_DESCRIPTION)
+
+
+class CreateSessionRequest(_ClosedObject):
+    """Members listed in LIVENESS_PROXY_EXTRA_BODY_FIELDS are forwarded as they are; any other is
+    refused (422)."""
+
+    session_token: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[!-~]+$",
+        description="The token from POST /v1/liveness/session-token, obtained by this same caller.",
     )
 
 
-class SessionResponse(_OpenObject):
+class SessionResponse(_ClosedObject):
     session_id: str = Field(description="Upstream liveness session id, now bound to the caller.")
-    status: str | None = None
-    expires_in: int | None = None
+    status: str | None = Field(default=None, pattern=r"^[A-Za-z_]{1,32}$")
+    expires_in: int | None = Field(default=None, ge=0, le=10_000_000)
+    redacted_fields: list[str] | None = Field(default=None, description=_REDACTED_FIELDS_DESCRIPTION)
 
 
-class LivenessResult(_OpenObject):
-    session_id: str | None = None
+class LivenessResult(_ClosedObject):
+    session_id: str | None = Field(default=None, description="Always the session asked for.")
     status: str | None = Field(
-        default=None, description="CREATED, IN_PROGRESS, SUCCEEDED, FAILED or EXPIRED."
+        default=None,
+        pattern=r"^[A-Za-z_]{1,32}$",
+        description="CREATED, IN_PROGRESS, SUCCEEDED, FAILED or EXPIRED.",
     )
     confidence: float | None = Field(
-        default=None, description="0-100; the integrator sets the pass threshold."
+        default=None, ge=0, le=100, description="0-100; the integrator sets the pass threshold."
     )
-    redacted_fields: list[str] | None = Field(
-        default=None, description="Biometric fields the proxy removed from the upstream result."
-    )
+    redacted_fields: list[str] | None = Field(default=None, description=_REDACTED_FIELDS_DESCRIPTION)
     passed: bool | None = Field(
         default=None,
         description="Only with LIVENESS_PROXY_PASS_THRESHOLD: SUCCEEDED and confidence at or above it; "

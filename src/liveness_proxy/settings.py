@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import limits
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from liveness_proxy.errors import ConfigurationError
@@ -45,6 +45,12 @@ _FILE_BACKED_FIELDS = (
     "liveness_proxy_webhook_secret",
 )
 _MIN_PEPPER_LENGTH = 32
+# The members of the declared request bodies and answers (api/declared.py), and those the proxy
+# adds to a result: an operator's extra field may not reuse one.
+RESERVED_BODY_FIELDS = frozenset({"session_token"})
+RESERVED_RESPONSE_FIELDS = frozenset(
+    {"session_token", "session_id", "status", "expires_in", "confidence", "redacted_fields", "passed"}
+)
 _PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "xxx", "todo"})
 
 
@@ -124,6 +130,11 @@ class Settings(BaseSettings):
     liveness_proxy_biometric_allow_fields: Annotated[list[str], NoDecode] = []
     liveness_proxy_biometric_max_string_bytes: int = Field(default=512, ge=16, le=1024 * 1024)
     liveness_proxy_pass_threshold: float | None = Field(default=None, ge=0, le=100)
+    # --- Request integrity (declared bodies and answers, bound tokens, idempotent creates) ---
+    liveness_proxy_session_token_binding: bool = True
+    liveness_proxy_extra_body_fields: Annotated[list[str], NoDecode] = []
+    liveness_proxy_extra_response_fields: Annotated[list[str], NoDecode] = []
+    liveness_proxy_idempotency_ttl_seconds: int = Field(default=86400, ge=60, le=30 * 86400)
     liveness_proxy_log_level: Literal["debug", "info", "warning", "error"] = "info"
     liveness_proxy_log_format: Literal["json", "console"] = "json"
 
@@ -214,6 +225,8 @@ class Settings(BaseSettings):
         "cynopsis_session_id_fields",
         "liveness_proxy_biometric_fields",
         "liveness_proxy_biometric_allow_fields",
+        "liveness_proxy_extra_body_fields",
+        "liveness_proxy_extra_response_fields",
         "liveness_proxy_jwt_audience",
         "liveness_proxy_jwt_algorithms",
         "liveness_proxy_cors_origins",
@@ -362,6 +375,23 @@ class Settings(BaseSettings):
     def _check_id_fields(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("must name at least one field")
+        return value
+
+    @field_validator("liveness_proxy_extra_body_fields", "liveness_proxy_extra_response_fields")
+    @classmethod
+    def _check_extra_fields(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # The names the declared shapes define themselves (or the proxy adds) cannot be listed again:
+        # an extra field never changes what a declared one means.
+        reserved = (
+            RESERVED_BODY_FIELDS
+            if info.field_name == "liveness_proxy_extra_body_fields"
+            else RESERVED_RESPONSE_FIELDS
+        )
+        for name in value:
+            if not 0 < len(name) <= 128 or not name.isprintable():
+                raise ValueError(f"{name[:40]!r} is not a field name (1-128 printable characters)")
+            if name in reserved:
+                raise ValueError(f"{name!r} is already declared")
         return value
 
     @field_validator("liveness_proxy_redis_url")

@@ -96,6 +96,8 @@ def test_the_reference_comes_from_the_jwt_claim_never_from_the_body(
         "LIVENESS_PROXY_JWT_ISSUER": ISSUER,
         "LIVENESS_PROXY_JWT_AUDIENCE": AUDIENCE,
         "LIVENESS_PROXY_JWT_REFERENCE_CLAIM": "application_id",
+        # A member the operator lets through to Cynopsis, so the body below is accepted at all.
+        "LIVENESS_PROXY_EXTRA_BODY_FIELDS": "reference",
     }
     dana = {"Authorization": f"Bearer {sign(signing_key, sub='dana', application_id='loan-42')}"}
     no_claim = {"Authorization": f"Bearer {sign(signing_key, sub='erin')}"}

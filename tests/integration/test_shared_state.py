@@ -355,8 +355,12 @@ async def test_a_proxy_whose_redis_is_down_serves_and_reports_degraded_readiness
         assert body["checks"]["upstream_token"] == "ok"
         # Authentication and ownership still hold: they never depend on Redis.
         assert (await http.post("/v1/liveness/session-token")).status_code == 401
+        # Session tokens are bound in Redis when it is configured: that check fails closed, never a
+        # per-process guess another replica could not confirm.
         session = await http.post("/v1/liveness/session-token", headers=proxy.auth())
-        assert session.status_code == 200
+        assert session.status_code == 503
+        assert session.json()["type"].endswith(":store-unavailable")
+        assert "Redis" in session.json()["detail"]
         metrics = (await http.get("/metrics")).text
     assert 'liveness_proxy_shared_state_failures_total{component="rate_limits"} 1.0' in metrics
     assert 'liveness_proxy_shared_state_failures_total{component="token_cache"} 1.0' in metrics

@@ -294,7 +294,16 @@ def _expected_problem(script: UpstreamScript, *, is_result: bool) -> type[Upstre
         except orjson.JSONDecodeError:
             return UpstreamMalformed
         json_type = "json" in (script.content_type or "").lower()
-        return None if json_type and isinstance(payload, dict) else UpstreamMalformed
+        if not json_type or not isinstance(payload, dict):
+            return UpstreamMalformed
+        try:
+            orjson.dumps(payload)  # the client re-encodes it to look for credentials in it
+        except orjson.JSONEncodeError:
+            return UpstreamMalformed  # nested deeper than orjson writes: no caller could get it
+        asked = "session-1" if is_result else None
+        if asked is not None and payload.get("session_id") not in (None, asked):
+            return UpstreamMalformed  # a result for another session
+        return None
     if status == 429:
         return UpstreamRateLimited
     if status in (401, 403):

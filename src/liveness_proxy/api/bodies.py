@@ -50,11 +50,12 @@ def session_id_from(payload: dict[str, Any], field_names: Sequence[str], upstrea
 
 async def read_json_object(
     request: Request, max_bytes: int, *, allow_empty: bool, timeout_seconds: float
-) -> bytes:
-    """The request body, a JSON object, re-encoded; size and media type are enforced before the body
-    is read, and the whole body must arrive within `timeout_seconds` (a client trickling it in would
-    otherwise hold this request, its task and its connection for as long as it likes). Re-encoding
-    means the upstream never sees duplicate keys or other parser-dependent input."""
+) -> dict[str, Any]:
+    """The request body, a JSON object, parsed; size and media type are enforced before the body is
+    read, and the whole body must arrive within `timeout_seconds` (a client trickling it in would
+    otherwise hold this request, its task and its connection for as long as it likes). What goes
+    upstream is re-encoded from it (`encode_forwarded`), so the upstream never sees duplicate keys or
+    other parser-dependent input."""
     headers = request.headers
     declared = headers.get("content-length")
     if declared is not None:
@@ -63,7 +64,7 @@ async def read_json_object(
         if int(declared) > max_bytes:
             raise PayloadTooLarge(f"The body must be at most {max_bytes} bytes.")
         if int(declared) == 0 and allow_empty:
-            return b"{}"
+            return {}
     content_type = headers.get("content-type")
     media_type = (content_type or "").split(";", 1)[0].strip()
     if content_type is not None and not _JSON_MEDIA_TYPE.fullmatch(media_type):
@@ -81,7 +82,7 @@ async def read_json_object(
         ) from None
     if not body:
         if allow_empty:
-            return b"{}"
+            return {}
         raise BadRequest("A JSON object body is required.")
     if content_type is None:
         raise UnsupportedMediaType("The body must be sent with Content-Type: application/json.")
@@ -91,6 +92,11 @@ async def read_json_object(
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise UnprocessableContent("The body must be a JSON object.")
+    return payload
+
+
+def encode_forwarded(payload: dict[str, Any]) -> bytes:
+    """A validated body, encoded for the upstream. orjson reads deeper nesting than it writes."""
     try:
         return orjson.dumps(payload)
     except orjson.JSONEncodeError:

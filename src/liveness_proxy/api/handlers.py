@@ -7,17 +7,27 @@ record (`audit_policy.py`).
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
 from liveness_proxy.api.audit_policy import AuditContext, AuditPolicy
-from liveness_proxy.api.bodies import encode_upstream, read_json_object, session_id_from
+from liveness_proxy.api.bodies import encode_forwarded, encode_upstream, read_json_object, session_id_from
+from liveness_proxy.api.declared import (
+    SESSION_TOKEN_ANSWER,
+    DeclaredAnswer,
+    DeclaredBody,
+    result_answer,
+    session_answer,
+)
+from liveness_proxy.api.idempotency import CallGoesOut, IdempotentCreates, idempotency_key_of
 from liveness_proxy.api.paths import SESSION_ID_RULE, is_session_id, session_result_location
 from liveness_proxy.api.responses import json_response
 from liveness_proxy.auth import Caller, HostAuthenticator
 from liveness_proxy.errors import BadRequest, NotFound, UpstreamMalformed
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.privacy import derived_pass
+from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
 from liveness_proxy.wiring import RequestPolicy, Service
 
@@ -36,6 +46,22 @@ class LivenessHandlers:
         self._policy = policy
         self._host_authentication = host_authentication
         self._audit = AuditPolicy(service.audit, logger=service.logger, wall_clock=service.wall_clock)
+        self._token_body = DeclaredBody(SessionTokenRequest, extra_fields=policy.extra_body_fields)
+        self._create_body = DeclaredBody(CreateSessionRequest, extra_fields=policy.extra_body_fields)
+        extra, biometrics = policy.extra_response_fields, service.biometrics
+        self._token_answer = DeclaredAnswer(SESSION_TOKEN_ANSWER, extra_fields=extra, biometrics=biometrics)
+        self._session_answer = DeclaredAnswer(
+            session_answer(policy.session_id_fields), extra_fields=extra, biometrics=biometrics
+        )
+        self._result_answer = DeclaredAnswer(
+            result_answer(policy.session_id_fields), extra_fields=extra, biometrics=biometrics
+        )
+        self._idempotent = IdempotentCreates(
+            service.idempotency,
+            ttl_seconds=policy.idempotency_ttl_seconds,
+            lease_seconds=policy.idempotency_lease_seconds,
+            wall_clock=service.wall_clock,
+        )
 
     async def session_token(self, request: Request) -> Response:
         return await self._audit.run(request, "session_token.create", self._session_token)
@@ -50,45 +76,97 @@ class LivenessHandlers:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
         await service.limits.check("session_token", caller.subject)
-        body = await read_json_object(
+        payload = await read_json_object(
             request,
             self._policy.max_body_bytes,
             allow_empty=True,
             timeout_seconds=self._policy.body_timeout_seconds,
         )
+        body = encode_forwarded(self._token_body.validate(payload))
         async with service.upstream_gate.slot():
-            answer = await service.cynopsis.get_session_token(body, request_id_of(request.scope))
+            answer = await service.cynopsis.get_session_token(
+                body, request_id_of(request.scope), caller_secrets=presented_credentials(request.headers)
+            )
         audit.upstream_status = answer.status
-        return json_response(encode_upstream(answer.payload, answer.status))
+        reduced, dropped = self._token_answer.reduce(answer.payload)
+        token = reduced.get("session_token")
+        if token is None:
+            raise UpstreamMalformed(
+                "The liveness service returned no usable session token.", upstream_status=answer.status
+            )
+        if dropped:
+            reduced["redacted_fields"] = dropped
+        encoded = encode_upstream(reduced, answer.status)
+        # Durable before the caller holds the token: a token the proxy does not know never works.
+        await service.session_tokens.bind(token, caller.subject, reduced.get("expires_in"))
+        return json_response(encoded)
 
     async def _create_session(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
+        key = idempotency_key_of(request.headers)
         await service.limits.check("create_session", caller.subject)
-        body = await read_json_object(
+        payload = await read_json_object(
             request,
             self._policy.max_body_bytes,
             allow_empty=False,
             timeout_seconds=self._policy.body_timeout_seconds,
         )
+        forwarded = self._create_body.validate(payload)
+
+        async def create(goes_out: CallGoesOut) -> Response:
+            return await self._create(request, audit, caller, forwarded, goes_out)
+
+        if key is None:
+            return await create(CallGoesOut())
+        return await self._idempotent.run(
+            service.hashes.subject(caller.subject), key, forwarded, request_id_of(request.scope), create
+        )
+
+    async def _create(
+        self,
+        request: Request,
+        audit: AuditContext,
+        caller: Caller,
+        forwarded: dict[str, object],
+        goes_out: CallGoesOut,
+    ) -> Response:
+        service = self._service
+        body = encode_forwarded(forwarded)
+        session_token = str(forwarded["session_token"])
         request_id = request_id_of(request.scope)
         async with service.upstream_gate.slot():
-            # Counted only once the call is sure to go out (a slot and an access token in hand): an
-            # outage of ours costs no attempts; an attempt that fails upstream still counts (the
-            # cap bounds brute force, it is not a bill).
+            # Only once the call is sure to go out (a slot and an access token in hand, the circuit
+            # breaker's admission) are the session token used and an attempt counted: an outage of
+            # ours costs neither; an attempt that fails upstream still counts (the cap bounds brute
+            # force, it is not a bill).
             await service.tokens.get()
 
-            async def count_attempt() -> None:
-                await service.limits.consume_attempt(caller.subject)
+            async def before_sending() -> None:
+                taken = await service.session_tokens.take(session_token, caller.subject)
+                try:
+                    await service.limits.consume_attempt(caller.subject)
+                except BaseException:
+                    await taken.put_back()  # refused before the call: the token stays usable
+                    raise
+                goes_out()
 
-            # Counted once the circuit breaker admitted the call: a refused call costs no attempt.
-            answer = await service.cynopsis.create_session(body, request_id, before_sending=count_attempt)
+            answer = await service.cynopsis.create_session(
+                body,
+                request_id,
+                before_sending=before_sending,
+                caller_secrets=presented_credentials(request.headers),
+            )
         audit.upstream_status = answer.status
         session_id = session_id_from(answer.payload, self._policy.session_id_fields, answer.status)
         audit.session_id = session_id
+        reduced, dropped = self._session_answer.reduce(answer.payload)
+        shaped = {"session_id": session_id, **without_id_fields(reduced, self._policy.session_id_fields)}
+        if dropped:
+            shaped["redacted_fields"] = dropped
         # Encoded before binding: once the binding is committed, nothing may fail on the way to
         # the caller.
-        encoded = encode_upstream(answer.payload, answer.status)
+        encoded = encode_upstream(shaped, answer.status)
         owner = SessionOwner(
             session_id=session_id,
             subject=caller.subject,
@@ -122,12 +200,19 @@ class LivenessHandlers:
             raise NotFound("No such liveness session.")
         request_id = request_id_of(request.scope)
         async with service.upstream_gate.slot():
-            answer = await service.cynopsis.get_result(session_id, request_id)
+            # The client refuses a result for another session, or one that holds a credential.
+            answer = await service.cynopsis.get_result(
+                session_id, request_id, caller_secrets=presented_credentials(request.headers)
+            )
         audit.upstream_status = answer.status
         await service.record_read(owner, answer.payload, request_id)
-        payload, removed = service.biometrics.apply(answer.payload)
-        if removed:
-            payload["redacted_fields"] = removed
+        reduced, dropped = self._result_answer.reduce(answer.payload)
+        id_fields = self._policy.session_id_fields
+        payload = without_id_fields(reduced, id_fields)
+        if any(name in reduced for name in id_fields):
+            payload = {"session_id": session_id, **payload}
+        if dropped:
+            payload["redacted_fields"] = dropped
         threshold = self._policy.pass_threshold
         if threshold is not None:
             payload["passed"] = derived_pass(payload, threshold)
@@ -151,3 +236,21 @@ def valid_session_id(request: Request) -> str:
     if not is_session_id(session_id):
         raise BadRequest(f"The session id must be {SESSION_ID_RULE}.")
     return session_id
+
+
+def without_id_fields(payload: dict[str, object], id_fields: tuple[str, ...]) -> dict[str, object]:
+    """The answer without the configured session-id members: it carries the id as `session_id`."""
+    return {name: value for name, value in payload.items() if name not in id_fields}
+
+
+def presented_credentials(headers: Headers) -> tuple[str, ...]:
+    """The credential values the caller sent: no upstream answer may hold one (the upstream never
+    receives them, so one in an answer means a body carried it there)."""
+    values = []
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        values.append(authorization.partition(" ")[2].strip() or authorization)
+    api_key = headers.get("x-api-key")
+    if api_key is not None:
+        values.append(api_key)
+    return tuple(values)

@@ -4,7 +4,7 @@ sends are described in `openapi_webhooks.py`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from liveness_proxy._version import __version__
@@ -74,7 +74,8 @@ def _caller_errors() -> dict[str, Any]:
     """What every authenticated route can answer besides its own result."""
     return {
         "401": _problem(
-            "Missing or invalid credentials, or two of them (Authorization and X-API-Key).",
+            "Missing or invalid credentials, or more than one (Authorization and X-API-Key, or "
+            "either repeated).",
             authenticate=True,
         ),
         **_any_route_errors(),
@@ -89,7 +90,10 @@ def _upstream_errors() -> dict[str, Any]:
             "or the liveness service's own limit.",
             retry_after=True,
         ),
-        "502": _problem("The liveness service failed or answered something unusable."),
+        "502": _problem(
+            "The liveness service failed or answered something unusable (`upstream-malformed`: also "
+            "an answer that contains a credential, or a result for another session)."
+        ),
         "503": _problem(
             "No upstream access token can be obtained right now, the liveness service failed repeatedly "
             "and is not called for a while (circuit open), too many upstream calls are in flight, the "
@@ -100,13 +104,37 @@ def _upstream_errors() -> dict[str, Any]:
     }
 
 
-def _body_errors() -> dict[str, Any]:
+_BODY_422 = (
+    "The body is JSON but not its declared shape: not an object, a member the document does not "
+    "declare (named in `detail`; LIVENESS_PROXY_EXTRA_BODY_FIELDS lists any the operator accepts), a "
+    "member of the wrong type or out of bounds, or nesting deeper than 254 levels."
+)
+
+
+def _body_errors(unprocessable: str = _BODY_422) -> dict[str, Any]:
     return {
         "400": _problem("The body is not valid JSON, is empty where required, or Content-Length is invalid."),
         "413": _problem("The body is larger than LIVENESS_PROXY_MAX_BODY_BYTES."),
         "415": _problem("The body is not application/json."),
-        "422": _problem("The body is JSON but not an object, or is nested deeper than 254 levels."),
+        "422": _problem(unprocessable),
     }
+
+
+_IDEMPOTENCY_KEY_PARAMETER: dict[str, Any] = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes the create safe to retry: the first answer given once the Cynopsis call "
+    "went out (a success or an upstream error) is stored per caller and key, and replayed for "
+    "LIVENESS_PROXY_IDEMPOTENCY_TTL_SECONDS with `Idempotent-Replayed: true`, without calling "
+    "Cynopsis or counting an attempt. Generate a new key (e.g. a UUID) per intended session.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+}
+_REPLAYED_HEADER: dict[str, Any] = {
+    "description": "`true` on an answer replayed for a repeated Idempotency-Key.",
+    "required": False,
+    "schema": {"type": "string", "enum": ["true"]},
+}
 
 
 def _rejections() -> dict[str, Any]:
@@ -160,13 +188,28 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
     operations: dict[str, dict[str, Any]] = {
         "getSessionToken": {
             "summary": "Start a liveness workflow: a one-time session token for the frontend SDK.",
+            "description": "The token is bound to the caller: only the same subject can create a "
+            "session with it, once, before it expires (unless LIVENESS_PROXY_SESSION_TOKEN_BINDING is "
+            "off). Not idempotent, and need not be: retrying yields another token.",
             "security": _SECURITY,
             "requestBody": {
                 "required": False,
                 "content": {"application/json": {"schema": _ref("SessionTokenRequest")}},
             },
             "responses": {
-                "200": _ok("The upstream session token.", "SessionTokenResponse"),
+                "200": {
+                    **_ok(
+                        "The upstream session token, reduced to its declared shape.", "SessionTokenResponse"
+                    ),
+                    "links": {
+                        "createSession": {
+                            "operationId": "createSession",
+                            # A runtime expression, not a password (bandit guesses from the name).
+                            "requestBody": {"session_token": "$response.body#/session_token"},  # nosec B105
+                            "description": "Create the session with this token (same caller).",
+                        }
+                    },
+                },
                 **_body_errors(),
                 **_upstream_errors(),
                 **_rejections(),
@@ -174,27 +217,50 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
         },
         "createSession": {
             "summary": "Create a liveness session, bound to the calling subject.",
+            "description": "Spends one of the caller's daily attempts once the Cynopsis call goes "
+            "out, and the session token's one use. Send an Idempotency-Key to make retries safe.",
             "security": _SECURITY,
+            "parameters": [_IDEMPOTENCY_KEY_PARAMETER],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("CreateSessionRequest")}},
             },
             "responses": {
-                "201": _ok(
-                    "The upstream session; its id is now bound to the caller.",
-                    "SessionResponse",
-                    {
-                        "Location": {
-                            "description": "The result URL.",
-                            "required": True,
-                            "schema": {
-                                "type": "string",
-                                "pattern": LOCATION_PATTERN,
+                "201": {
+                    **_ok(
+                        "The upstream session, reduced to its declared shape; its id is now bound to "
+                        "the caller.",
+                        "SessionResponse",
+                        {
+                            "Location": {
+                                "description": "The result URL.",
+                                "required": True,
+                                "schema": {
+                                    "type": "string",
+                                    "pattern": LOCATION_PATTERN,
+                                },
                             },
+                            "Idempotent-Replayed": _REPLAYED_HEADER,
+                        },
+                    ),
+                    "links": {
+                        "getLivenessResult": {
+                            "operationId": "getLivenessResult",
+                            "parameters": {"session_id": "$response.body#/session_id"},
+                            "description": "Read this session's result.",
                         }
                     },
+                },
+                "409": _problem(
+                    "`idempotency-key-in-flight`: a request with this Idempotency-Key is still being "
+                    "processed; retry after Retry-After.",
+                    retry_after=True,
                 ),
-                **_body_errors(),
+                **_body_errors(
+                    _BODY_422 + " `session-token-invalid`: the session token is unknown, was obtained by "
+                    "another caller, was used already or expired (one answer for all four). "
+                    "`idempotency-key-reused`: this Idempotency-Key came with another body."
+                ),
                 **_upstream_errors(),
                 **_rejections(),
             },
@@ -204,7 +270,10 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
             "security": _SECURITY,
             "parameters": [session_id_parameter],
             "responses": {
-                "200": _ok("The result, biometric fields removed by default.", "LivenessResult"),
+                "200": _ok(
+                    "The result, reduced to its declared shape (images never pass by default).",
+                    "LivenessResult",
+                ),
                 "400": _problem("The session id is malformed."),
                 "404": _problem("No such session for this caller."),
                 **_upstream_errors(),
@@ -335,8 +404,14 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
     return operations
 
 
-def build_openapi(routes: Sequence[RouteSpec] = ROUTES) -> dict[str, Any]:
-    """The document of `routes` (the route table): each route's path and method, its operation's text."""
+def build_openapi(
+    routes: Sequence[RouteSpec] = ROUTES,
+    *,
+    extra_body_fields: Iterable[str] = (),
+    extra_response_fields: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The document of `routes` (the route table): each route's path and method, its operation's
+    text, and the declared shapes with the operator's extra members added."""
     session_id_parameter = {
         "name": "session_id",
         "in": "path",
@@ -354,7 +429,9 @@ def build_openapi(routes: Sequence[RouteSpec] = ROUTES) -> dict[str, Any]:
         "paths": _paths(routes, _operations(session_id_parameter)),
         "webhooks": webhooks_section(),
         "components": {
-            "schemas": json_schema_components(),
+            "schemas": _with_extra_fields(
+                json_schema_components(), list(extra_body_fields), list(extra_response_fields)
+            ),
             "headers": {
                 "X-Request-ID": {
                     "description": "The request id: the caller's own X-Request-ID when it is 1-128 "
@@ -374,6 +451,26 @@ def build_openapi(routes: Sequence[RouteSpec] = ROUTES) -> dict[str, Any]:
             },
         },
     }
+
+
+def _with_extra_fields(
+    schemas: dict[str, Any], body_fields: list[str], response_fields: list[str]
+) -> dict[str, Any]:
+    """The closed shapes opened exactly as far as the operator allowed: each extra member, of any
+    JSON type, in the request bodies or the three proxied answers."""
+    for names, models, description in (
+        (body_fields, ("SessionTokenRequest", "CreateSessionRequest"), "LIVENESS_PROXY_EXTRA_BODY_FIELDS"),
+        (
+            response_fields,
+            ("SessionTokenResponse", "SessionResponse", "LivenessResult"),
+            "LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS",
+        ),
+    ):
+        for model in models:
+            properties = schemas[model].setdefault("properties", {})
+            for name in names:
+                properties.setdefault(name, {"description": f"Passed on as is ({description})."})
+    return schemas
 
 
 def _paths(routes: Sequence[RouteSpec], operations: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class CallerAuthentication:
         )
 
     async def authenticate(self, headers: Headers) -> Caller:
+        refuse_repeated_credentials(headers)
         for authenticator in self._authenticators:
             caller = await authenticator.authenticate(headers)
             if caller is not None:
@@ -52,3 +53,19 @@ class CallerAuthentication:
         if "authorization" in headers or "x-api-key" in headers:
             raise Unauthenticated("The credential is not valid.", error="invalid_token")
         raise Unauthenticated(self._missing_detail)
+
+
+def refuse_repeated_credentials(headers: Headers) -> None:
+    """Two Authorization headers, or two X-API-Key headers, are refused whatever their order, as
+    both kinds together are: picking one would let a proxy in front smuggle in a second identity."""
+    authorization = api_key = 0
+    for name, _value in headers.raw:  # ASGI header names are lowercase
+        if name == b"authorization":
+            authorization += 1
+        elif name == b"x-api-key":
+            api_key += 1
+    if authorization > 1 or api_key > 1:
+        raise Unauthenticated(
+            "Send one credential, once: a repeated Authorization or X-API-Key header is refused.",
+            error="invalid_request",
+        )

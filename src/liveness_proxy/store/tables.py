@@ -172,3 +172,35 @@ webhook_endpoint = Table(
     Column("disabled_at", Float, nullable=True),
     CheckConstraint("id = 1", name="single_endpoint_row"),
 )
+
+# Session tokens the proxy handed out (auth/session_tokens.py): only keyed hashes, of the token and
+# of the subject that obtained it. A row is deleted when its token is used (once) and swept after
+# it expires; with Redis configured, the same facts live there instead.
+session_token_bindings = Table(
+    "session_token_bindings",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("subject_hash", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+Index("ix_session_token_bindings_expires_at", session_token_bindings.c.expires_at)
+
+# Idempotent creates (store/idempotency.py): per (subject, Idempotency-Key), the request's
+# fingerprint and, once the Cynopsis call went out, the answer to replay. While the first request is
+# in flight the row holds a lease instead of an answer, so a crash never locks the key for good.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("subject_hash", String(64), primary_key=True),
+    Column("idempotency_key", String(64), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("status", Integer, nullable=True),  # null while in flight
+    Column("content_type", String(64), nullable=True),
+    Column("location", String(512), nullable=True),
+    Column("body", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+Index("ix_idempotency_keys_expires_at", idempotency_keys.c.expires_at)

@@ -6,6 +6,12 @@ with its Retry-After; 404 on a result -> UpstreamNotFound; 404 on a POST (our co
 wrong) -> 502; other 4xx -> UpstreamRejected (same status); 3xx, 5xx, persistent 401/403,
 non-JSON -> 502; timeouts -> 504.
 
+Two checks make a 2xx answer unusable (502 `upstream-malformed`) before anything reads it: an answer
+that contains one of our own secrets anywhere (the access token the call carried, the client
+secret, or a value the caller names, such as its API key), and a result for another session than
+the one asked for. An echo of a secret is never passed on, and a mismatched result never becomes a
+verdict.
+
 Every HTTP exchange (the retry after a 401 too) is reported to an optional `UpstreamObserver` with its
 endpoint name, its outcome (the status, or "timeout", "connect_error", "connection_error",
 "malformed") and how long it took.
@@ -25,7 +31,7 @@ reached the upstream is never sent twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, urlsplit
@@ -99,6 +105,24 @@ def signals_outage(error: UpstreamError) -> bool:
     return False
 
 
+# Shorter values are not checked for: they would match innocent answers. Every secret we guard is far
+# longer (tokens, 32+ character secrets and peppers, 40+ character API keys).
+_MIN_SECRET_LENGTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """One call: what goes out, and what its answer is checked against."""
+
+    endpoint: UpstreamEndpoint
+    method: str
+    url: Url
+    body: bytes | None
+    request_id: str
+    result_of: str | None  # the session id a result is asked for
+    caller_secrets: Sequence[str]
+
+
 class CynopsisClient:
     def __init__(
         self,
@@ -111,8 +135,14 @@ class CynopsisClient:
         timeout_seconds: float,
         observer: UpstreamObserver | None = None,
         circuit: CircuitBreaker | None = None,
+        session_id_fields: Sequence[str] = ("session_id",),
+        own_secrets: Callable[[], Sequence[str]] = tuple,
     ) -> None:
+        """`own_secrets()` gives the values no answer may contain besides the access token (the
+        client secret); `session_id_fields` are where an answer carries its session id."""
         self._http = http
+        self._session_id_fields = tuple(session_id_fields)
+        self._own_secrets = own_secrets
         self._circuit = circuit
         self._tokens = tokens
         self._endpoints = endpoints
@@ -127,9 +157,14 @@ class CynopsisClient:
         before, _, after = endpoints.result_path.partition("{session_id}")
         self._result_target = (endpoints.target(before), quote(after, safe=_PATH_SAFE))
 
-    async def get_session_token(self, body: bytes, request_id: str) -> UpstreamResult:
-        """`body` is a JSON object, already encoded."""
-        return await self._call("session_token", "POST", self._session_token_url, body, request_id)
+    async def get_session_token(
+        self, body: bytes, request_id: str, *, caller_secrets: Sequence[str] = ()
+    ) -> UpstreamResult:
+        """`body` is a JSON object, already encoded. `caller_secrets`: values of the caller's (its
+        credential) that the answer must not contain either."""
+        return await self._call(
+            "session_token", "POST", self._session_token_url, body, request_id, caller_secrets=caller_secrets
+        )
 
     async def create_session(
         self,
@@ -137,19 +172,30 @@ class CynopsisClient:
         request_id: str,
         *,
         before_sending: Callable[[], Awaitable[None]] | None = None,
+        caller_secrets: Sequence[str] = (),
     ) -> UpstreamResult:
         """`body` is a JSON object, already encoded. `before_sending` runs once the call is admitted
         by the circuit breaker, right before it goes out (e.g. to count a daily attempt): a call the
         breaker refuses costs nothing, and if `before_sending` raises, nothing is sent."""
         return await self._call(
-            "create_session", "POST", self._session_url, body, request_id, before_sending=before_sending
+            "create_session",
+            "POST",
+            self._session_url,
+            body,
+            request_id,
+            before_sending=before_sending,
+            caller_secrets=caller_secrets,
         )
 
-    async def get_result(self, session_id: str, request_id: str) -> UpstreamResult:
+    async def get_result(
+        self, session_id: str, request_id: str, *, caller_secrets: Sequence[str] = ()
+    ) -> UpstreamResult:
         # The caller validated session_id against [A-Za-z0-9_-]{1,128}: it cannot leave this path.
         before, after = self._result_target
         url = Url(self._origin, before + session_id + after)
-        return await self._call("result", "GET", url, None, request_id, is_result=True)
+        return await self._call(
+            "result", "GET", url, None, request_id, result_of=session_id, caller_secrets=caller_secrets
+        )
 
     async def _call(
         self,
@@ -159,19 +205,21 @@ class CynopsisClient:
         body: bytes | None,
         request_id: str,
         *,
-        is_result: bool = False,
+        result_of: str | None = None,
         before_sending: Callable[[], Awaitable[None]] | None = None,
+        caller_secrets: Sequence[str] = (),
     ) -> UpstreamResult:
+        exchange = _Exchange(endpoint, method, url, body, request_id, result_of, caller_secrets)
         circuit = self._circuit
         if circuit is None:
             if before_sending is not None:
                 await before_sending()
-            return await self._call_upstream(endpoint, method, url, body, request_id, is_result)
+            return await self._call_upstream(exchange)
         probe = circuit.admit()
         try:
             if before_sending is not None:
                 await before_sending()
-            result = await self._call_upstream(endpoint, method, url, body, request_id, is_result)
+            result = await self._call_upstream(exchange)
         except UpstreamError as exc:
             if isinstance(exc, TokenUnavailable):
                 circuit.abandoned(probe)  # the liveness API was never called
@@ -186,15 +234,14 @@ class CynopsisClient:
         circuit.succeeded(probe)
         return result
 
-    async def _call_upstream(
-        self,
-        endpoint: UpstreamEndpoint,
-        method: str,
-        url: Url,
-        body: bytes | None,
-        request_id: str,
-        is_result: bool,
-    ) -> UpstreamResult:
+    async def _call_upstream(self, exchange: _Exchange) -> UpstreamResult:
+        endpoint, method, url, body, request_id = (
+            exchange.endpoint,
+            exchange.method,
+            exchange.url,
+            exchange.body,
+            exchange.request_id,
+        )
         token = await self._tokens.get()
         answer, seconds = await self._send(endpoint, method, url, body, token, request_id)
         if answer.status == 401:
@@ -206,12 +253,13 @@ class CynopsisClient:
             self._tokens.invalidate(token)
             fresh = await self._tokens.get()
             if fresh is token:
-                return self._interpret(answer, is_result=is_result)
-            answer, seconds = await self._send(endpoint, method, url, body, fresh, request_id)
+                return self._interpret(answer, exchange, token)
+            token = fresh
+            answer, seconds = await self._send(endpoint, method, url, body, token, request_id)
         # Observed after interpreting: a 2xx whose body is unusable is counted as "malformed".
         outcome = str(answer.status)
         try:
-            return self._interpret(answer, is_result=is_result)
+            return self._interpret(answer, exchange, token)
         except UpstreamMalformed:
             outcome = "malformed"
             raise
@@ -256,10 +304,15 @@ class CynopsisClient:
         if self._observer is not None:
             self._observer.observe_upstream(endpoint, outcome, seconds)
 
-    def _interpret(self, answer: HttpResponse, *, is_result: bool) -> UpstreamResult:
+    def _interpret(self, answer: HttpResponse, exchange: _Exchange, token: AccessToken) -> UpstreamResult:
         status = answer.status
+        is_result = exchange.result_of is not None
         if 200 <= status < 300:
-            return UpstreamResult(status=status, payload=self._parse_object(answer))
+            payload = self._parse_object(answer)
+            self._refuse_echoed_secrets(answer, payload, (token.value, *exchange.caller_secrets))
+            if exchange.result_of is not None:
+                self._refuse_other_session(payload, exchange.result_of, status)
+            return UpstreamResult(status=status, payload=payload)
         if status == 429:
             raise UpstreamRateLimited(
                 "The liveness service is rate limiting requests; retry later.",
@@ -277,6 +330,37 @@ class CynopsisClient:
             detail += f" ({code})." if code else "."
             raise UpstreamRejected(detail, upstream_status=status)
         raise UpstreamUnavailable(f"The liveness service failed (HTTP {status}).", upstream_status=status)
+
+    def _refuse_echoed_secrets(
+        self, answer: HttpResponse, payload: dict[str, Any], secrets: Sequence[str]
+    ) -> None:
+        """UpstreamMalformed when the answer holds a secret of ours: as sent (the raw body) or
+        once decoded (the canonical re-encoding, so no JSON escape hides it)."""
+        try:
+            canonical = orjson.dumps(payload)
+        except orjson.JSONEncodeError:
+            # orjson reads deeper nesting (1024) than it writes (254): no caller could get it anyway.
+            raise UpstreamMalformed(
+                "The liveness service sent JSON nested too deeply.", upstream_status=answer.status
+            ) from None
+        for secret in (*secrets, *self._own_secrets()):
+            if len(secret) < _MIN_SECRET_LENGTH:
+                continue  # an empty or trivially short value would match innocent answers
+            needle = secret.encode()
+            if needle in answer.body or needle in canonical:
+                raise UpstreamMalformed(
+                    "The liveness service sent an answer that contains a credential; it was not passed on.",
+                    upstream_status=answer.status,
+                )
+
+    def _refuse_other_session(self, payload: dict[str, Any], session_id: str, status: int) -> None:
+        for name in self._session_id_fields:
+            value = payload.get(name)
+            if value is not None and value != session_id:
+                raise UpstreamMalformed(
+                    "The liveness service answered for another session than the one asked for.",
+                    upstream_status=status,
+                )
 
     def _parse_object(self, answer: HttpResponse) -> dict[str, Any]:
         if "json" not in (answer.header(b"content-type") or "").lower():

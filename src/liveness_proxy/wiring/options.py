@@ -28,6 +28,10 @@ class RequestPolicy:
     body_timeout_seconds: float
     session_id_fields: tuple[str, ...]  # where a create-session answer may carry the session id
     pass_threshold: float | None  # `passed` is derived from the confidence when set
+    extra_body_fields: tuple[str, ...]  # request members forwarded besides the declared ones
+    extra_response_fields: tuple[str, ...]  # answer members passed on besides the declared ones
+    idempotency_ttl_seconds: float  # how long a create's answer is replayed for its key
+    idempotency_lease_seconds: float  # how long a create in flight holds its key
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,15 @@ def request_policy(settings: Settings) -> RequestPolicy:
         body_timeout_seconds=settings.liveness_proxy_body_timeout_seconds,
         session_id_fields=tuple(settings.cynopsis_session_id_fields),
         pass_threshold=settings.liveness_proxy_pass_threshold,
+        extra_body_fields=tuple(settings.liveness_proxy_extra_body_fields),
+        extra_response_fields=tuple(settings.liveness_proxy_extra_response_fields),
+        idempotency_ttl_seconds=float(settings.liveness_proxy_idempotency_ttl_seconds),
+        # Longer than any create can take: the wait for a slot and an access token, the call and its
+        # one retry after a 401, and a margin.
+        idempotency_lease_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds
+        + settings.cynopsis_token_timeout_seconds
+        + 2 * settings.cynopsis_timeout_seconds
+        + 5.0,
     )
 
 

@@ -17,6 +17,7 @@ from liveness_proxy.auth import (
     Authenticator,
     CallerAuthentication,
 )
+from liveness_proxy.auth.session_tokens import KeyedHash, SessionTokenBinding
 from liveness_proxy.background import (
     BackgroundWorker,
     Finalizer,
@@ -44,6 +45,12 @@ from liveness_proxy.store import (
     create_engine,
     ping,
     upgrade_database,
+)
+from liveness_proxy.store.idempotency import IdempotencyRecords
+from liveness_proxy.store.session_tokens import (
+    DatabaseSessionTokens,
+    RedisSessionTokens,
+    SessionTokenLedger,
 )
 from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.upstream import (
@@ -95,6 +102,9 @@ class Service:
     verdicts: VerdictLedger
     outbox: WebhookOutbox
     background: BackgroundWorker
+    hashes: KeyedHash  # keyed hashes of session tokens and subjects (never stored in clear)
+    session_tokens: SessionTokenBinding
+    idempotency: IdempotencyRecords
 
     async def record_read(
         self, owner: SessionOwner, payload: dict[str, Any], request_id: str
@@ -235,6 +245,9 @@ async def running_service(
         cynopsis = CynopsisClient(
             liveness_http,
             tokens,
+            session_id_fields=settings.cynopsis_session_id_fields,
+            # No answer may hold the client secret (the access token is checked per call).
+            own_secrets=lambda: (client_secret.current(),),
             endpoints=endpoints,
             domain_id=settings.cynopsis_domain_id,
             max_response_bytes=settings.cynopsis_max_response_bytes,
@@ -367,6 +380,13 @@ async def running_service(
                 settings.liveness_proxy_webhook_timeout_seconds,
             ),
         )
+        session_token_ledger: SessionTokenLedger = (
+            DatabaseSessionTokens(engine)
+            if redis is None
+            else RedisSessionTokens(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
+        )
+        opened.push_async_callback(session_token_ledger.close)
+        hashes = KeyedHash(settings.liveness_proxy_api_key_pepper.get_secret_value().encode())
         # Last in, so first out: the worker stops before the store and the transports it uses close.
         background.start()
         opened.push_async_callback(background.close)
@@ -403,4 +423,12 @@ async def running_service(
             verdicts=verdicts,
             outbox=outbox,
             background=background,
+            hashes=hashes,
+            session_tokens=SessionTokenBinding(
+                session_token_ledger,
+                hashes,
+                enabled=settings.liveness_proxy_session_token_binding,
+                wall_clock=wall_clock,
+            ),
+            idempotency=IdempotencyRecords(engine),
         )
