@@ -135,6 +135,8 @@ def limits_env(upstream_url: str, folder: Path, **extra: str) -> dict[str, str]:
         "LIVENESS_PROXY_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_SECONDS),
         "LIVENESS_PROXY_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
         "LIVENESS_PROXY_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        # The bodies here are padded to test sizes: a member the operator lets through.
+        "LIVENESS_PROXY_EXTRA_BODY_FIELDS": "padding",
         **HIGH_LIMITS,
         **extra,
     }

@@ -83,6 +83,9 @@ def test_redis_killed_under_load_and_restarted(
     overrides = {
         "LIVENESS_PROXY_REDIS_URL": private_redis.url,
         "LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN": "60/minute",
+        # The limits' failover is what this measures: session-token bindings, which fail closed
+        # without Redis, are tested in test_session_token_binding.py.
+        "LIVENESS_PROXY_SESSION_TOKEN_BINDING": "false",
     }
     with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as http:
         assert asyncio.run(_requests(proxy, 20, proxy.keys.alice)) == [200] * 20

@@ -7,6 +7,7 @@ record (`audit_policy.py`).
 
 from __future__ import annotations
 
+import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -119,9 +120,14 @@ class LivenessHandlers:
 
         if key is None:
             return await create(CallGoesOut())
-        return await self._idempotent.run(
+        response = await self._idempotent.run(
             service.hashes.subject(caller.subject), key, forwarded, request_id_of(request.scope), create
         )
+        if response.headers.get("idempotent-replayed") == "true":
+            # Its own action, so the audit log never counts a replay as a second session.
+            audit.action = "session.replay"
+            audit.session_id = replayed_session_id(response)
+        return response
 
     async def _create(
         self,
@@ -236,6 +242,14 @@ def valid_session_id(request: Request) -> str:
     if not is_session_id(session_id):
         raise BadRequest(f"The session id must be {SESSION_ID_RULE}.")
     return session_id
+
+
+def replayed_session_id(response: Response) -> str | None:
+    """The session id of a replayed 201, for its audit record (a replayed problem has none)."""
+    if response.status_code != 201:
+        return None
+    session_id = orjson.loads(response.body).get("session_id")
+    return session_id if is_session_id(session_id) else None
 
 
 def without_id_fields(payload: dict[str, object], id_fields: tuple[str, ...]) -> dict[str, object]:
