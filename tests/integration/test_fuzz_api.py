@@ -9,6 +9,15 @@ same request id; a valid credential always gets past authentication and an inval
 Afterwards neither the responses nor the proxy's log may hold a secret. The cases are counted and
 the count asserted, so the run fails if generation silently shrinks.
 
+The request bodies are closed and bounded in the document, so a positive case is a body the proxy
+must accept as it is: a session-token request is answered 200, and a create is answered 201 when its
+session token was issued to the same caller just before, else 422 `session-token-invalid` (a token
+schemathesis made up was never issued to anyone), and only a 201 ever reaches Cynopsis.
+
+The stateful test lets schemathesis chain the operations through the document's own OpenAPI links
+(session token → create → result), with a valid API key: a create answered 201 must be reached with a
+token taken from a session-token answer, and that session's result read through the next link.
+
 Reproducibility: the campaigns run with `derandomize=True` (a seed derived from the test, no example
 database), so CI sends the same cases on every run and a failure seen once is seen again, on any
 machine. The price is that CI does not explore new inputs from run to run; what it sends is
@@ -21,6 +30,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import re
 import time
 from collections import Counter
@@ -28,7 +38,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import hypothesis
@@ -48,12 +58,15 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ensure_resource_availability,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
 
+from liveness_proxy.api.openapi import build_openapi
 from liveness_proxy.auth import new_api_key
+from liveness_proxy.errors import PROBLEM_TYPE_PREFIX, IdempotencyKeyReused, SessionTokenInvalid
 from liveness_proxy.store import ApiKeyStore
 from support import TEST_PEPPER, LogScan, ProxyHarness, find_leaks
 
@@ -74,8 +87,19 @@ LIVENESS_ROUTES = (SESSION_TOKEN, CREATE_SESSION, RESULT, SESSION_RECORD, LIST_S
 # Filters whose random values match no session (a random subject, a time in year 312).
 NARROWING_FILTERS = ("subject", "reference", "created_after", "created_before")
 UPSTREAM_RESULT_PREFIX = "/service/liveness-v2/liveness_result/"
+UPSTREAM_CREATE_PATH = "/service/liveness-v2/liveness_session"
 # _known_sessions reads each finished session once: two owners, two finished sessions each.
 SETUP_RESULT_READS = 4
+# _known_sessions creates three sessions for each of two owners, and one for a JWT caller.
+SETUP_CREATES = 7
+# Where a positive create case's session token comes from: the one schemathesis generated (issued
+# to no one), one issued to ISSUED_TO just before, or a conforming one longer than the body limit.
+TokenSource = Literal["generated", "issued", "oversized"]
+# Generated and issued tokens each about 4 cases in 9, oversized ones 1 in 9.
+TOKEN_SOURCES: tuple[TokenSource, ...] = ("generated", "issued") * 4 + ("oversized",)
+ISSUED_TO = "alice"
+# Printable ASCII within the declared 4096 characters, so the body conforms; too large to be read.
+OVERSIZED_SESSION_TOKEN = "o" * MAX_BODY_BYTES
 PROBLEM_MEMBERS = {"type", "title", "status", "detail", "request_id"}
 PROBLEM_EXTENSIONS = {"limit", "checks"}
 WELL_FORMED_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -127,6 +151,7 @@ REQUIRED_OUTCOMES = {
     (CREATE_SESSION, 401),
     (CREATE_SESSION, 413),
     (CREATE_SESSION, 415),
+    (CREATE_SESSION, 422),
     (RESULT, 200),
     (RESULT, 400),
     (RESULT, 401),
@@ -148,7 +173,8 @@ REQUIRED_OUTCOMES = {
 
 # The response checks the issue asks for; max_response_time and the data-acceptance checks are left
 # out: timing is not a correctness property, and a valid credential with random data is refused on
-# purpose (an unknown session token is the upstream's 400).
+# purpose (a session token the caller never obtained is 422 `session-token-invalid`). What a
+# conforming body must get instead is asserted by Fuzzer._conforming_body_issues.
 RESPONSE_CHECKS: tuple[CheckFunction, ...] = (
     not_a_server_error,
     status_code_conformance,
@@ -165,6 +191,8 @@ class Credential:
     name: str
     valid: bool
     headers: Mapping[str, str]
+    # Whom the proxy knows the caller as, where a promise depends on it (the owner of issued tokens).
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,8 +202,9 @@ class Variation:
     credential: Credential
     request_id: str | None
     content_type: str | None
-    # A create-session case gets a session token just issued, so it can succeed (201) too.
-    fresh_session_token: bool
+    # A positive create-session case keeps its generated session token, or gets one just issued to
+    # ISSUED_TO (so it can succeed: 201), or one too large for the body limit (413).
+    session_token: TokenSource
     # A positive read names a session that exists (own, foreign, finished or not) instead of the
     # random well-formed id schemathesis drew, which exists nowhere.
     known_session_id: str | None
@@ -190,6 +219,8 @@ class FuzzReport:
     leaks: list[str] = field(default_factory=list)
     # Session records answered with refresh=true and no verdict: each read the result upstream.
     refresh_reads: int = 0
+    # Creates answered 201 and not replayed: the only ones that may have called Cynopsis.
+    created: int = 0
 
 
 def _es256_key_file(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
@@ -254,8 +285,8 @@ def _credentials(
     _revoke(proxy, proxy.keys.revocable_id)
     stranger = ec.generate_private_key(ec.SECP256R1())
     return [
-        Credential("api-key-bearer", True, bearer(proxy.keys.alice)),
-        Credential("api-key-header", True, {"X-API-Key": proxy.keys.alice}),
+        Credential("api-key-bearer", True, bearer(proxy.keys.alice), subject=ISSUED_TO),
+        Credential("api-key-header", True, {"X-API-Key": proxy.keys.alice}, subject=ISSUED_TO),
         Credential("admin-api-key", True, bearer(proxy.keys.admin)),
         Credential("jwt", True, bearer(_jwt(idp_key, "jwt-user"))),
         Credential("admin-jwt", True, bearer(_jwt(idp_key, "jwt-ops", scope="liveness:admin"))),
@@ -343,7 +374,7 @@ def _variations(credentials: list[Credential], session_ids: list[str]) -> st.Sea
             _header_text(200),
         ),
         content_type=st.one_of(st.none(), st.sampled_from(ODD_CONTENT_TYPES)),
-        fresh_session_token=st.booleans(),
+        session_token=st.sampled_from(TOKEN_SOURCES),
         known_session_id=st.one_of(st.none(), st.sampled_from(session_ids)),
     )
 
@@ -367,27 +398,30 @@ class Fuzzer:
         credential = variation.credential
         report.cases += 1
         report.by_credential["valid" if credential.valid else "invalid"] += 1
-        self._prepare(case, mode, variation)
+        token_source = self._prepare(case, mode, variation)
         try:
             response = case.call(base_url=self.proxy.url, session=self.session, timeout=15)
         except requests.RequestException as exc:
             report.failures.append(f"{label} [{credential.name}]: no answer: {type(exc).__name__}: {exc}")
             return
         report.outcomes[(label, response.status_code)] += 1
+        if label == CREATE_SESSION and response.status_code == 201:
+            report.created += response.headers.get("idempotent-replayed") is None
         if label == SESSION_RECORD and response.status_code == 200 and _refresh_asked(case):
             report.refresh_reads += orjson.loads(response.content)["verdict"] is None
         try:
             case.validate_response(response, checks=list(RESPONSE_CHECKS))
         except FailureGroup as group:
             report.failures.append(f"{label} [{credential.name}]: {group}")
-        for broken in self._own_promises(case, response, mode, variation):
+        for broken in self._own_promises(case, response, mode, variation, token_source):
             report.failures.append(
                 f"{label} [{credential.name}]: {broken} (status {response.status_code})\n"
                 f"    {case.as_curl_command()}"
             )
         self._scan(response, label)
 
-    def _prepare(self, case: FuzzCase, mode: GenerationMode, variation: Variation) -> None:
+    def _prepare(self, case: FuzzCase, mode: GenerationMode, variation: Variation) -> TokenSource | None:
+        """Applies the variation; returns where a positive create's session token came from."""
         replaced = {"x-request-id", "authorization", "x-api-key"}
         headers = {
             name: value for name, value in (case.headers or {}).items() if name.lower() not in replaced
@@ -400,7 +434,7 @@ class Fuzzer:
             headers["Content-Type"] = variation.content_type
         case.headers = CaseInsensitiveDict(headers)
         if mode is not GenerationMode.POSITIVE:
-            return
+            return None
         if variation.known_session_id is not None and case.path_parameters:
             case.path_parameters = {"session_id": variation.known_session_id}
         if variation.known_session_id is not None and case.operation.label == LIST_SESSIONS and case.query:
@@ -409,17 +443,18 @@ class Fuzzer:
             case.query = {name: value for name, value in case.query.items() if name not in NARROWING_FILTERS}
             if "cursor" in case.query:
                 case.query["cursor"] = self.known_cursor
-        if (
-            variation.fresh_session_token
-            and case.operation.label == CREATE_SESSION
-            and isinstance(case.body, dict)
-        ):
-            token = self._fresh_session_token()
-            if token is not None:
-                case.body["session_token"] = token
+        if case.operation.label != CREATE_SESSION or not isinstance(case.body, dict):
+            return None
+        if variation.session_token == "oversized":
+            case.body["session_token"] = OVERSIZED_SESSION_TOKEN
+            return "oversized"
+        if variation.session_token == "issued" and (token := self._fresh_session_token()) is not None:
+            case.body["session_token"] = token
+            return "issued"
+        return "generated"
 
     def _fresh_session_token(self) -> str | None:
-        """A session token issued to alice now; None when her limit refuses one (429)."""
+        """A session token issued to ISSUED_TO now; None when her limit refuses one (429)."""
         answer = self.session.post(
             f"{self.proxy.url}/v1/liveness/session-token", headers=self.proxy.auth(), timeout=15
         )
@@ -430,7 +465,12 @@ class Fuzzer:
         return token
 
     def _own_promises(
-        self, case: FuzzCase, response: schemathesis.Response, mode: GenerationMode, variation: Variation
+        self,
+        case: FuzzCase,
+        response: schemathesis.Response,
+        mode: GenerationMode,
+        variation: Variation,
+        token_source: TokenSource | None,
     ) -> list[str]:
         broken: list[str] = []
         status = response.status_code
@@ -462,6 +502,8 @@ class Fuzzer:
             # (The rate limit is checked before the body is read.)
             if variation.credential.valid and body_sent and not sent_json and status not in (413, 415, 429):
                 broken.append(f"a body sent as {content_type!r} was not refused with 415")
+            if variation.credential.valid and (sent_json or not body_sent) and status != 429:
+                broken += _conforming_body_issues(case, response, variation.credential, token_source)
         return broken
 
     def _scan(self, response: schemathesis.Response, label: str) -> None:
@@ -470,6 +512,46 @@ class Fuzzer:
         if not (label == SESSION_TOKEN and response.status_code == 200):
             text += response.content.decode("utf-8", "replace")
         self.report.leaks += [f"{label}: {leak}" for leak in find_leaks(text)]
+
+
+def _problem_slug(response: schemathesis.Response) -> str | None:
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None
+    return kind.removeprefix(PROBLEM_TYPE_PREFIX) if isinstance(kind, str) else None
+
+
+def _conforming_body_issues(
+    case: FuzzCase, response: schemathesis.Response, credential: Credential, token_source: TokenSource | None
+) -> list[str]:
+    """What a positive POST case with a valid credential, sent as JSON, must be answered (a limit's
+    429 aside). Its body is one the document declares, so its shape is never refused (no 400, no
+    `unprocessable-content`): a session-token request is answered 200; a create is 201 only with a
+    token just issued to this same caller, else 422 `session-token-invalid`, and 413 when the token
+    makes the body too large. `idempotency-key-reused` is also right when a key was sent: the
+    generated keys repeat, and one stored for an earlier create came with another body."""
+    status, label = response.status_code, case.operation.label
+    if label == SESSION_TOKEN:
+        return [] if status == 200 else [f"a conforming session-token request was answered {status}"]
+    if label != CREATE_SESSION:
+        return []
+    # (status, problem slug) answers that keep the promise; None: any slug.
+    reused = [(422, IdempotencyKeyReused.slug)] if "Idempotency-Key" in (case.headers or {}) else []
+    allowed: list[tuple[int, str | None]]
+    if token_source == "oversized":
+        allowed = [(413, None)]
+    elif token_source == "issued" and credential.subject == ISSUED_TO:
+        allowed = [(201, None), *reused]
+    else:
+        allowed = [(422, SessionTokenInvalid.slug), *reused]
+    slug = _problem_slug(response)
+    if any(status == wanted and kind in (None, slug) for wanted, kind in allowed):
+        return []
+    expected = " or ".join(f"{wanted} {kind or ''}".strip() for wanted, kind in allowed)
+    answered = f"{status} {slug or ''}".strip()
+    return [f"a create whose session token was {token_source} was answered {answered}, not {expected}"]
 
 
 def _problem_body_issues(response: schemathesis.Response, request_id: str) -> list[str]:
@@ -525,6 +607,8 @@ class FuzzRun:
     # Session ids of the result reads that reached the upstream, and of the sessions that exist.
     upstream_reads: list[str]
     existing_sessions: set[str]
+    # Session creates the sandbox received.
+    upstream_creates: int
     new_log_leaks: list[str]
     log_lines_scanned: int
 
@@ -588,11 +672,13 @@ def fuzz(
             if request.path.startswith(UPSTREAM_RESULT_PREFIX)
         ]
         existing_sessions = set(proxy.sandbox.session_ids)
+        upstream_creates = sum(request.path == UPSTREAM_CREATE_PATH for request in proxy.sandbox.request_log)
     run = FuzzRun(
         report=report,
         seconds=time.monotonic() - started,
         upstream_reads=upstream_reads,
         existing_sessions=existing_sessions,
+        upstream_creates=upstream_creates,
         new_log_leaks=log_scan.leaks[leaks_before:],
         log_lines_scanned=log_scan.lines_scanned - lines_before,
     )
@@ -623,6 +709,9 @@ def assert_clean(run: FuzzRun) -> None:
     assert len(run.upstream_reads) == (
         report.outcomes[(RESULT, 200)] + report.refresh_reads + SETUP_RESULT_READS
     )
+    # A refused create (a session token not issued to its caller, a body refused, a limit met) never
+    # reaches Cynopsis: it received exactly the creates answered 201, and the setup's.
+    assert run.upstream_creates == report.created + SETUP_CREATES
 
 
 # About 40 s on an idle 2-core machine, up to 100 s when it is shared with other work: the default
@@ -675,3 +764,224 @@ def test_fuzz_with_tight_limits_every_429_is_documented(
     assert_clean(run)
     assert run.report.cases == len(LIVENESS_ROUTES) * RATE_LIMITED_CASES_PER_ROUTE
     assert {(label, 429) for label in LIVENESS_ROUTES} <= set(run.report.outcomes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stateful: schemathesis follows the document's links.
+
+# Hypothesis scenarios and the most steps each; about 5 s per configuration on an idle machine.
+STATEFUL_SCENARIOS = 40
+STATEFUL_STEPS = 6
+# The document's links, the only transitions (schemathesis' own inference is switched off).
+DOCUMENTED_LINKS = 2
+# An operator-allowed body member: generated bodies then carry any JSON value in it.
+EXTRA_BODY_FIELD = "metadata"
+
+
+@dataclass
+class LinkReport:
+    """What the stateful run sent and got, and what broke; collected, not raised, as in Fuzzer."""
+
+    steps: int = 0
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    # Steps whose input a link filled from the answer of the step before.
+    linked: Counter[tuple[str, int]] = field(default_factory=Counter)
+    issued: set[str] = field(default_factory=set)
+    spent: set[str] = field(default_factory=set)
+    created: set[str] = field(default_factory=set)
+    # Sessions answered 201 whose result was then read (200) through the create's link.
+    read_through_link: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+
+
+def _linked_workflow(
+    schema: schemathesis.BaseSchema, proxy: ProxyHarness, session: requests.Session, report: LinkReport
+) -> type[schemathesis.stateful.APIStateMachine]:
+    """The state machine schemathesis builds from the links, calling the proxy as alice, with each
+    answer counted and held to what the proxy promises for it at that point of the chain."""
+    keys = itertools.count()
+
+    class LinkedWorkflow(schema.as_state_machine()):  # type: ignore[misc]  # a class made at run time
+        def get_call_kwargs(self, case: FuzzCase) -> dict[str, Any]:
+            return {"base_url": proxy.url, "session": session, "headers": proxy.auth(), "timeout": 15}
+
+        def before_call(self, case: FuzzCase) -> None:
+            # The keys schemathesis draws repeat across scenarios ("0" again and again) and a key the
+            # proxy stored answers 422 the next time: Hypothesis, which replays scenario prefixes and
+            # must meet the same answers, would call the run flaky. Each key is made unique instead,
+            # its shape kept, so stored keys are still written and never met again.
+            if case.headers is not None and (key := case.headers.get("Idempotency-Key")) is not None:
+                case.headers["Idempotency-Key"] = f"{key[:40]}-{next(keys)}"
+
+        def after_call(self, response: schemathesis.Response, case: FuzzCase) -> None:
+            super().after_call(response, case)
+            label, status = case.operation.label, response.status_code
+            report.steps += 1
+            report.statuses[(label, status)] += 1
+            node = self.recorder.cases[case.id]
+            parent = self.recorder.find_parent(case_id=case.id)
+            parent_answer = self.recorder.find_response(case_id=parent.id) if parent is not None else None
+            linked = node.transition is not None and node.is_transition_applied and parent_answer is not None
+            if linked:
+                report.linked[(label, status)] += 1
+            for broken in _link_promises(report, case, response, parent_answer if linked else None):
+                report.failures.append(f"{label} {status}: {broken}\n    {case.as_curl_command()}")
+            text = str(response.headers)
+            if not (label == SESSION_TOKEN and status == 200):  # the token is handed out on purpose
+                text += response.content.decode("utf-8", "replace")
+            report.leaks += [f"{label}: {leak}" for leak in find_leaks(text)]
+
+        def validate_response(
+            self,
+            response: schemathesis.Response,
+            case: FuzzCase,
+            additional_checks: list[CheckFunction] | None = None,
+            **kwargs: Any,
+        ) -> None:
+            # The campaigns' checks, and schemathesis' own stateful one: a resource answered 201 is
+            # not 404 when read through the link.
+            try:
+                case.validate_response(
+                    response,
+                    checks=[*RESPONSE_CHECKS, ensure_resource_availability],
+                    transport_kwargs=kwargs or None,
+                    recorder=self.recorder,
+                )
+            except FailureGroup as group:
+                report.failures.append(f"{case.operation.label}: {group}")
+
+    return LinkedWorkflow
+
+
+def _link_promises(
+    report: LinkReport,
+    case: FuzzCase,
+    response: schemathesis.Response,
+    parent_answer: schemathesis.Response | None,
+) -> list[str]:
+    """Every step is positive and sent as alice. A session token is issued (200); a create is 201
+    exactly when its token was issued in this run and not spent yet, else 422
+    `session-token-invalid` (made up by schemathesis, or used already: the link can be followed twice
+    from one answer); a result is 200 for a session created in this run, else 404 (an id the link did
+    not fill)."""
+    label, status = case.operation.label, response.status_code
+    body: Any = orjson.loads(response.content) if response.content else None
+    if label == SESSION_TOKEN:
+        if status != 200:
+            return ["a session token was refused"]
+        report.issued.add(body["session_token"])
+        return []
+    if label == CREATE_SESSION:
+        assert isinstance(case.body, dict)
+        token = case.body["session_token"]
+        if token in report.issued and token not in report.spent:
+            if status != 201:
+                return [f"a token issued to the same caller, unused, was refused: {_problem_slug(response)}"]
+            report.spent.add(token)
+            report.created.add(body["session_id"])
+            if parent_answer is not None and orjson.loads(parent_answer.content)["session_token"] != token:
+                return ["the link did not carry the session token of the answer before"]
+            return []
+        if (status, _problem_slug(response)) != (422, SessionTokenInvalid.slug):
+            return ["a token never issued, or spent already, was not refused as session-token-invalid"]
+        return []
+    if label == RESULT:
+        session_id = (case.path_parameters or {})["session_id"]
+        if session_id not in report.created:
+            return [] if status == 404 else ["a session never created was not 404"]
+        if status != 200 or body.get("session_id") != session_id:
+            return ["a session created by this caller could not be read"]
+        if parent_answer is not None and orjson.loads(parent_answer.content).get("session_id") == session_id:
+            report.read_through_link.add(session_id)
+        return []
+    return [f"an operation no link leads to: {label}"]
+
+
+# A few seconds per configuration; the default timeout leaves a loaded machine room.
+@pytest.mark.served
+@pytest.mark.parametrize("extra_body_fields", [(), (EXTRA_BODY_FIELD,)], ids=["declared", "extra-body-field"])
+def test_stateful_links_create_a_session_and_read_its_result(
+    make_proxy: Callable[..., AbstractContextManager[ProxyHarness]],
+    log_scan: LogScan,
+    extra_body_fields: tuple[str, ...],
+) -> None:
+    """schemathesis' stateful phase, from the document as served: it can only reach a 201 by taking
+    the session token of a session-token answer into the create's body (the getSessionToken →
+    createSession link), and it reads that session's result through the next link."""
+    settings: dict[str, object] = {
+        # Limits far above what the run sends: a 429 would only hide the chain.
+        "LIVENESS_PROXY_RATE_LIMIT_SESSION_TOKEN": "1000000/minute",
+        "LIVENESS_PROXY_RATE_LIMIT_CREATE_SESSION": "1000000/minute",
+        "LIVENESS_PROXY_RATE_LIMIT_RESULT": "1000000/minute",
+        "LIVENESS_PROXY_DAILY_ATTEMPTS": 1000000,
+        "CYNOPSIS_TIMEOUT_SECONDS": 10.0,
+        "CYNOPSIS_TOKEN_TIMEOUT_SECONDS": 10.0,
+    }
+    if extra_body_fields:
+        settings["LIVENESS_PROXY_EXTRA_BODY_FIELDS"] = ",".join(extra_body_fields)
+    leaks_before = len(log_scan.leaks)
+    report = LinkReport()
+    started = time.monotonic()
+    with (
+        make_proxy(proxy_overrides=settings) as proxy,
+        proxy.client() as client,
+        requests.Session() as session,
+    ):
+        config = schemathesis.Config()
+        # Valid bodies only, alice's key only (from get_call_kwargs), and no links but the document's.
+        config.projects.default.generation.update(
+            modes=[GenerationMode.POSITIVE], with_security_parameters=False
+        )
+        config.projects.default.phases.stateful.inference.algorithms = []
+        schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json(), config=config)
+        schema.validate()
+        workflow = _linked_workflow(schema, proxy, session, report)
+        workflow.run(
+            settings=hypothesis.settings(
+                max_examples=STATEFUL_SCENARIOS,
+                stateful_step_count=STATEFUL_STEPS,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                phases=[hypothesis.Phase.generate],
+                suppress_health_check=list(hypothesis.HealthCheck),
+                print_blob=False,
+            )
+        )
+        upstream_creates = sum(request.path == UPSTREAM_CREATE_PATH for request in proxy.sandbox.request_log)
+    assert schema.statistic.transitions.total == DOCUMENTED_LINKS
+    print(
+        f"\nstateful: {report.steps} steps in {time.monotonic() - started:.1f} s, "
+        f"{len(report.created)} sessions created, {len(report.read_through_link)} read through the link\n"
+        + "\n".join(
+            f"  {label} {status}: {count} ({report.linked[(label, status)]} through a link)"
+            for (label, status), count in sorted(report.statuses.items())
+        )
+    )
+    assert not report.failures, f"{len(report.failures)} failures, the first 20:\n\n" + "\n\n".join(
+        report.failures[:20]
+    )
+    assert not report.leaks, report.leaks[:20]
+    assert not log_scan.leaks[leaks_before:], log_scan.leaks[leaks_before:][:20]
+    assert report.steps >= STATEFUL_SCENARIOS
+    # The chain was walked: a create answered 201 with a token a link carried, and its result read.
+    assert report.linked[(CREATE_SESSION, 201)] >= 1
+    assert report.read_through_link
+    # The refusals (a made-up token, a spent one) never reached Cynopsis.
+    assert upstream_creates == len(report.created)
+
+
+@pytest.mark.parametrize("extra_fields", [(), (EXTRA_BODY_FIELD,)], ids=["declared", "extra-fields"])
+def test_the_document_is_valid_openapi_3_1_and_its_links_load(extra_fields: tuple[str, ...]) -> None:
+    """The document, with the operator's extra fields or without, against the OpenAPI 3.1 schema
+    (the 2022-10-07 one schemathesis bundles, which refuses a link member it does not define, for
+    one); and both links resolve to an operation and a parameter or body of it."""
+    document = build_openapi(extra_body_fields=extra_fields, extra_response_fields=extra_fields)
+    assert document["openapi"].startswith("3.1.")
+    config = schemathesis.Config()
+    config.projects.default.phases.stateful.inference.algorithms = []
+    schema = schemathesis.openapi.from_dict(document, config=config)
+    schema.validate()
+    schema.as_state_machine()  # raises for a link whose operation or parameter does not exist
+    assert schema.statistic.transitions.total == DOCUMENTED_LINKS
