@@ -149,21 +149,27 @@ class DatabaseSessionTokens:
         return [None] * len(batch)
 
 
-# Compare-and-delete: the binding goes only if the subject matches; returns its remaining life (ms).
+# Compare-and-delete: the binding goes only if the subject matches and it has not expired by the
+# proxy's clock (ARGV[2]), like the database's conditional DELETE; returns its expiry, or nil. The
+# value is "<subject hash> <expires_at>"; Redis's own TTL only clears it away afterwards.
 _TAKE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  local ttl = redis.call('PTTL', KEYS[1])
-  redis.call('DEL', KEYS[1])
-  return ttl
-end
-return -1
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+local space = string.find(value, ' ', 1, true)
+if not space or string.sub(value, 1, space - 1) ~= ARGV[1] then return false end
+local expires_at = string.sub(value, space + 1)
+if tonumber(expires_at) <= tonumber(ARGV[2]) then return false end
+redis.call('DEL', KEYS[1])
+return expires_at
 """
 
 _REDIS_FAILURES = (redis.exceptions.RedisError, ConnectionError, TimeoutError, OSError)
 
 
 class RedisSessionTokens:
-    """Bindings as Redis keys that expire with their token."""
+    """Bindings as Redis keys that expire with their token. The expiry is also in the value and
+    judged by the proxy's clock when the token is taken, as in the database: Redis's TTL (its own
+    clock) only clears the key away."""
 
     kind = "redis"
 
@@ -173,29 +179,32 @@ class RedisSessionTokens:
         self._take_script = client.register_script(_TAKE_SCRIPT)
 
     async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._set(token_hash, subject_hash, expires_at - now)
+        await self._set(token_hash, subject_hash, expires_at, now)
 
     async def take(self, token_hash: str, subject_hash: str, now: float) -> float | None:
         try:
-            remaining_ms = int(await self._take_script(keys=[self._prefix + token_hash], args=[subject_hash]))
+            expires_at = await self._take_script(
+                keys=[self._prefix + token_hash], args=[subject_hash, repr(now)]
+            )
         except _REDIS_FAILURES:
             raise _unavailable() from None
-        # -1: no such binding, or another subject's; -2 cannot happen after a successful GET, but a
-        # key without expiry would be a bug of ours: treat both as "not usable".
-        return None if remaining_ms < 0 else now + remaining_ms / 1000
+        # nil: no such binding, another subject's, or expired.
+        return None if expires_at is None else float(expires_at)
 
     async def put_back(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._set(token_hash, subject_hash, expires_at - now)
+        await self._set(token_hash, subject_hash, expires_at, now)
 
     async def close(self) -> None:
         return None
 
-    async def _set(self, token_hash: str, subject_hash: str, seconds: float) -> None:
-        milliseconds = int(seconds * 1000)
+    async def _set(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
+        milliseconds = int((expires_at - now) * 1000)
         if milliseconds <= 0:
             return  # already expired: nothing to remember
         try:
-            await self._client.set(self._prefix + token_hash, subject_hash, px=milliseconds, nx=True)
+            await self._client.set(
+                self._prefix + token_hash, f"{subject_hash} {expires_at!r}", px=milliseconds, nx=True
+            )
         except _REDIS_FAILURES:
             raise _unavailable() from None
 
