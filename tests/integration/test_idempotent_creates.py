@@ -110,8 +110,15 @@ def test_a_repeat_is_replayed_without_a_call_or_an_attempt(shared: Shared) -> No
         assert repeat.headers["content-type"] == first.headers["content-type"]
         assert repeat.headers["x-request-id"] != first.headers["x-request-id"]
     assert calls == 1
+    session_id = first.json()["session_id"]
     for row in rows:
-        assert (row["status"], row["upstream_status"]) == (201, None)  # audited, never forwarded
+        # Audited, never forwarded, and never counted as a second session: its own action.
+        assert (row["action"], row["session_id"], row["status"], row["upstream_status"]) == (
+            "session.replay",
+            session_id,
+            201,
+            None,
+        )
 
 
 def test_the_same_key_with_another_body_is_refused_and_leaves_that_token_alone(shared: Shared) -> None:
