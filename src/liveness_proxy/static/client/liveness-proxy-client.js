@@ -287,8 +287,13 @@ export class LivenessProxyClient {
 
   /**
    * One HTTP exchange. `payload` is the JSON body, already serialised (so that retries send the same
-   * bytes). `attempt.timeoutMs` ends the exchange with a RequestTimeoutError when no whole answer came
-   * in time; `attempt.idempotencyKey` is sent as `Idempotency-Key` and named in the call report.
+   * bytes). `options.timeoutMs` ends the exchange with a RequestTimeoutError when no whole answer came
+   * in time; `options.idempotencyKey` is sent as `Idempotency-Key` and named in the call report.
+   * @param {string} method
+   * @param {string} path
+   * @param {string|undefined} payload
+   * @param {AbortSignal|undefined} signal
+   * @param {{timeoutMs?: number, idempotencyKey?: string}} [options]
    */
   async #request(method, path, payload, signal, { timeoutMs, idempotencyKey } = {}) {
     const url = this.#baseUrl + path;
