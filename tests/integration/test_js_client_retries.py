@@ -209,6 +209,21 @@ def test_a_refusal_is_thrown_at_once(proxy: ProxyHarness, caller: str) -> None:
     assert upstream_calls(proxy, CREATE_PATH, mark) == 0
 
 
+def test_a_refusal_with_a_long_retry_after_is_thrown_at_once(proxy: ProxyHarness, caller: str) -> None:
+    """The daily cap's Retry-After runs to midnight, far past maxDelayMs: the page is told now."""
+    with proxy.client() as http:
+        proxy.create_session(http, caller)  # the caller's one attempt of the day
+    token = session_token(proxy, caller)
+
+    report = run_client(proxy, caller, body={"session_token": token})
+
+    error = report["outcome"]["error"]
+    assert (error["name"], error["slug"]) == ("RateLimitedError", "rate-limited")
+    assert error["retryAfterSeconds"] > 5
+    assert len(report["sent"]) == 1
+    assert report["retries"] == []
+
+
 def test_retries_are_bounded_and_back_off(proxy: ProxyHarness, caller: str) -> None:
     report = run_client(
         proxy,
