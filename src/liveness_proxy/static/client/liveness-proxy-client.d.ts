@@ -68,6 +68,12 @@ export interface CallReport {
   ok: boolean;
   /** On a non-2xx answer: the parsed problem body, or null if it was not problem JSON. */
   problem?: Problem | null;
+  /** `POST /v1/liveness/sessions` only: the Idempotency-Key sent. */
+  idempotencyKey?: string;
+  /** `POST /v1/liveness/sessions` only, when an answer came: its `Idempotent-Replayed: true` header. */
+  replayed?: boolean;
+  /** true when the attempt ran out of createSession's `timeoutMs` (status 0 then). */
+  timedOut?: boolean;
 }
 
 export interface ClientOptions {
@@ -92,6 +98,36 @@ export interface ClientOptions {
 export interface RequestOptions {
   /** Aborts the request; the promise then rejects with the signal's reason. */
   signal?: AbortSignal;
+}
+
+export interface CreateSessionOptions extends RequestOptions {
+  /**
+   * Sent as `Idempotency-Key`, the same on every retry: 1-64 characters of A-Za-z0-9_-. Default: a
+   * fresh `newIdempotencyKey()` per call. Pass the same key with the same body to try again later
+   * what a call gave up on, without the risk of a second session.
+   */
+  idempotencyKey?: string;
+  /** The limit of one attempt, in ms (a RequestTimeoutError when it passes). Default 25000. */
+  timeoutMs?: number;
+  /** How many times a failed attempt is retried; 0: never. Default 3. */
+  retries?: number;
+  /** The longest wait before a retry; an answer whose Retry-After asks for longer is thrown at once. Default 5000. */
+  maxDelayMs?: number;
+  /** Called before each wait for a retry; an exception thrown here does not stop the call. */
+  onRetry?: (retry: CreateRetry) => void;
+}
+
+export interface CreateRetry {
+  /** The attempt that failed, 1 for the first. */
+  attempt: number;
+  /**
+   * Why: a network error or a timeout, a 429/502/503/504 that was not replayed, or a 409
+   * `idempotency-key-in-flight` (an earlier attempt still at work in the proxy).
+   */
+  error: NetworkError | RateLimitedError | UpstreamUnavailableError | LivenessProxyError;
+  /** The wait before the next attempt, in ms. */
+  delayMs: number;
+  idempotencyKey: string;
 }
 
 export interface WaitProgress {
@@ -122,6 +158,9 @@ export interface WaitOptions {
 /** `SUCCEEDED`, `FAILED` and `EXPIRED` are terminal (the statuses the proxy records a verdict for); any other status is not. */
 export function isTerminalStatus(status: unknown): boolean;
 
+/** A fresh Idempotency-Key: `crypto.randomUUID()` where there is one, else 128 random bits in hex. */
+export function newIdempotencyKey(): string;
+
 export interface LivenessProxyErrorInit {
   status: number;
   problem?: Problem | null;
@@ -130,6 +169,7 @@ export interface LivenessProxyErrorInit {
   type?: string | null;
   title?: string;
   detail?: string;
+  replayed?: boolean;
 }
 
 /** Any non-2xx answer of the proxy, and a 2xx answer whose body is not what was expected. */
@@ -149,6 +189,11 @@ export class LivenessProxyError extends Error {
   readonly retryAfterSeconds: number | null;
   /** The parsed problem body, or null if the body was not problem JSON. */
   readonly problem: Problem | null;
+  /**
+   * The answer carried `Idempotent-Replayed: true`: the stored outcome of an earlier create with the
+   * same Idempotency-Key, which every retry with that key gets again.
+   */
+  readonly replayed: boolean;
 }
 
 /** 429: `rate-limited` (the proxy's per-subject limits) or `upstream-rate-limited` (Cynopsis). */
@@ -188,12 +233,24 @@ export class NetworkError extends Error {
   readonly cause: unknown;
 }
 
+/** No answer within createSession's per-attempt `timeoutMs`; the request may or may not have reached the proxy. */
+export class RequestTimeoutError extends NetworkError {
+  constructor(message: string, options?: { cause?: unknown; timeoutMs?: number });
+  /** The limit that passed, in ms. */
+  readonly timeoutMs: number | undefined;
+}
+
 export class LivenessProxyClient {
   constructor(options?: ClientOptions);
   /** POST /v1/liveness/session-token; no body is sent when `body` is omitted. */
   getSessionToken(body?: Record<string, unknown>, options?: RequestOptions): Promise<SessionTokenResponse>;
-  /** POST /v1/liveness/sessions. */
-  createSession(body: CreateSessionRequest, options?: RequestOptions): Promise<CreateSessionResponse>;
+  /**
+   * POST /v1/liveness/sessions, with an Idempotency-Key. Network errors, timeouts and 429/502/503/504
+   * answers that were not replayed are retried with the same key and body (jittered backoff from 250 ms,
+   * never sooner than Retry-After); a 409 `idempotency-key-in-flight` is waited out for up to a minute;
+   * any other error is thrown at once.
+   */
+  createSession(body: CreateSessionRequest, options?: CreateSessionOptions): Promise<CreateSessionResponse>;
   /** GET /v1/liveness/sessions/{sessionId}/result, once. Throws TypeError for a malformed id. */
   getResult(sessionId: string, options?: RequestOptions): Promise<LivenessResult>;
   /** Polls getResult until the status is terminal; retries 429/502/503/504/network errors. */
