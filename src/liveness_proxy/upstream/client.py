@@ -6,11 +6,11 @@ with its Retry-After; 404 on a result -> UpstreamNotFound; 404 on a POST (our co
 wrong) -> 502; other 4xx -> UpstreamRejected (same status); 3xx, 5xx, persistent 401/403,
 non-JSON -> 502; timeouts -> 504.
 
-Two checks make a 2xx answer unusable (502 `upstream-malformed`) before anything reads it: an answer
-that contains one of our own secrets anywhere (the access token the call carried, the client
-secret, or a value the caller names, such as its API key), and a result for another session than
-the one asked for. An echo of a secret is never passed on, and a mismatched result never becomes a
-verdict.
+Two checks make an answer unusable (502 `upstream-malformed`) before anything reads it: an answer,
+of any status, that contains one of our own secrets anywhere (the access token the call carried, the
+client secret, or a value the caller names, such as its API key), raw or behind JSON escapes; and a
+2xx result for another session than the one asked for. An echo of a secret is never passed on (not
+even as an error code), and a mismatched result never becomes a verdict.
 
 Every HTTP exchange (the retry after a 401 too) is reported to an optional `UpstreamObserver` with its
 endpoint name, its outcome (the status, or "timeout", "connect_error", "connection_error",
@@ -307,12 +307,17 @@ class CynopsisClient:
     def _interpret(self, answer: HttpResponse, exchange: _Exchange, token: AccessToken) -> UpstreamResult:
         status = answer.status
         is_result = exchange.result_of is not None
+        secrets = (token.value, *exchange.caller_secrets)
         if 200 <= status < 300:
             payload = self._parse_object(answer)
-            self._refuse_echoed_secrets(answer, payload, (token.value, *exchange.caller_secrets))
+            self._refuse_echoed_secrets(answer, _canonical(payload, status), secrets)
             if exchange.result_of is not None:
                 self._refuse_other_session(payload, exchange.result_of, status)
             return UpstreamResult(status=status, payload=payload)
+        # An error answer is read for little (its status, a Retry-After, a short error code that the
+        # caller sees in the problem detail), but one that holds a secret is refused all the same: an
+        # error code may be nothing but an echoed token.
+        self._refuse_echoed_secrets(answer, _canonical_error(answer.body), secrets)
         if status == 429:
             raise UpstreamRateLimited(
                 "The liveness service is rate limiting requests; retry later.",
@@ -331,23 +336,17 @@ class CynopsisClient:
             raise UpstreamRejected(detail, upstream_status=status)
         raise UpstreamUnavailable(f"The liveness service failed (HTTP {status}).", upstream_status=status)
 
-    def _refuse_echoed_secrets(
-        self, answer: HttpResponse, payload: dict[str, Any], secrets: Sequence[str]
-    ) -> None:
-        """UpstreamMalformed when the answer holds a secret of ours: as sent (the raw body) or
-        once decoded (the canonical re-encoding, so no JSON escape hides it)."""
-        try:
-            canonical = orjson.dumps(payload)
-        except orjson.JSONEncodeError:
-            # orjson reads deeper nesting (1024) than it writes (254): no caller could get it anyway.
-            raise UpstreamMalformed(
-                "The liveness service sent JSON nested too deeply.", upstream_status=answer.status
-            ) from None
+    def _refuse_echoed_secrets(self, answer: HttpResponse, decoded: bytes, secrets: Sequence[str]) -> None:
+        """UpstreamMalformed when the answer holds a secret of ours: as sent (the raw body), or once
+        decoded (`decoded`: the JSON body re-encoded canonically, so no escape such as \\u0041 hides
+        one)."""
         for secret in (*secrets, *self._own_secrets()):
             if len(secret) < _MIN_SECRET_LENGTH:
                 continue  # an empty or trivially short value would match innocent answers
-            needle = secret.encode()
-            if needle in answer.body or needle in canonical:
+            # The secret as it reads in JSON text: '"', '\\' and control characters escaped, the way
+            # the canonical form writes them (a secret may hold any of them).
+            plain, written = secret.encode(), orjson.dumps(secret)[1:-1]
+            if plain in answer.body or written in answer.body or written in decoded:
                 raise UpstreamMalformed(
                     "The liveness service sent an answer that contains a credential; it was not passed on.",
                     upstream_status=answer.status,
@@ -378,3 +377,25 @@ class CynopsisClient:
                 "The liveness service sent JSON that is not an object.", upstream_status=answer.status
             )
         return payload
+
+
+def _canonical(payload: dict[str, Any], status: int) -> bytes:
+    """A 2xx answer's object, re-encoded: what a caller could be given of it."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        # orjson reads deeper nesting (1024) than it writes (254): no caller could get it anyway.
+        raise UpstreamMalformed(
+            "The liveness service sent JSON nested too deeply.", upstream_status=status
+        ) from None
+
+
+def _canonical_error(body: bytes) -> bytes:
+    """An error answer's JSON re-encoded, plus its error code decoded (the one part a caller sees);
+    empty when the body is not JSON. Never raises: an error answer stays the error it is."""
+    try:
+        canonical = orjson.dumps(orjson.loads(body))
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        canonical = b""
+    code = upstream_error_code(body)
+    return canonical if code is None else canonical + b"\n" + orjson.dumps(code)
