@@ -9,9 +9,10 @@ are kept even if they look like binary data; the deny list wins over the allow l
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 # Base64 (standard or URL-safe alphabet, optional padding), matched after removing whitespace (MIME
 # line breaks): no part of the pattern can overlap another, so matching stays linear in the length.
@@ -97,6 +98,17 @@ class BiometricFilter:
         return False
 
 
+def is_confidence(value: object) -> TypeGuard[int | float]:
+    """A usable confidence: a finite number on the 0-100 scale (not a boolean). The result the caller
+    gets and the verdict the proxy stores apply this one rule, so they cannot disagree."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= 100
+    )
+
+
 def is_terminal(status: object) -> bool:
     """Whether an upstream `status` value (of any JSON type) is a finished session's status."""
     return isinstance(status, str) and status in TERMINAL_STATUSES
@@ -109,6 +121,6 @@ def derived_pass(payload: dict[str, Any], threshold: float) -> bool | None:
     if not is_terminal(status):
         return None
     confidence = payload.get("confidence")
-    if status != "SUCCEEDED" or isinstance(confidence, bool) or not isinstance(confidence, int | float):
+    if status != "SUCCEEDED" or not is_confidence(confidence):
         return False
     return float(confidence) >= threshold

@@ -8,6 +8,7 @@ import json
 import time
 
 from liveness_proxy.privacy import BiometricFilter, derived_pass, is_terminal, looks_like_binary
+from liveness_proxy.store.verdicts import verdict_of
 
 IMAGE_TEXT = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4).decode()
 
@@ -60,6 +61,21 @@ def test_derived_pass_needs_a_finished_successful_session_above_the_threshold() 
     assert derived_pass({"status": "SUCCEEDED", "confidence": True}, 0.5) is False
     assert derived_pass({"status": "SUCCEEDED"}, 90) is False
     assert derived_pass({"status": "IN_PROGRESS", "confidence": 99.0}, 90) is None
+
+
+def test_the_stored_verdict_and_the_answer_drop_the_same_confidences() -> None:
+    """A confidence off the 0-100 scale is dropped from the caller's answer; the stored verdict (and
+    so the admin route and the webhook) must not keep it either, nor pass on it."""
+    for unusable in (150, -1, 100.0001, float("nan"), float("inf"), True, "97"):
+        payload = {"status": "SUCCEEDED", "confidence": unusable}
+        verdict = verdict_of(payload, recorded_at=1.0, request_id="r")
+        assert verdict is not None
+        assert verdict.confidence is None, unusable
+        assert derived_pass(payload, 90) is False
+    for usable in (0, 100, 97.5):
+        verdict = verdict_of({"status": "FAILED", "confidence": usable}, recorded_at=1.0, request_id="r")
+        assert verdict is not None
+        assert verdict.confidence == usable
 
 
 def test_an_allowed_field_still_loses_denied_fields_nested_in_it() -> None:

@@ -15,7 +15,6 @@ LIVENESS_PROXY_STRIP_BIOMETRICS=false) never widens the allow list.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from liveness_proxy.api.paths import is_session_id
 from liveness_proxy.errors import UnprocessableContent
-from liveness_proxy.privacy import BiometricFilter
+from liveness_proxy.privacy import BiometricFilter, is_confidence
 
 # A dropped member is named only if its name is a short identifier, and at most this many are
 # named: a name is chosen by the upstream, and a list of long or many names could itself carry data.
@@ -58,15 +57,6 @@ def is_lifetime(value: object) -> bool:
 
 def is_status(value: object) -> bool:
     return isinstance(value, str) and _STATUS.fullmatch(value) is not None
-
-
-def is_confidence(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0 <= value <= 100
-    )
 
 
 def _is_session_id(value: object) -> bool:

@@ -20,7 +20,6 @@ but it is not a verdict: a later terminal read still records one, and announces 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,7 +28,7 @@ import orjson
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from liveness_proxy.privacy import is_terminal
+from liveness_proxy.privacy import is_confidence, is_terminal
 from liveness_proxy.store.audit import ChainWriter
 from liveness_proxy.store.audit_chain import AuditRecord, column_values
 from liveness_proxy.store.group_commit import GroupCommitter
@@ -234,16 +233,13 @@ class VerdictLedger:
 
 def verdict_of(payload: dict[str, Any], *, recorded_at: float, request_id: str) -> SessionVerdict | None:
     """The verdict in an upstream result, or None while the session is not finished. A confidence
-    that is not a finite number is recorded as unknown (None), never guessed."""
+    that is not a number on the 0-100 scale is recorded as unknown (None), never guessed: the
+    caller's answer drops it by the same rule (`privacy.is_confidence`)."""
     status = payload.get("status")
     if not is_terminal(status):
         return None
     confidence = payload.get("confidence")
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, int | float)
-        or not math.isfinite(confidence)
-    ):
+    if not is_confidence(confidence):
         confidence = None
     return SessionVerdict(
         status=str(status), confidence=confidence, recorded_at=recorded_at, request_id=request_id
