@@ -35,6 +35,7 @@ from liveness_proxy.api.idempotency import fingerprint
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store.idempotency import Claimed, IdempotencyRecords, StoredAnswer
 from liveness_proxy.store.tables import idempotency_keys
+from liveness_proxy.store.write_batch import BatchedWrites
 from liveness_proxy.wiring import request_policy
 from prepared import PreparedDatabases
 from support import ProxyHarness, wait_until
@@ -273,7 +274,8 @@ async def crashed_claim(proxy: ProxyHarness, key: str, token: str) -> Claimed:
     lease this proxy gives its requests (claimed through the store, on an engine of the test's own)."""
     lease = request_policy(proxy.settings).idempotency_lease_seconds
     async with proxy.database() as engine:
-        claimed = await IdempotencyRecords(engine).begin(
+        writes = BatchedWrites(engine)
+        claimed = await IdempotencyRecords(writes).begin(
             proxy.runtime.hashes.subject("alice"),
             key,
             fingerprint({"session_token": token}),
@@ -281,6 +283,7 @@ async def crashed_claim(proxy: ProxyHarness, key: str, token: str) -> Claimed:
             lease_seconds=lease,
             ttl_seconds=proxy.settings.liveness_proxy_idempotency_ttl_seconds,
         )
+        await writes.close()
     assert isinstance(claimed, Claimed)
     return claimed
 
@@ -288,14 +291,18 @@ async def crashed_claim(proxy: ProxyHarness, key: str, token: str) -> Claimed:
 async def late_completion(proxy: ProxyHarness, key: str, owner: str) -> bool:
     """The crashed request's answer, arriving after its lease was taken over."""
     async with proxy.database() as engine:
-        return await IdempotencyRecords(engine).complete(
-            proxy.runtime.hashes.subject("alice"),
-            key,
-            owner,
-            StoredAnswer(status=502, content_type="application/problem+json", body=b"{}"),
-            now=proxy.runtime.wall_clock(),
-            ttl_seconds=proxy.settings.liveness_proxy_idempotency_ttl_seconds,
-        )
+        writes = BatchedWrites(engine)
+        try:
+            return await IdempotencyRecords(writes).complete(
+                proxy.runtime.hashes.subject("alice"),
+                key,
+                owner,
+                StoredAnswer(status=502, content_type="application/problem+json", body=b"{}"),
+                now=proxy.runtime.wall_clock(),
+                ttl_seconds=proxy.settings.liveness_proxy_idempotency_ttl_seconds,
+            )
+        finally:
+            await writes.close()
 
 
 def test_a_crashed_requests_lease_lapses_and_the_key_is_taken_over(shared: Shared) -> None:

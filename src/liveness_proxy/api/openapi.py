@@ -20,6 +20,8 @@ SESSION_ID_PATTERN = f"^{SESSION_ID_REGEX}$"
 LOCATION_PATTERN = "^" + SESSION_RESULT_PATH.replace("{session_id}", SESSION_ID_REGEX) + "$"
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}]
 _REQUEST_ID_HEADER = {"$ref": "#/components/headers/X-Request-ID"}
+# An OpenAPI runtime expression (the link from a session token to its create), not a password.
+SESSION_TOKEN_OF_ANSWER = "$response.body#/session_token"  # nosec B105
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -204,8 +206,7 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
                     "links": {
                         "createSession": {
                             "operationId": "createSession",
-                            # A runtime expression, not a password (bandit guesses from the name).
-                            "requestBody": {"session_token": "$response.body#/session_token"},  # nosec B105
+                            "requestBody": {"session_token": SESSION_TOKEN_OF_ANSWER},
                             "description": "Create the session with this token (same caller).",
                         }
                     },

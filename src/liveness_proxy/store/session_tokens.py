@@ -22,14 +22,14 @@ import redis.exceptions
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from liveness_proxy.errors import StoreUnavailable
-from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.tables import session_token_bindings
+from liveness_proxy.store.write_batch import BatchedWrites
 
-# Expired rows deleted by each remembering batch: bindings are written as fast as they expire, so a
-# small bounded sweep per batch keeps the table at the size of the tokens still valid.
+# Expired rows deleted with each binding written: bindings are written as fast as they expire, so a
+# small bounded sweep each time keeps the table at the size of the tokens still valid.
 _SWEEP_ROWS = 256
 
 
@@ -46,8 +46,39 @@ class SessionTokenLedger(Protocol):
     async def close(self) -> None: ...
 
 
-class SessionTokenStoreClosed(Exception):
-    pass
+@dataclass(slots=True)
+class _Remember:
+    token_hash: str
+    subject_hash: str
+    expires_at: float
+    sweep_before: float | None  # also delete (a bounded number of) bindings that expired before this
+
+    @property
+    def sort_key(self) -> str:
+        return "t" + self.token_hash
+
+    async def apply(self, connection: AsyncConnection) -> None:
+        postgres = connection.dialect.name == "postgresql"
+        if self.sweep_before is not None:
+            expired: Any = (
+                select(session_token_bindings.c.token_hash)
+                .where(session_token_bindings.c.expires_at < self.sweep_before)
+                .limit(_SWEEP_ROWS)
+            )
+            if postgres:
+                # Replicas sweeping at once skip each other's rows instead of queueing on them.
+                expired = expired.with_for_update(skip_locked=True)
+            await connection.execute(
+                delete(session_token_bindings).where(session_token_bindings.c.token_hash.in_(expired))
+            )
+        dialect_insert = postgresql_insert if postgres else sqlite_insert
+        # A token the upstream handed out twice keeps its first binding: the second holder gets
+        # `session-token-invalid`, never the first holder's token.
+        await connection.execute(
+            dialect_insert(session_token_bindings)
+            .values(token_hash=self.token_hash, subject_hash=self.subject_hash, expires_at=self.expires_at)
+            .on_conflict_do_nothing(index_elements=[session_token_bindings.c.token_hash])
+        )
 
 
 @dataclass(slots=True)
@@ -55,98 +86,50 @@ class _Take:
     token_hash: str
     subject_hash: str
     now: float
-    expires_at: float | None = None  # set by the writer when the take succeeds
+    expires_at: float | None = None  # the outcome: set when the take succeeds
+
+    @property
+    def sort_key(self) -> str:
+        return "t" + self.token_hash
+
+    async def apply(self, connection: AsyncConnection) -> None:
+        # One conditional DELETE: atomic on its own, so two requests (or replicas) using one token
+        # cannot both succeed, and a foreign subject's attempt leaves the binding to its owner.
+        result = await connection.execute(
+            delete(session_token_bindings)
+            .where(
+                session_token_bindings.c.token_hash == self.token_hash,
+                session_token_bindings.c.subject_hash == self.subject_hash,
+                session_token_bindings.c.expires_at > self.now,
+            )
+            .returning(session_token_bindings.c.expires_at)
+        )
+        row = result.first()
+        self.expires_at = None if row is None else float(row[0])
 
 
 class DatabaseSessionTokens:
-    """Bindings in the `session_token_bindings` table. Remembering and taking are group-committed
-    (one transaction serves every request queued meanwhile), like session bindings: a commit per
-    token would cap token issue and session creation at the database's commit rate."""
+    """Bindings in the `session_token_bindings` table, written through the shared `BatchedWrites`
+    (one transaction serves every request queued meanwhile)."""
 
     kind = "database"
 
-    def __init__(self, engine: AsyncEngine, *, batch_max: int = 256) -> None:
-        self._engine = engine
-        self._postgres = engine.dialect.name == "postgresql"
-        self._remembering: GroupCommitter[tuple[str, str, float, float]] = GroupCommitter(
-            self._write_remembered,
-            batch_max=batch_max,
-            name="session-token writer",
-            closed_error=SessionTokenStoreClosed,
-        )
-        self._taking: GroupCommitter[_Take] = GroupCommitter(
-            self._write_taken,
-            batch_max=batch_max,
-            name="session-token taker",
-            closed_error=SessionTokenStoreClosed,
-        )
+    def __init__(self, writes: BatchedWrites) -> None:
+        self._writes = writes
 
     async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._remembering.submit((token_hash, subject_hash, expires_at, now))
+        await self._writes.run(_Remember(token_hash, subject_hash, expires_at, sweep_before=now))
 
     async def take(self, token_hash: str, subject_hash: str, now: float) -> float | None:
-        item = _Take(token_hash, subject_hash, now)
-        await self._taking.submit(item)
-        return item.expires_at
+        take = _Take(token_hash, subject_hash, now)
+        await self._writes.run(take)
+        return take.expires_at
 
     async def put_back(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._insert([(token_hash, subject_hash, expires_at)], sweep_before=None)
+        await self._writes.run(_Remember(token_hash, subject_hash, expires_at, sweep_before=None))
 
     async def close(self) -> None:
-        await self._remembering.close()
-        await self._taking.close()
-
-    async def _write_remembered(
-        self, batch: list[tuple[str, str, float, float]]
-    ) -> list[BaseException | None]:
-        rows = [(token_hash, subject_hash, expires_at) for token_hash, subject_hash, expires_at, _ in batch]
-        await self._insert(rows, sweep_before=min(now for *_, now in batch))
-        return [None] * len(batch)
-
-    async def _insert(self, rows: list[tuple[str, str, float]], *, sweep_before: float | None) -> None:
-        dialect_insert = postgresql_insert if self._postgres else sqlite_insert
-        # A token the upstream handed out twice keeps its first binding: the second holder gets
-        # `session-token-invalid`, never the first holder's token.
-        statement = dialect_insert(session_token_bindings).on_conflict_do_nothing(
-            index_elements=[session_token_bindings.c.token_hash]
-        )
-        values = [
-            {"token_hash": token_hash, "subject_hash": subject_hash, "expires_at": expires_at}
-            for token_hash, subject_hash, expires_at in rows
-        ]
-        async with self._engine.begin() as connection:
-            if sweep_before is not None:
-                expired: Any = (
-                    select(session_token_bindings.c.token_hash)
-                    .where(session_token_bindings.c.expires_at < sweep_before)
-                    .limit(_SWEEP_ROWS)
-                )
-                if self._postgres:
-                    # Replicas sweeping at once skip each other's rows instead of queueing on them.
-                    expired = expired.with_for_update(skip_locked=True)
-                await connection.execute(
-                    delete(session_token_bindings).where(session_token_bindings.c.token_hash.in_(expired))
-                )
-            await connection.execute(statement, values)
-
-    async def _write_taken(self, batch: list[_Take]) -> list[BaseException | None]:
-        async with self._engine.begin() as connection:
-            for item in batch:
-                # One conditional DELETE per token: atomic on its own, so two requests (or
-                # replicas) using one token cannot both succeed, and a foreign subject's attempt
-                # leaves the binding in place for its owner.
-                result = await connection.execute(
-                    delete(session_token_bindings)
-                    .where(
-                        session_token_bindings.c.token_hash == item.token_hash,
-                        session_token_bindings.c.subject_hash == item.subject_hash,
-                        session_token_bindings.c.expires_at > item.now,
-                    )
-                    .returning(session_token_bindings.c.expires_at)
-                )
-                row = result.first()
-                item.expires_at = None if row is None else float(row[0])
-        return [None] * len(batch)
+        return None  # the shared writer is closed by its owner
 
 
 # Compare-and-delete: the binding goes only if the subject matches and it has not expired by the

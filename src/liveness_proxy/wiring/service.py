@@ -53,6 +53,7 @@ from liveness_proxy.store.session_tokens import (
     SessionTokenLedger,
 )
 from liveness_proxy.store.verdicts import verdict_of
+from liveness_proxy.store.write_batch import BatchedWrites
 from liveness_proxy.upstream import (
     CynopsisClient,
     CynopsisEndpoints,
@@ -380,12 +381,15 @@ async def running_service(
                 settings.liveness_proxy_webhook_timeout_seconds,
             ),
         )
+        # One writer for the small writes requests wait on (token bindings, idempotency claims):
+        # closed after everything that submits to it.
+        integrity_writes = BatchedWrites(engine)
+        opened.push_async_callback(integrity_writes.close)
         session_token_ledger: SessionTokenLedger = (
-            DatabaseSessionTokens(engine)
+            DatabaseSessionTokens(integrity_writes)
             if redis is None
             else RedisSessionTokens(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
         )
-        opened.push_async_callback(session_token_ledger.close)
         hashes = KeyedHash(settings.liveness_proxy_api_key_pepper.get_secret_value().encode())
         # Last in, so first out: the worker stops before the store and the transports it uses close.
         background.start()
@@ -430,5 +434,5 @@ async def running_service(
                 enabled=settings.liveness_proxy_session_token_binding,
                 wall_clock=wall_clock,
             ),
-            idempotency=IdempotencyRecords(engine),
+            idempotency=IdempotencyRecords(integrity_writes),
         )
