@@ -225,11 +225,16 @@ class StoreUnavailable(ProblemError):
 
 
 class UpstreamError(ProblemError):
-    """The Cynopsis API did not give a usable answer. `upstream_status` is for the audit log."""
+    """The Cynopsis API did not give a usable answer. `upstream_status` is for the audit log.
+
+    `not_processed` is True when Cynopsis certainly did not act on the request: it was never sent
+    (no connection could be made), or refused unprocessed (401, 429). A create that failed so has
+    not spent its session token upstream, and its answer is not one to replay."""
 
     status = 502
     slug = "upstream-error"
     title = "Upstream error"
+    not_processed: bool = False
 
     def __init__(
         self, detail: str, *, upstream_status: int | None = None, headers: Mapping[str, str] | None = None
@@ -260,6 +265,7 @@ class UpstreamRateLimited(UpstreamError):
     status = 429
     slug = "upstream-rate-limited"
     title = "Upstream rate limit"
+    not_processed = True  # a throttled request is refused before anything is done with it
 
     def __init__(self, detail: str, *, retry_after_seconds: int, upstream_status: int = 429) -> None:
         super().__init__(

@@ -387,11 +387,13 @@ class Settings(BaseSettings):
             if info.field_name == "liveness_proxy_extra_body_fields"
             else RESERVED_RESPONSE_FIELDS
         )
+        spellings = {_spelling(declared) for declared in reserved}
         for name in value:
             if not 0 < len(name) <= 128 or not name.isprintable():
                 raise ValueError(f"{name[:40]!r} is not a field name (1-128 printable characters)")
-            if name in reserved:
-                raise ValueError(f"{name!r} is already declared")
+            # `sessionToken` too: another spelling of a declared member would carry it unchecked.
+            if _spelling(name) in spellings:
+                raise ValueError(f"{name!r} is a declared member (or another spelling of one)")
         return value
 
     @field_validator("liveness_proxy_redis_url")
@@ -575,6 +577,11 @@ class Settings(BaseSettings):
                 shown = "" if value is None else str(value)
             summary[name.upper()] = shown
         return summary
+
+
+def _spelling(name: str) -> str:
+    # session_token, sessionToken and Session-Token are one member to anyone lenient enough.
+    return name.replace("_", "").replace("-", "").lower()
 
 
 def _is_loopback(hostname: str) -> bool:

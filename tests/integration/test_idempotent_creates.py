@@ -31,7 +31,7 @@ from integration.test_session_token_binding import (
     shared_proxy,
     spend_the_daily_cap,
 )
-from liveness_proxy.api.idempotency import fingerprint
+from liveness_proxy.api.idempotency import canonical
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store.idempotency import Claimed, IdempotencyRecords, StoredAnswer
 from liveness_proxy.store.tables import idempotency_keys
@@ -278,7 +278,7 @@ async def crashed_claim(proxy: ProxyHarness, key: str, token: str) -> Claimed:
         claimed = await IdempotencyRecords(writes).begin(
             proxy.runtime.hashes.subject("alice"),
             key,
-            fingerprint({"session_token": token}),
+            proxy.runtime.hashes.fingerprint(canonical({"session_token": token})),
             now=proxy.runtime.wall_clock(),
             lease_seconds=lease,
             ttl_seconds=proxy.settings.liveness_proxy_idempotency_ttl_seconds,
@@ -297,6 +297,7 @@ async def late_completion(proxy: ProxyHarness, key: str, owner: str) -> bool:
                 proxy.runtime.hashes.subject("alice"),
                 key,
                 owner,
+                "fingerprint-of-the-crashed-request",
                 StoredAnswer(status=502, content_type="application/problem+json", body=b"{}"),
                 now=proxy.runtime.wall_clock(),
                 ttl_seconds=proxy.settings.liveness_proxy_idempotency_ttl_seconds,

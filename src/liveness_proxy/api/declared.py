@@ -34,6 +34,8 @@ _NAMEABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 _STATUS = re.compile(r"[A-Za-z_]{1,32}")
 _MAX_SESSION_TOKEN_CHARS = 4096
 _MAX_LIFETIME_SECONDS = 10_000_000
+# How the base64 (standard or URL-safe) of a PNG, JPEG, GIF or WebP/RIFF file begins.
+_IMAGE_BASE64_OPENINGS = ("iVBORw0KGgo", "/9j/", "_9j_", "R0lGOD", "UklGR")
 # Field names quoted in a 422: at most this many, each cut to this length.
 _MAX_QUOTED_FIELDS = 5
 _MAX_QUOTED_CHARS = 64
@@ -42,12 +44,15 @@ Check = Callable[[object], bool]
 
 
 def is_session_token(value: object) -> bool:
-    """1-4096 visible ASCII characters: what any bearer token is made of."""
+    """1-4096 visible ASCII characters (what any bearer token is made of) that do not open like an
+    encoded image: the token is passed on verbatim, so the image check is its own."""
     return (
         isinstance(value, str)
         and 0 < len(value) <= _MAX_SESSION_TOKEN_CHARS
         and value.isascii()
         and all("!" <= char <= "~" for char in value)
+        and not value[:5].lower().startswith("data:")
+        and not value.startswith(_IMAGE_BASE64_OPENINGS)
     )
 
 

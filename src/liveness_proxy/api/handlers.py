@@ -24,8 +24,9 @@ from liveness_proxy.api.declared import (
 from liveness_proxy.api.idempotency import CallGoesOut, IdempotentCreates, idempotency_key_of
 from liveness_proxy.api.paths import SESSION_ID_RULE, is_session_id, session_result_location
 from liveness_proxy.api.responses import json_response
-from liveness_proxy.auth import Caller, HostAuthenticator
-from liveness_proxy.errors import BadRequest, NotFound, UpstreamMalformed
+from liveness_proxy.auth import Caller, HostAuthenticator, refuse_repeated_credentials
+from liveness_proxy.auth.session_tokens import TakenToken
+from liveness_proxy.errors import BadRequest, NotFound, UpstreamError, UpstreamMalformed
 from liveness_proxy.middleware import request_id_of
 from liveness_proxy.privacy import derived_pass
 from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest
@@ -59,9 +60,11 @@ class LivenessHandlers:
         )
         self._idempotent = IdempotentCreates(
             service.idempotency,
+            fingerprint=service.hashes.fingerprint,
             ttl_seconds=policy.idempotency_ttl_seconds,
             lease_seconds=policy.idempotency_lease_seconds,
             wall_clock=service.wall_clock,
+            logger=service.logger,
         )
 
     async def session_token(self, request: Request) -> Response:
@@ -99,7 +102,13 @@ class LivenessHandlers:
             reduced["redacted_fields"] = dropped
         encoded = encode_upstream(reduced, answer.status)
         # Durable before the caller holds the token: a token the proxy does not know never works.
-        await service.session_tokens.bind(token, caller.subject, reduced.get("expires_in"))
+        if not await service.session_tokens.bind(token, caller.subject, reduced.get("expires_in")):
+            # Cynopsis handed out a token it had issued before (to this caller or another): passing
+            # it on could give one user's attempt to another.
+            raise UpstreamMalformed(
+                "The liveness service returned a session token it had already issued.",
+                upstream_status=answer.status,
+            )
         return json_response(encoded)
 
     async def _create_session(self, request: Request, audit: AuditContext) -> Response:
@@ -142,27 +151,37 @@ class LivenessHandlers:
         session_token = str(forwarded["session_token"])
         request_id = request_id_of(request.scope)
         async with service.upstream_gate.slot():
-            # Only once the call is sure to go out (a slot and an access token in hand, the circuit
-            # breaker's admission) are the session token used and an attempt counted: an outage of
-            # ours costs neither; an attempt that fails upstream still counts (the cap bounds brute
-            # force, it is not a bill).
+            # The session token is used and an attempt counted only right before the call goes out
+            # (a slot, the circuit breaker's admission and an access token in hand): an outage of
+            # ours costs neither. An attempt that fails upstream still counts (the cap bounds brute
+            # force, it is not a bill); only a token Cynopsis never acted on is given back.
             await service.tokens.get()
+            taken: list[TakenToken] = []
 
             async def before_sending() -> None:
-                taken = await service.session_tokens.take(session_token, caller.subject)
+                token = await service.session_tokens.take(session_token, caller.subject)
                 try:
                     await service.limits.consume_attempt(caller.subject)
                 except BaseException:
-                    await taken.put_back()  # refused before the call: the token stays usable
+                    await token.put_back()  # refused before the call: the token stays usable
                     raise
+                taken.append(token)
                 goes_out()
 
-            answer = await service.cynopsis.create_session(
-                body,
-                request_id,
-                before_sending=before_sending,
-                caller_secrets=presented_credentials(request.headers),
-            )
+            try:
+                answer = await service.cynopsis.create_session(
+                    body,
+                    request_id,
+                    before_sending=before_sending,
+                    caller_secrets=presented_credentials(request.headers),
+                )
+            except UpstreamError as error:
+                if error.not_processed and taken:
+                    # Never sent, or refused unprocessed (401, 429): the token is unspent upstream,
+                    # so it stays usable here too, and the answer is not one to replay.
+                    goes_out.withdraw()
+                    await taken[0].put_back()
+                raise
         audit.upstream_status = answer.status
         session_id = session_id_from(answer.payload, self._policy.session_id_fields, answer.status)
         audit.session_id = session_id
@@ -229,7 +248,9 @@ class LivenessHandlers:
         library mode, then the proxy's API keys and JWTs."""
         caller = None
         if self._host_authentication is not None:
-            # Library mode: the host application's own authentication speaks first.
+            # Library mode: the host application's own authentication speaks first, but never to a
+            # request that carries a credential header twice (the proxy's own check, below, too).
+            refuse_repeated_credentials(request.headers)
             caller = await self._host_authentication.authenticate(request)
         if caller is None:
             caller = await self._service.authentication.authenticate(request.headers)

@@ -10,13 +10,13 @@ gets 409 with Retry-After; the same key with another body gets 422.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import structlog
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
@@ -50,10 +50,10 @@ def idempotency_key_of(headers: Headers) -> str | None:
     return values[0]
 
 
-def fingerprint(forwarded: dict[str, Any]) -> str:
+def canonical(forwarded: dict[str, Any]) -> bytes:
     """The request as it would go upstream, canonically: two bodies that differ only in member order
     or whitespace are the same request."""
-    return hashlib.sha256(orjson.dumps(forwarded, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return orjson.dumps(forwarded, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(slots=True)
@@ -65,6 +65,11 @@ class CallGoesOut:
     def __call__(self) -> None:
         self.sent = True
 
+    def withdraw(self) -> None:
+        """The call failed before Cynopsis acted on it (never sent, or refused unprocessed): its
+        answer is not stored, so a retry with the key is a fresh request."""
+        self.sent = False
+
 
 Create = Callable[[CallGoesOut], Awaitable[Response]]
 
@@ -74,13 +79,18 @@ class IdempotentCreates:
         self,
         records: IdempotencyRecords,
         *,
+        fingerprint: Callable[[bytes], str],
         ttl_seconds: float,
         lease_seconds: float,
         wall_clock: Callable[[], float],
+        logger: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        """`lease_seconds`: longer than any create can take (gate wait, access token, the call and
-        its one retry), so a live request never loses its key."""
+        """`fingerprint`: a keyed hash of a canonical request body. `lease_seconds`: longer than any
+        create can take (gate wait, access tokens, the call and its one retry, the store writes), so
+        a live request never loses its key."""
         self._records = records
+        self._fingerprint = fingerprint
+        self._logger = logger
         self._ttl_seconds = ttl_seconds
         self._lease_seconds = lease_seconds
         self._wall_clock = wall_clock
@@ -88,10 +98,11 @@ class IdempotentCreates:
     async def run(
         self, subject_hash: str, key: str, forwarded: dict[str, Any], request_id: str, create: Create
     ) -> Response:
+        fingerprint = self._fingerprint(canonical(forwarded))
         begun = await self._records.begin(
             subject_hash,
             key,
-            fingerprint(forwarded),
+            fingerprint,
             now=self._wall_clock(),
             lease_seconds=self._lease_seconds,
             ttl_seconds=self._ttl_seconds,
@@ -111,7 +122,7 @@ class IdempotentCreates:
         except ProblemError as error:
             if goes_out.sent:
                 answer = problem_response(error, request_id)
-                await self._complete(subject_hash, key, begun.owner, answer, None)
+                await self._complete(subject_hash, key, begun.owner, fingerprint, answer, None)
             else:
                 await self._records.abandon(subject_hash, key, begun.owner)
             raise
@@ -122,11 +133,19 @@ class IdempotentCreates:
             if not goes_out.sent:
                 await self._records.abandon(subject_hash, key, begun.owner)
             raise
-        await self._complete(subject_hash, key, begun.owner, response, response.headers.get("location"))
+        await self._complete(
+            subject_hash, key, begun.owner, fingerprint, response, response.headers.get("location")
+        )
         return response
 
     async def _complete(
-        self, subject_hash: str, key: str, owner: str, response: Response, location: str | None
+        self,
+        subject_hash: str,
+        key: str,
+        owner: str,
+        fingerprint: str,
+        response: Response,
+        location: str | None,
     ) -> None:
         answer = StoredAnswer(
             status=response.status_code,
@@ -134,9 +153,18 @@ class IdempotentCreates:
             body=bytes(response.body),
             location=location,
         )
-        await self._records.complete(
-            subject_hash, key, owner, answer, now=self._wall_clock(), ttl_seconds=self._ttl_seconds
+        stored = await self._records.complete(
+            subject_hash,
+            key,
+            owner,
+            fingerprint,
+            answer,
+            now=self._wall_clock(),
+            ttl_seconds=self._ttl_seconds,
         )
+        if not stored:
+            # Another request took the key over after this one's lease lapsed: its answer stands.
+            self._logger.warning("idempotency_answer_not_stored", status=answer.status)
 
 
 def replayed(answer: StoredAnswer, request_id: str) -> Response:

@@ -29,6 +29,7 @@ __all__ = [
     "KeySet",
     "StaticKeySource",
     "new_api_key",
+    "refuse_repeated_credentials",
 ]
 
 

@@ -41,6 +41,11 @@ class KeyedHash:
     def subject(self, subject: str) -> str:
         return self._hash(b"subject\x00", subject)
 
+    def fingerprint(self, request: bytes) -> str:
+        """Of an idempotent request's canonical body: keyed, because the body holds the session
+        token and a plain hash would let a database reader test guesses against it."""
+        return hmac.new(self._key, b"request\x00" + request, hashlib.sha256).hexdigest()
+
     def _hash(self, domain: bytes, value: str) -> str:
         return hmac.new(self._key, domain + value.encode(), hashlib.sha256).hexdigest()
 
@@ -82,12 +87,13 @@ class SessionTokenBinding:
         self._wall_clock = wall_clock
         self.enabled = enabled
 
-    async def bind(self, token: str, subject: str, expires_in: object) -> None:
-        """Remembers that `subject` obtained `token`; durable on return."""
+    async def bind(self, token: str, subject: str, expires_in: object) -> bool:
+        """Remembers that `subject` obtained `token`; durable on return. False when the token was
+        bound already (the upstream issued it twice): its first binding stands."""
         if not self.enabled:
-            return
+            return True
         now = self._wall_clock()
-        await self._ledger.remember(
+        return await self._ledger.remember(
             self._hashes.token(token), self._hashes.subject(subject), now + binding_lifetime(expires_in), now
         )
 

@@ -153,6 +153,7 @@ class _Settle:
     subject_hash: str
     key: str
     owner: str
+    fingerprint: str
     answer: StoredAnswer | None
     now: float
     ttl_seconds: float
@@ -188,6 +189,29 @@ class _Settle:
                 )
             )
         self.settled = result.rowcount == 1
+        if answer is not None and not self.settled:
+            # The lease lapsed and the request that took the key over was refused and dropped it:
+            # this answer is still the one to replay (a row another request holds is left alone).
+            dialect_insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+            restored = await connection.execute(
+                dialect_insert(idempotency_keys)
+                .values(
+                    subject_hash=self.subject_hash,
+                    idempotency_key=self.key,
+                    fingerprint=self.fingerprint,
+                    status=answer.status,
+                    content_type=answer.content_type,
+                    location=answer.location,
+                    body=answer.body.decode(),
+                    created_at=self.now,
+                    expires_at=self.now + self.ttl_seconds,
+                )
+                .on_conflict_do_nothing(
+                    index_elements=[idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key]
+                )
+                .returning(idempotency_keys.c.subject_hash)
+            )
+            self.settled = restored.first() is not None
 
 
 class IdempotencyRecords:
@@ -213,13 +237,21 @@ class IdempotencyRecords:
         return begin.outcome
 
     async def complete(
-        self, subject_hash: str, key: str, owner: str, answer: StoredAnswer, *, now: float, ttl_seconds: float
+        self,
+        subject_hash: str,
+        key: str,
+        owner: str,
+        fingerprint: str,
+        answer: StoredAnswer,
+        *,
+        now: float,
+        ttl_seconds: float,
     ) -> bool:
-        """Stores the answer; False when the lease was lost meanwhile (another request took the
-        key over after it lapsed): that request's answer stands."""
-        settle = _Settle(subject_hash, key, owner, answer, now, ttl_seconds)
+        """Stores the answer; False when the lease was lost meanwhile and another request holds
+        the key now: that request's answer stands."""
+        settle = _Settle(subject_hash, key, owner, fingerprint, answer, now, ttl_seconds)
         await self._writes.run(settle)
         return settle.settled
 
     async def abandon(self, subject_hash: str, key: str, owner: str) -> None:
-        await self._writes.run(_Settle(subject_hash, key, owner, None, 0.0, 0.0))
+        await self._writes.run(_Settle(subject_hash, key, owner, "", None, 0.0, 0.0))

@@ -3,7 +3,8 @@ deployment has one. Only keyed hashes are stored (of the token, and of the subje
 it); `auth/session_tokens.py` computes them and decides what a refusal means.
 
 Three operations, each atomic fleet-wide:
-- `remember(token, subject, expires_at, now)`: the token was handed to that subject;
+- `remember(token, subject, expires_at, now)`: the token was handed to that subject (False when it
+  was bound already: the upstream issued it twice);
 - `take(token, subject, now)`: the token's one use. It succeeds once, for that subject, before
   expiry, and deletes the binding; it returns the expiry so that the use can be undone;
 - `put_back(...)`: undoes a `take` whose create call never went out (a limit refused it).
@@ -37,7 +38,7 @@ class SessionTokenLedger(Protocol):
     @property
     def kind(self) -> str: ...
 
-    async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None: ...
+    async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> bool: ...
 
     async def take(self, token_hash: str, subject_hash: str, now: float) -> float | None: ...
 
@@ -52,6 +53,7 @@ class _Remember:
     subject_hash: str
     expires_at: float
     sweep_before: float | None  # also delete (a bounded number of) bindings that expired before this
+    inserted: bool = False  # the outcome
 
     @property
     def sort_key(self) -> str:
@@ -74,11 +76,13 @@ class _Remember:
         dialect_insert = postgresql_insert if postgres else sqlite_insert
         # A token the upstream handed out twice keeps its first binding: the second holder gets
         # `session-token-invalid`, never the first holder's token.
-        await connection.execute(
+        result = await connection.execute(
             dialect_insert(session_token_bindings)
             .values(token_hash=self.token_hash, subject_hash=self.subject_hash, expires_at=self.expires_at)
             .on_conflict_do_nothing(index_elements=[session_token_bindings.c.token_hash])
+            .returning(session_token_bindings.c.token_hash)
         )
+        self.inserted = result.first() is not None
 
 
 @dataclass(slots=True)
@@ -117,8 +121,10 @@ class DatabaseSessionTokens:
     def __init__(self, writes: BatchedWrites) -> None:
         self._writes = writes
 
-    async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._writes.run(_Remember(token_hash, subject_hash, expires_at, sweep_before=now))
+    async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> bool:
+        remember = _Remember(token_hash, subject_hash, expires_at, sweep_before=now)
+        await self._writes.run(remember)
+        return remember.inserted
 
     async def take(self, token_hash: str, subject_hash: str, now: float) -> float | None:
         take = _Take(token_hash, subject_hash, now)
@@ -161,8 +167,8 @@ class RedisSessionTokens:
         self._prefix = f"{key_prefix}session-token:"
         self._take_script = client.register_script(_TAKE_SCRIPT)
 
-    async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._set(token_hash, subject_hash, expires_at, now)
+    async def remember(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> bool:
+        return await self._set(token_hash, subject_hash, expires_at, now)
 
     async def take(self, token_hash: str, subject_hash: str, now: float) -> float | None:
         try:
@@ -175,21 +181,23 @@ class RedisSessionTokens:
         return None if expires_at is None else float(expires_at)
 
     async def put_back(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
-        await self._set(token_hash, subject_hash, expires_at, now)
+        await self._set(token_hash, subject_hash, expires_at, now)  # nothing can have taken its place
 
     async def close(self) -> None:
         return None
 
-    async def _set(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
+    async def _set(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> bool:
+        """False when the key existed already (SET NX did not set it)."""
         milliseconds = int((expires_at - now) * 1000)
         if milliseconds <= 0:
-            return  # already expired: nothing to remember
+            return True  # already expired: nothing to remember (a take would refuse it anyway)
         try:
-            await self._client.set(
+            stored = await self._client.set(
                 self._prefix + token_hash, f"{subject_hash} {expires_at!r}", px=milliseconds, nx=True
             )
         except _REDIS_FAILURES:
             raise _unavailable() from None
+        return bool(stored)
 
 
 def _unavailable() -> StoreUnavailable:

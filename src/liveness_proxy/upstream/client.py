@@ -121,6 +121,7 @@ class _Exchange:
     request_id: str
     result_of: str | None  # the session id a result is asked for
     caller_secrets: Sequence[str]
+    before_sending: Callable[[], Awaitable[None]] | None
 
 
 class CynopsisClient:
@@ -174,9 +175,10 @@ class CynopsisClient:
         before_sending: Callable[[], Awaitable[None]] | None = None,
         caller_secrets: Sequence[str] = (),
     ) -> UpstreamResult:
-        """`body` is a JSON object, already encoded. `before_sending` runs once the call is admitted
-        by the circuit breaker, right before it goes out (e.g. to count a daily attempt): a call the
-        breaker refuses costs nothing, and if `before_sending` raises, nothing is sent."""
+        """`body` is a JSON object, already encoded. `before_sending` runs right before the call goes
+        out: admitted by the circuit breaker, with an access token in hand (e.g. to use a session
+        token and count a daily attempt). A call refused before it costs nothing, and if
+        `before_sending` raises, nothing is sent."""
         return await self._call(
             "create_session",
             "POST",
@@ -209,16 +211,14 @@ class CynopsisClient:
         before_sending: Callable[[], Awaitable[None]] | None = None,
         caller_secrets: Sequence[str] = (),
     ) -> UpstreamResult:
-        exchange = _Exchange(endpoint, method, url, body, request_id, result_of, caller_secrets)
+        exchange = _Exchange(
+            endpoint, method, url, body, request_id, result_of, caller_secrets, before_sending
+        )
         circuit = self._circuit
         if circuit is None:
-            if before_sending is not None:
-                await before_sending()
             return await self._call_upstream(exchange)
         probe = circuit.admit()
         try:
-            if before_sending is not None:
-                await before_sending()
             result = await self._call_upstream(exchange)
         except UpstreamError as exc:
             if isinstance(exc, TokenUnavailable):
@@ -243,6 +243,9 @@ class CynopsisClient:
             exchange.request_id,
         )
         token = await self._tokens.get()
+        if exchange.before_sending is not None:
+            # Last before the send: the access token is in hand, so nothing of ours can stop it now.
+            await exchange.before_sending()
         answer, seconds = await self._send(endpoint, method, url, body, token, request_id)
         if answer.status == 401:
             # Counted now: getting a token for the retry may fail, and the retry is an exchange of its own.
@@ -251,7 +254,11 @@ class CynopsisClient:
             # did not process a request it refused to authenticate, so a POST is safe too. If the
             # token manager keeps the token (one was replaced moments ago), there is no retry.
             self._tokens.invalidate(token)
-            fresh = await self._tokens.get()
+            try:
+                fresh = await self._tokens.get()
+            except UpstreamError as error:
+                error.not_processed = True  # Cynopsis refused the request unauthenticated
+                raise
             if fresh is token:
                 return self._interpret(answer, exchange, token)
             token = fresh
@@ -296,6 +303,8 @@ class CynopsisClient:
             )
         except HttpError as exc:
             outcome, problem = upstream_problem(exc)
+            # No connection, no request: the one failure that certainly sent nothing.
+            problem.not_processed = outcome == "connect_error"
             self._observe(endpoint, outcome, time.perf_counter() - started)
             raise problem from None
         return response, time.perf_counter() - started
@@ -324,9 +333,11 @@ class CynopsisClient:
                 retry_after_seconds=parse_retry_after(answer.header(b"retry-after")),
             )
         if status in (401, 403):
-            raise UpstreamUnavailable(
+            refused = UpstreamUnavailable(
                 "The liveness service refused the proxy's credentials.", upstream_status=status
             )
+            refused.not_processed = status == 401
+            raise refused
         if status == 404 and is_result:
             raise UpstreamNotFound("No such liveness session.")
         if 400 <= status < 500 and status != 404:

@@ -78,12 +78,14 @@ def request_policy(settings: Settings) -> RequestPolicy:
         extra_body_fields=tuple(settings.liveness_proxy_extra_body_fields),
         extra_response_fields=tuple(settings.liveness_proxy_extra_response_fields),
         idempotency_ttl_seconds=float(settings.liveness_proxy_idempotency_ttl_seconds),
-        # Longer than any create can take: the wait for a slot and an access token, the call and its
-        # one retry after a 401, and a margin.
+        # Longer than any create can take: the wait for a slot, two access tokens and two sends (the
+        # retry after a 401), four store writes each waiting at most a pool or lock timeout (the
+        # claim, the token's use, the binding, the answer), and a margin. 72 s by default.
         idempotency_lease_seconds=settings.liveness_proxy_upstream_queue_timeout_seconds
-        + settings.cynopsis_token_timeout_seconds
+        + 2 * settings.cynopsis_token_timeout_seconds
         + 2 * settings.cynopsis_timeout_seconds
-        + 5.0,
+        + 4 * max(settings.liveness_proxy_database_pool_timeout_seconds, SQLITE_BUSY_TIMEOUT_MS / 1000)
+        + 10.0,
     )
 
 

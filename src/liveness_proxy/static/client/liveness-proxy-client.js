@@ -17,8 +17,8 @@ const MIN_DELAY_MS = 50;
 const RETRY_INITIAL_DELAY_MS = 250;
 // createSession: how long a 409 idempotency-key-in-flight (an earlier attempt of the same call still
 // at work in the proxy) is waited out. Longer than the proxy holds a key for a create in flight with
-// its default timeouts (42 s), after which the key is answered or free again.
-const IN_FLIGHT_WAIT_MS = 60000;
+// its default timeouts (72 s), after which the key is answered or free again.
+const IN_FLIGHT_WAIT_MS = 90000;
 
 /**
  * Whether a liveness status is final: `SUCCEEDED`, `FAILED` or `EXPIRED`, the statuses the proxy
