@@ -5,7 +5,8 @@ proxy (the floor), all in front of one static nginx stub of the Cynopsis API, on
                                   [--out bench/results] [--profile | --profile-only] [--update-docs]
                                   [--fleet auto|require|skip]
 
-Scenarios (see bench/README.md): S1 result read, S2 create session, S3 slow upstream (500 ms),
+Scenarios (see bench/README.md): S1 result read, S2 create session, S2i and S2b what an
+Idempotency-Key and session-token binding cost a create, S3 slow upstream (500 ms),
 S4 token stampede (one process, and a fleet on PostgreSQL + Redis), S5 memory over many requests,
 S6 start-up time, S7 the finalizer's cost to S1/S2 (on vs off) and the sessions per second one
 process follows to a verdict and announces by webhook. Every throughput figure is min/median/max
@@ -42,7 +43,7 @@ from proxies import PROXY_LOG_LEVEL, Bench
 from report import machine_info, markdown_table, render_chart, update_docs
 from scenarios.main_proxies import MainTargets, start_main_targets
 from scenarios.s1_result_read import scenario_s1
-from scenarios.s2_create_session import scenario_s2
+from scenarios.s2_costs import S2_FAMILY, scenario_s2_family
 from scenarios.s3_slow_upstream import scenario_s3
 from scenarios.s4_token_stampede import scenario_s4
 from scenarios.s5_memory import scenario_s5
@@ -51,19 +52,20 @@ from scenarios.s7_finalizer import scenario_s7
 from stats import Outcome, Row
 from stubs import start_nginx
 
-ALL_SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
+ALL_SCENARIOS = ("S1", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7")
+_SCENARIO_NAMES = {name.upper(): name for name in ALL_SCENARIOS}
 
 
 def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[dict[str, Any], list[Row]]:
     chosen = bench.plan.scenarios
     outcomes: dict[str, Outcome] = {}
     main: MainTargets | None = None
-    if {"S1", "S2"} & set(chosen) or profile or "S5" in chosen:
+    if {"S1", "S2", "S2i"} & set(chosen) or profile or "S5" in chosen:
         main = start_main_targets(bench)
     if "S1" in chosen and main is not None:
         outcomes["S1"] = scenario_s1(bench, main)
-    if "S2" in chosen and main is not None:
-        outcomes["S2"] = scenario_s2(bench, main, outcomes.get("S1"))
+    if set(S2_FAMILY) & set(chosen):
+        outcomes |= scenario_s2_family(bench, main, outcomes.get("S1"), chosen)
     if profile and main is not None:
         for scenario in ("S1", "S2"):
             print(profile_scenario(bench, main, scenario, out, date))
@@ -89,9 +91,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=8, help="wrk seconds per repetition (default 8)")
     parser.add_argument(
         "--scenarios",
-        type=lambda text: tuple(part.strip().upper() for part in text.split(",") if part.strip()),
+        # Case-insensitive (s2i, S2I and S2i are one scenario); unknown names are kept to be refused.
+        type=lambda text: tuple(
+            _SCENARIO_NAMES.get(part.strip().upper(), part.strip())
+            for part in text.split(",")
+            if part.strip()
+        ),
         default=ALL_SCENARIOS,
-        help="comma-separated subset of S1,S2,S3,S4,S5,S6,S7 (default all)",
+        help=f"comma-separated subset of {','.join(ALL_SCENARIOS)} (default all)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny run proving every scenario works (~1 min)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results folder")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,9 @@ class WrkReading:
     socket_errors: int
     seconds: float
     connections: int
+    # What a wrk script counted itself (its `done` writes `counted <name> <n>` lines), e.g. S2b's
+    # creates that succeeded: wrk's own totals mix the two requests of a pair.
+    counted: dict[str, int] | None = None
     # wrk's own output, kept only for a reading with errors or without any request, to show why.
     output: str | None = None
 
@@ -46,6 +49,7 @@ def parse_wrk(output: str, connections: int) -> WrkReading:
         raise BenchError(f"wrk: unexpected output:\n{output[-1500:]}")
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    counted = {name: int(value) for name, value in re.findall(r"^counted (\w+) (\d+)$", output, re.MULTILINE)}
     anomalous = non_2xx is not None or socket_errors is not None or int(total.group(1)) == 0
     return WrkReading(
         requests_per_second=float(rate.group(1)),
@@ -57,6 +61,7 @@ def parse_wrk(output: str, connections: int) -> WrkReading:
         socket_errors=sum(int(value) for value in socket_errors.groups()) if socket_errors else 0,
         seconds=_milliseconds(total.group(2) + total.group(3)) / 1000,
         connections=connections,
+        counted=counted or None,
         output=output.strip()[-1500:] if anomalous else None,
     )
 
@@ -69,6 +74,7 @@ def run_wrk(
     threads: int = 1,
     headers: Mapping[str, str] | None = None,
     script: Path | None = None,
+    script_args: Sequence[str] = (),
 ) -> WrkReading:
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for name, value in (headers or {}).items():
@@ -76,6 +82,8 @@ def run_wrk(
     if script is not None:
         command += ["-s", str(script)]
     command.append(url)
+    if script_args:
+        command += ["--", *script_args]  # the script's init(args)
     answer = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=False)
     if answer.returncode != 0:
         raise BenchError(f"wrk failed on {url}: {(answer.stdout + answer.stderr).strip()[-1500:]}")

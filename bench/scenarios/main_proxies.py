@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common import BENCH_DIR, RESULT_PATH, SESSIONS_PATH, STUB_RESULT_PATH, progress
-from proxies import Bench, Proxy, create_session
+from proxies import PLAIN_CREATE_SETTINGS, Bench, Proxy, create_session
 from wrk import WrkReading, run_wrk
 
 
@@ -27,6 +27,7 @@ def start_main_targets(bench: Bench) -> MainTargets:
         database_url=bench.sqlite_url("main"),
         api_base=bench.stubs.stub,
         token_url=f"{bench.stubs.stub}/oauth/token",
+        **PLAIN_CREATE_SETTINGS,
     )
     ours = bench.start_ours("ours", env)
     naive = bench.start_naive("naive", bench.stubs.stub)

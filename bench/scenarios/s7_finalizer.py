@@ -43,7 +43,14 @@ from typing import Any
 
 from common import BENCH_DIR, RESULT_PATH, SESSIONS_PATH, BenchError, progress
 from followups import ProxyDatabase
-from proxies import Bench, Proxy, create_session, issue_api_key, sample_failure
+from proxies import (
+    PLAIN_CREATE_SETTINGS,
+    Bench,
+    Proxy,
+    create_session,
+    issue_api_key,
+    sample_failure,
+)
 from stats import Outcome, Row, fmt_rate_and_p99, interleaved, median_of, ratio, summarize_all
 from wrk import WrkReading, run_wrk
 
@@ -164,6 +171,7 @@ def running_targets(bench: Bench, webhook_secret: str) -> Iterator[dict[str, Tar
             database_url=urls[mode],
             api_base=stub,
             token_url=f"{stub}/oauth/token",
+            **PLAIN_CREATE_SETTINGS,  # S2's body, as in S2 (proxies.py)
             **settings[mode],
         )
         for mode in MODES

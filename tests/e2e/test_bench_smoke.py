@@ -1,7 +1,8 @@
-"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S7) against
-nginx stubs, the naive proxy and our proxy, and writes its JSON, Markdown and chart. Nothing here
-judges a timing or a target: the smoke run is too short for either to mean anything. What it proves
-is that every scenario runs, reports numbers and ratios, and that our proxy answered 2xx throughout.
+"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S7, and S2i
+and S2b beside S2) against nginx stubs, the naive proxy and our proxy, and writes its JSON, Markdown
+and chart. Nothing here judges a timing or a target: the smoke run is too short for either to mean
+anything. What it proves is that every scenario runs, reports numbers and ratios, and that our proxy
+answered 2xx throughout.
 
 Needs wrk, nginx and nginx's echo module (Debian: wrk, nginx-light, libnginx-mod-http-echo; .ci/run
 and bench/install-tools install them). Without them the test is skipped, unless
@@ -27,7 +28,7 @@ import pytest
 from services import REQUIRE_SERVICES, postgres_problem, redis_problem
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
-SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
+SCENARIOS = ("S1", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7")
 ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
 
 
@@ -114,6 +115,33 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
         assert _is_number(scenarios["S1"]["ratios"][ratio]), ratio
     for ratio in ("ours_to_ours_s1", "ours_to_nginx", "ours_to_naive"):
         assert _is_number(scenarios["S2"]["ratios"][ratio]), ratio
+    # S2i and S2b: what an Idempotency-Key and token binding cost a create; every keyed create and
+    # every pair answered 2xx (a 422 would mean S2's settings or the bound flow's script broke).
+    s2i = scenarios["S2i"]
+    for system in ("ours", "ours_idempotent"):
+        for figure in ("requests_per_second", "p99_ms", "non_2xx", "cpu_us_per_create"):
+            _assert_spread(s2i["measured"][system], figure, f"S2i/{system}")
+        assert s2i["measured"][system]["requests_per_second"]["min"] > 0, system
+        assert s2i["measured"][system]["non_2xx"]["max"] == 0, (
+            system,
+            s2i["measured"][system].get("sample_failure"),
+        )
+    for ratio in ("idempotent_to_plain_requests_per_second", "idempotent_to_plain_p99"):
+        assert _is_number(s2i["ratios"][ratio]), ratio
+    s2b = scenarios["S2b"]
+    for system in ("pair_unbound", "pair_bound"):
+        section = s2b["measured"][system]
+        for figure in ("requests_per_second", "pairs_per_second", "p99_ms", "non_2xx", "cpu_us_per_pair"):
+            _assert_spread(section, figure, f"S2b/{system}")
+        assert section["pairs_per_second"]["min"] > 0, system
+        assert section["non_2xx"]["max"] == 0, (system, section.get("sample_failure"))
+        for rep in section["reps"]:
+            # Every token fetched is used once; the creates still in flight when wrk stopped (at
+            # most one per connection) are the only ones not counted as created.
+            counted = rep["counted"]
+            assert counted["creates_sent"] - counted["created"] <= rep["connections"], counted
+    for ratio in ("bound_to_unbound_pairs_per_second", "bound_to_unbound_p99"):
+        assert _is_number(s2b["ratios"][ratio]), ratio
     for system in ("ours", "nginx", "naive"):
         for figure in ("requests_per_second", "p99_ms", "errors"):
             _assert_spread(scenarios["S3"]["measured"][system], figure, f"S3/{system}")
