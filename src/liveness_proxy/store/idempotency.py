@@ -13,10 +13,11 @@ Records end `ttl_seconds` after their answer; each claim sweeps a bounded number
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -73,9 +74,50 @@ class _Begin:
     def sort_key(self) -> str:
         return "i" + self.subject_hash + self.key
 
-    async def apply(self, connection: AsyncConnection) -> None:
-        postgres = connection.dialect.name == "postgresql"
-        claim = {
+    @classmethod
+    async def apply_all(cls, connection: AsyncConnection, operations: Sequence[_Begin]) -> None:
+        # Ended records go first, a bounded number per batch: claims come as fast as records end.
+        expired: Any = (
+            select(idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key)
+            .where(idempotency_keys.c.expires_at < min(operation.now for operation in operations))
+            .limit(_SWEEP_ROWS)
+        )
+        if connection.dialect.name == "postgresql":
+            expired = expired.with_for_update(skip_locked=True)
+        await connection.execute(
+            delete(idempotency_keys).where(
+                # Row values: both engines compare (a, b) IN (SELECT a, b ...).
+                tuple_(idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key).in_(expired)
+            )
+        )
+        # The usual case, a key never seen: every claim of the batch in one INSERT. The first claim
+        # of a key in the batch is tried there; the others (and every key already taken) are
+        # decided one by one below, each reading what the one before may have written.
+        first: dict[tuple[str, str], _Begin] = {}
+        for operation in operations:
+            first.setdefault((operation.subject_hash, operation.key), operation)
+        dialect_insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+        result = await connection.execute(
+            dialect_insert(idempotency_keys)
+            .values([operation.row() for operation in first.values()])
+            .on_conflict_do_nothing(
+                index_elements=[idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key]
+            )
+            .returning(idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key)
+        )
+        claimed = {(str(row[0]), str(row[1])) for row in result}
+        for pair in claimed:
+            operation = first[pair]
+            operation.outcome = Claimed(operation.owner)
+        for operation in operations:
+            if operation.outcome is None:
+                await operation.apply(connection)
+
+    def row(self) -> dict[str, Any]:
+        return {"subject_hash": self.subject_hash, "idempotency_key": self.key, **self.claim()}
+
+    def claim(self) -> dict[str, Any]:
+        return {
             "fingerprint": self.fingerprint,
             "lease_owner": self.owner,
             "lease_until": self.now + self.lease_seconds,
@@ -86,33 +128,12 @@ class _Begin:
             "created_at": self.now,
             "expires_at": self.now + self.lease_seconds + self.ttl_seconds,
         }
-        expired: Any = (
-            select(idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key)
-            .where(idempotency_keys.c.expires_at < self.now)
-            .limit(_SWEEP_ROWS)
-        )
-        if postgres:
-            expired = expired.with_for_update(skip_locked=True)
-        await connection.execute(
-            delete(idempotency_keys).where(
-                # Row values: both engines compare (a, b) IN (SELECT a, b ...).
-                tuple_(idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key).in_(expired)
-            )
-        )
-        dialect_insert = postgresql_insert if postgres else sqlite_insert
-        inserted = (
-            await connection.execute(
-                dialect_insert(idempotency_keys)
-                .values(subject_hash=self.subject_hash, idempotency_key=self.key, **claim)
-                .on_conflict_do_nothing(
-                    index_elements=[idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key]
-                )
-                .returning(idempotency_keys.c.lease_owner)
-            )
-        ).first()
-        if inserted is not None:
-            self.outcome = Claimed(self.owner)
-            return
+
+    async def apply(self, connection: AsyncConnection) -> None:
+        """A key the batch's INSERT did not claim: taken already (by an earlier request, or an
+        earlier claim of this batch)."""
+        postgres = connection.dialect.name == "postgresql"
+        claim = self.claim()
         this_key = and_(
             idempotency_keys.c.subject_hash == self.subject_hash,
             idempotency_keys.c.idempotency_key == self.key,
@@ -163,6 +184,55 @@ class _Settle:
     def sort_key(self) -> str:
         return "i" + self.subject_hash + self.key
 
+    @classmethod
+    async def apply_all(cls, connection: AsyncConnection, operations: Sequence[_Settle]) -> None:
+        answered = [operation for operation in operations if operation.answer is not None]
+        unique = len({(operation.subject_hash, operation.key) for operation in answered}) == len(answered)
+        # SQLite reports the rows an executemany matched in total (asyncpg does not: PostgreSQL goes
+        # one by one, where a statement costs less than SQLite's trip through its thread).
+        if len(answered) > 1 and unique and connection.dialect.name == "sqlite":
+            # The usual case: every answer's lease still held. One executemany; only if some row
+            # was not matched does each answer go its own way (below) to learn which.
+            result = await connection.execute(
+                update(idempotency_keys)
+                .where(
+                    idempotency_keys.c.subject_hash == bindparam("b_subject_hash"),
+                    idempotency_keys.c.idempotency_key == bindparam("b_key"),
+                    idempotency_keys.c.lease_owner == bindparam("b_owner"),
+                )
+                .values(
+                    status=bindparam("b_status"),
+                    content_type=bindparam("b_content_type"),
+                    location=bindparam("b_location"),
+                    body=bindparam("b_body"),
+                    lease_owner=None,
+                    lease_until=None,
+                    expires_at=bindparam("b_expires_at"),
+                ),
+                [operation.answer_parameters() for operation in answered],
+            )
+            if result.rowcount == len(answered):
+                for operation in answered:
+                    operation.settled = True
+        for operation in operations:
+            if not operation.settled:
+                await operation.apply(connection)
+
+    def answer_parameters(self) -> dict[str, Any]:
+        answer = self.answer
+        if answer is None:
+            raise ValueError("only an answer has parameters")
+        return {
+            "b_subject_hash": self.subject_hash,
+            "b_key": self.key,
+            "b_owner": self.owner,
+            "b_status": answer.status,
+            "b_content_type": answer.content_type,
+            "b_location": answer.location,
+            "b_body": answer.body.decode(),
+            "b_expires_at": self.now + self.ttl_seconds,
+        }
+
     async def apply(self, connection: AsyncConnection) -> None:
         owned = and_(
             idempotency_keys.c.subject_hash == self.subject_hash,
@@ -190,6 +260,19 @@ class _Settle:
             )
         self.settled = result.rowcount == 1
         if answer is not None and not self.settled:
+            stored = (
+                await connection.execute(
+                    select(idempotency_keys.c.lease_owner, idempotency_keys.c.body).where(
+                        idempotency_keys.c.subject_hash == self.subject_hash,
+                        idempotency_keys.c.idempotency_key == self.key,
+                    )
+                )
+            ).first()
+            if stored is not None and stored.lease_owner is None and stored.body == answer.body.decode():
+                # Stored already (by the batch's executemany, whose total count fell short because
+                # of another answer): settled, not lost.
+                self.settled = True
+                return
             # The lease lapsed and the request that took the key over was refused and dropped it:
             # this answer is still the one to replay (a row another request holds is left alone).
             dialect_insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert

@@ -15,12 +15,13 @@ check fails closed, never a per-process guess.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -59,12 +60,14 @@ class _Remember:
     def sort_key(self) -> str:
         return "t" + self.token_hash
 
-    async def apply(self, connection: AsyncConnection) -> None:
+    @classmethod
+    async def apply_all(cls, connection: AsyncConnection, operations: Sequence[_Remember]) -> None:
         postgres = connection.dialect.name == "postgresql"
-        if self.sweep_before is not None:
+        sweeps = [operation.sweep_before for operation in operations if operation.sweep_before is not None]
+        if sweeps:
             expired: Any = (
                 select(session_token_bindings.c.token_hash)
-                .where(session_token_bindings.c.expires_at < self.sweep_before)
+                .where(session_token_bindings.c.expires_at < min(sweeps))
                 .limit(_SWEEP_ROWS)
             )
             if postgres:
@@ -74,15 +77,29 @@ class _Remember:
                 delete(session_token_bindings).where(session_token_bindings.c.token_hash.in_(expired))
             )
         dialect_insert = postgresql_insert if postgres else sqlite_insert
-        # A token the upstream handed out twice keeps its first binding: the second holder gets
-        # `session-token-invalid`, never the first holder's token.
+        # A token the upstream handed out twice keeps its first binding (the second is reported, and
+        # refused): within a batch too, the first in order wins.
+        first: dict[str, _Remember] = {}
+        for operation in operations:
+            first.setdefault(operation.token_hash, operation)
         result = await connection.execute(
             dialect_insert(session_token_bindings)
-            .values(token_hash=self.token_hash, subject_hash=self.subject_hash, expires_at=self.expires_at)
+            .values(
+                [
+                    {
+                        "token_hash": op.token_hash,
+                        "subject_hash": op.subject_hash,
+                        "expires_at": op.expires_at,
+                    }
+                    for op in first.values()
+                ]
+            )
             .on_conflict_do_nothing(index_elements=[session_token_bindings.c.token_hash])
             .returning(session_token_bindings.c.token_hash)
         )
-        self.inserted = result.first() is not None
+        inserted = {str(row[0]) for row in result}
+        for token_hash, operation in first.items():
+            operation.inserted = token_hash in inserted
 
 
 @dataclass(slots=True)
@@ -96,20 +113,26 @@ class _Take:
     def sort_key(self) -> str:
         return "t" + self.token_hash
 
-    async def apply(self, connection: AsyncConnection) -> None:
-        # One conditional DELETE: atomic on its own, so two requests (or replicas) using one token
-        # cannot both succeed, and a foreign subject's attempt leaves the binding to its owner.
+    @classmethod
+    async def apply_all(cls, connection: AsyncConnection, operations: Sequence[_Take]) -> None:
+        # One conditional DELETE for the batch: a binding goes only with its own subject and before
+        # its expiry, so a foreign subject's attempt leaves it to its owner, and of two requests
+        # (or replicas) using one token only one gets it back from RETURNING.
+        now = max(operation.now for operation in operations)
         result = await connection.execute(
             delete(session_token_bindings)
             .where(
-                session_token_bindings.c.token_hash == self.token_hash,
-                session_token_bindings.c.subject_hash == self.subject_hash,
-                session_token_bindings.c.expires_at > self.now,
+                tuple_(session_token_bindings.c.token_hash, session_token_bindings.c.subject_hash).in_(
+                    [(operation.token_hash, operation.subject_hash) for operation in operations]
+                ),
+                session_token_bindings.c.expires_at > now,
             )
-            .returning(session_token_bindings.c.expires_at)
+            .returning(session_token_bindings.c.token_hash, session_token_bindings.c.expires_at)
         )
-        row = result.first()
-        self.expires_at = None if row is None else float(row[0])
+        taken = {str(row[0]): float(row[1]) for row in result}
+        for operation in operations:
+            # A token named twice in one batch is taken once: by the first in order.
+            operation.expires_at = taken.pop(operation.token_hash, None)
 
 
 class DatabaseSessionTokens:
