@@ -1,6 +1,7 @@
 """What goes in and out is what is declared (issue 17, items 2, 3, 4 and 6), through the running
 proxy: request bodies checked before anything goes upstream, answers reduced to their allow list,
-answers that echo a secret or answer for another session refused, one credential per request.
+answers that echo a secret, answer for another session or hand out a session token twice refused,
+one credential per request (in library mode too).
 
 The upstream is the sandbox behind a `Tap`: a loopback server that forwards each request to the
 sandbox as it came, keeps what the proxy sent (the sandbox's own request log keeps only sizes), and
@@ -23,8 +24,10 @@ import orjson
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from integration.test_library_mode import USER_HEADER, gateway_hook
 from liveness_proxy.api.openapi import build_openapi
 from liveness_proxy.sandbox import SandboxConfig
+from services import scratch_redis
 from support import CLIENT_SECRET, ProxyHarness, ServerThread, find_leaks, wait_until
 from unit.test_declared_answers import JPEG, PNG, leaked_runs
 
@@ -395,6 +398,36 @@ def test_undeclared_and_mistyped_answer_members_are_dropped_and_named(tapped: Ta
         assert len(response.content) < 1024
 
 
+# Session tokens that are images: the token is passed on verbatim (no image heuristic looks at a
+# declared member), so the session-token check refuses what opens like one.
+IMAGE_TOKENS = {
+    "data URI": "data:image/png;base64," + PNG_BASE64,
+    "PNG, base64": PNG_BASE64,
+    "JPEG, base64": base64.b64encode(JPEG).decode(),
+    "JPEG, base64url": base64.urlsafe_b64encode(JPEG).decode(),
+}
+
+
+def test_a_session_token_that_is_an_image_is_no_session_token(tapped: TappedProxy) -> None:
+    with tapped() as (proxy, tap), proxy.client() as client:
+        answers = {}
+        for name, image in IMAGE_TOKENS.items():
+            assert len(image) <= 4096  # within the bounds of a token: only its opening gives it away
+            tap.rewrites["session_token"] = adding({"session_token": image})
+            answers[name] = client.post(SESSION_TOKEN, headers=proxy.auth())
+        tap.rewrites.clear()
+        fine = client.post(SESSION_TOKEN, headers=proxy.auth())
+        audit = {row["request_id"]: row for row in proxy.audit_rows()}
+    for name, answer in answers.items():
+        problem = problem_of(answer, 502, "upstream-malformed")
+        assert "no usable session token" in problem["detail"], name
+        row = audit[answer.headers["x-request-id"]]
+        assert (row["problem"], row["upstream_status"]) == ("upstream-malformed", 200), name
+        assert IMAGE_TOKENS[name][:48] not in answer.text, name
+        assert not leaked_runs(answer.text), name
+    assert fine.status_code == 200, fine.text
+
+
 def _added_members(exchange: Exchange) -> dict[str, Any]:
     return {"vendor": {"name": "cyn", "region": "eu"}, "portrait": PNG_BASE64, "other": 1}
 
@@ -627,6 +660,49 @@ def test_a_client_secret_of_any_characters_is_refused_in_any_answer(tapped: Tapp
     assert "invalid_request" in problem_of(rejected, 400, "upstream-rejected")["detail"]
 
 
+# --- a session token issued twice -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["database", "redis"])
+def test_a_session_token_the_upstream_issues_twice_reaches_its_first_holder_only(
+    tapped: TappedProxy, store: str
+) -> None:
+    """Cynopsis answers a second request with the token it gave the first (to another subject, or to
+    the same one): the second answer is refused, so the token never has two holders; its first
+    holder's binding stands. Bindings in the database (SQLite here) or in Redis."""
+    with contextlib.ExitStack() as stack:
+        settings = {}
+        if store == "redis":
+            redis_url, prefix = stack.enter_context(scratch_redis())
+            settings = {"LIVENESS_PROXY_REDIS_URL": redis_url, "LIVENESS_PROXY_REDIS_KEY_PREFIX": prefix}
+        proxy, tap = stack.enter_context(tapped(**settings))
+        client = stack.enter_context(proxy.client())
+        first_answers: list[bytes] = []
+
+        def the_first_answer_again(exchange: Exchange) -> tuple[int, bytes]:
+            first_answers.append(exchange.answer)
+            return exchange.status, first_answers[0]
+
+        tap.rewrites["session_token"] = the_first_answer_again
+        alice = client.post(SESSION_TOKEN, headers=proxy.auth())
+        to_bob = client.post(SESSION_TOKEN, headers=proxy.auth(proxy.keys.bob))
+        to_alice_again = client.post(SESSION_TOKEN, headers=proxy.auth())
+        tap.rewrites.clear()
+        token = alice.json()["session_token"]
+        by_bob = client.post(SESSIONS, headers=proxy.auth(proxy.keys.bob), json={"session_token": token})
+        by_alice = client.post(SESSIONS, headers=proxy.auth(), json={"session_token": token})
+        audit = {row["request_id"]: row for row in proxy.audit_rows()}
+    assert alice.status_code == 200, alice.text
+    for answer in (to_bob, to_alice_again):
+        problem_of(answer, 502, "upstream-malformed")
+        assert token not in answer.text
+        assert "session_token" not in answer.json()
+        row = audit[answer.headers["x-request-id"]]
+        assert (row["problem"], row["upstream_status"]) == ("upstream-malformed", 200)
+    problem_of(by_bob, 422, "session-token-invalid")
+    assert by_alice.status_code == 201, by_alice.text
+
+
 # --- item 4: answers checked against the question -----------------------------------------------
 
 # The finalizer on, reading at short offsets (as in test_verdict_delivery.py).
@@ -760,3 +836,34 @@ def test_a_repeated_credential_header_is_refused_whatever_the_order(make_proxy: 
     assert single == {"Authorization": 200, "X-API-Key": 200}
     assert problem_of(refused, 401, "unauthenticated")["detail"].startswith("Send one credential, once")
     assert 'error="invalid_request"' in refused.headers["www-authenticate"]
+
+
+def test_in_library_mode_a_repeated_credential_header_is_refused_though_the_host_would_accept(
+    make_proxy: MakeProxy,
+) -> None:
+    """The host's hook speaks first, and would accept each request below on its own header; the
+    repeated credential header is refused before it is asked."""
+    with make_proxy(app_options={"authenticate_caller": gateway_hook}) as proxy, proxy.client() as client:
+        alice, bob = proxy.keys.alice, proxy.keys.bob
+        host_user = (USER_HEADER, "zoe")
+        cases: dict[str, list[tuple[str, str]]] = {
+            "Authorization twice": [host_user, ("Authorization", f"Bearer {alice}")] * 2,
+            "Authorization, alice then bob": [
+                host_user,
+                ("Authorization", f"Bearer {alice}"),
+                ("Authorization", f"Bearer {bob}"),
+            ],
+            "X-API-Key twice": [host_user, ("X-API-Key", alice), ("X-API-Key", alice)],
+            "X-API-Key, junk then alice": [host_user, ("X-API-Key", "junk"), ("X-API-Key", alice)],
+        }
+        refused = {name: client.post(SESSION_TOKEN, headers=headers) for name, headers in cases.items()}
+        upstream = liveness_calls(proxy)
+        host_only = client.post(SESSION_TOKEN, headers=[host_user])
+        host_and_one_key = client.post(SESSION_TOKEN, headers=[host_user, ("X-API-Key", alice)])
+        zoe = audit_row(proxy, host_and_one_key)["subject"]
+    for name, answer in refused.items():
+        problem = problem_of(answer, 401, "unauthenticated")
+        assert problem["detail"].startswith("Send one credential, once"), name
+    assert upstream == []
+    assert host_only.status_code == host_and_one_key.status_code == 200
+    assert zoe == "zoe"  # the host's identity, as before: only the repeat is refused

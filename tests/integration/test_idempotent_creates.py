@@ -2,7 +2,8 @@
 create's answer is stored per (subject, Idempotency-Key) once its Cynopsis call went out, a success or
 an upstream error, and replayed with `Idempotent-Replayed: true` for the TTL without a call or an
 attempt; a refusal before the call is not stored; another body is 422, a repeat in flight 409; a
-crashed request's lease lapses; all of it fleet-wide on PostgreSQL.
+crashed request's lease lapses, and an answer that outlives its lease is kept unless another request
+holds the key by then; all of it fleet-wide on PostgreSQL.
 
 The tests share one proxy per database (see `test_session_token_binding.py`: a fresh UTC day of its
 wall clock per test, and `CAP` daily attempts, which show that a replay counts none).
@@ -330,6 +331,69 @@ def test_a_crashed_requests_lease_lapses_and_the_key_is_taken_over(shared: Share
     assert creates(proxy) == 1
 
 
+NOT_STORED = "idempotency_answer_not_stored"
+
+
+def test_an_answer_outliving_its_lease_is_kept_when_the_takeover_was_refused(shared: Shared) -> None:
+    """The first create is still at a slow upstream when its lease lapses; a repeat takes the key
+    over and is refused before its call (the token is spent), dropping the record: the first
+    create's answer, arriving then, is stored all the same, and replayed for the key."""
+    proxy = shared.proxy
+    key = new_key()
+    lease = request_policy(proxy.settings).idempotency_lease_seconds
+    warnings_before = len(proxy.log_events(NOT_STORED))
+    with proxy.client() as client, proxy.client() as other_client:
+        token = session_token(proxy, client)
+        proxy.sandbox.inject_fault(
+            Fault(target="liveness_session", kind="latency", delay_seconds=SLOW_CREATE_SECONDS)
+        )
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(create, proxy, client, token, None, key)
+            wait_until(lambda: creates(proxy) == 1)  # the first create's call is at the sandbox
+            shared.wall.advance(lease + 1)
+            taken_over = create(proxy, other_client, token, idempotency_key=key)
+            first = slow.result()
+        later = create(proxy, client, token, idempotency_key=key)
+        warnings = len(proxy.log_events(NOT_STORED)) - warnings_before
+    assert taken_over.status_code == 422, taken_over.text  # a claim, refused by the binding
+    assert taken_over.json()["type"] == PROBLEM + "session-token-invalid"
+    assert not replayed(taken_over)
+    assert first.status_code == 201, first.text
+    assert replayed(later)
+    assert later.content == first.content
+    assert later.headers["location"] == first.headers["location"]
+    assert warnings == 0  # nothing was lost
+    assert creates(proxy) == 1
+
+
+def test_an_answer_outliving_its_lease_yields_to_the_request_that_took_the_key_over(shared: Shared) -> None:
+    """As above, but the request that took the lapsed key over (with another token) made a session
+    of its own: its answer stands for the key, and the first one's is dropped with a warning."""
+    proxy = shared.proxy
+    key = new_key()
+    lease = request_policy(proxy.settings).idempotency_lease_seconds
+    warnings_before = len(proxy.log_events(NOT_STORED))
+    with proxy.client() as client, proxy.client() as other_client:
+        token, other_token = session_token(proxy, client), session_token(proxy, client)
+        proxy.sandbox.inject_fault(
+            Fault(target="liveness_session", kind="latency", delay_seconds=SLOW_CREATE_SECONDS)
+        )
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(create, proxy, client, token, None, key)
+            wait_until(lambda: creates(proxy) == 1)
+            shared.wall.advance(lease + 1)
+            taken_over = create(proxy, other_client, other_token, idempotency_key=key)
+            first = slow.result()
+        later = create(proxy, client, other_token, idempotency_key=key)
+        warnings = proxy.log_events(NOT_STORED)[warnings_before:]
+    assert taken_over.status_code == first.status_code == 201
+    assert not replayed(taken_over)
+    assert replayed(later)
+    assert later.content == taken_over.content
+    assert [warning["status"] for warning in warnings] == [201]
+    assert creates(proxy) == 2
+
+
 def test_keys_are_per_subject(shared: Shared) -> None:
     proxy = shared.proxy
     key = new_key()
@@ -367,11 +431,12 @@ def test_an_answer_is_replayed_for_the_ttl_only(shared: Shared) -> None:
     assert creates(proxy) == 2
 
 
-def test_the_record_holds_a_keyed_hash_of_the_subject(shared: Shared) -> None:
+def test_the_record_holds_keyed_hashes_of_the_subject_and_the_request(shared: Shared) -> None:
     proxy = shared.proxy
     key = new_key()
     with proxy.client() as client:
-        assert create(proxy, client, session_token(proxy, client), idempotency_key=key).status_code == 201
+        token = session_token(proxy, client)
+        assert create(proxy, client, token, idempotency_key=key).status_code == 201
 
     async def records() -> list[Any]:
         async with proxy.database() as engine, engine.connect() as connection:
@@ -383,7 +448,13 @@ def test_the_record_holds_a_keyed_hash_of_the_subject(shared: Shared) -> None:
     [row] = asyncio.run(records())
     assert row.subject_hash == proxy.runtime.hashes.subject("alice")
     assert row.subject_hash != hashlib.sha256(b"alice").hexdigest()
-    assert "alice" not in repr(tuple(row))
+    # The request holds the session token: a plain hash of it would let a reader of the table test
+    # guesses of the token (or confirm one) against the fingerprint.
+    request = canonical({"session_token": token})
+    assert row.fingerprint == proxy.runtime.hashes.fingerprint(request)
+    assert row.fingerprint != hashlib.sha256(request).hexdigest()
+    for clear in ("alice", token, token.removeprefix("sst_")):
+        assert clear not in repr(tuple(row))
 
 
 # --- fleet-wide ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Session tokens bound to the subject that obtained them (issue 17, item 1), through the running proxy
 and a real sandbox upstream: a token works only for its subject, once, before it expires; every
 refusal is the same 422 `session-token-invalid`, made before any Cynopsis call and before any daily
-attempt is counted; a refusal before the call leaves the token usable; the binding is fleet-wide on
-the database (SQLite, PostgreSQL) and on Redis, fails closed, and holds nothing in clear.
+attempt is counted; a refusal before the call, or a call Cynopsis never acted on (no connection,
+429, 401), leaves the token usable; the binding is fleet-wide on the database (SQLite, PostgreSQL)
+and on Redis, fails closed, and holds nothing in clear.
 
 Most tests share one proxy per backend (`shared`): each test starts on a fresh UTC day of the
 proxy's wall clock (a ManualClock), so the daily cap (`CAP` attempts per subject) is whole again and
@@ -32,13 +33,14 @@ import redis
 from sqlalchemy import select
 
 from conftest import LOG_SCAN
+from integration.test_declared_shapes import Tap
 from integration.test_redis_outage import PrivateRedis
 from liveness_proxy.app import create_app
 from liveness_proxy.sandbox import Fault, ManualClock
 from liveness_proxy.store.tables import session_token_bindings
 from prepared import SQLITE_NAME, PreparedDatabases
 from services import REDIS_URL, scratch_redis
-from support import Harness, InProcessApp, LogScan, ProxyHarness
+from support import Harness, InProcessApp, LogScan, ProxyHarness, ServerThread, wait_until
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
 
@@ -327,6 +329,108 @@ def test_an_open_circuit_leaves_the_token_and_the_idempotency_key_usable(make_pr
     assert recovered.status_code == 201, recovered.text
     assert "idempotent-replayed" not in recovered.headers  # the 503 was not stored for the key
     assert creates(proxy) == 1
+
+
+# --- a call Cynopsis never acted on gives the token back, and is not stored for its key -------------
+# The daily attempt still counts in each case (the cap bounds tries, whatever became of them): after
+# the failed try and its retry, the subject's `CAP` (2) attempts are spent.
+
+
+def assert_over_the_cap(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert response.json()["limit"] == "daily_attempts"
+
+
+def serve_again(app: Tap, port: int) -> ServerThread:
+    """`app` served anew on `port`: the address the proxy was configured with answers again."""
+    server = ServerThread(app, lifespan="off")
+    server.server.config.port = port  # a ServerThread otherwise takes whatever port is free
+    return server.start()
+
+
+def test_a_create_that_could_not_connect_leaves_the_token_and_the_key_usable(make_proxy: MakeProxy) -> None:
+    # Cynopsis behind a tap of its own, so that its address can refuse connections and answer again.
+    tap = Tap()
+    upstream = ServerThread(tap, lifespan="off").start()
+    servers, port = [upstream], upstream.port
+    key = secrets.token_urlsafe(12)
+    overrides = {"CYNOPSIS_API_BASE_URL": upstream.url, "LIVENESS_PROXY_DAILY_ATTEMPTS": CAP}
+    try:
+        with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+            tap.target = proxy.sandbox_url
+            token = session_token(proxy, client)  # bound, and the access token is in hand
+            upstream.stop()  # nothing listens there now: the create's connection is refused
+            unreachable = create(proxy, client, token, idempotency_key=key)
+            calls_when_unreachable = len(tap.sent("create_session"))
+            unreachable_row = audit_row(proxy, unreachable)
+            servers.append(serve_again(tap, port))
+            retried = create(proxy, client, token, idempotency_key=key)
+            over_the_cap = create(proxy, client, session_token(proxy, client))
+    finally:
+        for server in servers:
+            server.stop()
+    assert unreachable.status_code == 502, unreachable.text
+    assert unreachable.json()["type"] == "urn:liveness-proxy:problem:upstream-unavailable"
+    assert (unreachable_row["status"], unreachable_row["upstream_status"]) == (502, None)
+    assert calls_when_unreachable == 0
+    assert retried.status_code == 201, retried.text  # the token was given back...
+    assert "idempotent-replayed" not in retried.headers  # ...and the 502 not stored for the key
+    assert_over_the_cap(over_the_cap)
+    assert len(tap.sent("create_session")) == 1
+
+
+def test_a_create_cynopsis_throttled_leaves_the_token_and_the_key_usable(shared: Shared) -> None:
+    proxy = shared.proxy
+    key = secrets.token_urlsafe(12)
+    proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="rate_limit", retry_after_seconds=7))
+    with proxy.client() as client:
+        token = session_token(proxy, client)
+        throttled = create(proxy, client, token, idempotency_key=key)
+        retried = create(proxy, client, token, idempotency_key=key)
+        over_the_cap = create(proxy, client, session_token(proxy, client))
+    assert throttled.status_code == 429, throttled.text
+    assert throttled.json()["type"] == "urn:liveness-proxy:problem:upstream-rate-limited"
+    assert throttled.headers["retry-after"] == "7"
+    assert retried.status_code == 201, retried.text  # the token was given back...
+    assert "idempotent-replayed" not in retried.headers  # ...and the 429 not stored for the key
+    assert_over_the_cap(over_the_cap)
+    assert creates(proxy) == 2
+
+
+def test_a_create_refused_unauthenticated_with_no_new_access_token_leaves_the_token_and_the_key_usable(
+    shared: Shared,
+) -> None:
+    """A 401 is a request Cynopsis did not process; when no access token can be had for the retry,
+    the create ends there, with its session token unspent upstream."""
+    proxy = shared.proxy
+    key = secrets.token_urlsafe(12)
+    with proxy.client() as client:
+        token = session_token(proxy, client)  # the proxy holds an access token now
+        # Cynopsis refuses that access token; getting another one for the retry fails.
+        proxy.sandbox.inject_fault(Fault(target="liveness_session", kind="status", status=401))
+        proxy.sandbox.inject_fault(Fault(target="token", kind="status", status=500, count=10))
+        refused = create(proxy, client, token, idempotency_key=key)
+        calls_when_refused = creates(proxy)
+        proxy.sandbox.clear_faults()
+        # After the token endpoint's backoff (on the proxy's clock) a new access token is fetched in
+        # the background; until it is in hand, creates are refused before anything is used.
+        proxy.clock.advance(proxy.settings.cynopsis_token_failure_backoff_seconds + 1)
+
+        def answered() -> httpx.Response | None:
+            answer = create(proxy, client, token, idempotency_key=key)
+            still_no_access_token = answer.status_code == 503 and "idempotent-replayed" not in answer.headers
+            return None if still_no_access_token else answer
+
+        retried = wait_until(answered)
+        assert retried is not None
+        over_the_cap = create(proxy, client, session_token(proxy, client))
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["type"] == "urn:liveness-proxy:problem:upstream-token-unavailable"
+    assert calls_when_refused == 1
+    assert retried.status_code == 201, retried.text  # the token was given back...
+    assert "idempotent-replayed" not in retried.headers  # ...and the 503 not stored for the key
+    assert_over_the_cap(over_the_cap)
+    assert creates(proxy) == 2
 
 
 # --- binding off --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from liveness_proxy.api.declared import (
     UNNAMED_FIELDS,
     DeclaredAnswer,
     DeclaredBody,
+    is_session_token,
     named,
     result_answer,
     session_answer,
@@ -407,6 +408,48 @@ def test_a_session_token_answer_is_checked_member_by_member() -> None:
             ["expires_in"],
         )
     assert token.reduce({"session_token": "!" + "~" * 4095}) == ({"session_token": "!" + "~" * 4095}, [])
+
+
+# How the base64 of an image file opens (standard and URL-safe alphabets), and a data: URI: a
+# session token is passed on verbatim, so its own check refuses these.
+IMAGE_OPENINGS = {
+    "png": "iVBORw0KGgo",
+    "jpeg": "/9j/",
+    "jpeg-url-safe": "_9j_",
+    "gif": "R0lGOD",
+    "webp": "UklGR",
+    "data-uri": "data:image/png;base64,",
+    "data-uri-upper-case": "DATA:image/jpeg;base64,",
+    "data-uri-any-type": "data:,",
+}
+
+
+@pytest.mark.parametrize("opening", sorted(IMAGE_OPENINGS))
+def test_a_session_token_that_opens_like_an_encoded_image_is_no_session_token(opening: str) -> None:
+    value = IMAGE_OPENINGS[opening] + "AAAAAQAAAAEI" * 8
+    assert not is_session_token(value)
+    token = DeclaredAnswer(SESSION_TOKEN_ANSWER, extra_fields=(), biometrics=BiometricFilter(DENY))
+    assert token.reduce({"session_token": value, "expires_in": 10}) == ({"expires_in": 10}, ["session_token"])
+
+
+def test_the_real_images_encoded_are_no_session_tokens_and_ordinary_tokens_are() -> None:
+    for image in IMAGES.values():
+        encoded = base64.b64encode(image).decode()
+        for value in (encoded, base64.urlsafe_b64encode(image).decode(), "data:image/png;base64," + encoded):
+            assert len(value) <= 4096  # refused for how it opens, not for its length
+            assert not is_session_token(value)
+    ordinary = [
+        "sst_" + "A" * 40,
+        "sst_iVBORw0KGgo",  # an opening anywhere but at the start is just characters
+        "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl",  # JWT-like
+        "9j_token",
+        "database-token",
+        "dat:a",
+        "R0lGO",  # shorter than the GIF opening
+        "t",
+    ]
+    for value in ordinary:
+        assert is_session_token(value), value
 
 
 def test_named_lists_at_most_eight_identifiers_and_stands_in_for_the_rest() -> None:

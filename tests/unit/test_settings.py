@@ -8,6 +8,7 @@ import pytest
 
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.settings import Settings, async_database_url, redact_url, settings_from_mapping
+from liveness_proxy.wiring import request_policy
 
 REQUIRED = {
     "CYNOPSIS_CLIENT_ID": "client-1",
@@ -266,3 +267,63 @@ def test_a_lease_shorter_than_a_job_is_refused_and_the_default_follows_the_timeo
                 "CYNOPSIS_TOKEN_TIMEOUT_SECONDS": 2,
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LIVENESS_PROXY_EXTRA_BODY_FIELDS", "session_token"),
+        ("LIVENESS_PROXY_EXTRA_BODY_FIELDS", "sessionToken"),
+        ("LIVENESS_PROXY_EXTRA_BODY_FIELDS", "note,Session-Token"),
+        ("LIVENESS_PROXY_EXTRA_BODY_FIELDS", "SESSION_TOKEN"),
+        ("LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS", "sessionId"),
+        ("LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS", "vendor,Confidence"),
+        ("LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS", "expires-in"),
+        ("LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS", "redactedFields"),
+        ("LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS", "sessionToken"),
+    ],
+)
+def test_an_extra_field_cannot_respell_a_declared_member(
+    environment: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Another spelling of a declared member would reach (or leave) the upstream unchecked beside it,
+    as lenient parsers read `sessionToken` and `session_token` as one: refused at start."""
+    environment.setenv(name, value)
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.load()
+    assert str(refused.value).startswith(f"{name}: ")
+    assert "declared member" in str(refused.value)
+
+
+def test_extra_fields_that_only_resemble_a_declared_member_are_allowed() -> None:
+    settings = settings_from_mapping(
+        {
+            "LIVENESS_PROXY_EXTRA_BODY_FIELDS": "session_token_hint,token,note",
+            "LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS": "session,confidence_band,vendor",
+        }
+    )
+    assert settings.liveness_proxy_extra_body_fields == ["session_token_hint", "token", "note"]
+    assert settings.liveness_proxy_extra_response_fields == ["session", "confidence_band", "vendor"]
+
+
+def test_an_idempotency_lease_outlasts_every_wait_of_a_create() -> None:
+    """72 s by default; each configured wait lengthens it by as much as a create may spend in it:
+    the gate once, an access token and the call twice (the retry after a 401), a store write four
+    times (the claim, the token's use, the binding, the answer)."""
+
+    def lease(**overrides: float) -> float:
+        return request_policy(settings_from_mapping({**REQUIRED, **overrides})).idempotency_lease_seconds
+
+    default = lease()
+    assert default == 72
+    assert lease(LIVENESS_PROXY_UPSTREAM_QUEUE_TIMEOUT_SECONDS=12) - default >= 10
+    assert lease(CYNOPSIS_TOKEN_TIMEOUT_SECONDS=15) - default >= 2 * 10
+    assert lease(CYNOPSIS_TIMEOUT_SECONDS=25) - default >= 2 * 10
+    assert lease(LIVENESS_PROXY_DATABASE_POOL_TIMEOUT_SECONDS=15) - default >= 4 * 10
+    slowest = {
+        "LIVENESS_PROXY_UPSTREAM_QUEUE_TIMEOUT_SECONDS": 60,
+        "CYNOPSIS_TOKEN_TIMEOUT_SECONDS": 120,
+        "CYNOPSIS_TIMEOUT_SECONDS": 300,
+        "LIVENESS_PROXY_DATABASE_POOL_TIMEOUT_SECONDS": 120,
+    }
+    assert lease(**slowest) > 60 + 2 * 120 + 2 * 300 + 4 * 120
