@@ -50,10 +50,6 @@ class BatchedWrites:
             self._write, batch_max=batch_max, name=name, closed_error=BatchedWritesClosed
         )
 
-    @property
-    def postgres(self) -> bool:
-        return self.engine.dialect.name == "postgresql"
-
     async def run(self, operation: Operation) -> None:
         """Returns once the operation's batch committed; its outcome is then on the operation."""
         await self._committer.submit(operation)
