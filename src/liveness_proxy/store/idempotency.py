@@ -193,23 +193,22 @@ class _Settle:
         if len(answered) > 1 and unique and connection.dialect.name == "sqlite":
             # The usual case: every answer's lease still held. One executemany; only if some row
             # was not matched does each answer go its own way (below) to learn which.
+            # No .values(): the SET clause is every column the parameters name (`answered_row`).
             result = await connection.execute(
-                update(idempotency_keys)
-                .where(
+                update(idempotency_keys).where(
                     idempotency_keys.c.subject_hash == bindparam("b_subject_hash"),
                     idempotency_keys.c.idempotency_key == bindparam("b_key"),
                     idempotency_keys.c.lease_owner == bindparam("b_owner"),
-                )
-                .values(
-                    status=bindparam("b_status"),
-                    content_type=bindparam("b_content_type"),
-                    location=bindparam("b_location"),
-                    body=bindparam("b_body"),
-                    lease_owner=None,
-                    lease_until=None,
-                    expires_at=bindparam("b_expires_at"),
                 ),
-                [operation.answer_parameters() for operation in answered],
+                [
+                    {
+                        "b_subject_hash": operation.subject_hash,
+                        "b_key": operation.key,
+                        "b_owner": operation.owner,
+                        **operation.answered_row(),
+                    }
+                    for operation in answered
+                ],
             )
             if result.rowcount == len(answered):
                 for operation in answered:
@@ -218,19 +217,19 @@ class _Settle:
             if not operation.settled:
                 await operation.apply(connection)
 
-    def answer_parameters(self) -> dict[str, Any]:
+    def answered_row(self) -> dict[str, Any]:
+        """The columns of a record once its answer is stored: the answer, no lease, the TTL."""
         answer = self.answer
         if answer is None:
-            raise ValueError("only an answer has parameters")
+            raise ValueError("only an answer is stored")
         return {
-            "b_subject_hash": self.subject_hash,
-            "b_key": self.key,
-            "b_owner": self.owner,
-            "b_status": answer.status,
-            "b_content_type": answer.content_type,
-            "b_location": answer.location,
-            "b_body": answer.body.decode(),
-            "b_expires_at": self.now + self.ttl_seconds,
+            "status": answer.status,
+            "content_type": answer.content_type,
+            "location": answer.location,
+            "body": answer.body.decode(),
+            "lease_owner": None,
+            "lease_until": None,
+            "expires_at": self.now + self.ttl_seconds,
         }
 
     async def apply(self, connection: AsyncConnection) -> None:
@@ -246,17 +245,7 @@ class _Settle:
             )
         else:
             result = await connection.execute(
-                update(idempotency_keys)
-                .where(owned)
-                .values(
-                    status=answer.status,
-                    content_type=answer.content_type,
-                    location=answer.location,
-                    body=answer.body.decode(),
-                    lease_owner=None,
-                    lease_until=None,
-                    expires_at=self.now + self.ttl_seconds,
-                )
+                update(idempotency_keys).where(owned).values(self.answered_row())
             )
         self.settled = result.rowcount == 1
         if answer is not None and not self.settled:
@@ -282,12 +271,8 @@ class _Settle:
                     subject_hash=self.subject_hash,
                     idempotency_key=self.key,
                     fingerprint=self.fingerprint,
-                    status=answer.status,
-                    content_type=answer.content_type,
-                    location=answer.location,
-                    body=answer.body.decode(),
                     created_at=self.now,
-                    expires_at=self.now + self.ttl_seconds,
+                    **self.answered_row(),
                 )
                 .on_conflict_do_nothing(
                     index_elements=[idempotency_keys.c.subject_hash, idempotency_keys.c.idempotency_key]
