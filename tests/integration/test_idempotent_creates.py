@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import pathlib
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,8 @@ from integration.test_session_token_binding import (
 )
 from liveness_proxy.api.idempotency import canonical
 from liveness_proxy.sandbox import Fault
-from liveness_proxy.store.idempotency import Claimed, IdempotencyRecords, StoredAnswer
+from liveness_proxy.store import create_engine, upgrade_database
+from liveness_proxy.store.idempotency import Claimed, IdempotencyRecords, InFlight, Replay, StoredAnswer
 from liveness_proxy.store.tables import idempotency_keys
 from liveness_proxy.store.write_batch import BatchedWrites
 from liveness_proxy.wiring import request_policy
@@ -67,11 +69,9 @@ def module_proxy(
 
 @pytest.fixture
 def shared(module_proxy: Shared) -> Iterator[Shared]:
-    """The module's proxy, on a fresh UTC day, with an empty upstream log and no pending fault."""
-    module_proxy.new_day()
-    module_proxy.proxy.sandbox.reset_log()
-    yield module_proxy
-    module_proxy.proxy.sandbox.clear_faults()
+    """The module's proxy, on a fresh UTC day (`Shared.fresh`)."""
+    with module_proxy.fresh() as running:
+        yield running
 
 
 def new_key() -> str:
@@ -510,3 +510,60 @@ def test_browsers_may_send_the_key_and_read_the_replay_mark(shared: Shared) -> N
     assert repeat.headers["access-control-allow-origin"] == ORIGIN
     exposed = {name.strip().lower() for name in repeat.headers["access-control-expose-headers"].split(",")}
     assert "idempotent-replayed" in exposed
+
+
+# --- the batched writer ---------------------------------------------------------------------------------
+
+
+def test_answers_settled_in_one_batch_are_each_stored_even_when_one_lease_was_lost(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Answers queued together are stored by one statement for the batch (SQLite's executemany).
+    When one of them lost its lease, the batch's count falls short, and each answer is then settled
+    on its own: the others are still stored (not reported lost), the lost one is not."""
+
+    async def scenario() -> tuple[list[bool], list[Any]]:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'batch.db'}")
+        await upgrade_database(engine)
+        writes = BatchedWrites(engine)
+        records = IdempotencyRecords(writes)
+        try:
+            claims = [
+                await records.begin(
+                    "subject", f"key-{n}", "fp", now=1000.0, lease_seconds=60, ttl_seconds=600
+                )
+                for n in range(4)
+            ]
+            owners = [claim.owner for claim in claims if isinstance(claim, Claimed)]
+            assert len(owners) == 4
+            # key-3's lease lapses and another request takes it over before the first answers.
+            taken_over = await records.begin(
+                "subject", "key-3", "fp", now=1061.0, lease_seconds=60, ttl_seconds=600
+            )
+            assert isinstance(taken_over, Claimed)
+            answers = [StoredAnswer(201, "application/json", f'{{"n":{n}}}'.encode()) for n in range(4)]
+            settled = await asyncio.gather(
+                *(
+                    records.complete(
+                        "subject", f"key-{n}", owners[n], "fp", answers[n], now=1062.0, ttl_seconds=600
+                    )
+                    for n in range(4)
+                )
+            )
+            again = [
+                await records.begin(
+                    "subject", f"key-{n}", "fp", now=1063.0, lease_seconds=60, ttl_seconds=600
+                )
+                for n in range(4)
+            ]
+        finally:
+            await writes.close()
+            await engine.dispose()
+        return list(settled), again
+
+    settled, again = asyncio.run(scenario())
+    assert settled == [True, True, True, False]
+    for n, outcome in enumerate(again[:3]):
+        assert isinstance(outcome, Replay), outcome
+        assert outcome.answer.body == f'{{"n":{n}}}'.encode()
+    assert isinstance(again[3], InFlight)  # the request that took key-3 over still holds it
