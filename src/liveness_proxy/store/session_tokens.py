@@ -45,8 +45,6 @@ class SessionTokenLedger(Protocol):
 
     async def put_back(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None: ...
 
-    async def close(self) -> None: ...
-
 
 @dataclass(slots=True)
 class _Remember:
@@ -157,9 +155,6 @@ class DatabaseSessionTokens:
     async def put_back(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
         await self._writes.run(_Remember(token_hash, subject_hash, expires_at, sweep_before=None))
 
-    async def close(self) -> None:
-        return None  # the shared writer is closed by its owner
-
 
 # Compare-and-delete: the binding goes only if the subject matches and it has not expired by the
 # proxy's clock (ARGV[2]), like the database's conditional DELETE; returns its expiry, or nil. The
@@ -205,9 +200,6 @@ class RedisSessionTokens:
 
     async def put_back(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> None:
         await self._set(token_hash, subject_hash, expires_at, now)  # nothing can have taken its place
-
-    async def close(self) -> None:
-        return None
 
     async def _set(self, token_hash: str, subject_hash: str, expires_at: float, now: float) -> bool:
         """False when the key existed already (SET NX did not set it)."""
