@@ -74,6 +74,18 @@ class Shared:
         now = self.wall.now()
         self.wall.set(now - now % DAY + DAY + 1)
 
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[Shared]:
+        """For one test: a fresh UTC day, an empty upstream log; afterwards no pending fault and the
+        sandbox's own token lifetime again."""
+        self.new_day()
+        self.proxy.sandbox.reset_log()
+        try:
+            yield self
+        finally:
+            self.proxy.sandbox.clear_faults()
+            self.proxy.sandbox.config.session_token_lifetime_seconds = SANDBOX_TOKEN_LIFETIME
+
     def before_midnight(self, seconds: float) -> None:
         """The wall clock moves forward to `seconds` before the end of the current UTC day."""
         now = self.wall.now()
@@ -152,12 +164,9 @@ def module_proxy(
 
 @pytest.fixture
 def shared(module_proxy: Shared) -> Iterator[Shared]:
-    """The module's proxy, on a fresh UTC day, with an empty upstream log and no pending fault."""
-    module_proxy.new_day()
-    module_proxy.proxy.sandbox.reset_log()
-    yield module_proxy
-    module_proxy.proxy.sandbox.clear_faults()
-    module_proxy.proxy.sandbox.config.session_token_lifetime_seconds = SANDBOX_TOKEN_LIFETIME
+    """The module's proxy, on a fresh UTC day (`Shared.fresh`)."""
+    with module_proxy.fresh() as running:
+        yield running
 
 
 # --- helpers -------------------------------------------------------------------------------------
