@@ -189,10 +189,14 @@ def s2i_outcome(bench: Bench, main: MainTargets, measured: dict[str, Any], cpu: 
             "S2i create session with Idempotency-Key vs without",
             fmt_rate_and_p99(measured, IDEMPOTENT),
             f"without {fmt_rate_and_p99(measured, 'ours')}",
-            f"{ratios['idempotent_to_plain_requests_per_second']:.1%} req/s, "
-            f"p99 {ratios['idempotent_to_plain_p99']:.2f}x"
-            + ("" if added is None else f"; +{added:,.0f} µs per create")
-            + f" (CPU +{ratios['cpu_microseconds_added_per_create']:,.0f} µs)",
+            _cost_cell(
+                ratios["idempotent_to_plain_requests_per_second"],
+                "req/s",
+                ratios["idempotent_to_plain_p99"],
+                added,
+                ratios["cpu_microseconds_added_per_create"],
+                "create",
+            ),
             "—",
             "—",
         )
@@ -212,6 +216,29 @@ def s2i_outcome(bench: Bench, main: MainTargets, measured: dict[str, Any], cpu: 
         "targets": [],
     }
     return Outcome(data, rows)
+
+
+def _cost_cell(
+    rate_ratio: float | None,
+    rate_unit: str,
+    p99_ratio: float | None,
+    added_us: float | None,
+    cpu_added_us: float | None,
+    per: str,
+) -> str:
+    """The ratio cell of a cost row: the rate and p99 against the baseline, and the time and CPU
+    that the protection adds per create (or pair); a figure that could not be computed is left out."""
+    parts = []
+    if rate_ratio is not None:
+        parts.append(f"{rate_ratio:.1%} {rate_unit}")
+    if p99_ratio is not None:
+        parts.append(f"p99 {p99_ratio:.2f}x")
+    cell = ", ".join(parts)
+    if added_us is not None:
+        cell += f"; +{added_us:,.0f} µs per {per}"
+    if cpu_added_us is not None:
+        cell += f" (CPU +{cpu_added_us:,.0f} µs)"
+    return cell
 
 
 def _fmt_pairs(measured: dict[str, Any], name: str) -> str:
@@ -250,10 +277,14 @@ def s2b_outcome(bench: Bench, proxies: dict[str, Proxy], measured: dict[str, Any
             "S2b session token + create, binding on vs off",
             _fmt_pairs(measured, "pair_bound"),
             f"off {_fmt_pairs(measured, 'pair_unbound')}",
-            f"{ratios['bound_to_unbound_pairs_per_second']:.1%} pairs/s, "
-            f"p99 {ratios['bound_to_unbound_p99']:.2f}x"
-            + ("" if added is None else f"; +{added:,.0f} µs per pair")
-            + f" (CPU +{ratios['cpu_microseconds_added_per_pair']:,.0f} µs)",
+            _cost_cell(
+                ratios["bound_to_unbound_pairs_per_second"],
+                "pairs/s",
+                ratios["bound_to_unbound_p99"],
+                added,
+                ratios["cpu_microseconds_added_per_pair"],
+                "pair",
+            ),
             "—",
             "—",
         )
