@@ -386,6 +386,13 @@ class ProxyHarness:
 
         return asyncio.run(read())
 
+    def flush_failed_authentications(self) -> None:
+        """Writes the proxy's aggregate records of failed authentications now (they are otherwise
+        written when their window ends), on the app's own loop."""
+        if self.in_process is None:
+            raise AssertionError("flush_failed_authentications needs the in-process proxy")
+        self.in_process.call(self.runtime.failed_authentications.flush(), 10)
+
     @contextlib.asynccontextmanager
     async def database(self) -> AsyncIterator[AsyncEngine]:
         """An engine of the test's own on the proxy's database."""

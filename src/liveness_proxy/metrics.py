@@ -62,7 +62,11 @@ UPSTREAM_ENDPOINTS = frozenset({"session_token", "create_session", "result"})
 # Outcomes of an upstream exchange that has no (usable) status; see upstream/client.py.
 UPSTREAM_ERROR_KINDS = frozenset({"timeout", "connect_error", "connection_error", "malformed"})
 TOKEN_REFRESH_OUTCOMES = frozenset({"ok", "failed"})
-RATE_LIMITS = frozenset({"session_token", "create_session", "result", "daily_attempts"})
+RATE_LIMITS = frozenset(
+    {"session_token", "create_session", "result", "daily_attempts", "daily_attempts_total", "unauthenticated"}
+)
+# The kinds of credential a failed authentication presented (`store/failed_authentications.py`).
+CREDENTIAL_KINDS = frozenset({"none", "api_key", "jwt", "other"})
 # Parts of the state shared across replicas that fall back to per-process state when unreachable.
 SHARED_STATE_COMPONENTS = frozenset({"token_cache", "rate_limits"})
 FINALIZER_POLL_OUTCOMES = frozenset({"terminal", "pending", "failed"})
@@ -147,6 +151,19 @@ class ProxyMetrics:
             "liveness_proxy_rate_limited_requests",
             "Requests refused by one of the proxy's own rate limits or quotas, by limit.",
             ["limit"],
+            registry=registry,
+        )
+        self._authentication_failures = Counter(
+            "liveness_proxy_authentication_failures",
+            "Requests to the liveness and admin routes without a valid credential, by the kind "
+            "presented (none, api_key, jwt, other); 429s of the unauthenticated limit included.",
+            ["credential"],
+            registry=registry,
+        )
+        self._daily_attempts_total_used = Gauge(
+            "liveness_proxy_daily_attempts_total_used_ratio",
+            "How much of today's deployment-wide attempt cap (LIVENESS_PROXY_DAILY_ATTEMPTS_TOTAL) is "
+            "used, 0-1, as this process last counted it (0 without a cap).",
             registry=registry,
         )
         self._audit_batch = Histogram(
@@ -235,6 +252,8 @@ class ProxyMetrics:
         self._upstream_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         for limit in sorted(RATE_LIMITS):
             self._rate_limited.labels(limit=limit)
+        for kind in sorted(CREDENTIAL_KINDS):
+            self._authentication_failures.labels(credential=kind)
         for component in sorted(SHARED_STATE_COMPONENTS):
             self._shared_state_failures.labels(component=component)
         for outcome in sorted(FINALIZER_POLL_OUTCOMES):
@@ -291,6 +310,12 @@ class ProxyMetrics:
 
     def rate_limited(self, limit: str) -> None:
         self._rate_limited.labels(limit=_one_of(limit, RATE_LIMITS)).inc()
+
+    def authentication_failed(self, credential: str) -> None:
+        self._authentication_failures.labels(credential=_one_of(credential, CREDENTIAL_KINDS)).inc()
+
+    def watch_daily_attempts_total(self, used_ratio: Callable[[], float]) -> None:
+        self._daily_attempts_total_used.set_function(used_ratio)
 
     def audit_committed(self, batch_size: int, seconds: float) -> None:
         self._audit_batch.observe(batch_size)

@@ -52,6 +52,16 @@ def request_id_of(scope: Scope) -> str:
     return new_request_id()
 
 
+def client_address(scope: Scope) -> str:
+    """The client's address as the server resolved it: the socket's peer, or the forwarded address
+    when the server trusts the peer to forward it (uvicorn's `--forwarded-allow-ips`); "unknown"
+    when the server gave none (a Unix socket, a test transport)."""
+    client = scope.get("client")
+    if client:
+        return str(client[0])
+    return "unknown"
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's path template (`/v1/liveness/sessions/{session_id}/result`), never the
     raw path: session ids stay out of logs and metric labels; UNMATCHED_ROUTE when none matched.

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     liveness_proxy_rate_limit_create_session: str = "5/minute"
     liveness_proxy_rate_limit_result: str = "120/minute"
     liveness_proxy_daily_attempts: int = Field(default=20, ge=0)
+    # Per client address, for requests to the liveness and admin routes without a valid credential.
+    liveness_proxy_rate_limit_unauthenticated: str = "60/minute"
+    liveness_proxy_daily_attempts_total: int = Field(default=0, ge=0)
     liveness_proxy_upstream_concurrency: int = Field(default=64, ge=1, le=10000)
     liveness_proxy_upstream_queue_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
 
@@ -316,6 +319,7 @@ class Settings(BaseSettings):
         "liveness_proxy_rate_limit_session_token",
         "liveness_proxy_rate_limit_create_session",
         "liveness_proxy_rate_limit_result",
+        "liveness_proxy_rate_limit_unauthenticated",
     )
     @classmethod
     def _check_rate_limit(cls, value: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import orjson
 import pytest
 
 from liveness_proxy.sandbox import Fault
@@ -29,6 +30,8 @@ def test_each_liveness_request_leaves_one_record_with_its_outcome(
     client.post(SESSION_TOKEN, headers={"X-Request-ID": "r5"})
     client.get("/healthz")  # not a liveness request: not audited
 
+    # The failed authentication is in its window's aggregate record (see test_auth_flood.py).
+    proxy.flush_failed_authentications()
     rows = proxy.audit_rows()
     summary = [
         (r["request_id"], r["action"], r["subject"], r["status"], r["upstream_status"], r["problem"])
@@ -39,8 +42,9 @@ def test_each_liveness_request_leaves_one_record_with_its_outcome(
         ("r2", "session.create", "alice", 201, 200, None),
         ("r3", "result.read", "alice", 200, 200, None),
         ("r4", "result.read", "bob", 404, None, "not-found"),
-        ("r5", "session_token.create", None, 401, None, "unauthenticated"),
+        ("r5", "auth.failed", None, 401, None, "unauthenticated"),
     ]
+    assert orjson.loads(rows[4]["detail"])["failures"] == 1
     assert rows[1]["session_id"] == created["session_id"]
     assert rows[2]["session_id"] == created["session_id"]
     assert rows[0]["credential_id"].startswith("key:")

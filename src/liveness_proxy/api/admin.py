@@ -36,7 +36,12 @@ class AdminHandlers:
         self._pass_threshold = policy.pass_threshold
         self._authenticate = authenticate
         self._sessions = SessionQueries(service.engine)
-        self._audit = AuditPolicy(service.audit, logger=service.logger, wall_clock=service.wall_clock)
+        self._audit = AuditPolicy(
+            service.audit,
+            failed_authentications=service.failed_authentications,
+            logger=service.logger,
+            wall_clock=service.wall_clock,
+        )
 
     async def list_sessions(self, request: Request) -> Response:
         return await self._audit.run(request, "session.list", self._list_sessions)
@@ -45,9 +50,8 @@ class AdminHandlers:
         return await self._audit.run(request, "session.read", self._session_record)
 
     async def _list_sessions(self, request: Request, audit: AuditContext) -> Response:
-        caller = await self._admin(request, audit)
+        await self._admin(request, audit)
         query = parse_list_query(request.query_params.multi_items())
-        await self._service.limits.check("result", caller.subject)
         page = await self._sessions.page(query.criteria, after=query.after, limit=query.limit)
         position = page.next_position
         body = {
@@ -58,13 +62,12 @@ class AdminHandlers:
 
     async def _session_record(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
-        caller = await self._admin(request, audit)
+        await self._admin(request, audit)
         session_id = valid_session_id(request)
         audit.session_id = session_id
         refresh = refresh_requested(request.query_params)
         if refresh:
             audit.action = "session.refresh"
-        await service.limits.check("result", caller.subject)
         owner = await service.ownership.owner_of(session_id, fresh=True)
         if owner is None:
             raise NotFound("No such liveness session.")
@@ -84,6 +87,9 @@ class AdminHandlers:
 
     async def _admin(self, request: Request, audit: AuditContext) -> Caller:
         caller = audit.caller = await self._authenticate(request)
+        # Every authenticated request counts against the caller's budget, a refused one (403) and a
+        # malformed one (400, checked after this) too.
+        await self._service.limits.check("result", caller.subject)
         if not caller.is_admin:
             raise Forbidden(f"This route needs the '{ADMIN_SCOPE}' scope.")
         return caller

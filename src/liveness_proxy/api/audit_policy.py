@@ -1,6 +1,11 @@
 """The audit policy: every liveness request, accepted or refused, leaves exactly one audit record,
 committed before the answer is sent, so that a caller never holds a result the audit log does not
 know about. Separate from the handlers, which only say what they learned (`AuditContext`).
+
+The exception is a request that never got past authentication (no credential, a failing one, or a
+429 of the per-address limit on those): it is counted in its window's aggregate record instead
+(`store/failed_authentications.py`), so that a flood of bad credentials writes a bounded number of
+rows.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from liveness_proxy.auth import Caller
-from liveness_proxy.errors import ProblemError, StoreUnavailable, UpstreamError
-from liveness_proxy.middleware import request_id_of
+from liveness_proxy.auth import Caller, credential_kind
+from liveness_proxy.errors import ProblemError, RateLimited, StoreUnavailable, Unauthenticated, UpstreamError
+from liveness_proxy.middleware import client_address, request_id_of
+from liveness_proxy.ratelimit import UNAUTHENTICATED
 from liveness_proxy.store import AuditLog, AuditRecord, is_store_outage
+from liveness_proxy.store.failed_authentications import FailedAuthentications
 
 
 @dataclass(slots=True)
@@ -56,10 +63,12 @@ class AuditPolicy:
         self,
         audit_log: AuditLog,
         *,
+        failed_authentications: FailedAuthentications,
         logger: structlog.typing.FilteringBoundLogger,
         wall_clock: Callable[[], float],
     ) -> None:
         self._audit_log = audit_log
+        self._failed_authentications = failed_authentications
         self._logger = logger
         self._wall_clock = wall_clock
 
@@ -68,6 +77,15 @@ class AuditPolicy:
         try:
             response = await handler(request, audit)
         except ProblemError as error:
+            if audit.caller is None and is_authentication_failure(error):
+                request.scope["state"]["upstream_status"] = None
+                self._failed_authentications.count(
+                    credential_kind(request.headers),
+                    client_address(request.scope),
+                    request_id_of(request.scope),
+                    refused_by_limit=isinstance(error, RateLimited),
+                )
+                raise
             if isinstance(error, UpstreamError) and error.upstream_status is not None:
                 audit.upstream_status = error.upstream_status
             await self._append_best_effort(request, audit, error.response_status(), error.slug)
@@ -126,3 +144,10 @@ class AuditPolicy:
         await self._audit_log.append(
             audit.record(request_id_of(request.scope), status, problem, self._wall_clock())
         )
+
+
+def is_authentication_failure(error: ProblemError) -> bool:
+    """A refusal for want of a valid credential: audited in aggregate, not one record each."""
+    return isinstance(error, Unauthenticated) or (
+        isinstance(error, RateLimited) and error.limit == UNAUTHENTICATED
+    )

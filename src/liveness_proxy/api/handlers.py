@@ -26,8 +26,8 @@ from liveness_proxy.api.paths import SESSION_ID_RULE, is_session_id, session_res
 from liveness_proxy.api.responses import json_response
 from liveness_proxy.auth import Caller, HostAuthenticator, refuse_repeated_credentials
 from liveness_proxy.auth.session_tokens import TakenToken
-from liveness_proxy.errors import BadRequest, NotFound, UpstreamError, UpstreamMalformed
-from liveness_proxy.middleware import request_id_of
+from liveness_proxy.errors import BadRequest, NotFound, Unauthenticated, UpstreamError, UpstreamMalformed
+from liveness_proxy.middleware import client_address, request_id_of
 from liveness_proxy.privacy import derived_pass
 from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
@@ -47,7 +47,12 @@ class LivenessHandlers:
         self._service = service
         self._policy = policy
         self._host_authentication = host_authentication
-        self._audit = AuditPolicy(service.audit, logger=service.logger, wall_clock=service.wall_clock)
+        self._audit = AuditPolicy(
+            service.audit,
+            failed_authentications=service.failed_authentications,
+            logger=service.logger,
+            wall_clock=service.wall_clock,
+        )
         self._token_body = DeclaredBody(SessionTokenRequest, extra_fields=policy.extra_body_fields)
         self._create_body = DeclaredBody(CreateSessionRequest, extra_fields=policy.extra_body_fields)
         extra, biometrics = policy.extra_response_fields, service.biometrics
@@ -114,8 +119,9 @@ class LivenessHandlers:
     async def _create_session(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
-        key = idempotency_key_of(request.headers)
+        # Every authenticated request counts, a malformed one (400) too.
         await service.limits.check("create_session", caller.subject)
+        key = idempotency_key_of(request.headers)
         payload = await read_json_object(
             request,
             self._policy.max_body_bytes,
@@ -216,9 +222,10 @@ class LivenessHandlers:
     async def _result(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
+        # Every authenticated request counts, one with a malformed session id (400) too.
+        await service.limits.check("result", caller.subject)
         session_id = valid_session_id(request)
         audit.session_id = session_id
-        await service.limits.check("result", caller.subject)
         owner = await service.ownership.owner_of(session_id)
         # A foreign session and an unknown one are indistinguishable to the caller, on purpose.
         if owner is None or (owner.subject != caller.subject and not caller.is_admin):
@@ -245,17 +252,34 @@ class LivenessHandlers:
 
     async def authenticate(self, request: Request) -> Caller:
         """Who calls (the admin routes authenticate through here too): the host's hook first in
-        library mode, then the proxy's API keys and JWTs."""
-        caller = None
+        library mode, then the proxy's API keys and JWTs. A failure counts against the client
+        address's unauthenticated limit; an address over it is refused before any of this work,
+        unless it presents an API key this process has already verified."""
+        service = self._service
+        address = client_address(request.scope)
+        refusal = service.address_gate.refusal(address)
+        try:
+            if refusal is not None:
+                caller = service.authentication.verified_caller(request.headers)
+                if caller is None:
+                    raise refusal
+            else:
+                caller = await self._authenticate(request)
+        except Unauthenticated:
+            await service.address_gate.failed(address)
+            raise
+        request.scope["state"]["subject"] = caller.subject
+        return caller
+
+    async def _authenticate(self, request: Request) -> Caller:
         if self._host_authentication is not None:
             # Library mode: the host application's own authentication speaks first, but never to a
             # request that carries a credential header twice (the proxy's own check, below, too).
             refuse_repeated_credentials(request.headers)
             caller = await self._host_authentication.authenticate(request)
-        if caller is None:
-            caller = await self._service.authentication.authenticate(request.headers)
-        request.scope["state"]["subject"] = caller.subject
-        return caller
+            if caller is not None:
+                return caller
+        return await self._service.authentication.authenticate(request.headers)
 
 
 def valid_session_id(request: Request) -> str:

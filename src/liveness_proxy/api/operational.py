@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+from collections.abc import Callable
 from importlib import resources
 
 import orjson
@@ -17,6 +19,9 @@ from liveness_proxy.middleware import request_id_of
 from liveness_proxy.wiring import Service
 
 READINESS_TOKEN_WAIT_SECONDS = 5.0
+# How long a database check's outcome answers /readyz: probes from every load balancer and
+# orchestrator (or anyone, it is unauthenticated) then cost at most one query per second.
+READINESS_STORE_CHECK_SECONDS = 1.0
 # A readiness check that passed; named, because bandit takes `checks["upstream_token"] = "ok"` for a password.
 CHECK_PASSED = "ok"
 
@@ -33,14 +38,48 @@ async def health(_request: Request) -> Response:
     return json_response(b'{"status":"ok"}')
 
 
-def readiness_handler(service: Service) -> Handler:
-    async def readiness(request: Request) -> Response:
-        checks: dict[str, str] = {}
+class CachedStoreCheck:
+    """The database check of /readyz, run at most once per `seconds`; concurrent probes while it
+    runs share it."""
+
+    def __init__(
+        self, service: Service, *, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._service = service
+        self._seconds = seconds
+        self._clock = clock
+        self._outcome: tuple[float, str] | None = None
+        self._running: asyncio.Task[str] | None = None
+
+    async def outcome(self) -> str:
+        cached = self._outcome
+        if cached is not None and self._clock() < cached[0]:
+            return cached[1]
+        if self._running is None:
+            self._running = asyncio.get_running_loop().create_task(self._check())
+            self._running.add_done_callback(self._checked)
+        return await asyncio.shield(self._running)
+
+    async def _check(self) -> str:
         try:
-            await service.ping_store()
-            checks["store"] = CHECK_PASSED
+            await self._service.ping_store()
+            outcome = CHECK_PASSED
         except Exception as exc:
-            checks["store"] = f"failed: {type(exc).__name__}"
+            outcome = f"failed: {type(exc).__name__}"
+        self._outcome = (self._clock() + self._seconds, outcome)
+        return outcome
+
+    def _checked(self, _task: asyncio.Task[str]) -> None:
+        self._running = None
+
+
+def readiness_handler(
+    service: Service, *, store_check_seconds: float = READINESS_STORE_CHECK_SECONDS
+) -> Handler:
+    store_check = CachedStoreCheck(service, seconds=store_check_seconds)
+
+    async def readiness(request: Request) -> Response:
+        checks: dict[str, str] = {"store": await store_check.outcome()}
         if service.tokens.cached is not None:
             checks["upstream_token"] = CHECK_PASSED
         else:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from starlette.datastructures import Headers
 
-from liveness_proxy.auth.api_keys import ApiKeyAuthenticator, IssuedApiKey, new_api_key
+from liveness_proxy.auth.api_keys import ApiKeyAuthenticator, IssuedApiKey, looks_like_api_key, new_api_key
 from liveness_proxy.auth.caller import ADMIN_SCOPE, Authenticator, Caller
 from liveness_proxy.auth.host import HostAuthentication, HostAuthenticator, InvalidHostCaller
 from liveness_proxy.auth.jwks import JwksCache, KeySet, StaticKeySource
@@ -28,6 +28,7 @@ __all__ = [
     "JwtPolicy",
     "KeySet",
     "StaticKeySource",
+    "credential_kind",
     "new_api_key",
     "refuse_repeated_credentials",
 ]
@@ -45,6 +46,14 @@ class CallerAuthentication:
             else "Authentication is required: send an API key as 'Authorization: Bearer <key>'."
         )
 
+    def verified_caller(self, headers: Headers) -> Caller | None:
+        """The caller of an API key this process verified recently, found without any I/O (None
+        for anything else): what is still served from an address over the unauthenticated limit."""
+        for authenticator in self._authenticators:
+            if isinstance(authenticator, ApiKeyAuthenticator):
+                return authenticator.verified_caller(headers)
+        return None
+
     async def authenticate(self, headers: Headers) -> Caller:
         refuse_repeated_credentials(headers)
         for authenticator in self._authenticators:
@@ -54,6 +63,20 @@ class CallerAuthentication:
         if "authorization" in headers or "x-api-key" in headers:
             raise Unauthenticated("The credential is not valid.", error="invalid_token")
         raise Unauthenticated(self._missing_detail)
+
+
+def credential_kind(headers: Headers) -> str:
+    """What kind of credential a request presents, for counting failures: none, api_key, jwt
+    (any other Bearer credential), or other (another scheme)."""
+    if "x-api-key" in headers:
+        return "api_key"
+    authorization = headers.get("authorization")
+    if authorization is None:
+        return "none"
+    scheme, _, credential = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return "other"
+    return "api_key" if looks_like_api_key(credential.strip()) else "jwt"
 
 
 def refuse_repeated_credentials(headers: Headers) -> None:

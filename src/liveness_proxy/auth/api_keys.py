@@ -137,6 +137,21 @@ class ApiKeyAuthenticator:
             self._cache[cache_key] = (caller, self._clock() + self._cache_seconds)
         return caller
 
+    def verified_caller(self, headers: Headers) -> Caller | None:
+        """The caller of the presented key if this process verified it within `cache_seconds`;
+        None otherwise (no database read, nothing awaited)."""
+        credential = presented_api_key(headers)
+        if credential is None or len(credential) > _MAX_CREDENTIAL_LENGTH:
+            return None
+        match = _API_KEY_PATTERN.fullmatch(credential)
+        if match is None:
+            return None
+        key_id, secret = match.groups()
+        cached = self._cache.get(f"{key_id}:{hash_secret(self._pepper, secret)}")
+        if cached is not None and cached[1] > self._clock():
+            return cached[0]
+        return None
+
     def _lookup_done(self, cache_key: str, task: asyncio.Task[Caller]) -> None:
         self._lookups.pop(cache_key, None)
         if not task.cancelled():

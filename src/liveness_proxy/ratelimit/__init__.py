@@ -7,12 +7,14 @@ replicas must share the counts, the `limits` library counts them atomically in R
 (`LocalSlidingWindows`, `LocalFixedWindows`).
 
 `windows`: the in-process window counters; `subject`: the policy, `SubjectLimits` and the Redis
-storage; `gate`: `UpstreamGate`.
+storage; `gate`: `UpstreamGate`; `anonymous`: `AddressGate`, the per-address limit before authentication.
 """
 
+from liveness_proxy.ratelimit.anonymous import UNAUTHENTICATED, AddressGate
 from liveness_proxy.ratelimit.gate import UpstreamGate
 from liveness_proxy.ratelimit.subject import (
     DAILY_ATTEMPTS,
+    DAILY_ATTEMPTS_TOTAL,
     LimitName,
     LimitPolicy,
     SubjectLimits,
@@ -27,6 +29,9 @@ from liveness_proxy.ratelimit.windows import (
 
 __all__ = [
     "DAILY_ATTEMPTS",
+    "DAILY_ATTEMPTS_TOTAL",
+    "UNAUTHENTICATED",
+    "AddressGate",
     "FixedLimiter",
     "LimitName",
     "LimitPolicy",

@@ -25,8 +25,12 @@ from liveness_proxy.ratelimit.windows import (
     WindowLimiter,
 )
 
-LimitName = Literal["session_token", "create_session", "result"]
+LimitName = Literal["session_token", "create_session", "result", "unauthenticated"]
 DAILY_ATTEMPTS = "daily_attempts"
+DAILY_ATTEMPTS_TOTAL = "daily_attempts_total"
+# The deployment-wide cap's counter: one key for every subject (no subject can be named this way,
+# subjects are caller identities and this is not passed through from a request).
+_WHOLE_DEPLOYMENT = "*"
 _SECONDS_PER_DAY = 86_400
 
 
@@ -38,6 +42,9 @@ class LimitPolicy:
     create_session: str
     result: str
     daily_attempts: int  # 0: no cap
+    # Per client address, for requests without a valid credential (see `ratelimit/anonymous.py`).
+    unauthenticated: str = "off"
+    daily_attempts_total: int = 0  # 0: no cap; across all subjects and the whole fleet
 
 
 def _parse(notation: str) -> tuple[limits.RateLimitItem, ...]:
@@ -97,11 +104,17 @@ class SubjectLimits:
             "session_token": policy.session_token,
             "create_session": policy.create_session,
             "result": policy.result,
+            "unauthenticated": policy.unauthenticated,
         }
         self._items: dict[LimitName, tuple[limits.RateLimitItem, ...]] = {
             name: _parse(notation) for name, notation in self._notation.items()
         }
         self._daily = limits.RateLimitItemPerDay(policy.daily_attempts) if policy.daily_attempts else None
+        self._daily_total = (
+            limits.RateLimitItemPerDay(policy.daily_attempts_total) if policy.daily_attempts_total else None
+        )
+        # (UTC day, attempts counted) as last learnt from the storage: what the gauge shows.
+        self._total_used: tuple[str, int] = ("", 0)
         self._wall_clock = wall_clock
         self._on_reject = on_reject
         self._on_storage_failure = on_storage_failure
@@ -128,18 +141,30 @@ class SubjectLimits:
         await self._check(self._local, name, subject)
 
     async def consume_attempt(self, subject: str) -> None:
-        """Counts one liveness attempt against the subject's cap for the current UTC day."""
-        if self._daily is None:
+        """Counts one liveness attempt against the subject's cap and the deployment's cap for the
+        current UTC day; raises RateLimited (`daily_attempts`, `daily_attempts_total`) when over."""
+        if self._daily is None and self._daily_total is None:
             return
         shared = self._shared
         if shared is not None and self._clock() >= self._shared_down_until:
             try:
-                await self._consume_attempt(shared, self._daily, subject)
+                await self._consume_attempt(shared, subject)
             except _STORAGE_FAILURES as exc:
                 self._failed_over(exc)
             else:
                 return
-        await self._consume_attempt(self._local, self._daily, subject)
+        await self._consume_attempt(self._local, subject)
+
+    @property
+    def attempts_total_used_ratio(self) -> float:
+        """How much of today's deployment-wide cap is used, as last counted here (0 without a cap,
+        and 0 again once the UTC day the count belongs to has ended)."""
+        if self._daily_total is None:
+            return 0.0
+        day, used = self._total_used
+        if day != self._utc_day(self._wall_clock()):
+            return 0.0
+        return min(1.0, used / self._daily_total.amount)
 
     async def _check(self, counters: _Counters, name: LimitName, subject: str) -> None:
         items = self._items[name]
@@ -171,25 +196,48 @@ class SubjectLimits:
             retry_after = item.get_expiry()
         self._rejected(name)
         raise RateLimited(
-            f"Rate limit '{name}' ({self._notation[name]}) exceeded for this caller.",
+            f"Rate limit '{name}' ({self._notation[name]}) exceeded for this "
+            f"{'client address' if name == 'unauthenticated' else 'caller'}.",
             retry_after_seconds=retry_after,
             limit=name,
         )
 
-    async def _consume_attempt(self, counters: _Counters, daily: limits.RateLimitItem, subject: str) -> None:
+    async def _consume_attempt(self, counters: _Counters, subject: str) -> None:
         now = self._wall_clock()
-        day = dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
+        day = self._utc_day(now)
         # The day is part of the key, so the budget resets at UTC midnight for everyone alike
         # (a plain 1-day window would start at each subject's first attempt).
-        if not await counters.fixed.hit(daily, DAILY_ATTEMPTS, day, subject):
-            self._rejected(DAILY_ATTEMPTS)
-            seconds_to_midnight = _SECONDS_PER_DAY - (now % _SECONDS_PER_DAY)
-            raise RateLimited(
-                f"The daily cap of {daily.amount} liveness attempts is reached for this caller; "
-                "it resets at 00:00 UTC.",
-                retry_after_seconds=math.ceil(seconds_to_midnight),
-                limit=DAILY_ATTEMPTS,
-            )
+        daily, total = self._daily, self._daily_total
+        # A subject already at its own cap must not use up the deployment's: test it first. Two
+        # concurrent attempts of one subject can both pass the test; the loser of the count below
+        # is refused and has used one unit of the total (over-counting the total, never under).
+        if (
+            daily is not None
+            and total is not None
+            and not await counters.fixed.test(daily, DAILY_ATTEMPTS, day, subject)
+        ):
+            self._refuse_attempt(DAILY_ATTEMPTS, daily, now, "for this caller")
+        if total is not None:
+            if not await counters.fixed.hit(total, DAILY_ATTEMPTS_TOTAL, day, _WHOLE_DEPLOYMENT):
+                self._total_used = (day, total.amount)
+                self._refuse_attempt(DAILY_ATTEMPTS_TOTAL, total, now, "for this service")
+            stats = await counters.fixed.get_window_stats(total, DAILY_ATTEMPTS_TOTAL, day, _WHOLE_DEPLOYMENT)
+            self._total_used = (day, total.amount - stats.remaining)
+        if daily is not None and not await counters.fixed.hit(daily, DAILY_ATTEMPTS, day, subject):
+            self._refuse_attempt(DAILY_ATTEMPTS, daily, now, "for this caller")
+
+    def _refuse_attempt(self, name: str, cap: limits.RateLimitItem, now: float, whose: str) -> None:
+        self._rejected(name)
+        seconds_to_midnight = _SECONDS_PER_DAY - (now % _SECONDS_PER_DAY)
+        raise RateLimited(
+            f"The daily cap of {cap.amount} liveness attempts is reached {whose}; it resets at 00:00 UTC.",
+            retry_after_seconds=math.ceil(seconds_to_midnight),
+            limit=name,
+        )
+
+    @staticmethod
+    def _utc_day(now: float) -> str:
+        return dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
 
     def _failed_over(self, exc: BaseException) -> None:
         # Requests in flight when the storage failed all land here; only the first reports it.

@@ -101,7 +101,11 @@ class LocalSlidingWindows:
 class FixedLimiter(Protocol):
     """What SubjectLimits needs of a fixed-window limiter (the `limits` strategy has this shape)."""
 
+    async def test(self, item: limits.RateLimitItem, *identifiers: str) -> bool: ...
+
     async def hit(self, item: limits.RateLimitItem, *identifiers: str) -> bool: ...
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *identifiers: str) -> WindowStats: ...
 
 
 class LocalFixedWindows:
@@ -122,6 +126,21 @@ class LocalFixedWindows:
         self._next_sweep = -math.inf
         # (amount, window seconds, identifiers) -> [window index, count]
         self._windows: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
+
+    async def test(self, item: limits.RateLimitItem, *identifiers: str) -> bool:
+        return self._count(item, identifiers) < item.amount
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *identifiers: str) -> WindowStats:
+        expiry = item.get_expiry()
+        reset = (int(self._clock() // expiry) + 1) * expiry
+        return WindowStats(reset, max(0, item.amount - self._count(item, identifiers)))
+
+    def _count(self, item: limits.RateLimitItem, identifiers: tuple[str, ...]) -> int:
+        expiry = item.get_expiry()
+        state = self._windows.get((item.amount, expiry, identifiers))
+        if state is None or state[0] != int(self._clock() // expiry):
+            return 0
+        return state[1]
 
     async def hit(self, item: limits.RateLimitItem, *identifiers: str) -> bool:
         now = self._clock()

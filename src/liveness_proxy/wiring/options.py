@@ -143,6 +143,8 @@ def limit_policy(settings: Settings) -> LimitPolicy:
         create_session=settings.liveness_proxy_rate_limit_create_session,
         result=settings.liveness_proxy_rate_limit_result,
         daily_attempts=settings.liveness_proxy_daily_attempts,
+        unauthenticated=settings.liveness_proxy_rate_limit_unauthenticated,
+        daily_attempts_total=settings.liveness_proxy_daily_attempts_total,
     )
 
 

@@ -29,9 +29,10 @@ from liveness_proxy.background import (
 from liveness_proxy.delivery import VerdictEvents, WebhookSender
 from liveness_proxy.http import Http1Transport
 from liveness_proxy.metrics import ProxyMetrics
+from liveness_proxy.middleware import new_request_id
 from liveness_proxy.observability import Redactor
 from liveness_proxy.privacy import BiometricFilter
-from liveness_proxy.ratelimit import SubjectLimits, UpstreamGate, redis_limit_storage
+from liveness_proxy.ratelimit import AddressGate, SubjectLimits, UpstreamGate, redis_limit_storage
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import (
     ApiKeyStore,
@@ -46,6 +47,7 @@ from liveness_proxy.store import (
     ping,
     upgrade_database,
 )
+from liveness_proxy.store.failed_authentications import FailedAuthentications
 from liveness_proxy.store.idempotency import IdempotencyRecords
 from liveness_proxy.store.session_tokens import (
     DatabaseSessionTokens,
@@ -106,6 +108,9 @@ class Service:
     hashes: KeyedHash  # keyed hashes of session tokens and subjects (never stored in clear)
     session_tokens: SessionTokenBinding
     idempotency: IdempotencyRecords
+    # Before authentication: the per-address limit on failures, and their aggregate audit records.
+    address_gate: AddressGate
+    failed_authentications: FailedAuthentications
 
     async def record_read(
         self, owner: SessionOwner, payload: dict[str, Any], request_id: str
@@ -391,6 +396,27 @@ async def running_service(
             else RedisSessionTokens(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
         )
         hashes = KeyedHash(settings.liveness_proxy_api_key_pepper.get_secret_value().encode())
+        limits = SubjectLimits(
+            limit_policy(settings),
+            shared=(
+                None
+                if redis is None
+                else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
+            ),
+            wall_clock=wall_clock,
+            on_reject=metrics.rate_limited,
+            on_storage_failure=shared_state_failed("rate_limits"),
+        )
+        metrics.watch_daily_attempts_total(lambda: limits.attempts_total_used_ratio)
+        # Written before the audit log closes (closed in reverse order of opening).
+        failed_authentications = FailedAuthentications(
+            audit,
+            logger=logger,
+            new_request_id=new_request_id,
+            wall_clock=wall_clock,
+            on_failure=metrics.authentication_failed,
+        )
+        opened.push_async_callback(failed_authentications.flush)
         # Last in, so first out: the worker stops before the store and the transports it uses close.
         background.start()
         opened.push_async_callback(background.close)
@@ -407,17 +433,7 @@ async def running_service(
                 allow_fields=settings.liveness_proxy_biometric_allow_fields,
                 max_string_bytes=settings.liveness_proxy_biometric_max_string_bytes,
             ),
-            limits=SubjectLimits(
-                limit_policy(settings),
-                shared=(
-                    None
-                    if redis is None
-                    else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
-                ),
-                wall_clock=wall_clock,
-                on_reject=metrics.rate_limited,
-                on_storage_failure=shared_state_failed("rate_limits"),
-            ),
+            limits=limits,
             upstream_gate=upstream_gate,
             metrics=metrics,
             logger=logger,
@@ -435,4 +451,6 @@ async def running_service(
                 wall_clock=wall_clock,
             ),
             idempotency=IdempotencyRecords(integrity_writes),
+            address_gate=AddressGate(limits, clock=clock),
+            failed_authentications=failed_authentications,
         )
