@@ -240,9 +240,17 @@ class Problem(_ClosedObject):
     detail: str
     request_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="Also in X-Request-ID.")
     checks: dict[str, str] | None = Field(default=None, description="On 503 from /readyz: what failed.")
-    limit: Literal["session_token", "create_session", "result", "daily_attempts"] | None = Field(
-        default=None, description="On 429 from the proxy: the limit that was reached."
-    )
+    limit: (
+        Literal[
+            "session_token",
+            "create_session",
+            "result",
+            "daily_attempts",
+            "daily_attempts_total",
+            "unauthenticated",
+        ]
+        | None
+    ) = Field(default=None, description="On 429 from the proxy: the limit that was reached.")
 
 
 class Health(_ClosedObject):

@@ -19,7 +19,7 @@ from liveness_proxy.cli.db import open_database
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import AuditChainBroken, AuditLog, ChainVerdict, PurgeResult, current_revision
-from liveness_proxy.store.audit_chain import SYSTEM_ACTIONS
+from liveness_proxy.store.audit_chain import AGGREGATE_ACTIONS, SYSTEM_ACTIONS
 
 
 def _utc(epoch: float) -> str:
@@ -48,11 +48,14 @@ async def current_schema_database(settings: Settings) -> AsyncIterator[AsyncEngi
 
 def exported(record: dict[str, Any]) -> dict[str, Any]:
     """A record as `audit export` prints it: every column, plus `kind`, "system" for the events the
-    proxy records on its own (verdicts, deliveries: `SYSTEM_ACTIONS`) and "request" for the one
-    record of each request. `kind` is not hashed (it follows from `action`, which is). `detail` stays
+    proxy records on its own (verdicts, deliveries: `SYSTEM_ACTIONS`), "aggregate" for a window's
+    failed authentications (`AGGREGATE_ACTIONS`) and "request" for the one record of each
+    authenticated request. `kind` is not hashed (it follows from `action`, which is). `detail` stays
     the JSON string it was hashed as: parsed and written again it might not be the same bytes (key
     order, number formatting), and then no one could recompute `record_hash` from the export."""
-    return {**record, "kind": "system" if record["action"] in SYSTEM_ACTIONS else "request"}
+    action = record["action"]
+    kind = "system" if action in SYSTEM_ACTIONS else "aggregate" if action in AGGREGATE_ACTIONS else "request"
+    return {**record, "kind": kind}
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:

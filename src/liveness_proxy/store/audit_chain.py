@@ -74,6 +74,12 @@ SYSTEM_ACTIONS = frozenset(
     {"verdict.record", "session.unresolved", "webhook.delivered", "webhook.dead_letter", "webhook.disabled"}
 )
 
+# Records that stand for many requests: the failed authentications of one window, per credential
+# kind and client address, and what did not fit (`store/failed_authentications.py`).
+AUTH_FAILED = "auth.failed"
+AUTH_FAILED_OVERFLOW = "auth.failed.overflow"
+AGGREGATE_ACTIONS = frozenset({AUTH_FAILED, AUTH_FAILED_OVERFLOW})
+
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(AuditRecord))
 HASHED_FIELDS = tuple(sorted((*RECORD_FIELDS, "seq", "prev_hash")))
 _FLOAT_FIELDS = frozenset(name for name in HASHED_FIELDS if isinstance(audit_records.c[name].type, Float))

@@ -25,10 +25,8 @@ import orjson
 import structlog
 
 from liveness_proxy.store.audit import AuditLog
-from liveness_proxy.store.audit_chain import AuditRecord
+from liveness_proxy.store.audit_chain import AUTH_FAILED, AUTH_FAILED_OVERFLOW, AuditRecord
 
-FAILED_ACTION = "auth.failed"
-OVERFLOW_ACTION = "auth.failed.overflow"
 # A window's records are written this long after it ends, so failures counted at its very end
 # (by requests that started in it) are in.
 _FLUSH_DELAY_SECONDS = 1.0
@@ -159,7 +157,7 @@ class FailedAuthentications:
             "failures": tally.failures,
             "refused_by_limit": tally.refused_by_limit,
         }
-        return self._aggregate(FAILED_ACTION, window, tally, facts)
+        return self._aggregate(AUTH_FAILED, window, tally, facts)
 
     def _overflow_record(self, window: _Window) -> AuditRecord:
         tally = window.overflow
@@ -171,7 +169,7 @@ class FailedAuthentications:
             "failures": tally.failures,
             "refused_by_limit": tally.refused_by_limit,
         }
-        return self._aggregate(OVERFLOW_ACTION, window, tally, facts)
+        return self._aggregate(AUTH_FAILED_OVERFLOW, window, tally, facts)
 
     def _aggregate(
         self, action: str, window: _Window, tally: _Tally, facts: Mapping[str, object]
