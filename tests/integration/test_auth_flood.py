@@ -247,6 +247,31 @@ async def test_rows_per_window_are_bounded_however_addresses_rotate(tmp_path: Pa
     assert verdict.ok
 
 
+async def test_a_window_is_written_when_it_ends_without_further_traffic(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}", pool_size=1)
+    await upgrade_database(engine)
+    audit = AuditLog(engine)
+    failed = FailedAuthentications(
+        audit,
+        logger=structlog.get_logger(),
+        new_request_id=lambda: "fresh",
+        window_seconds=0.2,
+        flush_delay_seconds=0.05,
+    )
+    try:
+        failed.count("api_key", "192.0.2.1", "only", refused_by_limit=False)
+        deadline = time.monotonic() + 5
+        while not (rows := [row async for row in audit.iterate()]):
+            assert time.monotonic() < deadline, "the window's record was not written by its timer"
+            await asyncio.sleep(0.05)
+    finally:
+        await failed.flush()
+        await audit.close()
+        await engine.dispose()
+    [record] = _aggregates(rows)
+    assert (record["action"], record["failures"], record["request_id"]) == ("auth.failed", 1, "only")
+
+
 async def test_readiness_checks_the_database_at_most_once_per_interval() -> None:
     now = [0.0]
     pings: list[float] = []

@@ -29,7 +29,7 @@ from liveness_proxy.store.audit_chain import AUTH_FAILED, AUTH_FAILED_OVERFLOW, 
 
 # A window's records are written this long after it ends, so failures counted at its very end
 # (by requests that started in it) are in.
-_FLUSH_DELAY_SECONDS = 1.0
+FLUSH_DELAY_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -61,6 +61,7 @@ class FailedAuthentications:
         max_addresses: int = 100,
         wall_clock: Callable[[], float] = time.time,
         on_failure: Callable[[str], None] | None = None,
+        flush_delay_seconds: float = FLUSH_DELAY_SECONDS,
     ) -> None:
         self._audit_log = audit_log
         self._logger = logger
@@ -69,6 +70,7 @@ class FailedAuthentications:
         self._max_addresses = max_addresses
         self._wall_clock = wall_clock
         self._on_failure = on_failure
+        self._flush_delay_seconds = flush_delay_seconds
         self._window: _Window | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()
@@ -118,7 +120,7 @@ class FailedAuthentications:
     def _arm_flush(self, start: float) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
-        delay = max(0.0, start + self._window_seconds - self._wall_clock()) + _FLUSH_DELAY_SECONDS
+        delay = max(0.0, start + self._window_seconds - self._wall_clock()) + self._flush_delay_seconds
         self._flush_timer = asyncio.get_running_loop().call_later(delay, self._window_ended, start)
 
     def _window_ended(self, start: float) -> None:
