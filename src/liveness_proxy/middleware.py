@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 import time
@@ -15,6 +16,8 @@ from liveness_proxy.errors import InternalError, ProblemError, problem_head, ren
 from liveness_proxy.observability import AccessLog
 
 UNMATCHED_ROUTE = "unmatched"
+_IPV6_CLIENT_PREFIX = 64
+_MAX_ADDRESS_LENGTH = 64
 _REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -55,11 +58,21 @@ def request_id_of(scope: Scope) -> str:
 def client_address(scope: Scope) -> str:
     """The client's address as the server resolved it: the socket's peer, or the forwarded address
     when the server trusts the peer to forward it (uvicorn's `--forwarded-allow-ips`); "unknown"
-    when the server gave none (a Unix socket, a test transport)."""
+    when the server gave none (a Unix socket, a test transport).
+
+    An IPv6 client is its /64: one subscriber usually holds a whole /64, so per-address limits on
+    single IPv6 addresses would be no limit. Whatever a trusted forwarder passed on that is no
+    address is cut to 64 characters (it keys counters and audit records)."""
     client = scope.get("client")
-    if client:
-        return str(client[0])
-    return "unknown"
+    if not client:
+        return "unknown"
+    host = str(client[0])
+    if ":" in host:
+        try:
+            return str(ipaddress.ip_network(f"{host}/{_IPV6_CLIENT_PREFIX}", strict=False))
+        except ValueError:
+            pass
+    return host[:_MAX_ADDRESS_LENGTH]
 
 
 def route_template(scope: Scope) -> str:

@@ -1,0 +1,24 @@
+"""The client address that per-address limits and aggregate audit records are keyed by."""
+
+from __future__ import annotations
+
+import pytest
+
+from liveness_proxy.middleware import client_address
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (("203.0.113.9", 5000), "203.0.113.9"),
+        (("2001:db8:1:2:3:4:5:6", 5000), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2::ffff", 1), "2001:db8:1:2::/64"),  # the same subscriber's /64
+        (("::1", 1), "::/64"),
+        (("x" * 500, 1), "x" * 64),
+        (None, "unknown"),
+    ],
+)
+def test_the_client_address_is_the_servers_with_ipv6_by_64(
+    client: tuple[str, int] | None, expected: str
+) -> None:
+    assert client_address({"type": "http", "client": client}) == expected
