@@ -33,7 +33,7 @@ _USERINFO_PASSWORD = re.compile(
     rf"(?P<secret>[^{_NOT_IN_URL}]*)@"
 )
 # name=VALUE after "?", "&" or ";" in a URL, or as a word of free text (libpq's `password=...`).
-# Every pair matches; the name decides (`_masked_parameter`).
+# Every pair matches; its name decides whether the value is masked (`scrub_url_secrets`).
 _PARAMETER = re.compile(
     rf"(?<![^?&;\s])(?P<keep>(?P<name>[^={_NOT_IN_URL}&;?#]++)=)(?P<value>[^{_NOT_IN_URL}&;#]++)"
 )
