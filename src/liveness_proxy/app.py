@@ -242,4 +242,8 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    # No redirects: Starlette would answer `/v1/liveness/sessions/` with a 307 to the client's own
+    # Host, before authentication and unaudited, and `/metrics/` would give away a hidden `/metrics`.
+    # A trailing slash is an unknown path, a 404 like any other.
+    proxy.router.redirect_slashes = False
     return proxy

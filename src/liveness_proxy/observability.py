@@ -1,8 +1,10 @@
 """Structured logs (structlog, JSON lines) with one redaction step that every line passes through.
 
 Nothing secret should reach a log call in the first place; the redactor is the second line of
-defence: it replaces any known secret value (client secret, pepper, the access tokens we obtained)
-and anything shaped like an API key or a bearer credential.
+defence: it replaces any known secret value (client secret, pepper, the access tokens we obtained,
+the database's and Redis's passwords), anything shaped like an API key or a bearer credential, and
+any password in a URL or secret-named parameter in text (`url_secrets`: `postgresql://u:PW@h`,
+`?password=PW`, `?token=…`, a libpq `password=PW` word).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, TextIO
 import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
+
+from liveness_proxy.url_secrets import scrub_url_secrets
 
 REDACTED = "[REDACTED]"
 _CREDENTIAL_PATTERNS = re.compile(
@@ -70,7 +74,7 @@ class Redactor:
         # a known secret (stopping at a character it does not allow) and leave the rest readable.
         if self._known is not None:
             text = self._known.sub(REDACTED, text)
-        return _CREDENTIAL_PATTERNS.sub(REDACTED, text)
+        return scrub_url_secrets(_CREDENTIAL_PATTERNS.sub(REDACTED, text), REDACTED)
 
     def _scrub_value(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, str):

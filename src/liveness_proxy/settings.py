@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS
+from liveness_proxy.url_secrets import redact_url
 from liveness_proxy.webhook_signing import parse_webhook_secrets
 
 # A URL, not a password (bandit guesses from the name).
@@ -311,8 +312,17 @@ class Settings(BaseSettings):
             parts = urlsplit(origin)
             if origin == "*" or "*" in origin:
                 raise ValueError("wildcards are not allowed: list each origin exactly")
-            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
-                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+            # An Origin header never carries userinfo: one configured with it would match nothing.
+            userinfo = "@" in parts.netloc
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path
+                or parts.query
+                or userinfo
+            ):
+                # Quoted without its password: a configuration error is printed and may be logged.
+                raise ValueError(f"{redact_url(origin)!r} is not an origin (scheme://host[:port], no path)")
         return [origin.lower() for origin in value]
 
     @field_validator(
@@ -565,21 +575,22 @@ class Settings(BaseSettings):
             raise ConfigurationError(str(exc)) from None
 
     def redacted_summary(self) -> dict[str, str]:
-        """What `check` prints: every setting, secrets replaced by whether they are set."""
+        """What `check` prints: every setting, secrets replaced by whether they are set, and URLs
+        (the database's and Redis's, and any other) without their passwords (`url_secrets`)."""
         summary: dict[str, str] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 shown = "set (hidden)" if value.get_secret_value() else "not set"
                 if name in ("liveness_proxy_database_url", "liveness_proxy_redis_url"):
-                    shown = redact_url(value.get_secret_value())
+                    shown = value.get_secret_value()
             elif name == "cynopsis_client_id":
                 shown = f"{value[:3]}… (hidden)" if value else "not set"
             elif isinstance(value, list):
                 shown = ",".join(str(item) for item in value)
             else:
                 shown = "" if value is None else str(value)
-            summary[name.upper()] = shown
+            summary[name.upper()] = redact_url(shown)
         return summary
 
 
@@ -614,15 +625,6 @@ def async_database_url(url: str) -> str:
     for prefix in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url.removeprefix(prefix)
-    return url
-
-
-def redact_url(url: str) -> str:
-    """A database URL with any password replaced, for display."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
     return url
 
 

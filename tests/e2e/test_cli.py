@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import signal
@@ -13,12 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
-from services import shared_backend
+from services import scratch_postgres, shared_backend
 from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, TEST_PEPPER, ServerThread, subprocess_env
 
 COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
@@ -128,6 +130,35 @@ def test_check_on_postgresql_and_redis_reports_both(env: dict[str, str]) -> None
     assert "redis: FAILED (ConnectionError" in result.stdout
     assert "LIVENESS_PROXY_REDIS_URL=redis://:***@127.0.0.1:1/0" in result.stdout
     assert "hidden-redis-password" not in result.stdout + result.stderr
+
+
+def test_check_and_db_upgrade_show_no_form_of_password(env: dict[str, str]) -> None:
+    """Userinfo and `?password=`, on a PostgreSQL database that is really upgraded and checked, and on
+    a Redis URL (unreachable: its check fails, and says so without the password)."""
+    with scratch_postgres() as scratch:
+        parts = urlsplit(scratch)
+        # The test server trusts loopback: the passwords are carried, not needed (unless it has one).
+        userinfo_password = parts.password or "pg-userinfo-pw"
+        query_password = parts.password or "pg-query-pw"
+        login = f"{parts.username or getpass.getuser()}:{userinfo_password}"
+        database_url = parts._replace(
+            netloc=f"{login}@{parts.hostname}:{parts.port or 5432}", query=f"password={query_password}"
+        ).geturl()
+        redis_url = "rediss://u:redis-userinfo-pw@127.0.0.1:1/0?password=redis-query-pw"
+        overrides = {"LIVENESS_PROXY_DATABASE_URL": database_url, "LIVENESS_PROXY_REDIS_URL": redis_url}
+        upgraded = run({**env, **overrides}, "db", "upgrade")
+        checked = run({**env, **overrides}, "check")
+    assert upgraded.returncode == 0, upgraded.stderr
+    shown_database = f"{parts.username or getpass.getuser()}:***@{parts.hostname}:{parts.port or 5432}"
+    assert f"{shown_database}{parts.path}?password=***" in upgraded.stdout
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "database: reachable" in checked.stdout
+    assert "redis: FAILED" in checked.stdout
+    assert "LIVENESS_PROXY_REDIS_URL=rediss://u:***@127.0.0.1:1/0?password=***" in checked.stdout
+    assert f"LIVENESS_PROXY_DATABASE_URL={parts.scheme}://{shown_database}" in checked.stdout
+    printed = upgraded.stdout + upgraded.stderr + checked.stdout + checked.stderr
+    for secret in (userinfo_password, query_password, "redis-userinfo-pw", "redis-query-pw"):
+        assert secret not in printed
 
 
 def test_db_upgrade_creates_the_schema(env: dict[str, str], tmp_path: Path) -> None:

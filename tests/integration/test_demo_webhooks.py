@@ -11,34 +11,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 import standardwebhooks
 
-from liveness_proxy.demo.servers import RunningDemo, serving_demo
-from liveness_proxy.serving.sockets import bound_sockets
+from liveness_proxy.demo.servers import RunningDemo
 from liveness_proxy.webhook_signing import new_webhook_secret
-
-
-@pytest.fixture
-async def demo(tmp_path: Path) -> AsyncIterator[RunningDemo]:
-    with (
-        bound_sockets("127.0.0.1", 0, "--sandbox-port") as sandbox_sockets,
-        bound_sockets("127.0.0.1", 0, "--port") as proxy_sockets,
-    ):
-        async with serving_demo(
-            directory=str(tmp_path / "demo"),
-            host="127.0.0.1",
-            sandbox_sockets=sandbox_sockets,
-            proxy_sockets=proxy_sockets,
-            quiet=True,
-        ) as running:
-            yield running
 
 
 async def received(http: httpx.AsyncClient, count: int, timeout: float = 10.0) -> dict[str, Any]:

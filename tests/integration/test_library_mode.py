@@ -136,6 +136,10 @@ def test_mounted_in_a_starlette_host_under_a_prefix(tmp_path: Any) -> None:
                 missing = client.get("/kyc/liveness/v1/nothing")
                 assert missing.status_code == 404
                 assert missing.headers["content-type"] == "application/problem+json"
+                # No redirect to the client's own Host under the prefix either: an unknown path.
+                slashed = client.post("/kyc/liveness/v1/liveness/sessions/", json={"session_token": token})
+                assert (slashed.status_code, slashed.headers.get("location")) == (404, None)
+                assert slashed.headers["content-type"] == "application/problem+json"
         finally:
             host_server.stop()
     finally:

@@ -74,6 +74,6 @@ async def fetch_result(client: httpx.AsyncClient, headers: dict[str, str], sessi
 async def asgi_client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
     """A client that talks to the sandbox app in-process."""
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox"
+        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://localhost"
     ) as client:
         yield client

@@ -18,6 +18,8 @@ from .flows import (
     request_token,
 )
 
+JSON = {"Content-Type": "application/json"}
+
 
 @pytest.fixture
 def controlled(clock: ManualClock) -> Sandbox:
@@ -94,7 +96,9 @@ async def test_complete_with_a_bad_body_is_422(
     control_client: httpx.AsyncClient, control_auth: dict[str, str], body: bytes
 ) -> None:
     session_id = await create_session(control_client, control_auth)
-    response = await control_client.post(f"/_sandbox/sessions/{session_id}/complete", content=body)
+    response = await control_client.post(
+        f"/_sandbox/sessions/{session_id}/complete", content=body, headers=JSON
+    )
     assert response.status_code == 422
 
 
@@ -138,7 +142,7 @@ async def test_posting_a_fault_injects_it(control_client: httpx.AsyncClient) -> 
     ids=["empty", "array", "no-kind", "zero-count", "extra-field"],
 )
 async def test_posting_a_bad_fault_is_422(control_client: httpx.AsyncClient, body: bytes) -> None:
-    response = await control_client.post("/_sandbox/faults", content=body)
+    response = await control_client.post("/_sandbox/faults", content=body, headers=JSON)
     assert (response.status_code, response.json()["error"]) == (422, "invalid_request")
 
 
@@ -173,7 +177,7 @@ async def test_clock_advance_refuses_negative_seconds(control_client: httpx.Asyn
 async def test_clock_advance_needs_a_manual_clock() -> None:
     sandbox = Sandbox(SandboxConfig(control_enabled=True))
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox"
+        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://localhost"
     ) as client:
         response = await client.post("/_sandbox/clock/advance", json={"seconds": 1})
     assert (response.status_code, response.json()["error"]) == (409, "clock_not_manual")
@@ -194,3 +198,92 @@ async def test_client_secret_must_not_be_empty(control_client: httpx.AsyncClient
 async def test_control_api_rejects_wrong_methods(control_client: httpx.AsyncClient) -> None:
     response = await control_client.get("/_sandbox/tokens/revoke")
     assert (response.status_code, response.headers["allow"]) == (405, "POST")
+
+
+# -- what a web page could send --------------------------------------------------------------------
+
+
+async def test_a_cross_site_text_plain_post_changes_nothing(control_client: httpx.AsyncClient) -> None:
+    """A page on any site can POST text/plain to loopback without a preflight: refused before use."""
+    fault = b'{"target": "token", "kind": "status", "status": 503}'
+    plain = await control_client.post(
+        "/_sandbox/faults", content=fault, headers={"Content-Type": "text/plain"}
+    )
+    form = await control_client.post("/_sandbox/clock/advance", data={"seconds": "60"})
+    assert (plain.status_code, plain.json()["error"]) == (415, "unsupported_media_type")
+    assert form.status_code == 415
+    assert (await request_token(control_client)).status_code == 200  # no fault was injected
+
+
+async def test_a_body_less_route_takes_no_body_or_a_json_one(
+    control_client: httpx.AsyncClient, control_auth: dict[str, str]
+) -> None:
+    plain = await control_client.post(
+        "/_sandbox/tokens/revoke", content=b"x", headers={"Content-Type": "text/plain"}
+    )
+    untyped = await control_client.delete("/_sandbox/faults", headers={"Content-Type": "text/plain"})
+    still_valid = await control_client.post(
+        "/service/liveness-v2/get_session_token", headers=control_auth, json={}
+    )
+    assert (plain.status_code, untyped.status_code, still_valid.status_code) == (415, 415, 200)
+    assert (await control_client.post("/_sandbox/tokens/revoke", json={})).status_code == 200
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost:9999", "http://evil"])
+async def test_another_sites_origin_is_refused(
+    control_client: httpx.AsyncClient, control_auth: dict[str, str], origin: str
+) -> None:
+    """Browsers name the page's origin on every cross-origin POST: a body-less one is refused too."""
+    revoke = await control_client.post("/_sandbox/tokens/revoke", headers={"Origin": origin})
+    fault = await control_client.post(
+        "/_sandbox/faults", json={"target": "token", "kind": "status"}, headers={"Origin": origin}
+    )
+    assert (revoke.status_code, revoke.json()["error"], fault.status_code) == (403, "forbidden", 403)
+    after = await control_client.post("/service/liveness-v2/get_session_token", headers=control_auth, json={})
+    assert after.status_code == 200  # the tokens were not revoked
+    assert (await request_token(control_client)).status_code == 200  # nor a fault injected
+
+
+async def test_its_own_origin_is_accepted(control_client: httpx.AsyncClient) -> None:
+    answer = await control_client.post("/_sandbox/tokens/revoke", headers={"Origin": "http://localhost"})
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "10.0.0.1", "127.0.0.1.evil.example"])
+async def test_a_host_name_that_is_not_loopback_is_refused(
+    control_client: httpx.AsyncClient, host: str
+) -> None:
+    """DNS rebinding: a foreign name pointed at 127.0.0.1 is the page's own origin to the browser."""
+    stats = await control_client.get("/_sandbox/stats", headers={"Host": host})
+    revoke = await control_client.post("/_sandbox/tokens/revoke", headers={"Host": host})
+    assert (stats.status_code, revoke.status_code, revoke.json()["error"]) == (403, 403, "forbidden")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8081", "localhost", "[::1]:8081", "LOCALHOST:1"])
+async def test_loopback_host_names_are_answered(control_client: httpx.AsyncClient, host: str) -> None:
+    assert (await control_client.get("/_sandbox/stats", headers={"Host": host})).status_code == 200
+
+
+async def test_control_hosts_none_answers_any_host_name_but_still_refuses_other_sites() -> None:
+    sandbox = Sandbox(SandboxConfig(control_enabled=True, control_hosts=None))
+    async with asgi_client(sandbox) as client:
+        named = await client.get("/_sandbox/stats", headers={"Host": "sandbox.internal"})
+        foreign = await client.post(
+            "/_sandbox/tokens/revoke",
+            headers={"Host": "sandbox.internal", "Origin": "https://evil.example"},
+        )
+    assert (named.status_code, foreign.status_code) == (200, 403)
+
+
+async def test_the_liveness_endpoints_answer_any_host(client: httpx.AsyncClient) -> None:
+    """The checks are the control API's: the proxy reaches the simulated Cynopsis API by any name."""
+    answer = await client.post(
+        "/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": "sandbox-client",
+            "client_secret": "sandbox-secret",
+        },
+        headers={"Host": "sandbox.example"},
+    )
+    assert answer.status_code == 200

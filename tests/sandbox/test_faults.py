@@ -181,7 +181,7 @@ async def test_faults_never_hit_the_control_api() -> None:
     sandbox = Sandbox(SandboxConfig(control_enabled=True))
     sandbox.inject_fault(Fault(target="any", kind="status"))
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox"
+        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://localhost"
     ) as client:
         stats = await client.get("/_sandbox/stats")
         token = await request_token(client)

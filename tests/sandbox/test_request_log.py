@@ -52,7 +52,7 @@ async def test_body_size_is_logged(client: httpx.AsyncClient, sandbox: Sandbox) 
 async def test_control_api_calls_are_logged() -> None:
     sandbox = Sandbox(SandboxConfig(control_enabled=True))
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox"
+        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://localhost"
     ) as client:
         await client.get("/_sandbox/stats")
     assert sandbox.request_log[-1].path == "/_sandbox/stats"

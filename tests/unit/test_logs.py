@@ -6,6 +6,8 @@ import io
 import json
 
 from liveness_proxy.observability import REDACTED, AccessLog, Redactor, build_logger
+from liveness_proxy.settings import settings_from_mapping
+from liveness_proxy.wiring import app_options
 
 
 def test_redactor_scrubs_known_secrets_and_credential_shapes() -> None:
@@ -70,3 +72,34 @@ def test_the_direct_access_log_line_matches_the_structlog_pipeline_and_is_redact
         dict(fields)
     )
     assert quiet.getvalue() == ""
+
+
+def test_a_log_line_loses_url_passwords_in_every_form() -> None:
+    stream = io.StringIO()
+    logger = build_logger(level="info", log_format="json", redactor=Redactor(), stream=stream)
+    logger.warning(
+        "shared_state_unavailable",
+        reason="cannot reach rediss://u:tls-pw@cache:6379/0?password=redis-query-pw, nor redis://:redis-pw@c/0",
+        detail={"dsn": ["host=db password=libpq-word-pw sslmode=require"]},
+        url="postgresql+asyncpg://u@h/db?password=pg-query-pw&sslmode=require",
+        database="postgresql://app:pg-userinfo-pw@db/live",
+    )
+    line = stream.getvalue()
+    for secret in ("tls-pw", "redis-query-pw", "redis-pw", "libpq-word-pw", "pg-query-pw", "pg-userinfo-pw"):
+        assert secret not in line
+    record = json.loads(line)
+    assert record["url"] == f"postgresql+asyncpg://u@h/db?password={REDACTED}&sslmode=require"
+    assert record["database"] == f"postgresql://app:{REDACTED}@db/live"
+
+
+def test_the_proxy_knows_its_url_passwords_even_when_quoted_alone() -> None:
+    """A driver's error may quote the password without its URL: the redactor is taught the values."""
+    settings = settings_from_mapping(
+        {
+            "LIVENESS_PROXY_DATABASE_URL": "postgresql://app@db/live?password=pg-query-only-pw",
+            "LIVENESS_PROXY_REDIS_URL": "rediss://u:redis-userinfo-pw@cache/0?password=redis-query-pw",
+        }
+    )
+    redactor = Redactor(app_options(settings).secrets)
+    said = "auth failed with pg-query-only-pw, redis-userinfo-pw and redis-query-pw"
+    assert redactor.scrub(said) == f"auth failed with {REDACTED}, {REDACTED} and {REDACTED}"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.settings import Settings, async_database_url, redact_url, settings_from_mapping
+from liveness_proxy.settings import Settings, async_database_url, settings_from_mapping
+from liveness_proxy.url_secrets import redact_url
 from liveness_proxy.wiring import request_policy
 
 REQUIRED = {
@@ -130,6 +131,50 @@ def test_errors_and_summaries_never_show_secret_values(environment: pytest.Monke
     with pytest.raises(ConfigurationError) as raised:
         Settings.load()
     assert "super-secret-value-1" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "shown"),
+    [
+        (
+            "LIVENESS_PROXY_DATABASE_URL",
+            "postgresql+asyncpg://app@db/live?password=pg-query-pw&sslmode=require",
+            "postgresql+asyncpg://app@db/live?password=***&sslmode=require",
+        ),
+        (
+            "LIVENESS_PROXY_DATABASE_URL",
+            "postgresql://app:pg-userinfo-pw@db/live?sslpassword=pg-key-pw",
+            "postgresql://app:***@db/live?sslpassword=***",
+        ),
+        ("LIVENESS_PROXY_REDIS_URL", "redis://:redis-pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        (
+            "LIVENESS_PROXY_REDIS_URL",
+            "rediss://u:redis-pw@cache/0?password=redis-query-pw",
+            "rediss://u:***@cache/0?password=***",
+        ),
+        (
+            "LIVENESS_PROXY_WEBHOOK_URL",
+            "https://backend.example/hooks?token=receiver-token&tenant=7",
+            "https://backend.example/hooks?token=***&tenant=7",
+        ),
+    ],
+)
+def test_the_summary_shows_urls_without_any_form_of_password(variable: str, url: str, shown: str) -> None:
+    summary = settings_from_mapping({**REQUIRED, variable: url}).redacted_summary()
+    assert summary[variable] == shown
+
+
+def test_a_refused_origin_is_quoted_without_its_password() -> None:
+    with pytest.raises(ConfigurationError, match="LIVENESS_PROXY_CORS_ORIGINS") as refused:
+        settings_from_mapping(
+            {"LIVENESS_PROXY_CORS_ORIGINS": "https://u:origin-pw@app.example/x?token=t0k3n"}
+        )
+    assert "origin-pw" not in str(refused.value)
+    assert "t0k3n" not in str(refused.value)
+    assert "https://u:***@app.example/x?token=***" in str(refused.value)
+    with pytest.raises(ConfigurationError, match="is not an origin") as refused:
+        settings_from_mapping({"LIVENESS_PROXY_CORS_ORIGINS": "https://u:origin-pw@app.example"})
+    assert "origin-pw" not in str(refused.value)
 
 
 def test_database_urls_get_async_drivers() -> None:

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from liveness_proxy.settings import Settings, redact_url
+from liveness_proxy.settings import Settings
 from liveness_proxy.store import create_engine, upgrade_database
+from liveness_proxy.url_secrets import redact_url
 
 
 @contextlib.asynccontextmanager

@@ -10,12 +10,23 @@ import sys
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from liveness_proxy.sandbox import SandboxConfig, serve_sandbox
+    from liveness_proxy.sandbox.local_only import hosts_to_answer
 
+    # The control API answers under loopback names and the one it listens on; on every address,
+    # under any name, which anyone who reaches it can then use.
+    control_hosts = hosts_to_answer(args.host)
+    if args.control and control_hosts is None:
+        print(
+            f"warning: the sandbox listens on {args.host or 'every address'} with its control API on: "
+            "anyone who reaches it can drive it. Keep it on a trusted network.",
+            file=sys.stderr,
+        )
     config = SandboxConfig(
         client_id=args.client_id,
         client_secret=args.client_secret,
         domain_id=args.domain_id,
         control_enabled=args.control,
+        control_hosts=control_hosts,
     )
     print(
         f"sandbox Cynopsis API on http://{args.host}:{args.port} "

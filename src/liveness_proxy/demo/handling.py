@@ -1,6 +1,7 @@
-"""How the demo's own routes (`/demo/...`) take requests and answer: the security-headers and Host
-middleware, JSON bodies only, problem+json answers (the proxy's own routes do not pass through here,
-except for the headers on a proxy answer under /demo)."""
+"""How the demo's own routes (`/demo/...`) take requests and answer: the security-headers, Host and
+Origin middleware, JSON bodies only, problem+json answers (the proxy's own routes do not pass through
+here, except for the headers on a proxy answer under /demo). The Host, Origin and JSON rules are the
+sandbox control API's too (`sandbox/local_only.py`)."""
 
 from __future__ import annotations
 
@@ -28,22 +29,22 @@ from liveness_proxy.errors import (
     render_problem,
 )
 from liveness_proxy.sandbox import Sandbox
+from liveness_proxy.sandbox.local_only import cross_site_refusal, is_json
 
 # The page is ours and same-origin: scripts, styles and calls only from here, never framed.
 DEMO_CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-# Host names the demo's own routes answer under by default.
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
 class DemoHeaders:
     """Request id and security headers for the demo's own routes (the proxy adds its own to its
     answers): the page needs a policy that lets it load its script and style, nothing more.
 
-    It also refuses a Host it does not serve under (`allowed_hosts`; None: any): sign-in hands a JWT
-    to whoever asks, so a foreign site whose name was rebound to 127.0.0.1 must not reach it. (Not
+    It also refuses a Host it does not serve under (`allowed_hosts`; None: any) and another site's
+    Origin: sign-in hands a JWT to whoever asks, so a foreign site whose name was rebound to
+    127.0.0.1 must not reach it, nor may another site's page press the demo's buttons. (Not
     Starlette's TrustedHostMiddleware: it refuses with a plain-text 400, against the problem+json
     rule, and would cover the mounted proxy too, not only /demo.)"""
 
@@ -57,10 +58,6 @@ class DemoHeaders:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["demo_request_id"] = request_id
-        if self._allowed_hosts is not None and host_name(scope) not in self._allowed_hosts:
-            refused = problem_response(Forbidden("The demo answers only on loopback addresses."), request_id)
-            await refused(scope, receive, send)
-            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -74,15 +71,11 @@ class DemoHeaders:
                 headers.setdefault("cache-control", "no-store")
             await send(message)
 
+        refusal = cross_site_refusal(Headers(scope=scope), self._allowed_hosts)
+        if refusal is not None:
+            await problem_response(Forbidden(refusal), request_id)(scope, receive, send_with_headers)
+            return
         await self.app(scope, receive, send_with_headers)
-
-
-def host_name(scope: Scope) -> str:
-    """The Host header's name, without the port (IPv6 literals keep their brackets)."""
-    host = Headers(scope=scope).get("host", "").lower()
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if ":" in host else host
 
 
 def problem_response(error: ProblemError, request_or_id: Request | str) -> Response:
@@ -120,8 +113,7 @@ def answers_problems(handler: Handler) -> Handler:
 async def read_json_bytes(request: Request, max_bytes: int = 64 * 1024) -> bytes:
     """The body of an application/json request, as sent (a webhook's signature covers these bytes)."""
     # JSON only: a cross-site form or text/plain POST (no preflight) cannot press the demo's buttons.
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
+    if not is_json(request.headers):
         raise UnsupportedMediaType("Send the body as application/json.")
     chunks: list[bytes] = []
     size = 0

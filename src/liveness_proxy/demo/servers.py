@@ -21,17 +21,15 @@ import uvicorn
 
 from liveness_proxy.app import create_app
 from liveness_proxy.auth import new_api_key
-from liveness_proxy.demo.handling import LOOPBACK_HOSTS
 from liveness_proxy.demo.identity import DEMO_AUDIENCE, DEMO_ISSUER, DemoIdentityProvider
 from liveness_proxy.demo.web import WEBHOOK_PATH, create_demo_app
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
+from liveness_proxy.sandbox.local_only import hosts_to_answer
 from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 from liveness_proxy.webhook_signing import new_webhook_secret
 
 DEMO_SUBJECT = "demo-user"
-# `--host` values that mean every address; only compared here, never bound by this code.
-WILDCARD_ADDRESSES = frozenset({"0.0.0." + "0", "::", ""})
 # The finalizer reads every second at first, so a capture's verdict reaches the demo's backend within
 # a second or two even when the page was closed; then less often. The sandbox expires an untouched
 # session after 180 s, which the read at 180 s reports (a `liveness.session.expired` webhook).
@@ -79,12 +77,15 @@ async def serving_demo(
     identity = DemoIdentityProvider(subject=DEMO_SUBJECT)
     public_key_file = await asyncio.to_thread(_write_public_key, folder, identity)
     sandbox_secret = secrets.token_urlsafe(24)  # new every run: nothing to leak between runs
+    # The page and the sandbox's control API answer under the same names.
+    allowed_hosts = _allowed_hosts(host)
     sandbox = Sandbox(
         SandboxConfig(
             client_id="demo-client",
             client_secret=sandbox_secret,
             domain_id="demo-domain",
             control_enabled=True,
+            control_hosts=allowed_hosts,
         )
     )
     sandbox_server = EmbeddedServer(
@@ -114,7 +115,7 @@ async def serving_demo(
                     sandbox_url=sandbox_url,
                     identity=identity,
                     client_secret=sandbox_secret,
-                    allowed_hosts=_allowed_hosts(host),
+                    allowed_hosts=allowed_hosts,
                     webhook_secret=webhook_secret,
                     webhook_url=webhook_url,
                 ),
@@ -246,15 +247,15 @@ def _allowed_hosts(host: str) -> frozenset[str] | None:
     """Host names the demo page answers under: loopback and the address it listens on. Listening on
     every address means "reach me by any name", so then any, with a warning: the page signs anyone
     in as the demo user."""
-    if host in WILDCARD_ADDRESSES:
+    allowed = hosts_to_answer(host)
+    if allowed is None:
         print(
             f"warning: the demo listens on {host or 'every address'}; its page signs anyone who reaches it "
             f"in as {DEMO_SUBJECT!r}. Keep it on a trusted network.",
             file=sys.stderr,
             flush=True,
         )
-        return None
-    return LOOPBACK_HOSTS | {f"[{host}]" if ":" in host else host}
+    return allowed
 
 
 def _bound_port(server: uvicorn.Server) -> int:

@@ -41,7 +41,6 @@ from starlette.routing import Mount, Route
 
 from liveness_proxy.app import ProxyApplication, problem_for_http_exception
 from liveness_proxy.demo.handling import (
-    LOOPBACK_HOSTS,
     DemoHeaders,
     Handler,
     answers_problems,
@@ -57,6 +56,7 @@ from liveness_proxy.demo.webhooks import WebhookInbox, WebhookRefused, WebhookVe
 from liveness_proxy.errors import BadRequest, NotFound, ProblemError, ServiceUnavailable
 from liveness_proxy.http import Http1Transport, HttpError, Url
 from liveness_proxy.sandbox import Sandbox
+from liveness_proxy.sandbox.local_only import LOOPBACK_HOSTS
 from liveness_proxy.webhook_signing import SECRET_PREFIX
 
 # The OAuth2 token type of the demo IdP's JWTs.
@@ -363,5 +363,8 @@ def create_demo_app(
         return problem_response(problem_for_http_exception(exc), request)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: refuse})
+    # No redirects to the client's own Host (the proxy's router has none either). The catch-all
+    # mount answers every path today; this keeps it so if a route is ever added after it.
+    app.router.redirect_slashes = False
     app.add_middleware(DemoHeaders, allowed_hosts=allowed_hosts)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from liveness_proxy.sandbox.clock import Clock, SystemClock
+from liveness_proxy.sandbox.local_only import LOOPBACK_HOSTS
 
 
 @dataclass
@@ -24,6 +25,9 @@ class SandboxConfig:
     session_lifetime_seconds: int = 180
     # The /_sandbox control API is a back door; it must be asked for explicitly.
     control_enabled: bool = False
+    # The Host names the control API answers under (None: any). Loopback only by default, so that
+    # a web page whose name is rebound to 127.0.0.1 cannot drive it (see local_only.py).
+    control_hosts: frozenset[str] | None = LOOPBACK_HOSTS
     # S105 mistakes these paths for passwords because their names contain "token".
     token_path: str = "/oauth/token"
     session_token_path: str = "/service/liveness-v2/get_session_token"

@@ -1,6 +1,9 @@
 """The /_sandbox control API: drive a sandbox served in another process over HTTP.
 
-It exists only when `SandboxConfig.control_enabled` is set, and faults never apply to it.
+It exists only when `SandboxConfig.control_enabled` is set, and faults never apply to it. It answers
+only what no web page can send (`local_only.py`): a Host of `SandboxConfig.control_hosts` (loopback
+by default), no other site's Origin, and bodies as application/json only. A route without a body
+takes none, or a JSON one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from starlette.routing import Route
 
 from liveness_proxy.sandbox.clock import ManualClock
 from liveness_proxy.sandbox.faults import Fault
+from liveness_proxy.sandbox.local_only import carries_body, cross_site_refusal, is_json
 from liveness_proxy.sandbox.recording import request_body
 from liveness_proxy.sandbox.responses import OrjsonResponse, error_response
 
@@ -50,18 +54,47 @@ _client_secret_body = TypeAdapter(ClientSecretBody)
 _fault_body = TypeAdapter(Fault)
 
 
+_Handler = Callable[[Request], Awaitable[Response]]
+
+
 def control_routes(sandbox: Sandbox) -> list[Route]:
     api = _ControlApi(sandbox)
+    allowed_hosts = sandbox.config.control_hosts
+
+    def route(path: str, handler: _Handler, method: str, *, takes_body: bool = False) -> Route:
+        return Route(
+            f"{CONTROL_PREFIX}{path}",
+            _local_only(handler, allowed_hosts=allowed_hosts, takes_body=takes_body),
+            methods=[method],
+        )
+
     return [
-        Route(f"{CONTROL_PREFIX}/sessions/{{session_id}}/complete", api.complete_session, methods=["POST"]),
-        Route(f"{CONTROL_PREFIX}/sessions/{{session_id}}/expire", api.expire_session, methods=["POST"]),
-        Route(f"{CONTROL_PREFIX}/tokens/revoke", api.revoke_tokens, methods=["POST"]),
-        Route(f"{CONTROL_PREFIX}/faults", api.inject_fault, methods=["POST"]),
-        Route(f"{CONTROL_PREFIX}/faults", api.clear_faults, methods=["DELETE"]),
-        Route(f"{CONTROL_PREFIX}/stats", api.stats, methods=["GET"]),
-        Route(f"{CONTROL_PREFIX}/clock/advance", api.advance_clock, methods=["POST"]),
-        Route(f"{CONTROL_PREFIX}/client-secret", api.rotate_client_secret, methods=["POST"]),
+        route("/sessions/{session_id}/complete", api.complete_session, "POST", takes_body=True),
+        route("/sessions/{session_id}/expire", api.expire_session, "POST"),
+        route("/tokens/revoke", api.revoke_tokens, "POST"),
+        route("/faults", api.inject_fault, "POST", takes_body=True),
+        route("/faults", api.clear_faults, "DELETE"),
+        route("/stats", api.stats, "GET"),
+        route("/clock/advance", api.advance_clock, "POST", takes_body=True),
+        route("/client-secret", api.rotate_client_secret, "POST", takes_body=True),
     ]
+
+
+def _local_only(handler: _Handler, *, allowed_hosts: frozenset[str] | None, takes_body: bool) -> _Handler:
+    """`handler` behind the checks of `local_only.py`: 403 for a foreign Host or Origin, 415 for a
+    body that is not JSON (or, on a route that takes one, a request that does not say JSON)."""
+
+    async def handle(request: Request) -> Response:
+        refusal = cross_site_refusal(request.headers, allowed_hosts)
+        if refusal is not None:
+            return error_response(403, "forbidden", refusal)
+        headers = request.headers
+        says_something = takes_body or carries_body(headers) or "content-type" in headers
+        if request.method != "GET" and says_something and not is_json(headers):
+            return error_response(415, "unsupported_media_type", "send the body as application/json")
+        return await handler(request)
+
+    return handle
 
 
 class _ControlApi:

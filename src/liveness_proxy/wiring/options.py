@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from liveness_proxy.auth.jwt import JwtPolicy
 from liveness_proxy.errors import ConfigurationError
@@ -18,6 +17,7 @@ from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS
 from liveness_proxy.ratelimit import LimitPolicy
 from liveness_proxy.settings import Settings
 from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
+from liveness_proxy.url_secrets import url_secret_values
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +102,8 @@ def app_options(settings: Settings) -> AppOptions:
             settings.cynopsis_client_secret.get_secret_value(),
             settings.liveness_proxy_api_key_pepper.get_secret_value(),
             settings.liveness_proxy_metrics_token.get_secret_value(),
-            urlsplit(settings.liveness_proxy_database_url.get_secret_value()).password or "",
-            urlsplit(settings.redis_url).password or "",
+            *url_secret_values(settings.liveness_proxy_database_url.get_secret_value()),
+            *url_secret_values(settings.redis_url),
             settings.liveness_proxy_token_cache_key.get_secret_value(),
         ),
         upstream_base_url=settings.cynopsis_api_base_url,
