@@ -5,12 +5,15 @@ one key id, expiry, and the throttled record of each key's last use."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import pytest
+from alembic import command
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import Headers
 
@@ -19,6 +22,7 @@ from liveness_proxy.auth.api_keys import MAX_UNKNOWN_SECONDS
 from liveness_proxy.errors import Unauthenticated
 from liveness_proxy.sandbox import ManualClock
 from liveness_proxy.store import ApiKeyStore, KeyNotRotatable, StoredApiKey, create_engine, upgrade_database
+from liveness_proxy.store.database import alembic_config
 
 PEPPER = b"k" * 48
 
@@ -352,3 +356,31 @@ async def test_only_a_usable_key_can_be_rotated(any_store: ApiKeyStore, state: s
     with pytest.raises(KeyNotRotatable, match=state if state != "unknown" else "no key with id"):
         await any_store.rotate(successor.stored, old_expires_at=now + 86400, now=now)
     assert await any_store.get(successor.key_id) is None  # nothing was added
+
+
+async def test_a_downgrade_below_0007_never_brings_an_expired_key_back(database_url: str) -> None:
+    engine = create_engine(database_url, pool_size=1)
+    store = ApiKeyStore(engine)
+    now = time.time()
+
+    def downgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0006")
+
+    try:
+        await upgrade_database(engine)
+        expired = await issue(store, now=now - 100, expires_at=now - 1)
+        expiring = await issue(store, now=now - 100, expires_at=now + 3600)
+        async with engine.begin() as connection:
+            await connection.run_sync(downgrade)
+            rows = {
+                row.key_id: row.revoked_at
+                for row in await connection.execute(text("SELECT key_id, revoked_at FROM api_keys"))
+            }
+        # The older schema has no expiry: the expired key is revoked at its expiry, the other works on.
+        assert rows == {expired.key_id: expired.stored.expires_at, expiring.key_id: None}
+        await upgrade_database(engine)  # and back up: the columns return, empty
+        assert await store.get(expiring.key_id) == dataclasses.replace(expiring.stored, expires_at=None)
+    finally:
+        await engine.dispose()
