@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     liveness_proxy_jwt_public_key_file: Path | None = None
     liveness_proxy_jwt_issuer: str = ""
     liveness_proxy_jwt_audience: Annotated[list[str], NoDecode] = []
+    # Without an audience, tokens the identity provider issued for any of its apps would pass: an
+    # audience is required unless the operator says explicitly that any will do.
+    liveness_proxy_jwt_allow_any_audience: bool = False
+    # The longest a token may live (`exp - iat`) or have left (`exp - now`): a stolen token with
+    # an `exp` years away would otherwise be a permanent credential.
+    liveness_proxy_jwt_max_lifetime_seconds: int = Field(default=86400, ge=60, le=366 * 86400)
     liveness_proxy_jwt_algorithms: Annotated[list[str], NoDecode] = ["RS256", "ES256"]
     liveness_proxy_jwt_subject_claim: str = "sub"
     # The claim that carries the customer's own business id for the session (webhooks, admin views).

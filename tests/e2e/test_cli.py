@@ -234,6 +234,8 @@ def test_serve_runs_the_flow_and_stops_on_sigterm(
     verified = run(env, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert f"4 records verified (seq 1..4); head hash {records[-1]['record_hash']}" in verified.stdout
+    [listed] = [json.loads(line) for line in run(env, "keys", "list", "--json").stdout.splitlines()]
+    assert records[0]["occurred_at"] - 1 <= listed["last_used_at"] <= records[-1]["occurred_at"] + 1
 
 
 def test_sandbox_command_serves_the_simulated_api(tmp_path: Path) -> None:

@@ -74,6 +74,21 @@ def test_serve_with_contradictory_jwt_settings(tmp_path: Path) -> None:
     assert completed.returncode == 2
 
 
+def test_serve_with_jwt_callers_but_no_audience(tmp_path: Path) -> None:
+    env = subprocess_env(
+        "http://127.0.0.1:9", tmp_path / "proxy.db", LIVENESS_PROXY_JWT_JWKS_URL="https://idp.example/jwks"
+    )
+    completed = run(["serve", "--port", str(free_port())], env=env)
+    assert_one_clear_line(
+        completed,
+        "configuration error",
+        "LIVENESS_PROXY_JWT_AUDIENCE",
+        "LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE=true",
+    )
+    assert completed.returncode == 2
+    assert not (tmp_path / "proxy.db").exists()  # refused before the migrations
+
+
 def test_serve_with_an_unreachable_database_names_no_password(tmp_path: Path) -> None:
     env = subprocess_env(
         "http://127.0.0.1:9",

@@ -391,6 +391,13 @@ def invalid_tokens(keys: Keys) -> dict[str, tuple[str, str]]:
             jwt.encode(claims(), keys.rsa_1, algorithm="RS256", headers={"kid": "rsa-1", "crit": ["exp"]}),
             "extension",
         ),
+        # The reviewer's token: `exp` of 10^30 was accepted.
+        "exp centuries away": (sign(keys.rsa_1, exp=10**30), "lives longer"),
+        "exp - iat over the maximum": (sign(keys.rsa_1, iat=now - 86400, exp=now + 60), "lives longer"),
+        "no iat, exp - now over the maximum": (
+            sign(keys.rsa_1, drop=("iat",), exp=now + 86400 + 120),
+            "lives longer",
+        ),
     }
 
 
@@ -427,6 +434,9 @@ INVALID_CASES = [
     "scope not a string",
     "scope with a quote",
     "crit header",
+    "exp centuries away",
+    "exp - iat over the maximum",
+    "no iat, exp - now over the maximum",
 ]
 
 
@@ -446,6 +456,57 @@ async def test_invalid_token_is_refused_without_echoing_it(
 
 def test_every_invalid_case_is_tested(keys: Keys) -> None:
     assert sorted(INVALID_CASES) == sorted(invalid_tokens(keys))
+
+
+async def test_a_token_within_the_maximum_lifetime_is_accepted_and_the_maximum_is_configurable(
+    make_authenticator: MakeAuthenticator, jwks: JwksEndpoint, keys: Keys
+) -> None:
+    now = int(time.time())
+    day_long = sign(keys.rsa_1, iat=now - 60, exp=now - 60 + 86400)
+    # As an identity provider whose clock runs 20 s ahead would issue it: within the 30 s leeway.
+    no_iat_within_a_day = sign(keys.rsa_1, drop=("iat",), exp=now + 86400 + 20)
+    two_days = sign(keys.rsa_1, iat=now, exp=now + 2 * 86400)
+    default = (await make_authenticator()).authenticator
+    assert await default.authenticate(bearer(day_long)) is not None
+    assert await default.authenticate(bearer(no_iat_within_a_day)) is not None
+    assert "lives longer" in (await refused(default, two_days)).detail
+    raised = (await make_authenticator(LIVENESS_PROXY_JWT_MAX_LIFETIME_SECONDS=2 * 86400)).authenticator
+    assert await raised.authenticate(bearer(two_days)) is not None
+
+
+def test_jwt_callers_need_an_audience_or_the_explicit_choice_of_any(
+    http: HttpTransport, jwks_url: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        jwt_authenticator(settings_from_mapping({"LIVENESS_PROXY_JWT_JWKS_URL": jwks_url}), http=http)
+    text = str(caught.value)
+    assert text.startswith("LIVENESS_PROXY_JWT_AUDIENCE: required")
+    assert "LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE=true" in text
+    both = settings_from_mapping(
+        {
+            "LIVENESS_PROXY_JWT_JWKS_URL": jwks_url,
+            "LIVENESS_PROXY_JWT_AUDIENCE": AUDIENCE,
+            "LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE": "true",
+        }
+    )
+    with pytest.raises(ConfigurationError, match=r"^LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE: .*not both"):
+        jwt_authenticator(both, http=http)
+    allowed = settings_from_mapping(
+        {"LIVENESS_PROXY_JWT_JWKS_URL": jwks_url, "LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE": "true"}
+    )
+    assert jwt_authenticator(allowed, http=http) is not None
+    # Without JWT callers, neither setting is needed.
+    assert jwt_authenticator(settings_from_mapping({}), http=http) is None
+
+
+async def test_with_any_audience_allowed_a_token_for_another_audience_is_accepted(
+    make_authenticator: MakeAuthenticator, jwks: JwksEndpoint, keys: Keys
+) -> None:
+    built = await make_authenticator(
+        LIVENESS_PROXY_JWT_AUDIENCE="", LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE=True
+    )
+    assert await built.authenticator.authenticate(bearer(sign(keys.rsa_1, aud="another-app"))) is not None
+    assert await built.authenticator.authenticate(bearer(sign(keys.rsa_1, drop=("aud",)))) is not None
 
 
 async def test_a_huge_token_is_refused_before_any_key_lookup(
@@ -606,6 +667,7 @@ async def test_jwks_host_down_after_the_first_fetch_keeps_stale_keys(
     settings = settings_from_mapping(
         {
             "LIVENESS_PROXY_JWT_JWKS_URL": f"{server.url}/jwks.json",
+            "LIVENESS_PROXY_JWT_AUDIENCE": AUDIENCE,
             "LIVENESS_PROXY_JWT_JWKS_CACHE_SECONDS": CACHE_SECONDS,
             "LIVENESS_PROXY_JWT_JWKS_TIMEOUT_SECONDS": 1.0,
         }
@@ -740,7 +802,11 @@ def test_unusable_public_key_file_is_a_configuration_error(
     elif content == "ec":
         write_public_pem(path, keys.ec_1)
     settings = settings_from_mapping(
-        {"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE": path, "LIVENESS_PROXY_JWT_ALGORITHMS": algorithms}
+        {
+            "LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE": path,
+            "LIVENESS_PROXY_JWT_ALGORITHMS": algorithms,
+            "LIVENESS_PROXY_JWT_AUDIENCE": AUDIENCE,
+        }
     )
     with pytest.raises(ConfigurationError) as caught:
         jwt_authenticator(settings, http=http)

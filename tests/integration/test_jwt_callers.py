@@ -70,14 +70,12 @@ def test_jwt_callers_own_their_sessions_beside_api_key_callers(
     assert endpoint.requests == 1  # fetched once at start-up, then served from the cache
 
 
-def test_jwt_without_issuer_or_audience_is_accepted_but_warned_about(
+def test_jwt_with_any_audience_allowed_and_no_issuer_is_accepted_but_warned_about(
     make_proxy: MakeProxy, identity_provider: tuple[str, JwksEndpoint], signing_key: rsa.RSAPrivateKey
 ) -> None:
     jwks_url, _ = identity_provider
-    with (
-        make_proxy(proxy_overrides={"LIVENESS_PROXY_JWT_JWKS_URL": jwks_url}) as proxy,
-        proxy.client() as client,
-    ):
+    overrides = {"LIVENESS_PROXY_JWT_JWKS_URL": jwks_url, "LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE": "true"}
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
         other_app = sign(signing_key, aud="some-other-app")
         response = client.post(SESSION_TOKEN, headers={"Authorization": f"Bearer {other_app}"})
         log = proxy.log_text()

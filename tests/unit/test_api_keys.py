@@ -38,3 +38,11 @@ def test_invalid_subject_or_scope_is_refused(subject: str, scopes: list[str]) ->
 def test_bearer_without_key_prefix_is_not_taken_for_an_api_key() -> None:
     authenticator = ApiKeyAuthenticator(ApiKeyStore(None), pepper=PEPPER, cache_seconds=0)  # type: ignore[arg-type]
     assert asyncio.run(authenticator.authenticate(Headers({"authorization": "Bearer eyJhbGciOi"}))) is None
+
+
+def test_a_key_cannot_be_made_already_expired() -> None:
+    with pytest.raises(ValueError, match="future"):
+        new_api_key(pepper=PEPPER, subject="alice", scopes=[], name="n", now=100.0, expires_at=100.0)
+    issued = new_api_key(pepper=PEPPER, subject="alice", scopes=[], name="n", now=100.0, expires_at=101.0)
+    assert issued.stored.state(100.0) == "active"
+    assert issued.stored.state(101.0) == "expired"

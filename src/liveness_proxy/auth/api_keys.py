@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import math
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from starlette.datastructures import Headers
 
 from liveness_proxy.auth.caller import Caller
+from liveness_proxy.auth.key_usage import DEFAULT_USE_INTERVAL_SECONDS, KeyUseRecorder
 from liveness_proxy.errors import Unauthenticated
 from liveness_proxy.store import ApiKeyStore, StoredApiKey
 
@@ -26,6 +29,10 @@ _API_KEY_PATTERN = re.compile(r"lpk_([0-9a-f]{16})_([A-Za-z0-9_-]{32,128})")
 _MAX_CREDENTIAL_LENGTH = 4096
 SCOPE_PATTERN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")  # RFC 6749 scope-token
 SUBJECT_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+# The longest an unknown key id is answered from memory (see ApiKeyAuthenticator).
+MAX_UNKNOWN_SECONDS = 10.0
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +54,25 @@ def looks_like_api_key(credential: str) -> bool:
     return credential.startswith(API_KEY_PREFIX)
 
 
-def new_api_key(*, pepper: bytes, subject: str, scopes: Iterable[str], name: str, now: float) -> IssuedApiKey:
+def new_api_key(
+    *,
+    pepper: bytes,
+    subject: str,
+    scopes: Iterable[str],
+    name: str,
+    now: float,
+    expires_at: float | None = None,
+    successor_of: str | None = None,
+) -> IssuedApiKey:
+    """A new key for `subject`; `expires_at` (epoch seconds) None: it never expires."""
     if not SUBJECT_PATTERN.fullmatch(subject):
         raise ValueError("subject must be 1-255 characters without control characters")
     scope_tuple = tuple(dict.fromkeys(scopes))
     for scope in scope_tuple:
         if not SCOPE_PATTERN.fullmatch(scope):
             raise ValueError(f"invalid scope {scope!r}: use 1-128 printable characters without spaces")
+    if expires_at is not None and expires_at <= now:
+        raise ValueError("the expiry must be in the future")
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     stored = StoredApiKey(
@@ -64,15 +83,31 @@ def new_api_key(*, pepper: bytes, subject: str, scopes: Iterable[str], name: str
         secret_hash=hash_secret(pepper, secret),
         created_at=now,
         revoked_at=None,
+        expires_at=expires_at,
+        successor_of=successor_of,
     )
     return IssuedApiKey(key_id=key_id, key=f"{API_KEY_PREFIX}{key_id}_{secret}", stored=stored)
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownKey:
+    """A key row as the authenticator caches it. Times are on the authenticator's clock."""
+
+    secret_hash: str
+    caller: Caller | None  # None: revoked
+    usable_until: float  # its expiry (inf: none)
+    cached_until: float
 
 
 class ApiKeyAuthenticator:
     """Authenticates `X-API-Key: <key>` or `Authorization: Bearer <key>`.
 
-    Verified keys are cached for `cache_seconds`, keyed by the HMAC of the whole key (never the key
-    itself), so the hot path does no database read; a revocation takes effect within that time.
+    Key rows are cached by key id for `cache_seconds`, so the hot path does no database read: a
+    revocation takes effect within that time, an expiry exactly when it falls. A key id with no row
+    is remembered as unknown for `cache_seconds` too (at most `MAX_UNKNOWN_SECONDS`), so a flood of
+    bad keys with one id costs one read, and that memory is bounded (the oldest id is forgotten
+    first). Every wrong key gets the same answer, whatever was wrong: unknown id, wrong secret,
+    revoked or expired.
     """
 
     def __init__(
@@ -82,15 +117,34 @@ class ApiKeyAuthenticator:
         pepper: bytes,
         cache_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
+        unknown_cache_size: int = 10_000,
+        use_interval_seconds: float = DEFAULT_USE_INTERVAL_SECONDS,
+        on_use_not_recorded: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._store = store
         self._pepper = pepper
         self._cache_seconds = cache_seconds
+        # A key created after someone presented its id stays hidden this long at most (ids are 64
+        # random bits, so only a caller who had the key before its row existed can be affected:
+        # a replica that lags behind the primary, say).
+        self._unknown_seconds = min(cache_seconds, MAX_UNKNOWN_SECONDS)
         self._clock = clock
-        self._cache: dict[str, tuple[Caller, float]] = {}
+        self._wall_clock = wall_clock
+        self._known: dict[str, _KnownKey] = {}
         self._cache_size = cache_size
-        self._lookups: dict[str, asyncio.Task[Caller]] = {}
+        self._unknown: dict[str, float] = {}  # key id -> until when it is taken as unknown
+        self._unknown_cache_size = unknown_cache_size
+        self._lookups: dict[str, asyncio.Task[_KnownKey | None]] = {}
+        self._uses = KeyUseRecorder(
+            store,
+            wall_clock=wall_clock,
+            interval_seconds=use_interval_seconds,
+            on_failure=on_use_not_recorded,
+        )
+        # Compared against when the id is unknown, so that answer costs what a wrong secret does.
+        self._absent_hash = hash_secret(pepper, "")
 
     async def authenticate(self, headers: Headers) -> Caller | None:
         credential = presented_api_key(headers)
@@ -98,48 +152,72 @@ class ApiKeyAuthenticator:
             return None
         return await self.verify(credential)
 
+    async def close(self) -> None:
+        """Writes the key uses not recorded yet."""
+        await self._uses.close()
+
     async def verify(self, credential: str) -> Caller:
         if len(credential) > _MAX_CREDENTIAL_LENGTH:
-            raise Unauthenticated("The API key is not valid.", error="invalid_token")
+            raise _invalid()
         match = _API_KEY_PATTERN.fullmatch(credential)
         if match is None:
-            raise Unauthenticated("The API key is not valid.", error="invalid_token")
+            raise _invalid()
         key_id, secret = match.groups()
         digest = hash_secret(self._pepper, secret)
-        cache_key = f"{key_id}:{digest}"
         now = self._clock()
-        cached = self._cache.get(cache_key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        # One database read per key however many requests present it at once (a cold cache, or an
-        # entry expiring, under 1000 concurrent requests would otherwise queue 1000 reads).
-        lookup = self._lookups.get(cache_key)
+        known = self._known.get(key_id)
+        if known is None or known.cached_until <= now:
+            if self._unknown.get(key_id, 0.0) > now:
+                known = None
+            else:
+                known = await self._read(key_id)
+        expected = known.secret_hash if known is not None else self._absent_hash
+        if (
+            not hmac.compare_digest(expected, digest)
+            or known is None
+            or known.caller is None
+            or known.usable_until <= now
+        ):
+            raise _invalid()
+        self._uses.used(key_id, now)
+        return known.caller
+
+    async def _read(self, key_id: str) -> _KnownKey | None:
+        # One database read per key id however many requests present it at once (a cold cache, or
+        # an entry expiring, under 1000 concurrent requests would otherwise queue 1000 reads).
+        lookup = self._lookups.get(key_id)
         if lookup is None:
-            lookup = asyncio.get_running_loop().create_task(self._look_up(key_id, digest, cache_key))
-            self._lookups[cache_key] = lookup
-            lookup.add_done_callback(functools.partial(self._lookup_done, cache_key))
+            lookup = asyncio.get_running_loop().create_task(self._look_up(key_id))
+            self._lookups[key_id] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_done, key_id))
         # Shielded: one caller giving up must not cancel the read the others wait for.
         return await asyncio.shield(lookup)
 
-    async def _look_up(self, key_id: str, digest: str, cache_key: str) -> Caller:
+    async def _look_up(self, key_id: str) -> _KnownKey | None:
         stored = await self._store.get(key_id)
-        # Compare even when the row is missing, so a wrong id and a wrong secret take the same time.
-        expected = stored.secret_hash if stored is not None else hash_secret(self._pepper, "")
-        if not hmac.compare_digest(expected, digest) or stored is None or stored.revoked_at is not None:
-            self._cache.pop(cache_key, None)
-            raise Unauthenticated("The API key is not valid.", error="invalid_token")
-        caller = Caller(
-            subject=stored.subject, scopes=frozenset(stored.scopes), credential_id=f"key:{key_id}"
+        now = self._clock()
+        if stored is None:
+            if self._unknown_seconds > 0:
+                _remember(self._unknown, key_id, now + self._unknown_seconds, self._unknown_cache_size)
+            return None
+        self._unknown.pop(key_id, None)
+        caller = None
+        if stored.revoked_at is None:
+            caller = Caller(
+                subject=stored.subject, scopes=frozenset(stored.scopes), credential_id=f"key:{key_id}"
+            )
+        # The expiry is a wall-clock time; it is carried over to the cache's clock once, here.
+        usable_until = (
+            math.inf if stored.expires_at is None else now + (stored.expires_at - self._wall_clock())
         )
+        known = _KnownKey(stored.secret_hash, caller, usable_until, now + self._cache_seconds)
         if self._cache_seconds > 0:
-            if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[cache_key] = (caller, self._clock() + self._cache_seconds)
-        return caller
+            _remember(self._known, key_id, known, self._cache_size)
+        return known
 
     def verified_caller(self, headers: Headers) -> Caller | None:
-        """The caller of the presented key if this process verified it within `cache_seconds`;
-        None otherwise (no database read, nothing awaited)."""
+        """The caller of the presented key if its row is in this process's cache and the key is
+        right and usable; None otherwise (no database read, nothing awaited)."""
         credential = presented_api_key(headers)
         if credential is None or len(credential) > _MAX_CREDENTIAL_LENGTH:
             return None
@@ -147,15 +225,30 @@ class ApiKeyAuthenticator:
         if match is None:
             return None
         key_id, secret = match.groups()
-        cached = self._cache.get(f"{key_id}:{hash_secret(self._pepper, secret)}")
-        if cached is not None and cached[1] > self._clock():
-            return cached[0]
-        return None
+        now = self._clock()
+        known = self._known.get(key_id)
+        if known is None or known.cached_until <= now or known.caller is None or known.usable_until <= now:
+            return None
+        if not hmac.compare_digest(known.secret_hash, hash_secret(self._pepper, secret)):
+            return None
+        self._uses.used(key_id, now)
+        return known.caller
 
-    def _lookup_done(self, cache_key: str, task: asyncio.Task[Caller]) -> None:
-        self._lookups.pop(cache_key, None)
+    def _lookup_done(self, key_id: str, task: asyncio.Task[_KnownKey | None]) -> None:
+        self._lookups.pop(key_id, None)
         if not task.cancelled():
             task.exception()  # retrieved here too, in case every waiter has gone
+
+
+def _remember(cache: dict[str, _T], key: str, value: _T, size: int) -> None:
+    if key not in cache and len(cache) >= size:
+        # Drop the oldest entry (dicts keep insertion order): bounded memory, no LRU bookkeeping.
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _invalid() -> Unauthenticated:
+    return Unauthenticated("The API key is not valid.", error="invalid_token")
 
 
 def presented_api_key(headers: Headers) -> str | None:

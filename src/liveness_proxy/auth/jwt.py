@@ -4,8 +4,10 @@ A token is checked from the cheapest test to the dearest, so a forged one costs 
 valid one does: its length, then its shape (three base64url segments), then its small header
 (`alg` on the allow-list, a well-formed `kid`, no `crit`), then the selection of exactly one key that
 fits both (see `jwks.py`), then one signature check by PyJWT, and only then the payload and its
-claims. `exp` is required; `nbf` and `iat` are honoured with the configured leeway; `iss` and `aud`
-are enforced when configured (with no audience configured, `aud` is not checked). Header members
+claims. `exp` is required; `nbf` and `iat` are honoured with the configured leeway; a token may not
+live longer than `max_lifetime_seconds`, counted from `iat` when it has one and from now in any case
+(so a token without `iat` is held to its remaining time only); `iss` and `aud` are enforced when
+configured (the settings require an audience unless the operator allows any). Header members
 that point at keys (`jku`, `x5u`, `jwk`, `x5c`) are ignored: keys come from configuration only.
 A 401 may say briefly what was wrong, never what the token contained.
 
@@ -48,6 +50,7 @@ _COMPACT_JWS = re.compile(
 # credential_id is "jwt:" + the kid when the kid is short printable ASCII; else a digest of it.
 _MAX_CREDENTIAL_ID_LENGTH = 64
 _PRINTABLE_KID = re.compile(r"[\x21-\x7e]{1,60}")
+_TOO_LONG = "The token lives longer than this proxy accepts (exp - iat, or exp - now)."
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,7 @@ class JwtPolicy:
     leeway_seconds: float
     max_token_bytes: int
     reference_claim: str | None = None  # the customer's business id for the session, if any
+    max_lifetime_seconds: float = 86400.0  # the longest `exp - iat`, and `exp - now`
 
 
 def _refuse(detail: str) -> Unauthenticated:
@@ -165,6 +169,9 @@ class JwtAuthenticator:
             raise _refuse("The token has no valid expiry (exp).")
         if expires <= now - policy.leeway_seconds:
             raise _refuse("The token has expired.")
+        # The leeway here allows for our clock running behind the identity provider's.
+        if expires - now > policy.max_lifetime_seconds + policy.leeway_seconds:
+            raise _refuse(_TOO_LONG)
         not_before = claims.get("nbf")
         if not_before is not None and (
             not _is_timestamp(not_before) or not_before > now + policy.leeway_seconds
@@ -175,6 +182,9 @@ class JwtAuthenticator:
             not _is_timestamp(issued_at) or issued_at > now + policy.leeway_seconds
         ):
             raise _refuse("The token was issued in the future.")
+        # Both times come from the token itself: no clock skew to allow for.
+        if issued_at is not None and expires - issued_at > policy.max_lifetime_seconds:
+            raise _refuse(_TOO_LONG)
         if policy.issuer is not None and claims.get("iss") != policy.issuer:
             raise _refuse("The token's issuer is not accepted.")
         if policy.audiences and not _audiences(claims.get("aud")) & policy.audiences:

@@ -60,6 +60,32 @@ def _positive_days(text: str) -> int:
     return int(text)
 
 
+# New keys expire unless the operator says otherwise (`--expires-in never`): a key forgotten in an
+# old deployment or a leaked log stops working on its own. Existing keys are not changed.
+DEFAULT_KEY_LIFETIME_DAYS = 365
+DEFAULT_ROTATION_OVERLAP_DAYS = 7
+_MAX_DAYS = 36500  # 100 years: beyond it, "never" says what is meant
+
+
+def _key_lifetime(text: str) -> int | None:
+    """An argparse type: whole days (1-36500), or `never` (None)."""
+    if text == "never":
+        return None
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= _MAX_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a whole number of days from 1 to {_MAX_DAYS} nor 'never'"
+        )
+    return int(text)
+
+
+def _overlap_days(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > _MAX_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of days from 0 (the old key stops at once) to {_MAX_DAYS}"
+        )
+    return int(text)
+
+
 def _positive_count(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number greater than 0")
@@ -128,14 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--subject", required=True, help="the subject sessions are bound to")
     create.add_argument("--scope", action="append", help="a scope, e.g. liveness:admin (repeatable)")
     create.add_argument("--name", default="", help="a label for humans")
-    create.add_argument("--json", action="store_true", help='print {"id": ..., "key": ...}')
+    _add_expires_in(create)
+    create.add_argument(
+        "--json", action="store_true", help='print {"id": ..., "key": ..., "expires_at": ...}'
+    )
     create.set_defaults(handler=_command("keys", "cmd_keys_create"))
-    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing = keys.add_parser("list", help="list keys (never their secrets), their expiry and last use")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_command("keys", "cmd_keys_list"))
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_command("keys", "cmd_keys_revoke"))
+    rotate = keys.add_parser(
+        "rotate",
+        help="issue a successor (same subject, scopes and name, printed once); the old key expires "
+        "after the overlap",
+    )
+    rotate.add_argument("key_id", metavar="KEY_ID")
+    rotate.add_argument(
+        "--overlap-days",
+        type=_overlap_days,
+        default=DEFAULT_ROTATION_OVERLAP_DAYS,
+        metavar="N",
+        help=f"days the old key keeps working (default {DEFAULT_ROTATION_OVERLAP_DAYS}; 0: it stops at "
+        "once); never later than its own expiry",
+    )
+    _add_expires_in(rotate)
+    rotate.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"id", "key", "expires_at", "successor_of", "successor_of_expires_at"}',
+    )
+    rotate.set_defaults(handler=_command("keys", "cmd_keys_rotate"))
 
     check = commands.add_parser("check", help="validate configuration and fetch an upstream token")
     check.set_defaults(handler=_command("check", "cmd_check"))
@@ -170,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_webhooks(commands)
     return parser
+
+
+def _add_expires_in(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--expires-in",
+        type=_key_lifetime,
+        default=DEFAULT_KEY_LIFETIME_DAYS,
+        metavar="DAYS",
+        help=f"the new key expires after this many days (default {DEFAULT_KEY_LIFETIME_DAYS}); "
+        "'never' for a key that does not expire",
+    )
 
 
 def _add_webhooks(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,5 +1,6 @@
 """Persistence: SQLAlchemy Core tables, repositories and migrations (SQLite by default, PostgreSQL too)."""
 
+from liveness_proxy.store.api_keys import ApiKeyStore, KeyNotRotatable, KeyState, StoredApiKey
 from liveness_proxy.store.audit import AuditLog, AuditLogClosed
 from liveness_proxy.store.audit_chain import AuditChainMissing, AuditRecord
 from liveness_proxy.store.audit_verify import AuditChainBroken, ChainProblem, ChainVerdict, PurgeResult
@@ -15,12 +16,10 @@ from liveness_proxy.store.deliveries import DeliveryRecorder
 from liveness_proxy.store.jobs import ClaimedJob, JobQueue
 from liveness_proxy.store.outbox import OutboxEvent, StoredEvent, WebhookOutbox
 from liveness_proxy.store.repositories import (
-    ApiKeyStore,
     SessionAlreadyBound,
     SessionOwner,
     SessionOwnership,
     SessionVerdict,
-    StoredApiKey,
 )
 from liveness_proxy.store.session_queries import (
     SESSION_STATUSES,
@@ -45,6 +44,8 @@ __all__ = [
     "ClaimedJob",
     "DeliveryRecorder",
     "JobQueue",
+    "KeyNotRotatable",
+    "KeyState",
     "OutboxEvent",
     "PoolOptions",
     "PurgeResult",

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.jobs import enqueue_values
-from liveness_proxy.store.tables import api_keys, jobs, liveness_sessions
+from liveness_proxy.store.tables import jobs, liveness_sessions
 
 
 class SessionAlreadyBound(Exception):
@@ -39,17 +39,6 @@ class SessionOwner:
     verdict: SessionVerdict | None = None
     reference: str | None = None
     finalizer_state: str | None = None  # following, final, unresolved; None: not followed
-
-
-@dataclass(frozen=True, slots=True)
-class StoredApiKey:
-    key_id: str
-    name: str
-    subject: str
-    scopes: tuple[str, ...]
-    secret_hash: str
-    created_at: float
-    revoked_at: float | None
 
 
 class BindingStoreClosed(RuntimeError):
@@ -184,45 +173,6 @@ class SessionOwnership:
         self._cache[owner.session_id] = owner
 
 
-class ApiKeyStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    async def add(self, key: StoredApiKey) -> None:
-        async with self._engine.begin() as connection:
-            await connection.execute(
-                insert(api_keys).values(
-                    key_id=key.key_id,
-                    name=key.name,
-                    subject=key.subject,
-                    scopes=" ".join(key.scopes),
-                    secret_hash=key.secret_hash,
-                    created_at=key.created_at,
-                    revoked_at=key.revoked_at,
-                )
-            )
-
-    async def get(self, key_id: str) -> StoredApiKey | None:
-        async with self._engine.connect() as connection:
-            row = (await connection.execute(select(api_keys).where(api_keys.c.key_id == key_id))).first()
-        return None if row is None else _stored_key(row._mapping)
-
-    async def list(self) -> list[StoredApiKey]:
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(select(api_keys).order_by(api_keys.c.created_at))).all()
-        return [_stored_key(row._mapping) for row in rows]
-
-    async def revoke(self, key_id: str, *, revoked_at: float) -> bool:
-        """Marks the key revoked; False when no such active key exists."""
-        async with self._engine.begin() as connection:
-            result = await connection.execute(
-                update(api_keys)
-                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=revoked_at)
-            )
-        return bool(result.rowcount)
-
-
 def owner_from_row(row: Any) -> SessionOwner:
     verdict = None
     if row.verdict_status is not None:
@@ -238,16 +188,4 @@ def owner_from_row(row: Any) -> SessionOwner:
         verdict=verdict,
         reference=row.reference,
         finalizer_state=row.finalizer_state,
-    )
-
-
-def _stored_key(row: Any) -> StoredApiKey:
-    return StoredApiKey(
-        key_id=row["key_id"],
-        name=row["name"],
-        subject=row["subject"],
-        scopes=tuple(row["scopes"].split()),
-        secret_hash=row["secret_hash"],
-        created_at=row["created_at"],
-        revoked_at=row["revoked_at"],
     )

@@ -65,6 +65,12 @@ api_keys = Table(
     Column("secret_hash", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
+    # Null: the key never expires (keys made before expiry existed, or `--expires-in never`).
+    Column("expires_at", Float, nullable=True),
+    # Written at most once per key per few minutes per process (auth/key_usage.py): approximate.
+    Column("last_used_at", Float, nullable=True),
+    # The key this one replaced (`keys rotate`); informational, nothing is decided on it.
+    Column("successor_of", String(32), nullable=True),
 )
 
 # One row per liveness request, accepted or rejected. Never secrets, tokens, keys or images.

@@ -156,6 +156,18 @@ def jwt_policy(settings: Settings) -> JwtPolicy:
     algorithms = frozenset(settings.liveness_proxy_jwt_algorithms) & ASYMMETRIC_JWT_ALGORITHMS
     if not algorithms:
         raise ConfigurationError("LIVENESS_PROXY_JWT_ALGORITHMS: must name an asymmetric algorithm")
+    audiences = settings.liveness_proxy_jwt_audience
+    any_audience = settings.liveness_proxy_jwt_allow_any_audience
+    if not audiences and not any_audience:
+        raise ConfigurationError(
+            "LIVENESS_PROXY_JWT_AUDIENCE: required with JWT callers (the `aud` your identity provider "
+            "issues for this proxy), or set LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE=true to accept tokens "
+            "issued for any audience"
+        )
+    if audiences and any_audience:
+        raise ConfigurationError(
+            "LIVENESS_PROXY_JWT_ALLOW_ANY_AUDIENCE: set either it or LIVENESS_PROXY_JWT_AUDIENCE, not both"
+        )
     return JwtPolicy(
         algorithms=algorithms,
         issuer=settings.liveness_proxy_jwt_issuer or None,
@@ -164,6 +176,7 @@ def jwt_policy(settings: Settings) -> JwtPolicy:
         reference_claim=settings.liveness_proxy_jwt_reference_claim or None,
         leeway_seconds=float(settings.liveness_proxy_jwt_leeway_seconds),
         max_token_bytes=settings.liveness_proxy_jwt_max_token_bytes,
+        max_lifetime_seconds=float(settings.liveness_proxy_jwt_max_lifetime_seconds),
     )
 
 

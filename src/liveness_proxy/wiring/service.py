@@ -266,14 +266,22 @@ async def running_service(
                 observer=CircuitSignals(metrics, logger),
             ),
         )
-        authenticators: list[Authenticator] = [
-            ApiKeyAuthenticator(
-                ApiKeyStore(engine),
-                pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
-                cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
-                clock=clock,
-            )
-        ]
+
+        def log_key_use_not_recorded(error: BaseException) -> None:
+            # The class name only: a driver's message may quote the URL, password included.
+            logger.warning("api_key_use_not_recorded", error=type(error).__name__)
+
+        api_keys = ApiKeyAuthenticator(
+            ApiKeyStore(engine),
+            pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
+            cache_seconds=settings.liveness_proxy_api_key_cache_seconds,
+            clock=clock,
+            wall_clock=wall_clock,
+            on_use_not_recorded=log_key_use_not_recorded,
+        )
+        # Before the engine closes: the last uses are written on close.
+        opened.push_async_callback(api_keys.close)
+        authenticators: list[Authenticator] = [api_keys]
 
         def log_jwks_failure(reason: str) -> None:
             logger.warning("jwks_fetch_failed", reason=reason)
