@@ -18,6 +18,7 @@ from liveness_proxy.observability import AccessLog
 UNMATCHED_ROUTE = "unmatched"
 _IPV6_CLIENT_PREFIX = 64
 _MAX_ADDRESS_LENGTH = 64
+_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 _REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -61,18 +62,25 @@ def client_address(scope: Scope) -> str:
     when the server gave none (a Unix socket, a test transport).
 
     An IPv6 client is its /64: one subscriber usually holds a whole /64, so per-address limits on
-    single IPv6 addresses would be no limit. Whatever a trusted forwarder passed on that is no
-    address is cut to 64 characters (it keys counters and audit records)."""
+    single IPv6 addresses would be no limit. An IPv4 client seen through IPv6 (a dual-stack socket's
+    `::ffff:a.b.c.d`, NAT64's `64:ff9b::a.b.c.d`) is its IPv4 address, not one /64 for all of
+    them. Whatever a trusted forwarder passed on that is no address is cut to 64 characters (it
+    keys counters and audit records)."""
     client = scope.get("client")
     if not client:
         return "unknown"
     host = str(client[0])
-    if ":" in host:
-        try:
-            return str(ipaddress.ip_network(f"{host}/{_IPV6_CLIENT_PREFIX}", strict=False))
-        except ValueError:
-            pass
-    return host[:_MAX_ADDRESS_LENGTH]
+    if ":" not in host:
+        return host[:_MAX_ADDRESS_LENGTH]
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        return host[:_MAX_ADDRESS_LENGTH]
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address in _NAT64_PREFIX:
+        return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, _IPV6_CLIENT_PREFIX)))
 
 
 def route_template(scope: Scope) -> str:

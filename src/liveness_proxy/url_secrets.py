@@ -16,7 +16,7 @@ it, and neither may import the other.
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 # A query parameter whose name contains one of these (any case) holds a secret.
 SECRET_NAME_PARTS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "signature")
@@ -34,8 +34,11 @@ _USERINFO_PASSWORD = re.compile(
 )
 # name=VALUE after "?", "&" or ";" in a URL, or as a word of free text (libpq's `password=...`).
 # Every pair matches; its name decides whether the value is masked (`scrub_url_secrets`).
+# A libpq value may be single-quoted (`password='s3 cr3t'`, with \' and \\ escapes): the quotes
+# are then the value's bounds.
 _PARAMETER = re.compile(
-    rf"(?<![^?&;\s])(?P<keep>(?P<name>[^={_NOT_IN_URL}&;?#]++)=)(?P<value>[^{_NOT_IN_URL}&;#]++)"
+    rf"(?<![^?&;\s])(?P<keep>(?P<name>[^={_NOT_IN_URL}&;?#]++)=)"
+    rf"(?P<value>'(?:[^'\\]|\\.)*+'?|[^{_NOT_IN_URL}&;#]++)"
 )
 
 
@@ -76,4 +79,7 @@ def url_secret_values(url: str) -> list[str]:
         name, _, value = pair.partition("=")
         if value and is_secret_parameter(name):
             values.append(value)
-    return sorted({*values, *(unquote_plus(value) for value in values)})
+    # Drivers decode userinfo with `unquote` and queries with either: every reading is known.
+    return sorted(
+        {*values, *(unquote(value) for value in values), *(unquote_plus(value) for value in values)}
+    )

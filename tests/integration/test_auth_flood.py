@@ -12,14 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import limits
 import orjson
 import pytest
 import redis.asyncio as aioredis
 import structlog
 
-from liveness_proxy.api.operational import CachedStoreCheck
+from liveness_proxy.api.operational import CachedCheck
 from liveness_proxy.errors import RateLimited
-from liveness_proxy.ratelimit import AddressGate, LimitPolicy, SubjectLimits, redis_limit_storage
+from liveness_proxy.ratelimit import (
+    AddressGate,
+    LimitPolicy,
+    LocalSlidingWindows,
+    SubjectLimits,
+    redis_limit_storage,
+)
 from liveness_proxy.store import AuditLog, create_engine, upgrade_database
 from liveness_proxy.store.failed_authentications import FailedAuthentications
 from services import REDIS_URL, require_redis
@@ -55,7 +62,6 @@ def test_failures_from_an_address_are_limited_before_authentication(make_proxy: 
         failures.append(client.get(f"{SESSIONS}/abc/result"))
         refused = client.post(SESSION_TOKEN, headers={"Authorization": BAD_KEY})
         admin_refused = client.get(SESSIONS)
-        lookups_before = proxy.runtime.metrics.render()[0]
         # The known key is still served from the blocked address; a key not verified yet is not.
         known = client.post(SESSION_TOKEN, headers=proxy.auth())
         unverified = client.post(SESSION_TOKEN, headers=proxy.auth(proxy.keys.bob))
@@ -74,7 +80,6 @@ def test_failures_from_an_address_are_limited_before_authentication(make_proxy: 
     assert unverified.status_code == 429
     assert unverified.json()["limit"] == "unauthenticated"
     assert health.status_code == 200
-    assert lookups_before  # the scrape itself is not counted either
     # One aggregate record per credential kind and address, with every failure counted, and no
     # record per refused request.
     aggregates = {row["credential"]: row for row in _aggregates(rows)}
@@ -87,6 +92,40 @@ def test_failures_from_an_address_are_limited_before_authentication(make_proxy: 
     assert {row["client_address"] for row in aggregates.values()} == {"127.0.0.1"}
     request_rows = [row for row in rows if not row["action"].startswith("auth.failed")]
     assert [row["status"] for row in request_rows] == [200, 200]
+
+
+def test_a_blocked_address_keeps_serving_known_keys_and_nothing_else(make_proxy: MakeProxy) -> None:
+    """A backend behind the same address as an attacker keeps being served for as long as the
+    block lasts (its key's row is read again once the cache has aged), but only with one
+    credential; everything refused while blocked is counted in the metric and costs no count."""
+    overrides = {
+        "LIVENESS_PROXY_RATE_LIMIT_UNAUTHENTICATED": "2/hour",
+        "LIVENESS_PROXY_API_KEY_CACHE_SECONDS": "10",
+    }
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+        assert client.post(SESSION_TOKEN, headers=proxy.auth()).status_code == 200
+        statuses = [
+            client.post(SESSION_TOKEN, headers={"Authorization": BAD_KEY}).status_code for _ in range(3)
+        ]
+        proxy.clock.advance(30)  # the key's cached row is stale now; the block is not over
+        known = client.post(SESSION_TOKEN, headers=proxy.auth())
+        repeated = client.post(
+            SESSION_TOKEN, headers=[("X-API-Key", proxy.keys.alice), ("X-API-Key", proxy.keys.bob)]
+        )
+        both = client.post(SESSION_TOKEN, headers={**proxy.auth(), "X-API-Key": proxy.keys.alice})
+        metrics = client.get("/metrics").text
+    assert statuses == [401, 401, 429]
+    assert known.status_code == 200
+    assert (repeated.status_code, repeated.json()["limit"]) == (429, "unauthenticated")
+    assert (both.status_code, both.json()["limit"]) == (429, "unauthenticated")
+    # Every 429 of the limit is in the metric: the one that tipped the address over and the three
+    # refused while it was blocked.
+    [counted] = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('liveness_proxy_rate_limited_requests_total{limit="unauthenticated"}')
+    ]
+    assert counted.endswith(" 3.0"), counted
 
 
 @pytest.mark.served
@@ -276,15 +315,26 @@ async def test_readiness_checks_the_database_at_most_once_per_interval() -> None
     now = [0.0]
     pings: list[float] = []
 
-    class CountingService:
-        async def ping_store(self) -> None:
-            pings.append(now[0])
-            await asyncio.sleep(0.01)
+    async def ping() -> None:
+        pings.append(now[0])
+        await asyncio.sleep(0.01)
 
-    check = CachedStoreCheck(CountingService(), seconds=1.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    check = CachedCheck(ping, seconds=1.0, clock=lambda: now[0])
     assert await asyncio.gather(*(check.outcome() for _ in range(20))) == ["ok"] * 20
     now[0] = 0.9
     assert await check.outcome() == "ok"
     now[0] = 1.1
     assert await check.outcome() == "ok"
     assert pings == [0.0, 1.1]
+
+
+async def test_counters_keyed_by_rotating_addresses_stay_bounded() -> None:
+    windows = LocalSlidingWindows(max_keys=100)
+    item = limits.parse("5/minute")
+    for number in range(10_000):
+        assert await windows.hit(item, "unauthenticated", f"10.2.{number // 256}.{number % 256}")
+    assert len(windows._windows) == 100
+    # The newest addresses are the ones still counted: the last one has used 1 of its 5.
+    newest = await windows.get_window_stats(item, "unauthenticated", "10.2.39.15")
+    oldest = await windows.get_window_stats(item, "unauthenticated", "10.2.0.0")
+    assert (newest.remaining, oldest.remaining) == (4, 5)

@@ -82,3 +82,19 @@ def test_scrubbing_stays_linear_on_hostile_text() -> None:
     for text in hostile:
         scrub_url_secrets(text, "[REDACTED]")
     assert time.perf_counter() - started < 2.0
+
+
+def test_a_userinfo_password_is_known_as_the_driver_decodes_it() -> None:
+    # `unquote`, not `unquote_plus`: a "+" in userinfo stays a "+" for asyncpg and redis-py.
+    assert "s3+cr+t" in url_secret_values("postgresql://u:s3+cr%2Bt@h/db")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["host=db password='s3 cr3t' user=x", "host=db password='s3 cr3t", r"password='it\'s secret' port=5432"],
+)
+def test_a_quoted_libpq_password_is_masked_whole(text: str) -> None:
+    scrubbed = scrub_url_secrets(text, "[R]")
+    assert "s3" not in scrubbed
+    assert "secret" not in scrubbed
+    assert "password=[R]" in scrubbed

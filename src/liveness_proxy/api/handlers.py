@@ -254,22 +254,41 @@ class LivenessHandlers:
         """Who calls (the admin routes authenticate through here too): the host's hook first in
         library mode, then the proxy's API keys and JWTs. A failure counts against the client
         address's unauthenticated limit; an address over it is refused before any of this work,
-        unless it presents an API key this process has already verified."""
+        unless it presents an API key this process has verified before."""
         service = self._service
-        address = client_address(request.scope)
-        refusal = service.address_gate.refusal(address)
-        try:
+        gate = service.address_gate
+        # The address is worked out only while some address is blocked, or after a failure: an
+        # authenticated request from an unblocked address pays nothing for the gate.
+        if gate.blocking:
+            refusal = gate.refusal(client_address(request.scope))
             if refusal is not None:
-                caller = service.authentication.verified_caller(request.headers)
+                caller = await self._known_despite_refusal(request)
                 if caller is None:
+                    gate.refused()
                     raise refusal
-            else:
-                caller = await self._authenticate(request)
+                request.scope["state"]["subject"] = caller.subject
+                return caller
+        try:
+            caller = await self._authenticate(request)
         except Unauthenticated:
-            await service.address_gate.failed(address)
+            await gate.failed(client_address(request.scope))
             raise
         request.scope["state"]["subject"] = caller.subject
         return caller
+
+    async def _known_despite_refusal(self, request: Request) -> Caller | None:
+        """The caller of an API key this process has verified before, from an address over the
+        unauthenticated limit (so that an attacker behind a shared NAT does not lock out the
+        backends behind it); None for anything else, which is then refused uncounted. In library
+        mode nothing is exempt: the host's own authentication must speak first, and it is not
+        run for a blocked address."""
+        if self._host_authentication is not None:
+            return None
+        try:
+            refuse_repeated_credentials(request.headers)
+            return await self._service.authentication.known_caller(request.headers)
+        except Unauthenticated:
+            return None
 
     async def _authenticate(self, request: Request) -> Caller:
         if self._host_authentication is not None:

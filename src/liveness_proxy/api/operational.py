@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import orjson
@@ -19,9 +19,9 @@ from liveness_proxy.middleware import request_id_of
 from liveness_proxy.wiring import Service
 
 READINESS_TOKEN_WAIT_SECONDS = 5.0
-# How long a database check's outcome answers /readyz: probes from every load balancer and
-# orchestrator (or anyone, it is unauthenticated) then cost at most one query per second.
-READINESS_STORE_CHECK_SECONDS = 1.0
+# How long a database (or Redis) check's outcome answers /readyz: probes from every load balancer
+# and orchestrator (or anyone, it is unauthenticated) then cost at most one query per second.
+READINESS_CHECK_SECONDS = 1.0
 # A readiness check that passed; named, because bandit takes `checks["upstream_token"] = "ok"` for a password.
 CHECK_PASSED = "ok"
 
@@ -38,14 +38,21 @@ async def health(_request: Request) -> Response:
     return json_response(b'{"status":"ok"}')
 
 
-class CachedStoreCheck:
-    """The database check of /readyz, run at most once per `seconds`; concurrent probes while it
-    runs share it."""
+class CachedCheck:
+    """A check of /readyz (the database ping, the Redis ping), run at most once per `seconds`;
+    concurrent probes while it runs share it. Its outcome is CHECK_PASSED or the exception's class
+    name after `failed_prefix`."""
 
     def __init__(
-        self, service: Service, *, seconds: float, clock: Callable[[], float] = time.monotonic
+        self,
+        probe: Callable[[], Awaitable[None]],
+        *,
+        seconds: float,
+        failed_prefix: str = "failed",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._service = service
+        self._probe = probe
+        self._failed_prefix = failed_prefix
         self._seconds = seconds
         self._clock = clock
         self._outcome: tuple[float, str] | None = None
@@ -62,10 +69,10 @@ class CachedStoreCheck:
 
     async def _check(self) -> str:
         try:
-            await self._service.ping_store()
+            await self._probe()
             outcome = CHECK_PASSED
         except Exception as exc:
-            outcome = f"failed: {type(exc).__name__}"
+            outcome = f"{self._failed_prefix}: {type(exc).__name__}"
         self._outcome = (self._clock() + self._seconds, outcome)
         return outcome
 
@@ -73,10 +80,11 @@ class CachedStoreCheck:
         self._running = None
 
 
-def readiness_handler(
-    service: Service, *, store_check_seconds: float = READINESS_STORE_CHECK_SECONDS
-) -> Handler:
-    store_check = CachedStoreCheck(service, seconds=store_check_seconds)
+def readiness_handler(service: Service, *, check_seconds: float = READINESS_CHECK_SECONDS) -> Handler:
+    store_check = CachedCheck(service.ping_store, seconds=check_seconds)
+    # Still ready when Redis fails: limits and the token fall back to this process's own state.
+    # Sending traffic elsewhere would not help, every replica shares this Redis.
+    redis_check = CachedCheck(service.ping_redis, seconds=check_seconds, failed_prefix="degraded")
 
     async def readiness(request: Request) -> Response:
         checks: dict[str, str] = {"store": await store_check.outcome()}
@@ -91,13 +99,8 @@ def readiness_handler(
         if all(value == CHECK_PASSED for value in checks.values()):
             status = "ready"
             if service.redis is not None:
-                try:
-                    await service.ping_redis()
-                    checks["redis"] = CHECK_PASSED
-                except Exception as exc:
-                    # Still ready: limits and the token fall back to this process's own state.
-                    # Sending traffic elsewhere would not help, every replica shares this Redis.
-                    checks["redis"] = f"degraded: {type(exc).__name__}"
+                checks["redis"] = await redis_check.outcome()
+                if checks["redis"] != CHECK_PASSED:
                     status = "degraded"
             return json_response(orjson.dumps({"status": status, "checks": checks}))
         failed = ", ".join(sorted(name for name, value in checks.items() if value != CHECK_PASSED))

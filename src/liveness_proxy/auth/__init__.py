@@ -46,12 +46,12 @@ class CallerAuthentication:
             else "Authentication is required: send an API key as 'Authorization: Bearer <key>'."
         )
 
-    def verified_caller(self, headers: Headers) -> Caller | None:
-        """The caller of an API key this process verified recently, found without any I/O (None
-        for anything else): what is still served from an address over the unauthenticated limit."""
+    async def known_caller(self, headers: Headers) -> Caller | None:
+        """The caller of an API key this process has verified before (None for anything else, a
+        JWT included): what is still served from an address over the unauthenticated limit."""
         for authenticator in self._authenticators:
             if isinstance(authenticator, ApiKeyAuthenticator):
-                return authenticator.verified_caller(headers)
+                return await authenticator.known_caller(headers)
         return None
 
     async def authenticate(self, headers: Headers) -> Caller:

@@ -215,9 +215,11 @@ class ApiKeyAuthenticator:
             _remember(self._known, key_id, known, self._cache_size)
         return known
 
-    def verified_caller(self, headers: Headers) -> Caller | None:
-        """The caller of the presented key if its row is in this process's cache and the key is
-        right and usable; None otherwise (no database read, nothing awaited)."""
+    async def known_caller(self, headers: Headers) -> Caller | None:
+        """The caller of the presented key if this process has its row in memory and the secret
+        matches it; None otherwise, without a database read. A row older than `cache_seconds` is
+        read again first (once per interval, and only for someone who holds the right secret, which
+        no flood can forge), so a revocation or expiry still takes effect."""
         credential = presented_api_key(headers)
         if credential is None or len(credential) > _MAX_CREDENTIAL_LENGTH:
             return None
@@ -225,11 +227,13 @@ class ApiKeyAuthenticator:
         if match is None:
             return None
         key_id, secret = match.groups()
-        now = self._clock()
         known = self._known.get(key_id)
-        if known is None or known.cached_until <= now or known.caller is None or known.usable_until <= now:
+        if known is None or not hmac.compare_digest(known.secret_hash, hash_secret(self._pepper, secret)):
             return None
-        if not hmac.compare_digest(known.secret_hash, hash_secret(self._pepper, secret)):
+        now = self._clock()
+        if known.cached_until <= now:
+            known = await self._read(key_id)
+        if known is None or known.caller is None or known.usable_until <= now:
             return None
         self._uses.used(key_id, now)
         return known.caller

@@ -5,9 +5,13 @@ UNAUTHENTICATED`, in Redis for the whole fleet when it is configured).
 Only failures are counted, so honest callers never spend this budget. Once an address is over it,
 this process remembers so until the window lets it in again: from then on, its requests are
 refused before any authentication work (no key lookup, no signature check), by a dictionary lookup
-that costs nothing in Redis. A caller from that address whose API key this process has already
-verified is still served (`AddressGate.refusal` leaves that decision to the caller), so one attacker
+that costs nothing in Redis. A caller from that address whose API key this process has verified
+before is still served (`AddressGate.refusal` leaves that decision to the caller), so one attacker
 behind a carrier NAT does not lock out the backend callers behind the same address.
+
+Memory stays bounded under a flood from rotating addresses: blocked addresses are capped here
+(`max_blocked`), and the per-address counters in this process's memory by the `SubjectLimits` the
+wiring gives this gate (its own, with `local_max_keys`).
 """
 
 from __future__ import annotations
@@ -37,12 +41,19 @@ class AddressGate:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_blocked: int = 100_000,
+        on_reject: Callable[[str], None] | None = None,
     ) -> None:
         self._limits = limits
         self._clock = clock
+        self._on_reject = on_reject
         self._max_blocked = max_blocked
         # address -> (monotonic time the block ends, the refusal to answer until then)
         self._blocked: dict[str, tuple[float, RateLimited]] = {}
+
+    @property
+    def blocking(self) -> bool:
+        """Whether any address is blocked here now (or was, until its next lookup)."""
+        return bool(self._blocked)
 
     def refusal(self, address: str) -> RateLimited | None:
         """The 429 to answer now, before authentication, if `address` is over the limit."""
@@ -59,6 +70,11 @@ class AddressGate:
         return RateLimited(
             str(refused.detail), retry_after_seconds=math.ceil(remaining), limit=UNAUTHENTICATED
         )
+
+    def refused(self) -> None:
+        """A refusal from `refusal` was answered (not every one is: a known key is served)."""
+        if self._on_reject is not None:
+            self._on_reject(UNAUTHENTICATED)
 
     async def failed(self, address: str) -> None:
         """Counts one failed (or missing) authentication from `address`; raises RateLimited, and

@@ -32,6 +32,7 @@ DAILY_ATTEMPTS_TOTAL = "daily_attempts_total"
 # subjects are caller identities and this is not passed through from a request).
 _WHOLE_DEPLOYMENT = "*"
 _SECONDS_PER_DAY = 86_400
+_TOTAL_GAUGE_REFRESH_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +66,10 @@ class _Counters:
         return cls(SlidingWindowCounterRateLimiter(storage), FixedWindowRateLimiter(storage))
 
     @classmethod
-    def local(cls, wall_clock: Callable[[], float]) -> _Counters:
+    def local(cls, wall_clock: Callable[[], float], max_keys: int | None = None) -> _Counters:
         # Lean in-process counters with the `limits` arithmetic. The daily cap's windows follow the
         # clock that names the day in its key, so a day's count ends when its day does.
-        return cls(LocalSlidingWindows(), LocalFixedWindows(clock=wall_clock))
+        return cls(LocalSlidingWindows(max_keys=max_keys), LocalFixedWindows(clock=wall_clock))
 
 
 # What a shared storage raises when it cannot be reached (`limits` wraps the client's errors).
@@ -82,6 +83,10 @@ class SubjectLimits:
     reached, counting continues in this process's memory for `failover_seconds` before the shared
     storage is tried again: callers keep being served and limited (per process, so a fleet of N
     allows up to N times a limit meanwhile), and `on_storage_failure` reports it.
+
+    `local_max_keys` bounds the in-memory counters (oldest first forgotten): for counters keyed by
+    something an attacker can rotate (client addresses), never for subjects, whose forgotten counts
+    would be budget given back.
     """
 
     def __init__(
@@ -94,8 +99,9 @@ class SubjectLimits:
         on_storage_failure: Callable[[str], None] | None = None,
         failover_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        local_max_keys: int | None = None,
     ) -> None:
-        self._local = _Counters.local(wall_clock)
+        self._local = _Counters.local(wall_clock, local_max_keys)
         self._shared = None if shared is None else _Counters.over(shared)
         self._shared_down_until = -math.inf
         self._failover_seconds = failover_seconds
@@ -115,6 +121,7 @@ class SubjectLimits:
         )
         # (UTC day, attempts counted) as last learnt from the storage: what the gauge shows.
         self._total_used: tuple[str, int] = ("", 0)
+        self._total_gauge_due = -math.inf
         self._wall_clock = wall_clock
         self._on_reject = on_reject
         self._on_storage_failure = on_storage_failure
@@ -221,8 +228,14 @@ class SubjectLimits:
             if not await counters.fixed.hit(total, DAILY_ATTEMPTS_TOTAL, day, _WHOLE_DEPLOYMENT):
                 self._total_used = (day, total.amount)
                 self._refuse_attempt(DAILY_ATTEMPTS_TOTAL, total, now, "for this service")
-            stats = await counters.fixed.get_window_stats(total, DAILY_ATTEMPTS_TOTAL, day, _WHOLE_DEPLOYMENT)
-            self._total_used = (day, total.amount - stats.remaining)
+            # The gauge is refreshed at most every few seconds (a round trip to Redis when shared),
+            # and at once when the day changed.
+            if now >= self._total_gauge_due or self._total_used[0] != day:
+                self._total_gauge_due = now + _TOTAL_GAUGE_REFRESH_SECONDS
+                stats = await counters.fixed.get_window_stats(
+                    total, DAILY_ATTEMPTS_TOTAL, day, _WHOLE_DEPLOYMENT
+                )
+                self._total_used = (day, total.amount - stats.remaining)
         if daily is not None and not await counters.fixed.hit(daily, DAILY_ATTEMPTS, day, subject):
             self._refuse_attempt(DAILY_ATTEMPTS, daily, now, "for this caller")
 

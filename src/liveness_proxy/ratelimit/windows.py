@@ -34,10 +34,17 @@ class LocalSlidingWindows:
     `sweep_interval`, so memory follows the active subjects.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time, sweep_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        sweep_interval: float = 5.0,
+        max_keys: int | None = None,
+    ) -> None:
         self._clock = clock
         self._sweep_interval = sweep_interval
         self._next_sweep = -math.inf
+        self._max_keys = max_keys
         # (amount, window seconds, identifiers) -> [window index, previous count, current count]
         self._windows: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
 
@@ -52,6 +59,13 @@ class LocalSlidingWindows:
         key = (item.amount, expiry, identifiers)
         state = self._windows.get(key)
         if state is None:
+            if self._max_keys is not None and len(self._windows) >= self._max_keys:
+                # Full (a flood of rotating keys): the oldest counter goes, after a sweep if one is
+                # due (at most one per interval: a sweep per new key would be quadratic).
+                if now >= self._next_sweep:
+                    self._sweep(now)
+                if len(self._windows) >= self._max_keys:
+                    del self._windows[next(iter(self._windows))]
             state = self._windows[key] = [int(now // expiry), 0, 0]
             if now >= self._next_sweep:
                 self._sweep(now)

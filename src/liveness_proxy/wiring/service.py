@@ -81,6 +81,10 @@ from liveness_proxy.wiring.parts import (
     warn_if_jwt_claims_unchecked,
 )
 
+# Client addresses counted (and blocked) at once per process for the unauthenticated limit: about
+# 35 MB of counters at most under a flood from rotating addresses.
+MAX_COUNTED_ADDRESSES = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class Service:
@@ -404,13 +408,14 @@ async def running_service(
             else RedisSessionTokens(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
         )
         hashes = KeyedHash(settings.liveness_proxy_api_key_pepper.get_secret_value().encode())
+        limits_storage = (
+            None
+            if redis is None
+            else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
+        )
         limits = SubjectLimits(
             limit_policy(settings),
-            shared=(
-                None
-                if redis is None
-                else redis_limit_storage(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
-            ),
+            shared=limits_storage,
             wall_clock=wall_clock,
             on_reject=metrics.rate_limited,
             on_storage_failure=shared_state_failed("rate_limits"),
@@ -459,6 +464,19 @@ async def running_service(
                 wall_clock=wall_clock,
             ),
             idempotency=IdempotencyRecords(integrity_writes),
-            address_gate=AddressGate(limits, clock=clock),
+            # Its own counters: keyed by client addresses, which a flood rotates, so bounded in memory.
+            address_gate=AddressGate(
+                SubjectLimits(
+                    limit_policy(settings),
+                    shared=limits_storage,
+                    wall_clock=wall_clock,
+                    on_reject=metrics.rate_limited,
+                    on_storage_failure=shared_state_failed("rate_limits"),
+                    local_max_keys=MAX_COUNTED_ADDRESSES,
+                ),
+                clock=clock,
+                max_blocked=MAX_COUNTED_ADDRESSES,
+                on_reject=metrics.rate_limited,
+            ),
             failed_authentications=failed_authentications,
         )
