@@ -200,6 +200,8 @@ def test_a_dead_letter_is_delivered_by_resend_and_410_waits_for_enable(make_prox
         assert queued.state == "queued"
         assert run(proxy, lambda engine: WebhookOutbox(engine).enable_endpoint())
         [delivery] = receiver.wait_for(1)
+        # The delivery is recorded once its 200 is read, just after the receiver answered it.
+        wait_until(lambda: "webhook.delivered" in [row["action"] for row in proxy.audit_rows()])
         actions = [row["action"] for row in proxy.audit_rows()]
     assert delivery.webhook_id == letter.event_id
     assert delivery.verified

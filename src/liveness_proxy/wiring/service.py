@@ -471,7 +471,8 @@ async def running_service(
                     shared=limits_storage,
                     wall_clock=wall_clock,
                     on_reject=metrics.rate_limited,
-                    on_storage_failure=shared_state_failed("rate_limits"),
+                    # It fails over like the subject limits (same Redis), which report the outage
+                    # once: a second report of the same outage would read as two.
                     local_max_keys=MAX_COUNTED_ADDRESSES,
                 ),
                 clock=clock,
