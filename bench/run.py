@@ -9,7 +9,8 @@ Scenarios (see bench/README.md): S1 result read, S2 create session, S2i and S2b 
 Idempotency-Key and session-token binding cost a create, S3 slow upstream (500 ms),
 S4 token stampede (one process, and a fleet on PostgreSQL + Redis), S5 memory over many requests,
 S6 start-up time, S7 the finalizer's cost to S1/S2 (on vs off) and the sessions per second one
-process follows to a verdict and announces by webhook. Every throughput figure is min/median/max
+process follows to a verdict and announces by webhook, S8 authenticated reads beside a flood of bad
+credentials (from one address and from many) and the rows it writes. Every throughput figure is min/median/max
 over the repetitions, which run interleaved across the systems so that drift on a shared machine
 hits all of them alike; only ratios measured in one run mean anything.
 
@@ -49,10 +50,11 @@ from scenarios.s4_token_stampede import scenario_s4
 from scenarios.s5_memory import scenario_s5
 from scenarios.s6_startup import scenario_s6
 from scenarios.s7_finalizer import scenario_s7
+from scenarios.s8_auth_flood import scenario_s8
 from stats import Outcome, Row
 from stubs import start_nginx
 
-ALL_SCENARIOS = ("S1", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7")
+ALL_SCENARIOS = ("S1", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7", "S8")
 _SCENARIO_NAMES = {name.upper(): name for name in ALL_SCENARIOS}
 
 
@@ -79,6 +81,8 @@ def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[di
         outcomes["S6"] = scenario_s6(bench)
     if "S7" in chosen:
         outcomes["S7"] = scenario_s7(bench)
+    if "S8" in chosen:
+        outcomes["S8"] = scenario_s8(bench)
     rows = [row for outcome in outcomes.values() for row in outcome.rows]
     return {name: outcome.data for name, outcome in outcomes.items()}, rows
 

@@ -66,6 +66,27 @@ def parse_wrk(output: str, connections: int) -> WrkReading:
     )
 
 
+def wrk_command(
+    url: str,
+    *,
+    connections: int,
+    seconds: int,
+    threads: int = 1,
+    headers: Mapping[str, str] | None = None,
+    script: Path | None = None,
+    script_args: Sequence[str] = (),
+) -> list[str]:
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
+    if script is not None:
+        command += ["-s", str(script)]
+    command.append(url)
+    if script_args:
+        command += ["--", *script_args]  # the script's init(args)
+    return command
+
+
 def run_wrk(
     url: str,
     *,
@@ -76,14 +97,15 @@ def run_wrk(
     script: Path | None = None,
     script_args: Sequence[str] = (),
 ) -> WrkReading:
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    for name, value in (headers or {}).items():
-        command += ["-H", f"{name}: {value}"]
-    if script is not None:
-        command += ["-s", str(script)]
-    command.append(url)
-    if script_args:
-        command += ["--", *script_args]  # the script's init(args)
+    command = wrk_command(
+        url,
+        connections=connections,
+        seconds=seconds,
+        threads=threads,
+        headers=headers,
+        script=script,
+        script_args=script_args,
+    )
     answer = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=False)
     if answer.returncode != 0:
         raise BenchError(f"wrk failed on {url}: {(answer.stdout + answer.stderr).strip()[-1500:]}")

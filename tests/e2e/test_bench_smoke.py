@@ -1,4 +1,4 @@
-"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S7, and S2i
+"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S8, and S2i
 and S2b beside S2) against nginx stubs, the naive proxy and our proxy, and writes its JSON, Markdown
 and chart. Nothing here judges a timing or a target: the smoke run is too short for either to mean
 anything. What it proves is that every scenario runs, reports numbers and ratios, and that our proxy
@@ -28,7 +28,7 @@ import pytest
 from services import REQUIRE_SERVICES, postgres_problem, redis_problem
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
-SCENARIOS = ("S1", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7")
+SCENARIOS = ("S1", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7", "S8")
 ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
 
 
@@ -208,3 +208,36 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
         for figure in ("followed_per_second", "delivered_per_second", "cpu_ms_per_session"):
             assert _is_number(entry[figure]), (figure, entry)
             assert entry[figure] > 0, (figure, entry)
+
+    # S8: authenticated reads alone and beside two tiny floods of bad credentials, on a proxy of its
+    # own. The reads are never refused (the flood's addresses are not theirs); every flood answer is
+    # a 401 or a 429 (the one address goes over its limit, the many never); the floods' rows stay
+    # within their bound and count every failure the proxy answered.
+    s8 = scenarios["S8"]
+    floods = ("flood_one_address", "flood_many_addresses")
+    for system in ("alone", *floods):
+        section = s8["measured"][system]
+        for figure in ("requests_per_second", "p99_ms", "non_2xx", "socket_errors"):
+            _assert_spread(section, figure, f"S8/{system}")
+        assert section["requests_per_second"]["min"] > 0, system
+        assert section["non_2xx"]["max"] == 0, system
+    _assert_spread(s8["measured"]["alone"], "proxy_cpu_us_per_request", "S8/alone")
+    for system in floods:
+        flood = s8["measured"][system]["flood"]
+        assert flood["finished_every_flood"], system
+        for rep in flood["reps"]:
+            answers, counted = rep["answers"], rep["reading"]["counted"]
+            assert answers["other"] == 0, (system, answers)
+            assert answers["401"] + answers["429"] == counted["answered"] >= 300, (system, counted)
+        _assert_spread(flood, "proxy_cpu_us_per_refusal_estimate", f"S8/{system}")
+        assert _is_number(s8["ratios"][f"{system}_to_alone"]), system
+    assert s8["measured"]["flood_one_address"]["flood"]["answered_429"]["min"] > 0
+    assert s8["measured"]["flood_many_addresses"]["flood"]["answered_429"]["max"] == 0
+    database = s8["database"]
+    assert database["proxy_exit_code"] == 0
+    assert 0 < database["flood_rows"] <= database["bound"], database
+    assert (
+        database["flood_requests_answered"]
+        <= database["failures_recorded"]
+        <= database["flood_requests_sent"]
+    )
