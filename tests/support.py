@@ -439,6 +439,8 @@ def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> S
         "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{database_path}",
         "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
         "LIVENESS_PROXY_API_KEY_CACHE_SECONDS": 0,
+        # Failed authentications are answered at once (test_auth_flood.py tests the delay).
+        "LIVENESS_PROXY_FAILED_AUTH_DELAY_SECONDS": 0,
         "LIVENESS_PROXY_LOG_LEVEL": "debug",
         # Limits stay on (their code runs in every test) but high enough not to interfere;
         # tests of the limits themselves set their own.

@@ -33,11 +33,16 @@ class CountingStore(ApiKeyStore):
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
-        self.reads: list[str] = []
+        self.reads: list[str] = []  # the rows read, by key id
+        self.id_set_reads = 0  # reads of every key id at once
         self.use_writes: list[dict[str, float]] = []
         self.use_gate: asyncio.Event | None = None
         self.fail_uses = False
         self.read_delay = 0.0
+
+    async def ids(self) -> list[str]:
+        self.id_set_reads += 1
+        return await super().ids()
 
     async def get(self, key_id: str) -> StoredApiKey | None:
         self.reads.append(key_id)
@@ -102,6 +107,7 @@ def authenticator_on(
     *,
     cache_seconds: float = 10.0,
     unknown_cache_size: int = 10_000,
+    max_known_ids: int = 200_000,
     use_interval_seconds: float = 300.0,
     on_use_not_recorded: Callable[[BaseException], None] | None = None,
 ) -> ApiKeyAuthenticator:
@@ -112,6 +118,7 @@ def authenticator_on(
         clock=clocks.monotonic.now,
         wall_clock=clocks.now,
         unknown_cache_size=unknown_cache_size,
+        max_known_ids=max_known_ids,
         use_interval_seconds=use_interval_seconds,
         on_use_not_recorded=on_use_not_recorded,
     )
@@ -231,22 +238,27 @@ async def test_unknown_key_ids_are_answered_from_memory_for_a_short_time(
         for _ in range(500):  # the same id with random secrets, as a flood sends them
             with pytest.raises(Unauthenticated):
                 await authenticator.verify(f"lpk_{pending.key_id}_{secrets.token_urlsafe(32)}")
-        assert store.reads == [pending.key_id]
+        for _ in range(500):  # random ids, each new
+            with pytest.raises(Unauthenticated):
+                await authenticator.verify(f"lpk_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}")
+        # One read of the ids for the whole flood, and no read of a row.
+        assert (store.id_set_reads, store.reads) == (1, [])
         await store.add(pending.stored)
         with pytest.raises(Unauthenticated):
-            await authenticator.verify(pending.key)  # still remembered as unknown
-        # However long the cache time, an unknown id is remembered for MAX_UNKNOWN_SECONDS at most.
+            await authenticator.verify(pending.key)  # still taken as unknown
+        # However long the cache time, an unknown id is taken as such for MAX_UNKNOWN_SECONDS at most.
         clocks.advance(MAX_UNKNOWN_SECONDS)
         assert (await authenticator.verify(pending.key)).subject == "alice"
     finally:
         await authenticator.close()
-    assert store.reads == [pending.key_id, pending.key_id]
+    assert (store.id_set_reads, store.reads) == (2, [pending.key_id])
 
 
 async def test_the_unknown_id_cache_stays_bounded_and_forgets_the_oldest(
     store: CountingStore, clocks: Clocks
 ) -> None:
-    authenticator = authenticator_on(store, clocks, unknown_cache_size=50)
+    # Without the set of every id (more keys than it keeps), unknown ids are read one by one.
+    authenticator = authenticator_on(store, clocks, unknown_cache_size=50, max_known_ids=0)
     ids = [secrets.token_hex(8) for _ in range(300)]
     try:
         for key_id in ids:  # random ids: each costs one read, and memory holds the last 50 only

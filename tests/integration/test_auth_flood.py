@@ -128,6 +128,29 @@ def test_a_blocked_address_keeps_serving_known_keys_and_nothing_else(make_proxy:
     assert counted.endswith(" 3.0"), counted
 
 
+def test_failed_authentications_are_answered_late_and_nothing_else_is(make_proxy: MakeProxy) -> None:
+    overrides = {
+        "LIVENESS_PROXY_FAILED_AUTH_DELAY_SECONDS": "0.4",
+        "LIVENESS_PROXY_RATE_LIMIT_UNAUTHENTICATED": "1/hour",
+    }
+    with make_proxy(proxy_overrides=overrides) as proxy, proxy.client() as client:
+
+        def timed(headers: dict[str, str]) -> tuple[int, float]:
+            started = time.monotonic()
+            status = client.post(SESSION_TOKEN, headers=headers).status_code
+            return status, time.monotonic() - started
+
+        authenticated = timed(proxy.auth())
+        unauthenticated = timed({"Authorization": BAD_KEY})
+        refused = timed({"Authorization": BAD_KEY})  # the address is over its limit now
+    assert authenticated[0] == 200
+    assert authenticated[1] < 0.4
+    assert unauthenticated[0] == 401
+    assert refused[0] == 429
+    assert unauthenticated[1] >= 0.4
+    assert refused[1] >= 0.4
+
+
 @pytest.mark.served
 def test_the_limit_is_per_client_address_as_the_server_resolves_it(make_proxy: MakeProxy) -> None:
     """Through a trusted proxy (loopback, uvicorn's default `--forwarded-allow-ips`), the forwarded

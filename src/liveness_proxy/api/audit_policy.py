@@ -85,6 +85,9 @@ class AuditPolicy:
                     request_id_of(request.scope),
                     refused_by_limit=isinstance(error, RateLimited),
                 )
+                delay = self._failed_authentications.answer_delay_seconds
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 raise
             if isinstance(error, UpstreamError) and error.upstream_status is not None:
                 audit.upstream_status = error.upstream_status

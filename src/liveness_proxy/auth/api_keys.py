@@ -20,6 +20,7 @@ from typing import TypeVar
 from starlette.datastructures import Headers
 
 from liveness_proxy.auth.caller import Caller
+from liveness_proxy.auth.key_ids import KnownKeyIds
 from liveness_proxy.auth.key_usage import DEFAULT_USE_INTERVAL_SECONDS, KeyUseRecorder
 from liveness_proxy.errors import Unauthenticated
 from liveness_proxy.store import ApiKeyStore, StoredApiKey
@@ -120,6 +121,7 @@ class ApiKeyAuthenticator:
         wall_clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
         unknown_cache_size: int = 10_000,
+        max_known_ids: int = 200_000,
         use_interval_seconds: float = DEFAULT_USE_INTERVAL_SECONDS,
         on_use_not_recorded: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -142,6 +144,11 @@ class ApiKeyAuthenticator:
             wall_clock=wall_clock,
             interval_seconds=use_interval_seconds,
             on_failure=on_use_not_recorded,
+        )
+        # Every id in the store, so that a flood of random ids costs one read per interval, not one
+        # per request (kept as long as unknown ids are remembered; off with the cache).
+        self._ids = KnownKeyIds(
+            store.ids, max_age_seconds=self._unknown_seconds, clock=clock, max_ids=max_known_ids
         )
         # Compared against when the id is unknown, so that answer costs what a wrong secret does.
         self._absent_hash = hash_secret(pepper, "")
@@ -167,7 +174,7 @@ class ApiKeyAuthenticator:
         now = self._clock()
         known = self._known.get(key_id)
         if known is None or known.cached_until <= now:
-            if self._unknown.get(key_id, 0.0) > now:
+            if self._unknown.get(key_id, 0.0) > now or not await self._ids.may_exist(key_id):
                 known = None
             else:
                 known = await self._read(key_id)

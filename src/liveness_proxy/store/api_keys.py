@@ -54,6 +54,11 @@ class ApiKeyStore:
             row = (await connection.execute(select(api_keys).where(api_keys.c.key_id == key_id))).first()
         return None if row is None else _stored_key(row._mapping)
 
+    async def ids(self) -> list[str]:
+        """Every key id, revoked and expired ones included (rows are never deleted)."""
+        async with self._engine.connect() as connection:
+            return list((await connection.execute(select(api_keys.c.key_id))).scalars())
+
     async def list(self) -> list[StoredApiKey]:
         async with self._engine.connect() as connection:
             rows = (await connection.execute(select(api_keys).order_by(api_keys.c.created_at))).all()

@@ -62,6 +62,7 @@ class FailedAuthentications:
         wall_clock: Callable[[], float] = time.time,
         on_failure: Callable[[str], None] | None = None,
         flush_delay_seconds: float = FLUSH_DELAY_SECONDS,
+        answer_delay_seconds: float = 0.0,
     ) -> None:
         self._audit_log = audit_log
         self._logger = logger
@@ -71,6 +72,10 @@ class FailedAuthentications:
         self._wall_clock = wall_clock
         self._on_failure = on_failure
         self._flush_delay_seconds = flush_delay_seconds
+        # How long the answer to a failed authentication is held back (LIVENESS_PROXY_FAILED_AUTH_
+        # DELAY_SECONDS): a client that waits for each answer, as floods do, is slowed to one
+        # failure per delay and connection, whatever it costs us to refuse it.
+        self.answer_delay_seconds = answer_delay_seconds
         self._window: _Window | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()

@@ -428,6 +428,7 @@ async def running_service(
             new_request_id=new_request_id,
             wall_clock=wall_clock,
             on_failure=metrics.authentication_failed,
+            answer_delay_seconds=settings.liveness_proxy_failed_auth_delay_seconds,
         )
         opened.push_async_callback(failed_authentications.flush)
         # Last in, so first out: the worker stops before the store and the transports it uses close.
