@@ -55,16 +55,14 @@ ALONE = "alone"
 FLOODS = {"flood_one_address": "one", "flood_many_addresses": "many"}
 LABELS = {"flood_one_address": "one address", "flood_many_addresses": "many addresses"}
 FLOOD_REQUESTS = {"full": 50_000, "smoke": 300}
-# A quarter of the authenticated traffic's 64 connections, one wrk thread: the flood sends as fast as
-# the proxy answers it, and its generator (5-15% of a core, measured: in the JSON) leaves the second
-# core to nginx and the authenticated wrk. One connection in five is not one turn in five, though: a
-# refusal takes one pass of the event loop, a read many, so the flood takes more of the proxy than
-# its share of connections (docs/performance.md, S8). The proxy's CPU per refusal, also reported,
-# does not depend on this choice.
-FLOOD_CONNECTIONS = 16
-# A flood ends when it has its answers, or at this bound with fewer (a proxy that slows refusals
-# down, e.g. by answering them late, makes a closed-loop flood slow; the JSON then says so). Today's
-# floods take about 15 s (one address) and 50 s (many) on a loaded 2-core machine.
+# Four times the authenticated traffic's 64 connections, one wrk thread, each connection sending its
+# next request as soon as it has the last answer. The proxy holds a failed authentication's answer
+# back LIVENESS_PROXY_FAILED_AUTH_DELAY_SECONDS (0.5 s as shipped), so such a flood sends about two
+# requests a second per connection: 256 of them make ~500 req/s, and 50,000 requests take ~100 s.
+# An attacker's rate grows with its connections (up to LIVENESS_PROXY_MAX_CONNECTIONS per process);
+# the proxy's CPU per refusal, also reported, says what each costs (docs/performance.md, S8).
+FLOOD_CONNECTIONS = 256
+# A flood ends when it has its answers, or at this bound with fewer (the JSON then says so).
 FLOOD_MAX_SECONDS = {"full": 240, "smoke": 30}
 TARGET_RATIO = 0.80
 
