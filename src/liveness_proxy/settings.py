@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     liveness_proxy_body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     liveness_proxy_keepalive_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     liveness_proxy_shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # A client that leaves its answers unread is cut off after this long; and a connection may
+    # queue this many requests behind the one being answered (HTTP/1.1 pipelining).
+    liveness_proxy_send_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    liveness_proxy_max_pipelined_requests: int = Field(default=16, ge=1, le=1024)
     liveness_proxy_database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     liveness_proxy_database_url_file: Path | None = None
     liveness_proxy_database_pool_size: int = Field(default=10, ge=1, le=1000)

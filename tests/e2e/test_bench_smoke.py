@@ -1,8 +1,8 @@
-"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S8, and S2i
-and S2b beside S2) against nginx stubs, the naive proxy and our proxy, and writes its JSON, Markdown
-and chart. Nothing here judges a timing or a target: the smoke run is too short for either to mean
-anything. What it proves is that every scenario runs, reports numbers and ratios, and that our proxy
-answered 2xx throughout.
+"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S8, S1s
+beside S1, and S2i and S2b beside S2) against nginx stubs, the naive proxy and our proxy, and writes
+its JSON, Markdown and chart. Nothing here judges a timing or a target: the smoke run is too short
+for either to mean anything. What it proves is that every scenario runs, reports numbers and
+ratios, and that our proxy answered 2xx throughout.
 
 Needs wrk, nginx and nginx's echo module (Debian: wrk, nginx-light, libnginx-mod-http-echo; .ci/run
 and bench/install-tools install them). Without them the test is skipped, unless
@@ -28,7 +28,7 @@ import pytest
 from services import REQUIRE_SERVICES, postgres_problem, redis_problem
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
-SCENARIOS = ("S1", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7", "S8")
+SCENARIOS = ("S1", "S1s", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7", "S8")
 ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
 
 
@@ -115,6 +115,14 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
         assert _is_number(scenarios["S1"]["ratios"][ratio]), ratio
     for ratio in ("ours_to_ours_s1", "ours_to_nginx", "ours_to_naive"):
         assert _is_number(scenarios["S2"]["ratios"][ratio]), ratio
+    # S1s: S1 beside slow readers answered 2xx throughout (no slot lost to them), and the attack ran.
+    s1s = scenarios["S1s"]["measured"]
+    for system in ("quiet", "attacked"):
+        for figure in ("requests_per_second", "p99_ms", "errors"):
+            _assert_spread(s1s[system], figure, f"S1s/{system}")
+        assert s1s[system]["errors"]["max"] == 0, (system, s1s[system].get("sample_failure"))
+    assert [attack["opened"] > 0 for attack in s1s["attacked"]["slow_readers"]] == [True]
+    assert _is_number(scenarios["S1s"]["ratios"]["attacked_to_quiet"])
     # S2i and S2b: what an Idempotency-Key and token binding cost a create; every keyed create and
     # every pair answered 2xx (a 422 would mean S2's settings or the bound flow's script broke).
     s2i = scenarios["S2i"]

@@ -372,3 +372,30 @@ def test_an_idempotency_lease_outlasts_every_wait_of_a_create() -> None:
         "LIVENESS_PROXY_DATABASE_POOL_TIMEOUT_SECONDS": 120,
     }
     assert lease(**slowest) > 60 + 2 * 120 + 2 * 300 + 4 * 120
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LIVENESS_PROXY_SEND_TIMEOUT_SECONDS", "0"),
+        ("LIVENESS_PROXY_SEND_TIMEOUT_SECONDS", "301"),
+        ("LIVENESS_PROXY_SEND_TIMEOUT_SECONDS", "soon"),
+        ("LIVENESS_PROXY_MAX_PIPELINED_REQUESTS", "0"),
+        ("LIVENESS_PROXY_MAX_PIPELINED_REQUESTS", "1025"),
+    ],
+)
+def test_the_slow_client_limits_refuse_values_that_would_disable_them(
+    environment: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    environment.setenv(name, value)
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.load()
+    assert str(raised.value).startswith(f"{name}: ")
+
+
+def test_the_slow_client_limits_default_to_30_seconds_and_16_requests(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings.load()
+    assert settings.liveness_proxy_send_timeout_seconds == 30
+    assert settings.liveness_proxy_max_pipelined_requests == 16

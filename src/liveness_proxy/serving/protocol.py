@@ -1,7 +1,8 @@
 """What `serve` adds to uvicorn's protocol: limits on what one client may hold of the server.
 
 uvicorn bounds neither the time a client may take to send its request head nor the head's size
-(its httptools protocol buffers any head for as long as the client trickles it in), and its
+(its httptools protocol buffers any head for as long as the client trickles it in), nor the time a
+client may leave its answers unread, nor how many requests it may queue on one connection; and its
 `limit_concurrency` answers plain text and counts every connection against every other. The
 protocol class here is uvicorn's httptools protocol with:
 
@@ -14,6 +15,17 @@ protocol class here is uvicorn's httptools protocol with:
   the connection is closed (a head that never ends is cut as soon as the bytes exceed it).
 - a connection limit: a connection opened while LIVENESS_PROXY_MAX_CONNECTIONS are already open
   answers its request with 503 and is closed; connections admitted earlier are served as usual.
+- a send deadline: a connection whose answers pile up unread (uvicorn's flow control paused the
+  app's writes: more than 64 KiB held back) for LIVENESS_PROXY_SEND_TIMEOUT_SECONDS is aborted, and
+  on Linux the kernel gets the same time (TCP_USER_TIMEOUT) for the bytes it holds, which also
+  covers answers handed over before the connection was closed. No answer can reach such a client,
+  so none is attempted.
+- a pipelining cap: a request that arrives while LIVENESS_PROXY_MAX_PIPELINED_REQUESTS already
+  wait behind the one being answered is not read; the answers due are sent and the connection
+  closes after the last of them.
+- framing refused at once: a transfer coding other than `chunked` gets 400, and so does a body
+  whose framing cannot be parsed, in place of the request's own answer when the app has not
+  started one (the app would otherwise wait for the rest of the body until its body deadline).
 - problem+json answers (with a fresh request id and the security headers) for these and for
   unparsable requests, instead of uvicorn's plain text.
 - on SIGTERM, a request still running when LIVENESS_PROXY_SHUTDOWN_TIMEOUT_SECONDS has passed gets
@@ -23,19 +35,23 @@ protocol class here is uvicorn's httptools protocol with:
 The request *body* deadline is the app's (`read_json_object`), so that library mode has it too.
 
 This subclasses uvicorn internals (`HttpToolsProtocol` and its request cycle, uvicorn 0.54): an
-upgrade of uvicorn must re-run tests/e2e/test_serve_limits.py, test_shutdown.py and test_tls_serve.py.
+upgrade of uvicorn must re-run tests/e2e/test_serve_limits.py, test_serve_abuse.py,
+test_shutdown.py and test_tls_serve.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from liveness_proxy.browser import SecurityHeaders
@@ -55,6 +71,11 @@ from liveness_proxy.wiring import ServeOptions
 _REQUEST_LINE_TAIL_BYTES = 11
 _HEADER_SEPARATOR_BYTES = 4
 _HEAD_END_BYTES = 2
+# The one transfer coding a request may declare: the app reads bodies as they are, so `gzip, chunked`
+# would hand it compressed bytes as if they were JSON.
+_CHUNKED = b"chunked"
+# Linux only; elsewhere the send deadline covers what the server holds, not what the kernel does.
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +86,8 @@ class ServeLimits:
     max_header_bytes: int
     header_timeout_seconds: float
     hsts_max_age_seconds: int
+    send_timeout_seconds: float
+    max_pipelined_requests: int
 
     @classmethod
     def from_options(cls, options: ServeOptions) -> ServeLimits:
@@ -73,11 +96,13 @@ class ServeLimits:
             max_header_bytes=options.max_header_bytes,
             header_timeout_seconds=options.header_timeout_seconds,
             hsts_max_age_seconds=options.hsts_max_age_seconds,
+            send_timeout_seconds=options.send_timeout_seconds,
+            max_pipelined_requests=options.max_pipelined_requests,
         )
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the head deadline, head size and connection limits."""
+    """uvicorn's httptools protocol with the head, send and body-framing limits of this module."""
 
     def __init__(
         self,
@@ -100,6 +125,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0  # trailer fields after the current chunked body (read by nobody)
         self._refused = False  # answered and closing: the parser's further callbacks are ignored
         self._drain_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
+        # The request the app is running (`cycle` is the newest, which may be queued behind it).
+        self._running_cycle: RequestResponseCycle | None = None
+        # The newest request has a cycle but its body has not all arrived yet.
+        self._body_incomplete = False
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -107,10 +137,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # `connections` includes this one now: it is over the limit if more than the maximum are open.
         self._admitted = len(self.connections) <= self._limits.max_connections
+        self._watch_sends(transport)
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()
+        self._cancel_send_deadline()
+        self._nothing_more_reaches_the_client()
         if self._drain_deadline is not None:
             self._drain_deadline.cancel()
             self._drain_deadline = None
@@ -167,7 +200,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         # A trailer field after a chunked body. uvicorn would append it to the request's headers,
         # unbounded (the head is measured and complete by now): nothing here reads trailers, so
-        # they are counted and dropped, and too many of them end the connection like a big head.
+        # they are counted and dropped, and too many of them get 431 like a big head (in place of
+        # the request's answer if the app has not begun one: it is still waiting for the body's end).
         self._trailer_bytes += len(name) + len(value) + _HEADER_SEPARATOR_BYTES
         if self._trailer_bytes > self._limits.max_header_bytes:
             self._refuse(RequestHeaderFieldsTooLarge())
@@ -192,13 +226,37 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if head_size > self._limits.max_header_bytes:
             self._refuse(RequestHeaderFieldsTooLarge())
             return
+        if not self._transfer_coding_supported():
+            self._refuse(BadRequest("The only transfer coding accepted is chunked."))
+            return
         # Requests still in flight on connections that went away count too: a client that sends a
         # request and disconnects, again and again, must not pile up unbounded work.
         if not self._admitted or len(self.tasks) >= self._limits.max_connections:
             self.logger.warning("Connection limit reached: request refused with 503.")
             self._refuse(ServiceUnavailable("The server is at its connection limit.", retry_after_seconds=1))
             return
+        if self._request_in_flight() and len(self.pipeline) >= self._limits.max_pipelined_requests:
+            # No answer can be written for it before those due (see `_refuse`); it is not read, and
+            # the connection closes after the last answer due, as any server may close a persistent
+            # connection (a pipelining client resends what was not answered).
+            self.logger.warning("Too many pipelined requests: the connection closes after the answers due.")
+            self._refused = True
+            self._cancel_head_deadline()
+            self._close_after_the_answers_due()
+            return
         super().on_headers_complete()
+        self._body_incomplete = True
+
+    def _transfer_coding_supported(self) -> bool:
+        """No Transfer-Encoding, or `chunked` alone. httptools refuses most other forms itself, but
+        only once the head is complete and the app has the request, and it takes `gzip, chunked`."""
+        codings = [
+            coding.strip().lower()
+            for name, value in self.headers
+            if name == b"transfer-encoding"
+            for coding in value.split(b",")
+        ]
+        return not codings or codings == [_CHUNKED]
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
@@ -209,6 +267,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         super().on_message_complete()
+        self._body_incomplete = False
         self._awaiting_head = True
         self._head_started = False
         self._head_bytes_received = 0
@@ -262,38 +321,131 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # not the one running: the client sees the connection cut.
             self.transport.close()
             return
-        # The app's later writes and reads then go nowhere (uvicorn's cycle treats it as a client
-        # that went away), so that its cancellation cannot answer a second time.
-        cycle.disconnected = True
-        cycle.message_event.set()
-        # The id the app gave this request (and its audit record), so the caller can quote it.
-        self._refuse(
+        self._refused = True
+        self._cancel_head_deadline()
+        self._write_refusal(
             ServiceUnavailable("The server is shutting down.", retry_after_seconds=1),
-            request_id=request_id_of(cycle.scope),  # type: ignore[arg-type]
-            instead_of_the_request_in_flight=True,
+            self._take_over_from_the_app(cycle),
         )
+
+    # -- send deadline -------------------------------------------------------------------------
+
+    def _watch_sends(self, transport: asyncio.Transport) -> None:
+        """The send deadline has two halves. What the server holds back (the socket takes no more)
+        is watched through the transport's flow control: pause_writing() starts the deadline and
+        resume_writing() ends it (below). What the kernel already holds, the transport cannot see:
+        with TCP_USER_TIMEOUT the kernel itself drops a connection whose bytes stay unacknowledged,
+        or unsent behind a zero window, for as long. That also covers answers written before a
+        close (the connection is gone from the server's count then, not from the kernel's memory),
+        and bytes held back below the transport's high-water mark, or inside a TLS layer."""
+        sock = transport.get_extra_info("socket")
+        if _TCP_USER_TIMEOUT is not None and sock is not None:
+            milliseconds = round(self._limits.send_timeout_seconds * 1000)
+            with contextlib.suppress(OSError):  # not a TCP socket (a Unix one): nothing to bound
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, milliseconds)
+
+    def pause_writing(self) -> None:
+        # More than the high-water mark (64 KiB) is held back; uvicorn's request cycle then also
+        # waits before the app's next write, so answers do not pile up behind one left unread.
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(
+                self._limits.send_timeout_seconds, self._send_deadline_passed
+            )
+
+    def resume_writing(self) -> None:
+        self._cancel_send_deadline()
+        if self.transport.is_closing():
+            # Resumed because the held bytes were dropped (aborted, or the kernel gave up on the
+            # client): the app's pending write must not go on to a transport already closed.
+            self._nothing_more_reaches_the_client()
+        super().resume_writing()
+
+    def _cancel_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_deadline_passed(self) -> None:
+        self._send_deadline = None
+        timeout = self._limits.send_timeout_seconds
+        self.logger.warning("A client left its answers unread for %g s: connection aborted.", timeout)
+        self._nothing_more_reaches_the_client()
+        # Not close(): that would wait, without end, for the client to take what is held back.
+        self.transport.abort()
+
+    def _nothing_more_reaches_the_client(self) -> None:
+        """The app's reads and writes go nowhere from now on (uvicorn's cycle sees a client that
+        went away). uvicorn's connection_lost() does this for the newest request only, and only
+        once the loss is reported: the request running may be an earlier one, and the app may
+        resume its pending write before that, to a uvloop transport which then raises."""
+        for cycle in (self._running_cycle, self.cycle):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
 
     # -- refusals ------------------------------------------------------------------------------
 
-    def _refuse(
-        self,
-        error: ProblemError,
-        *,
-        request_id: str | None = None,
-        instead_of_the_request_in_flight: bool = False,
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running_cycle = cycle
+        super()._start_asgi_task(cycle, functools.partial(self._run_app_unless_refused, cycle, app))
+
+    async def _run_app_unless_refused(
+        self, cycle: RequestResponseCycle, app: ASGI3Application, scope: Any, receive: Any, send: Any
     ) -> None:
-        """Answers `error` as problem+json straight onto the socket and closes the connection."""
+        # The task starts on the loop's next turn: a body refused in the same read as the head was
+        # answered before the app could begin, and the app spends nothing on it (no credential
+        # lookup, no audit record: a refusal of the protocol's, like an unparsable head).
+        if self._refused and cycle.disconnected:
+            return
+        await app(scope, receive, send)
+
+    def _refuse(self, error: ProblemError) -> None:
+        """Answers `error` as problem+json straight onto the socket and closes the connection; or,
+        while an earlier answer is due, closes the connection after it instead."""
         self._refused = True
         self._cancel_head_deadline()
-        if self._request_in_flight() and not instead_of_the_request_in_flight:
-            # An earlier (pipelined) request is still being answered: writing now would cut into
-            # its answer. The connection closes after the last answer due instead (`cycle` is the
-            # newest request), and this one gets none.
-            self.cycle.keep_alive = False
-            self.flow.pause_reading()
+        if not self._request_in_flight():
+            self._write_refusal(error, new_request_id())
             return
-        if request_id is None:
-            request_id = new_request_id()
+        cycle = self.cycle
+        if self._body_incomplete and not self.pipeline and not cycle.response_started:
+            # The refusal is about the body of the request the app is running (bad framing, too many
+            # trailers), and the app has not begun its answer: it would wait for the rest of the
+            # body until its body deadline. The refusal is the request's answer instead.
+            request_id = self._take_over_from_the_app(cycle)
+            # The id links this answer to the app's record of the request (a 499, see below).
+            self.logger.warning("Request %s: body refused with %d.", request_id, error.response_status())
+            self._write_refusal(error, request_id)
+            return
+        # An earlier (pipelined) request is still being answered: writing now would cut into its
+        # answer, and a refused request gets none.
+        self._close_after_the_answers_due()
+
+    def _close_after_the_answers_due(self) -> None:
+        """Reads no more; the connection closes after the last answer due. A queued request whose
+        body had not all arrived is dropped: the app would wait for the rest until its deadline."""
+        if self._body_incomplete and self.pipeline:
+            self.pipeline.popleft()  # the newest; uvicorn queues with appendleft
+            self._body_incomplete = False
+        last_due = self.pipeline[0][0] if self.pipeline else self._running_cycle
+        if last_due is not None:
+            self.cycle = last_due
+            last_due.keep_alive = False
+        self.flow.pause_reading()
+
+    def _take_over_from_the_app(self, cycle: RequestResponseCycle) -> str:
+        """Makes the app's later writes and reads go nowhere (uvicorn's cycle treats it as a client
+        that went away: a body read ends in ClientDisconnect, so a running app's record is a 499;
+        an app not started yet never runs), so that the refusal written in its place is the only
+        answer; returns the request's id."""
+        cycle.disconnected = True
+        cycle.message_event.set()
+        # The id the app gave this request (and its record), so the caller can quote it; a fresh
+        # one if the app has not started on it.
+        return request_id_of(cycle.scope)  # type: ignore[arg-type]
+
+    def _write_refusal(self, error: ProblemError, request_id: str) -> None:
         body = render_problem(error, request_id)
         headers: list[tuple[bytes, bytes]] = [
             *self.server_state.default_headers,

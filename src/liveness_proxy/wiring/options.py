@@ -65,6 +65,8 @@ class ServeOptions:
     hsts_max_age_seconds: int
     keepalive_timeout_seconds: float
     shutdown_timeout_seconds: float
+    send_timeout_seconds: float
+    max_pipelined_requests: int
     tls_cert_file: Path | None
     tls_key_file: Path | None
 
@@ -121,6 +123,8 @@ def serve_options(settings: Settings) -> ServeOptions:
         hsts_max_age_seconds=settings.liveness_proxy_hsts_max_age_seconds,
         keepalive_timeout_seconds=settings.liveness_proxy_keepalive_timeout_seconds,
         shutdown_timeout_seconds=settings.liveness_proxy_shutdown_timeout_seconds,
+        send_timeout_seconds=settings.liveness_proxy_send_timeout_seconds,
+        max_pipelined_requests=settings.liveness_proxy_max_pipelined_requests,
         tls_cert_file=settings.liveness_proxy_tls_cert_file,
         tls_key_file=settings.liveness_proxy_tls_key_file,
     )
