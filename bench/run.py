@@ -9,8 +9,9 @@ Scenarios (see bench/README.md): S1 result read, S1s the same beside slow reader
 session, S2i and S2b what an Idempotency-Key and session-token binding cost a create, S3 slow
 upstream (500 ms), S4 token stampede (one process, and a fleet on PostgreSQL + Redis), S5 memory
 over many requests, S6 start-up time, S7 the finalizer's cost to S1/S2 (on vs off) and the
-sessions per second one process follows to a verdict and announces by webhook, S8 authenticated reads beside a flood of bad
-credentials (from one address and from many) and the rows it writes. Every throughput
+sessions per second one process follows to a verdict and announces by webhook, S8 authenticated
+reads beside a flood of bad credentials (from one address and from many) and the rows it writes.
+Every throughput
 figure is min/median/max over the repetitions, which run interleaved across the systems so that
 drift on a shared machine hits all of them alike; only ratios measured in one run mean anything.
 

@@ -2,14 +2,15 @@
 of requests with random bad credentials (bench/auth_flood.lua), once from one address and once from
 many addresses posing as clients behind a trusted proxy (a random 10.0.0.0/8 X-Forwarded-For per
 request, which the server honours from 127.0.0.1, uvicorn's default `--forwarded-allow-ips`).
-Interleaved repetitions, on a proxy of its own (its own SQLite database, the unauthenticated limit
-as shipped), so that the main proxies never see a flood.
+On a proxy of its own (its own SQLite database, the unauthenticated limit and the answer delay of
+failed authentications as shipped), so that the main proxies never see a flood.
 
 - A flood is a fixed number of answers (50,000; smoke 300), sent by one wrk thread on
-  FLOOD_CONNECTIONS connections as fast as the proxy answers them. The authenticated traffic starts
-  with it and runs for the plan's seconds (or until the flood is over, if that is sooner: only a
-  smoke run's tiny flood is); the flood then goes on alone until it has its answers. The alone
-  windows last the plan's seconds too. Goal: authenticated req/s with the flood at least 80% of
+  FLOOD_CONNECTIONS connections, each sending its next request once it has the last answer. Each
+  flood runs once, whole (the proxy holds a failed authentication's answer back, so a flood takes
+  minutes, and one per repetition would make S8 take most of an hour); the authenticated traffic is
+  measured in consecutive windows of the plan's seconds throughout it, and alone in a window
+  before, between and after the floods. Goal: authenticated req/s with the flood at least 80% of
   without, for both shapes, as ratios of medians measured in one run.
 - The flood's answers are counted by status (401, 429, other); what each refusal cost the proxy is
   estimated from its CPU time over the flood less what its authenticated requests cost alone.
@@ -20,13 +21,12 @@ as shipped), so that the main proxies never see a flood.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ from stats import (
     fmt_met,
     fmt_rate_and_p99,
     goal,
-    interleaved,
     median_of,
     ratio,
     spread,
@@ -57,13 +56,13 @@ LABELS = {"flood_one_address": "one address", "flood_many_addresses": "many addr
 FLOOD_REQUESTS = {"full": 50_000, "smoke": 300}
 # Four times the authenticated traffic's 64 connections, one wrk thread, each connection sending its
 # next request as soon as it has the last answer. The proxy holds a failed authentication's answer
-# back LIVENESS_PROXY_FAILED_AUTH_DELAY_SECONDS (0.5 s as shipped), so such a flood sends about two
-# requests a second per connection: 256 of them make ~500 req/s, and 50,000 requests take ~100 s.
+# back LIVENESS_PROXY_FAILED_AUTH_DELAY_SECONDS (1 s as shipped), so such a flood sends about one
+# request a second per connection: 256 of them make ~250 req/s, and 50,000 requests take ~200 s.
 # An attacker's rate grows with its connections (up to LIVENESS_PROXY_MAX_CONNECTIONS per process);
 # the proxy's CPU per refusal, also reported, says what each costs (docs/performance.md, S8).
 FLOOD_CONNECTIONS = 256
 # A flood ends when it has its answers, or at this bound with fewer (the JSON then says so).
-FLOOD_MAX_SECONDS = {"full": 240, "smoke": 30}
+FLOOD_MAX_SECONDS = {"full": 300, "smoke": 30}
 TARGET_RATIO = 0.80
 
 
@@ -134,10 +133,8 @@ class FloodWindows:
         self._bench = bench
         self._target = target
         self.floods: dict[str, list[FloodRun]] = {name: [] for name in FLOODS}
+        self.honest_during: dict[str, list[WrkReading]] = {}
         self.alone_cpu_seconds: list[float] = []
-
-    def measurements(self) -> dict[str, Callable[[int], WrkReading]]:
-        return {ALONE: self.alone, **{name: functools.partial(self.beside_flood, name) for name in FLOODS}}
 
     def alone(self, seconds: int) -> WrkReading:
         pid = self._target.proxy.process.pid
@@ -151,9 +148,9 @@ class FloodWindows:
         self.alone_cpu_seconds.append(cpu_seconds(pid) - before)
         return reading
 
-    def beside_flood(self, name: str, seconds: int) -> WrkReading:
-        """The authenticated traffic for `seconds` from the start of a flood, which then goes on alone
-        until it has its answers (the flood's own figures and rows are the whole flood's)."""
+    def during_flood(self, name: str, seconds: int) -> list[WrkReading]:
+        """The authenticated traffic in consecutive windows of `seconds` while one whole flood runs
+        (at least one window, even when the flood is over first: a smoke run's tiny flood)."""
         bench, target = self._bench, self._target
         marker = bench.workdir / f"s8-{name}-{secrets.token_hex(4)}.done"
         flood_command = wrk_command(
@@ -165,28 +162,37 @@ class FloodWindows:
                 str(FLOOD_REQUESTS[bench.plan.mode]), FLOODS[name], str(secrets.randbits(31)), str(marker),
             ],
         )  # fmt: skip
-        honest_command = wrk_command(
-            target.result_url,
-            connections=bench.plan.connections,
-            seconds=seconds,
-            headers=target.proxy.headers(),
-        )
         pid = target.proxy.process.pid
         cpu_before, rss_before = cpu_seconds(pid), rss_megabytes(pid)
         started_at = time.time()
+        deadline = time.monotonic() + FLOOD_MAX_SECONDS[bench.plan.mode]
         flood = bench.children.start(f"wrk-s8-{name}", flood_command)
-        honest = bench.children.start("wrk-s8-authenticated", honest_command)
+        honest: list[WrkReading] = []
         try:
-            finished = self._wait_for(flood, marker)
+            while True:
+                reading = run_wrk(
+                    target.result_url,
+                    connections=bench.plan.connections,
+                    seconds=seconds,
+                    headers=target.proxy.headers(),
+                )
+                done = self._flood_over(flood, marker)
+                if honest and done:
+                    break  # this window ended after the flood: not one beside it
+                honest.append(reading)
+                progress(
+                    f"    window {len(honest)} beside {name}: {reading.requests_per_second:,.0f} req/s, "
+                    f"p99 {reading.p99_ms:.1f} ms, non-2xx {reading.non_2xx}"
+                )
+                if done or time.monotonic() > deadline:
+                    break
+            outlasted = marker.exists()
+            finished = self._wait_for(flood, marker, deadline)
             generator_cpu = cpu_seconds(flood.pid)
-            # Still running: the flood was over first (a smoke run's tiny flood), and so is the window.
-            outlasted = honest.poll() is not None
-            honest_reading = _interrupted(bench, honest, bench.plan.connections)
             flood_reading = _interrupted(bench, flood, FLOOD_CONNECTIONS)
             ended_at = time.time()
         finally:
             bench.children.stop(flood)
-            bench.children.stop(honest)
         run = FloodRun(
             # Its non-2xx answers are the point: wrk's output is not kept as an anomaly's would be.
             reading=dataclasses.replace(flood_reading, output=None),
@@ -207,11 +213,21 @@ class FloodWindows:
             f"other {counted.get('other', 0):,}), generator CPU {generator_cpu:.1f} s"
             + ("" if finished else f", stopped at {FLOOD_MAX_SECONDS[bench.plan.mode]} s")
         )
-        return honest_reading
+        self.honest_during[name] = honest
+        return honest
 
-    def _wait_for(self, flood: subprocess.Popen[bytes], marker: Path) -> bool:
+    def _flood_over(self, flood: subprocess.Popen[bytes], marker: Path) -> bool:
+        proxy = self._target.proxy
+        if proxy.process.poll() is not None:
+            raise BenchError(f"{proxy.name} exited: {self._bench.children.log_tail(proxy.process)}")
+        if marker.exists():
+            return True
+        if flood.poll() is not None:
+            raise BenchError(f"the flood ended before its answers: {self._bench.children.log_tail(flood)}")
+        return False
+
+    def _wait_for(self, flood: subprocess.Popen[bytes], marker: Path, deadline: float) -> bool:
         """Until the flood has its answers (its script creates `marker`: True) or its time is up."""
-        deadline = time.monotonic() + FLOOD_MAX_SECONDS[self._bench.plan.mode]
         proxy = self._target.proxy
         while not marker.exists():
             if flood.poll() is not None:
@@ -230,11 +246,13 @@ def _flood_section(
     runs: Sequence[FloodRun], honest: Sequence[WrkReading], cpu_us_per_honest_request: float
 ) -> dict[str, Any]:
     reps = []
-    for run, honest_reading in zip(runs, honest, strict=True):
+    # One flood per shape, with every authenticated window measured during it.
+    honest_requests = sum(reading.requests for reading in honest)
+    for run in runs:
         counted = run.reading.counted or {}
         answered = counted.get("answered", 0)
         # The proxy's CPU over the flood less what its authenticated requests cost alone.
-        refusals_cpu = run.proxy_cpu_seconds - honest_reading.requests * cpu_us_per_honest_request / 1e6
+        refusals_cpu = run.proxy_cpu_seconds - honest_requests * cpu_us_per_honest_request / 1e6
         reps.append(
             {
                 **dataclasses.asdict(run),
@@ -287,10 +305,15 @@ def scenario_s8(bench: Bench) -> Outcome:
                 headers=target.proxy.headers(),
             )
             progress(f"  warm-up {ALONE}: {warmup.requests_per_second:,.0f} req/s (not counted)")
-        # Only the authenticated traffic warms up (above): a flood's warm-up would be a flood.
-        readings, _ = interleaved(
-            dataclasses.replace(plan, warmup_seconds=0), plan.seconds, windows.measurements()
-        )
+        # Only the authenticated traffic warms up (above): a flood's warm-up would be a flood. Each
+        # flood runs once, whole, with the authenticated traffic measured in windows throughout it;
+        # the windows alone come before, between and after the floods, so drift hits both alike.
+        readings: dict[str, list[WrkReading]] = {ALONE: [windows.alone(plan.seconds)]}
+        for name in FLOODS:
+            readings[name] = windows.during_flood(name, plan.seconds)
+            readings[ALONE].append(windows.alone(plan.seconds))
+        for reading in readings[ALONE]:
+            progress(f"  {ALONE}: {reading.requests_per_second:,.0f} req/s, p99 {reading.p99_ms:.1f} ms")
     finally:
         # Stopped before the rows are counted: its shutdown writes the aggregate window in progress.
         bench.children.stop(target.proxy.process)

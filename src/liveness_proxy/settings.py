@@ -177,7 +177,7 @@ class Settings(BaseSettings):
     liveness_proxy_rate_limit_unauthenticated: str = "60/minute"
     liveness_proxy_daily_attempts_total: int = Field(default=0, ge=0)
     # How long the answer to a failed authentication (401, or the unauthenticated 429) is held back.
-    liveness_proxy_failed_auth_delay_seconds: float = Field(default=0.5, ge=0, le=10)
+    liveness_proxy_failed_auth_delay_seconds: float = Field(default=1.0, ge=0, le=10)
     liveness_proxy_upstream_concurrency: int = Field(default=64, ge=1, le=10000)
     liveness_proxy_upstream_queue_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
 
