@@ -254,6 +254,22 @@ async def test_unknown_key_ids_are_answered_from_memory_for_a_short_time(
     assert (store.id_set_reads, store.reads) == (2, [pending.key_id])
 
 
+async def test_a_key_created_after_the_ids_were_read_is_found_within_about_a_second(
+    store: CountingStore, clocks: Clocks
+) -> None:
+    authenticator = authenticator_on(store, clocks, cache_seconds=3600)
+    try:
+        with pytest.raises(Unauthenticated):  # an unknown id: the set of ids is read now
+            await authenticator.verify(f"lpk_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}")
+        issued = new_api_key(pepper=PEPPER, subject="bob", scopes=[], name="n", now=clocks.now())
+        await store.add(issued.stored)
+        clocks.advance(1.1)  # a few keys: the set is read again after about a second
+        assert (await authenticator.verify(issued.key)).subject == "bob"
+    finally:
+        await authenticator.close()
+    assert store.id_set_reads == 2
+
+
 async def test_the_unknown_id_cache_stays_bounded_and_forgets_the_oldest(
     store: CountingStore, clocks: Clocks
 ) -> None:

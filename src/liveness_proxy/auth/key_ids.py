@@ -6,8 +6,10 @@ helps against a flood that repeats one id; a flood of random ids (each new) woul
 read each. Here the set of ids is read whole, at most once per `max_age_seconds` and only when an
 id missing from it is presented, so such a flood costs one query per interval. Keys are never
 deleted (revoked keys keep their row), so an id in the set exists; an id created since the last
-read is found at the next one: a new key may be refused as unknown for up to `max_age_seconds`, the
-same bound the negative cache already has.
+read is found at the next one. The set is read again once it is older than a second plus a second
+per READ_IDS_PER_SECOND ids it holds, at most `max_age_seconds` (the negative cache's bound): a key
+made with `keys create` is refused as unknown for about a second at most on a deployment with a few
+thousand keys, and a flood of random ids costs at most that many ids read per second.
 
 Beyond `max_ids` keys (or with `max_ids` 0) the set is not kept (its memory would not pay): every
 unknown id is then read, as before.
@@ -19,6 +21,10 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
+
+# How many ids a second of refresh interval pays for: the set is read again at most once per
+# 1 s + len(ids) / READ_IDS_PER_SECOND (and per max_age_seconds).
+READ_IDS_PER_SECOND = 10_000
 
 
 class KnownKeyIds:
@@ -43,7 +49,8 @@ class KnownKeyIds:
         """False only when the store surely has no such id (as of at most `max_age_seconds` ago)."""
         if not self._kept or key_id in self._ids:
             return True
-        if self._clock() - self._read_at >= self._max_age_seconds:
+        max_age = min(self._max_age_seconds, 1.0 + len(self._ids) / READ_IDS_PER_SECOND)
+        if self._clock() - self._read_at >= max_age:
             if self._reading is None:
                 self._reading = asyncio.get_running_loop().create_task(self._read())
                 self._reading.add_done_callback(self._read_done)
