@@ -107,7 +107,8 @@ class ApiKeyAuthenticator:
     revocation takes effect within that time, an expiry exactly when it falls. A key id with no row
     is remembered as unknown for `cache_seconds` too (at most `MAX_UNKNOWN_SECONDS`), so a flood of
     bad keys with one id costs one read, and that memory is bounded (the oldest id is forgotten
-    first). Every wrong key gets the same answer, whatever was wrong: unknown id, wrong secret,
+    first); every id in the store is held too (`key_ids.KnownKeyIds`), so random ids cost no read
+    each. Every wrong key gets the same answer, whatever was wrong: unknown id, wrong secret,
     revoked or expired.
     """
 
@@ -164,12 +165,10 @@ class ApiKeyAuthenticator:
         await self._uses.close()
 
     async def verify(self, credential: str) -> Caller:
-        if len(credential) > _MAX_CREDENTIAL_LENGTH:
+        parts = _key_parts(credential)
+        if parts is None:
             raise _invalid()
-        match = _API_KEY_PATTERN.fullmatch(credential)
-        if match is None:
-            raise _invalid()
-        key_id, secret = match.groups()
+        key_id, secret = parts
         digest = hash_secret(self._pepper, secret)
         now = self._clock()
         known = self._known.get(key_id)
@@ -228,12 +227,10 @@ class ApiKeyAuthenticator:
         read again first (once per interval, and only for someone who holds the right secret, which
         no flood can forge), so a revocation or expiry still takes effect."""
         credential = presented_api_key(headers)
-        if credential is None or len(credential) > _MAX_CREDENTIAL_LENGTH:
+        parts = None if credential is None else _key_parts(credential)
+        if parts is None:
             return None
-        match = _API_KEY_PATTERN.fullmatch(credential)
-        if match is None:
-            return None
-        key_id, secret = match.groups()
+        key_id, secret = parts
         known = self._known.get(key_id)
         if known is None or not hmac.compare_digest(known.secret_hash, hash_secret(self._pepper, secret)):
             return None
@@ -256,6 +253,14 @@ def _remember(cache: dict[str, _T], key: str, value: _T, size: int) -> None:
         # Drop the oldest entry (dicts keep insertion order): bounded memory, no LRU bookkeeping.
         cache.pop(next(iter(cache)))
     cache[key] = value
+
+
+def _key_parts(credential: str) -> tuple[str, str] | None:
+    """(key id, secret) of a credential shaped like one of our keys; None for anything else."""
+    if len(credential) > _MAX_CREDENTIAL_LENGTH:
+        return None
+    match = _API_KEY_PATTERN.fullmatch(credential)
+    return None if match is None else (match[1], match[2])
 
 
 def _invalid() -> Unauthenticated:

