@@ -30,7 +30,7 @@ from e2e.test_serve_limits import (
     running_serve,
 )
 from liveness_proxy.sandbox import Sandbox
-from support import ServerThread, upstream_sandbox
+from rotation import served_sandbox
 
 BODY_TIMEOUT_SECONDS = 30.0  # what a refusal must not wait for
 SEND_TIMEOUT_SECONDS = 1.0
@@ -52,10 +52,8 @@ linux_only = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[tuple[Sandbox, str]]:
-    upstream = upstream_sandbox()
-    server = ServerThread(upstream.app, lifespan="off").start()
-    yield upstream, server.url
-    server.stop()
+    with served_sandbox() as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -269,12 +269,22 @@ def test_blocked_addresses_are_bounded_in_memory() -> None:
     assert blocked == [f"10.0.0.{number}" for number in range(40, 50)]
 
 
-async def test_rows_per_window_are_bounded_however_addresses_rotate(tmp_path: Path) -> None:
+@pytest.fixture
+async def audit(tmp_path: Path) -> AsyncIterator[AuditLog]:
+    """An audit log of its own, on a migrated SQLite database."""
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}", pool_size=1)
     await upgrade_database(engine)
+    log = AuditLog(engine)
+    try:
+        yield log
+    finally:
+        await log.close()
+        await engine.dispose()
+
+
+async def test_rows_per_window_are_bounded_however_addresses_rotate(audit: AuditLog) -> None:
     now = [1_000_000.0]
     counted: list[str] = []
-    audit = AuditLog(engine)
     failed = FailedAuthentications(
         audit,
         logger=structlog.get_logger(),
@@ -284,18 +294,14 @@ async def test_rows_per_window_are_bounded_however_addresses_rotate(tmp_path: Pa
         wall_clock=lambda: now[0],
         on_failure=counted.append,
     )
-    try:
-        for number in range(40):  # 40 addresses, 3 failures each, in one window
-            for attempt in range(3):
-                failed.count("jwt", f"10.1.0.{number}", f"r{number}-{attempt}", refused_by_limit=attempt == 2)
-        now[0] += 60  # the next window: the first one is written
-        failed.count("none", "10.1.0.1", "next", refused_by_limit=False)
-        await failed.flush()
-        rows = [row async for row in audit.iterate()]
-        verdict = await audit.verify()
-    finally:
-        await audit.close()
-        await engine.dispose()
+    for number in range(40):  # 40 addresses, 3 failures each, in one window
+        for attempt in range(3):
+            failed.count("jwt", f"10.1.0.{number}", f"r{number}-{attempt}", refused_by_limit=attempt == 2)
+    now[0] += 60  # the next window: the first one is written
+    failed.count("none", "10.1.0.1", "next", refused_by_limit=False)
+    await failed.flush()
+    rows = [row async for row in audit.iterate()]
+    verdict = await audit.verify()
     aggregates = _aggregates(rows)
     assert len(rows) == 7  # 5 addresses + 1 overflow in the first window, 1 in the next
     first_window = [row for row in aggregates if row["window_start"] == 999_960.0]
@@ -309,10 +315,7 @@ async def test_rows_per_window_are_bounded_however_addresses_rotate(tmp_path: Pa
     assert verdict.ok
 
 
-async def test_a_window_is_written_when_it_ends_without_further_traffic(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}", pool_size=1)
-    await upgrade_database(engine)
-    audit = AuditLog(engine)
+async def test_a_window_is_written_when_it_ends_without_further_traffic(audit: AuditLog) -> None:
     failed = FailedAuthentications(
         audit,
         logger=structlog.get_logger(),
@@ -328,8 +331,6 @@ async def test_a_window_is_written_when_it_ends_without_further_traffic(tmp_path
             await asyncio.sleep(0.05)
     finally:
         await failed.flush()
-        await audit.close()
-        await engine.dispose()
     [record] = _aggregates(rows)
     assert (record["action"], record["failures"], record["request_id"]) == ("auth.failed", 1, "only")
 
