@@ -25,6 +25,16 @@ from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from liveness_proxy.store import AuditLog, AuditRecord, create_engine, upgrade_database
+from liveness_proxy.store.audit_chain import parse_audit_keys
+from liveness_proxy.store.database import MigrationKeys
+from liveness_proxy.store.subjects import SubjectKeys
+
+_BENCH_PEPPER = "bench-pepper-" + "b" * 40
+BENCH_KEYS = MigrationKeys(
+    audit=parse_audit_keys("", pepper=_BENCH_PEPPER),
+    subjects=SubjectKeys.from_settings_values(pepper=_BENCH_PEPPER, subject_key=""),
+)
+BENCH_AUDIT_KEYS = BENCH_KEYS.audit
 
 
 @dataclass
@@ -69,14 +79,14 @@ async def measure(directory: Path, *, mode: str, synchronous: str, concurrency: 
         cursor.close()
 
     event.listen(engine.sync_engine, "connect", set_synchronous)
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=BENCH_KEYS)
     commits = 0
 
     def on_commit(_size: int, _seconds: float) -> None:
         nonlocal commits
         commits += 1
 
-    log = AuditLog(engine, batch_max=256 if mode == "group" else 1, on_commit=on_commit)
+    log = AuditLog(engine, BENCH_AUDIT_KEYS, batch_max=256 if mode == "group" else 1, on_commit=on_commit)
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 

@@ -29,9 +29,19 @@ from liveness_proxy.auth import IssuedApiKey, new_api_key
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
 from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, AuditLog, create_engine, upgrade_database
+from liveness_proxy.store.audit_chain import parse_audit_keys
+from liveness_proxy.store.database import MigrationKeys
+from liveness_proxy.store.subjects import SubjectKeys
 from liveness_proxy.wiring import Service
 
 TEST_PEPPER = "test-pepper-" + "p" * 40
+# The keys every test proxy derives from TEST_PEPPER (no keys file, no subject key): what a test
+# that reads or writes the chain outside a proxy uses.
+TEST_KEYS = MigrationKeys(
+    audit=parse_audit_keys("", pepper=TEST_PEPPER),
+    subjects=SubjectKeys.from_settings_values(pepper=TEST_PEPPER, subject_key=""),
+)
+TEST_AUDIT_KEYS = TEST_KEYS.audit
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-client-secret-s3cr3t-value"
 DOMAIN_ID = "test-domain"
@@ -382,7 +392,7 @@ class ProxyHarness:
 
         async def read() -> list[dict[str, Any]]:
             async with self.database() as engine:
-                return [row async for row in AuditLog(engine).iterate()]
+                return [row async for row in AuditLog(engine, TEST_AUDIT_KEYS).iterate()]
 
         return asyncio.run(read())
 
@@ -465,7 +475,7 @@ async def issue_keys(
     pepper = settings.liveness_proxy_api_key_pepper.get_secret_value().encode()
     made = {}
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         store = ApiKeyStore(engine)
         for label, subject, scopes in callers:
             issued = new_api_key(pepper=pepper, subject=subject, scopes=scopes, name=label, now=time.time())

@@ -190,7 +190,8 @@ class RequestContextMiddleware:
                 "route": route,
                 "status": status,
                 "duration_ms": round(seconds * 1000, 3),
-                "subject": state.get("subject"),
+                # The commitment, never the subject: the log outlives an erasure (store/subjects.py).
+                "subject_commitment": state.get("subject_commitment"),
                 "upstream_status": state.get("upstream_status"),
             }
             if self._access_log is not None:

@@ -42,6 +42,7 @@ _FILE_BACKED_FIELDS = (
     "liveness_proxy_database_url",
     "liveness_proxy_metrics_token",
     "liveness_proxy_redis_url",
+    "liveness_proxy_subject_key",
     "liveness_proxy_token_cache_key",
     "liveness_proxy_webhook_secret",
 )
@@ -223,6 +224,20 @@ class Settings(BaseSettings):
     # Unset: twice the longest job, and at least 60 s (`worker_lease_seconds`).
     liveness_proxy_worker_lease_seconds: float | None = Field(default=None, ge=1, le=3600)
     liveness_proxy_worker_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    # --- Privacy: erasure, retention, the keyed audit chain (store/subjects.py, store/erasure.py) --
+    # Wraps every subject's secret. Lines of `key_id:secret` (or one bare secret); the last wraps,
+    # all unwrap (`subjects rewrap` moves every secret to the last). Unset: derived from the pepper.
+    liveness_proxy_subject_key: SecretStr = SecretStr("")
+    liveness_proxy_subject_key_file: Path | None = None
+    # Lines of `key_id:secret`: the audit chain's HMAC keys (the last signs). Unset: one key derived
+    # from the pepper, which always verifies.
+    liveness_proxy_audit_keys_file: Path | None = None
+    # Days after which bindings, verdicts and webhook events are deleted (0: kept).
+    liveness_proxy_retention_days: int = Field(default=0, ge=0, le=36500)
+    # Days after which the plain personal values of audit records are erased, the chain kept (0: kept).
+    liveness_proxy_audit_plaintext_retention_days: int = Field(default=0, ge=0, le=36500)
+    liveness_proxy_retention_interval_seconds: float = Field(default=3600.0, ge=1, le=7 * 86400)
 
     # --- Metrics -------------------------------------------------------------------------------
     liveness_proxy_metrics_enabled: bool = True

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from services import scratch_postgres, shared_backend
@@ -303,8 +304,8 @@ def _seed_audit(env: dict[str, str], times: list[float]) -> None:
     async def seed() -> None:
         engine = create_engine(env["LIVENESS_PROXY_DATABASE_URL"].replace("sqlite:", "sqlite+aiosqlite:", 1))
         try:
-            await upgrade_database(engine)
-            log = AuditLog(engine)
+            await upgrade_database(engine, keys=TEST_KEYS)
+            log = AuditLog(engine, TEST_AUDIT_KEYS)
             for index, occurred_at in enumerate(times):
                 await log.append(
                     AuditRecord(

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import pytest
 import standardwebhooks
+from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from integration.test_audit_chain import independent_hash
 from liveness_proxy.cli import main
@@ -101,8 +102,8 @@ async def _seed_dead_letter(database_url: str) -> str:
     request's audit record: what a proxy with a broken receiver leaves behind."""
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
-        log = AuditLog(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
+        log = AuditLog(engine, TEST_AUDIT_KEYS)
         await log.append(
             AuditRecord(NOW - 120, "req-0", "alice", "key:1", "session.create", "s-1", 201, 200, 3.0, None)
         )
@@ -111,12 +112,20 @@ async def _seed_dead_letter(database_url: str) -> str:
         owner = SessionOwner("s-1", "alice", "key:1", NOW - 120, "req-0", reference="loan-7")
         await ownership.bind(owner, "req-0")
         ledger = VerdictLedger(
-            engine, ownership, events=VerdictEvents(pass_threshold=None), wall_clock=lambda: NOW - 60
+            engine,
+            ownership,
+            TEST_AUDIT_KEYS,
+            events=VerdictEvents(pass_threshold=None),
+            wall_clock=lambda: NOW - 60,
         )
         await ledger.record(owner, SessionVerdict("SUCCEEDED", 97.5, NOW - 60, "req-1"), read_by="request")
         await ledger.close()
         await ownership.close()
-        queue, outbox, recorder = JobQueue(engine), WebhookOutbox(engine), DeliveryRecorder(engine)
+        queue, outbox, recorder = (
+            JobQueue(engine),
+            WebhookOutbox(engine),
+            DeliveryRecorder(engine, TEST_AUDIT_KEYS),
+        )
         for retry_at in (NOW - 30, None):  # a retry, then no more: the dead letter
             [job] = await queue.claim("deliver", owner="worker-1", limit=1, lease_seconds=60, now=NOW - 30)
             assert await recorder.settle_attempt(

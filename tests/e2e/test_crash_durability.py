@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from tests.support import TEST_AUDIT_KEYS
 
 from e2e.test_audit_crash import SESSION_TOKEN, SESSIONS, start_serve
 from e2e.test_cli import run
@@ -261,7 +262,7 @@ def read_store(
                     )
                 )
                 owners = {row.session_id: (row.subject, row.request_id) for row in rows}
-            audit = AuditLog(engine)
+            audit = AuditLog(engine, TEST_AUDIT_KEYS)
             return owners, [record async for record in audit.iterate()], await audit.verify()
         finally:
             await engine.dispose()

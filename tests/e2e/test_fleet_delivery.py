@@ -26,6 +26,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
+from tests.support import TEST_AUDIT_KEYS
 
 from e2e.test_fleet import Fleet, _create_session, _start_serve, _wait_listening, running_fleet
 from liveness_proxy.sandbox import Fault
@@ -113,7 +114,7 @@ class FleetDatabase:
         """Whether the chain verifies, and its records."""
 
         async def read(engine: AsyncEngine) -> tuple[bool, list[dict[str, Any]]]:
-            log = AuditLog(engine)
+            log = AuditLog(engine, TEST_AUDIT_KEYS)
             verdict = await log.verify()
             return verdict.ok, [row async for row in log.iterate()]
 

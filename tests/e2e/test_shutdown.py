@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support import TEST_AUDIT_KEYS
 
 from e2e.test_serve_limits import HIGH_LIMITS, Serve, running_serve
 from liveness_proxy.sandbox import Fault, Sandbox
@@ -107,7 +108,7 @@ def audit_records(env: dict[str, str]) -> dict[str, dict[str, Any]]:
     async def read() -> list[dict[str, Any]]:
         engine = create_engine(audit_settings(env).database_url, pool_size=1)
         try:
-            return [record async for record in AuditLog(engine).iterate()]
+            return [record async for record in AuditLog(engine, TEST_AUDIT_KEYS).iterate()]
         finally:
             await engine.dispose()
 
@@ -118,7 +119,7 @@ def assert_chain_verifies(env: dict[str, str]) -> None:
     async def verify() -> ChainVerdict:
         engine = create_engine(audit_settings(env).database_url, pool_size=1)
         try:
-            return await AuditLog(engine).verify()
+            return await AuditLog(engine, TEST_AUDIT_KEYS).verify()
         finally:
             await engine.dispose()
 

@@ -16,6 +16,7 @@ from alembic import command
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import Headers
+from tests.support import TEST_KEYS
 
 from liveness_proxy.auth import ApiKeyAuthenticator, IssuedApiKey, new_api_key
 from liveness_proxy.auth.api_keys import MAX_UNKNOWN_SECONDS
@@ -62,7 +63,7 @@ class CountingStore(ApiKeyStore):
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}", pool_size=1)
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
     yield engine
     await engine.dispose()
 
@@ -76,7 +77,7 @@ def store(engine: AsyncEngine) -> CountingStore:
 async def any_store(database_url: str) -> AsyncIterator[ApiKeyStore]:
     """The store on SQLite and on PostgreSQL, for the statements that differ between them."""
     engine = create_engine(database_url, pool_size=1)
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
     yield ApiKeyStore(engine)
     await engine.dispose()
 
@@ -397,7 +398,7 @@ async def test_a_downgrade_below_0007_never_brings_an_expired_key_back(database_
         command.downgrade(config, "0006")
 
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         expired = await issue(store, now=now - 100, expires_at=now - 1)
         expiring = await issue(store, now=now - 100, expires_at=now + 3600)
         async with engine.begin() as connection:
@@ -408,7 +409,7 @@ async def test_a_downgrade_below_0007_never_brings_an_expired_key_back(database_
             }
         # The older schema has no expiry: the expired key is revoked at its expiry, the other works on.
         assert rows == {expired.key_id: expired.stored.expires_at, expiring.key_id: None}
-        await upgrade_database(engine)  # and back up: the columns return, empty
+        await upgrade_database(engine, keys=TEST_KEYS)  # and back up: the columns return, empty
         assert await store.get(expiring.key_id) == dataclasses.replace(expiring.stored, expires_at=None)
     finally:
         await engine.dispose()

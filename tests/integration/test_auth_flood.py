@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.api.operational import CachedCheck
 from liveness_proxy.errors import RateLimited
@@ -273,8 +274,8 @@ def test_blocked_addresses_are_bounded_in_memory() -> None:
 async def audit(tmp_path: Path) -> AsyncIterator[AuditLog]:
     """An audit log of its own, on a migrated SQLite database."""
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}", pool_size=1)
-    await upgrade_database(engine)
-    log = AuditLog(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
+    log = AuditLog(engine, TEST_AUDIT_KEYS)
     try:
         yield log
     finally:

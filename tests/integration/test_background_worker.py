@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import structlog
 from sqlalchemy import insert, select
+from tests.support import TEST_KEYS
 
 from liveness_proxy.background import BackgroundWorker
 from liveness_proxy.background import worker as worker_module
@@ -54,7 +55,7 @@ class Runner:
 
 async def _worker(tmp_path: Path, runner_options: dict[str, Any], **options: Any) -> tuple[Any, Runner, Any]:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
     async with engine.begin() as connection:
         await connection.execute(insert(jobs).values(enqueue_values("deliver", "e-1", due_at=0.0, now=0.0)))
     queue = JobQueue(engine)
@@ -138,7 +139,7 @@ async def test_jobs_that_end_together_are_followed_by_the_next_claim_at_once(tmp
     """A group commit answers a whole batch of jobs in one event-loop step. The worker must still
     see their budget free and claim again, not sleep until its timer (10 s here)."""
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
     async with engine.begin() as connection:
         await connection.execute(
             insert(jobs),

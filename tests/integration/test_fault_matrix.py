@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
+from tests.support import TEST_AUDIT_KEYS
 
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, PoolOptions, create_engine
@@ -476,7 +477,7 @@ def test_a_write_locked_store_is_a_503_after_a_bounded_wait(make_proxy: MakeProx
 
         async def verify() -> bool:
             async with proxy.database() as engine:
-                return (await AuditLog(engine).verify()).ok
+                return (await AuditLog(engine, TEST_AUDIT_KEYS).verify()).ok
 
         assert asyncio.run(verify())
 

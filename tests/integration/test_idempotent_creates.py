@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from tests.support import TEST_KEYS
 
 from integration.test_session_token_binding import (
     CAP,
@@ -524,7 +525,7 @@ def test_answers_settled_in_one_batch_are_each_stored_even_when_one_lease_was_lo
 
     async def scenario() -> tuple[list[bool], list[Any]]:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'batch.db'}")
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         writes = BatchedWrites(engine)
         records = IdempotencyRecords(writes)
         try:

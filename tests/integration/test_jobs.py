@@ -7,6 +7,7 @@ import asyncio
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.support import TEST_KEYS
 
 from liveness_proxy.store import JobQueue, create_engine, upgrade_database
 from liveness_proxy.store.jobs import enqueue_values
@@ -17,7 +18,7 @@ async def _queue_with(
     database_url: str, count: int, *, due_at: float = 100.0
 ) -> tuple[JobQueue, AsyncEngine]:
     engine = create_engine(database_url)
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
     async with engine.begin() as connection:
         await connection.execute(
             insert(jobs),

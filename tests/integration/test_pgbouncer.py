@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 
 import httpx
 import pytest
+from tests.support import TEST_AUDIT_KEYS
 
 from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import AuditLog, create_engine
@@ -65,7 +66,7 @@ def test_the_proxy_runs_behind_pgbouncer_in_transaction_mode(
     async def verify() -> bool:
         engine = create_engine(async_database_url(through_pgbouncer), pool_size=1)
         try:
-            return (await AuditLog(engine).verify()).ok
+            return (await AuditLog(engine, TEST_AUDIT_KEYS).verify()).ok
         finally:
             await engine.dispose()
 

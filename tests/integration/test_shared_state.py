@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select
+from tests.support import TEST_KEYS
 
 from liveness_proxy.errors import RateLimited, TokenUnavailable
 from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, redis_limit_storage
@@ -83,7 +84,7 @@ async def store_factory(backend: tuple[str, str]) -> AsyncIterator[Callable[[], 
     closers: list[Callable[[], Awaitable[None]]] = []
     if kind == "database":
         migrate = create_engine(where, pool_size=1)
-        await upgrade_database(migrate)
+        await upgrade_database(migrate, keys=TEST_KEYS)
         await migrate.dispose()
 
     def build() -> TokenStore:
@@ -177,7 +178,7 @@ async def test_redis_holds_the_token_only_sealed(redis_client: Callable[..., aio
 
 async def test_the_database_holds_the_token_only_sealed(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'sealed.db'}")
-    await upgrade_database(engine)
+    await upgrade_database(engine, keys=TEST_KEYS)
     store = DatabaseTokenStore(engine, cipher=TokenCipher(SECRET, context=CONTEXT))
     await store.save(SharedToken("sbx_plain-token-456", expires_at=time.time() + 60, refresh_at=0))
     async with engine.connect() as connection:

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select
+from tests.support import TEST_KEYS
 
 from liveness_proxy.store import (
     SessionAlreadyBound,
@@ -131,7 +132,7 @@ async def test_batched_bindings_never_give_one_session_two_owners(database_url: 
     is written all the same."""
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine)
 
         def owner(session_id: str, subject: str) -> SessionOwner:

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import orjson
+from tests.support import TEST_AUDIT_KEYS
 
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
@@ -49,7 +50,7 @@ def test_a_verdict_nobody_reads_reaches_the_backend_signed(make_proxy: MakeProxy
         time.sleep(1.0)  # past every remaining offset: a final session is not read again
         reads_later = proxy.result_reads(session_id)
         chain = [row for row in proxy.audit_rows() if row["action"] == "verdict.record"]
-        verdict = run(proxy, lambda engine: AuditLog(engine).verify())
+        verdict = run(proxy, lambda engine: AuditLog(engine, TEST_AUDIT_KEYS).verify())
         metrics = proxy.runtime.metrics
         # The backlog gauges are sampled every few passes: wait for a sample taken after the delivery.
         wait_until(

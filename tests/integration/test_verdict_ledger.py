@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
+from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.delivery import VerdictEvents
 from liveness_proxy.store import (
@@ -31,7 +32,7 @@ async def _rows(engine: Any, table: Any) -> list[dict[str, Any]]:
 async def test_racing_writers_record_one_verdict_one_event_one_webhook(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
         owner = SessionOwner("s-1", "alice", "key:1", 100.0, "r-1", reference="loan-7")
         await ownership.bind(owner, "r-1")
@@ -54,7 +55,7 @@ async def test_racing_writers_record_one_verdict_one_event_one_webhook(database_
         chain = [row for row in await _rows(engine, audit_records) if row["action"] == "verdict.record"]
         events = await _rows(engine, webhook_events)
         job_rows = await _rows(engine, jobs)
-        verdict = await AuditLog(engine).verify()
+        verdict = await AuditLog(engine, TEST_AUDIT_KEYS).verify()
     finally:
         await engine.dispose()
 
@@ -86,12 +87,16 @@ async def test_racing_writers_record_one_verdict_one_event_one_webhook(database_
 async def test_unresolved_is_announced_and_a_later_verdict_still_follows(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
         owner = SessionOwner("s-2", "bob", "key:2", 100.0, "r-2")
         await ownership.bind(owner, "r-2")
         ledger = VerdictLedger(
-            engine, ownership, events=VerdictEvents(pass_threshold=None), wall_clock=lambda: 900.0
+            engine,
+            ownership,
+            TEST_AUDIT_KEYS,
+            events=VerdictEvents(pass_threshold=None),
+            wall_clock=lambda: 900.0,
         )
         assert await ledger.mark_unresolved(owner, request_id="fin-1")
         assert not await ledger.mark_unresolved(owner, request_id="fin-2"), "announced once"
@@ -100,7 +105,7 @@ async def test_unresolved_is_announced_and_a_later_verdict_still_follows(databas
         sessions = await _rows(engine, liveness_sessions)
         events = [orjson.loads(row["body"]) for row in await _rows(engine, webhook_events)]
         actions = [row["action"] for row in await _rows(engine, audit_records)]
-        verdict = await AuditLog(engine).verify()
+        verdict = await AuditLog(engine, TEST_AUDIT_KEYS).verify()
     finally:
         await engine.dispose()
     assert sessions[0]["finalizer_state"] == "final"
@@ -119,11 +124,11 @@ async def test_unresolved_is_announced_and_a_later_verdict_still_follows(databas
 async def test_without_a_webhook_endpoint_no_event_is_written(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine)
         owner = SessionOwner("s-3", "carol", "key:3", 100.0, "r-3")
         await ownership.bind(owner, "r-3")
-        ledger = VerdictLedger(engine, ownership, events=None, wall_clock=lambda: 900.0)
+        ledger = VerdictLedger(engine, ownership, TEST_AUDIT_KEYS, events=None, wall_clock=lambda: 900.0)
         await ledger.record(owner, SessionVerdict("SUCCEEDED", 99.0, 101.0, "req-1"), read_by="request")
         await ownership.close()
         events = await _rows(engine, webhook_events)
@@ -141,7 +146,7 @@ async def test_within_one_group_commit_the_first_verdict_of_a_session_wins(datab
     first claim on a session wins and the others read it back; other sessions are unaffected."""
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
         owners = [SessionOwner(f"s-{index}", "dora", "key:4", 100.0, f"r-{index}") for index in range(3)]
         for owner in owners:
@@ -188,7 +193,7 @@ async def test_two_writers_recording_the_same_sessions_in_opposite_orders_do_not
     opposite orders: batches lock the sessions in one order, so no transaction is aborted."""
     engine = create_engine(database_url, pool_size=10)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
         owners = [SessionOwner(f"s-{index:03d}", "erin", "key:5", 100.0, f"r-{index}") for index in range(60)]
         await asyncio.gather(*(ownership.bind(owner, owner.request_id) for owner in owners))
@@ -225,7 +230,7 @@ async def test_two_writers_recording_the_same_sessions_in_opposite_orders_do_not
 async def test_the_first_delivery_waits_the_first_entry_of_the_retry_schedule(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
         done, given_up = (
             SessionOwner(f"s-{name}", "gus", "key:6", 100.0, f"r-{name}") for name in ("v", "u")
@@ -235,6 +240,7 @@ async def test_the_first_delivery_waits_the_first_entry_of_the_retry_schedule(da
         ledger = VerdictLedger(
             engine,
             ownership,
+            TEST_AUDIT_KEYS,
             events=VerdictEvents(pass_threshold=None),
             wall_clock=lambda: 900.0,
             first_delivery_delay=30.0,

@@ -89,7 +89,7 @@ class AdminHandlers:
         caller = audit.caller = await self._authenticate(request)
         # Every authenticated request counts against the caller's budget, a refused one (403) and a
         # malformed one (400, checked after this) too.
-        await self._service.limits.check("result", caller.subject)
+        await self._service.limits.check("result", caller.commitment)
         if not caller.is_admin:
             raise Forbidden(f"This route needs the '{ADMIN_SCOPE}' scope.")
         return caller

@@ -43,6 +43,7 @@ class AuditContext:
             occurred_at=occurred_at,
             request_id=request_id,
             subject=None if self.caller is None else self.caller.subject,
+            subject_commitment=None if self.caller is None else self.caller.commitment,
             credential_id=None if self.caller is None else self.caller.credential_id,
             action=self.action,
             session_id=self.session_id,

@@ -7,6 +7,8 @@ record (`audit_policy.py`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -84,7 +86,7 @@ class LivenessHandlers:
     async def _session_token(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
-        await service.limits.check("session_token", caller.subject)
+        await service.limits.check("session_token", caller.commitment)
         payload = await read_json_object(
             request,
             self._policy.max_body_bytes,
@@ -107,7 +109,7 @@ class LivenessHandlers:
             reduced["redacted_fields"] = dropped
         encoded = encode_upstream(reduced, answer.status)
         # Durable before the caller holds the token: a token the proxy does not know never works.
-        if not await service.session_tokens.bind(token, caller.subject, reduced.get("expires_in")):
+        if not await service.session_tokens.bind(token, caller.commitment, reduced.get("expires_in")):
             # Cynopsis handed out a token it had issued before (to this caller or another): passing
             # it on could give one user's attempt to another.
             raise UpstreamMalformed(
@@ -120,7 +122,7 @@ class LivenessHandlers:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
         # Every authenticated request counts, a malformed one (400) too.
-        await service.limits.check("create_session", caller.subject)
+        await service.limits.check("create_session", caller.commitment)
         key = idempotency_key_of(request.headers)
         payload = await read_json_object(
             request,
@@ -136,7 +138,7 @@ class LivenessHandlers:
         if key is None:
             return await create(CallGoesOut())
         response = await self._idempotent.run(
-            service.hashes.subject(caller.subject), key, forwarded, request_id_of(request.scope), create
+            service.hashes.subject(caller.commitment), key, forwarded, request_id_of(request.scope), create
         )
         if response.headers.get("idempotent-replayed") == "true":
             # Its own action, so the audit log never counts a replay as a second session.
@@ -165,9 +167,9 @@ class LivenessHandlers:
             taken: list[TakenToken] = []
 
             async def before_sending() -> None:
-                token = await service.session_tokens.take(session_token, caller.subject)
+                token = await service.session_tokens.take(session_token, caller.commitment)
                 try:
-                    await service.limits.consume_attempt(caller.subject)
+                    await service.limits.consume_attempt(caller.commitment)
                 except BaseException:
                     await token.put_back()  # refused before the call: the token stays usable
                     raise
@@ -205,6 +207,7 @@ class LivenessHandlers:
             created_at=service.wall_clock(),
             request_id=request_id,
             reference=caller.reference,
+            subject_commitment=caller.commitment,
         )
         try:
             await service.ownership.bind(owner, request_id)
@@ -223,7 +226,7 @@ class LivenessHandlers:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
         # Every authenticated request counts, one with a malformed session id (400) too.
-        await service.limits.check("result", caller.subject)
+        await service.limits.check("result", caller.commitment)
         session_id = valid_session_id(request)
         audit.session_id = session_id
         owner = await service.ownership.owner_of(session_id)
@@ -266,14 +269,22 @@ class LivenessHandlers:
                 if caller is None:
                     gate.refused()
                     raise refusal
-                request.scope["state"]["subject"] = caller.subject
-                return caller
+                return await self._committed(request, caller)
         try:
             caller = await self._authenticate(request)
         except Unauthenticated:
             await gate.failed(client_address(request.scope))
             raise
-        request.scope["state"]["subject"] = caller.subject
+        return await self._committed(request, caller)
+
+    async def _committed(self, request: Request, caller: Caller) -> Caller:
+        """The caller with its subject's commitment, which everything after authentication keys on
+        (limits, bindings, the audit record, the access log): never the subject itself."""
+        secret = self._service.subjects.cached(caller.subject) or await self._service.subjects.resolve(
+            caller.subject
+        )
+        caller = dataclasses.replace(caller, commitment=secret.commitment)
+        request.scope["state"]["subject_commitment"] = secret.commitment
         return caller
 
     async def _known_despite_refusal(self, request: Request) -> Caller | None:

@@ -54,6 +54,12 @@ class CallerAuthentication:
                 return await authenticator.known_caller(headers)
         return None
 
+    def forget_all(self) -> None:
+        """Drops every cached caller (after an erasure: store/erasure.py)."""
+        for authenticator in self._authenticators:
+            if isinstance(authenticator, ApiKeyAuthenticator):
+                authenticator.forget_all()
+
     async def authenticate(self, headers: Headers) -> Caller:
         refuse_repeated_credentials(headers)
         for authenticator in self._authenticators:

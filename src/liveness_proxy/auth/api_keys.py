@@ -154,6 +154,11 @@ class ApiKeyAuthenticator:
         # Compared against when the id is unknown, so that answer costs what a wrong secret does.
         self._absent_hash = hash_secret(pepper, "")
 
+    def forget_all(self) -> None:
+        """After an erasure anywhere in the fleet: verified keys hold their subject, and the erased
+        subject's keys are now revoked in the store."""
+        self._known.clear()
+
     async def authenticate(self, headers: Headers) -> Caller | None:
         credential = presented_api_key(headers)
         if credential is None:

@@ -22,6 +22,9 @@ class Caller:
     # caller creates: from its credential (a JWT claim, or the host in library mode), never from a
     # request body, so the frontend cannot forge it.
     reference: str | None = None
+    # The subject's commitment (store/subjects.py), set by the handlers once the caller is known:
+    # what the audit chain, the Redis keys and the access log carry instead of the subject.
+    commitment: str = ""
 
     @property
     def is_admin(self) -> bool:

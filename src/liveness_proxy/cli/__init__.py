@@ -1,4 +1,4 @@
-"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit, webhooks.
+"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit, subjects, webhooks.
 
 This module holds only the parser and `main`; each command group is a module of its own (`serve`,
 `keys`, `check`, `db`, `audit`, `webhooks`, `sandbox_demo`), imported when its command runs, so a
@@ -217,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=_positive_days, required=True, metavar="DAYS", help="age in whole days (> 0)"
     )
     purge.set_defaults(handler=_command("audit", "cmd_audit_purge"))
+
+    subjects = commands.add_parser("subjects", help="a data subject: erase, export").add_subparsers(
+        dest="subjects_command", required=True, metavar="ACTION"
+    )
+    erase = subjects.add_parser(
+        "erase", help="forget a subject: sessions, verdicts, webhook payloads, plain audit values, keys"
+    )
+    erase.add_argument("subject", help="the subject, as callers authenticate with it")
+    erase.add_argument("--dry-run", action="store_true", help="count what would be erased; change nothing")
+    erase.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    erase.set_defaults(handler=_command("subjects", "cmd_subjects_erase"))
+    subject_export = subjects.add_parser(
+        "export", help="everything held about a subject, as JSON (an access request)"
+    )
+    subject_export.add_argument("subject")
+    subject_export.set_defaults(handler=_command("subjects", "cmd_subjects_export"))
+    subjects.add_parser(
+        "rewrap", help="wrap every subject secret under the last LIVENESS_PROXY_SUBJECT_KEY (key rotation)"
+    ).set_defaults(handler=_command("subjects", "cmd_subjects_rewrap"))
 
     _add_webhooks(commands)
     return parser

@@ -20,6 +20,8 @@ from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import AuditChainBroken, AuditLog, ChainVerdict, PurgeResult, current_revision
 from liveness_proxy.store.audit_chain import AGGREGATE_ACTIONS, SYSTEM_ACTIONS
+from liveness_proxy.store.subjects import SubjectRegistry
+from liveness_proxy.wiring.parts import privacy_keys
 
 
 def _utc(epoch: float) -> str:
@@ -50,12 +52,15 @@ def exported(record: dict[str, Any]) -> dict[str, Any]:
     """A record as `audit export` prints it: every column, plus `kind`, "system" for the events the
     proxy records on its own (verdicts, deliveries: `SYSTEM_ACTIONS`), "aggregate" for a window's
     failed authentications (`AGGREGATE_ACTIONS`) and "request" for the one record of each
-    authenticated request. `kind` is not hashed (it follows from `action`, which is). `detail` stays
-    the JSON string it was hashed as: parsed and written again it might not be the same bytes (key
-    order, number formatting), and then no one could recompute `record_hash` from the export."""
+    authenticated request; and `erased`, true once the record's plain values were erased (an erasure
+    or the plain-text retention: `subject` and `personal` are then null). Neither is hashed (both
+    follow from hashed or plain columns). `detail` stays the JSON string it was hashed as: parsed and
+    written again it might not be the same bytes (key order, number formatting), and then no one
+    could recompute `record_hash` from the export."""
     action = record["action"]
     kind = "system" if action in SYSTEM_ACTIONS else "aggregate" if action in AGGREGATE_ACTIONS else "request"
-    return {**record, "kind": kind}
+    # Erased plain values: null, and `erased` says why (their commitments are still there).
+    return {**record, "kind": kind, "erased": record.get("erased_at") is not None}
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -67,7 +72,9 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     async def run() -> None:
         out = sys.stdout.buffer
         async with current_schema_database(settings) as engine:
-            async for record in AuditLog(engine).iterate(since=args.since, until=args.until):
+            async for record in AuditLog(engine, privacy_keys(settings).audit).iterate(
+                since=args.since, until=args.until
+            ):
                 out.write(orjson.dumps(exported(record)) + b"\n")
         out.flush()
 
@@ -79,8 +86,9 @@ def cmd_audit_verify(_args: argparse.Namespace) -> int:
     settings = Settings.load()
 
     async def run() -> ChainVerdict:
+        keys = privacy_keys(settings)
         async with current_schema_database(settings) as engine:
-            return await AuditLog(engine).verify()
+            return await AuditLog(engine, keys.audit).verify(subjects=SubjectRegistry(engine, keys.subjects))
 
     verdict = asyncio.run(run())
     if verdict.problem is not None:
@@ -103,7 +111,7 @@ def cmd_audit_purge(args: argparse.Namespace) -> int:
 
     async def run() -> PurgeResult:
         async with current_schema_database(settings) as engine:
-            return await AuditLog(engine).purge(older_than=cutoff)
+            return await AuditLog(engine, privacy_keys(settings).audit).purge(older_than=cutoff)
 
     try:
         result = asyncio.run(run())

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import create_engine, upgrade_database
 from liveness_proxy.url_secrets import redact_url
+from liveness_proxy.wiring.parts import privacy_keys
 
 
 @contextlib.asynccontextmanager
@@ -20,7 +21,12 @@ async def open_database(settings: Settings, *, migrate: bool = True) -> AsyncIte
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         if migrate:
-            await upgrade_database(engine)
+            # The keys re-chain existing records (migration 0008); without a pepper there are none,
+            # and a database that holds records says so.
+            keys = (
+                privacy_keys(settings) if settings.liveness_proxy_api_key_pepper.get_secret_value() else None
+            )
+            await upgrade_database(engine, keys=keys)
         yield engine
     finally:
         await engine.dispose()

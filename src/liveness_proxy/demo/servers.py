@@ -28,6 +28,7 @@ from liveness_proxy.sandbox.local_only import hosts_to_answer
 from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, create_engine, upgrade_database
 from liveness_proxy.webhook_signing import new_webhook_secret
+from liveness_proxy.wiring.parts import privacy_keys
 
 DEMO_SUBJECT = "demo-user"
 # The finalizer reads every second at first, so a capture's verdict reaches the demo's backend within
@@ -211,7 +212,7 @@ async def _prepare_database(settings: Settings) -> str:
     """Migrates the demo database and adds a fresh demo API key; the key, shown once."""
     engine = create_engine(settings.database_url, pool_size=1)
     try:
-        await upgrade_database(engine)
+        await upgrade_database(engine, keys=privacy_keys(settings))
         issued = new_api_key(
             pepper=settings.liveness_proxy_api_key_pepper.get_secret_value().encode(),
             subject=DEMO_SUBJECT,

@@ -32,11 +32,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from liveness_proxy.store.audit_chain import (
     HEAD_ROW_ID,
     AuditChainMissing,
+    AuditKeys,
     AuditRecord,
     column_values,
-    record_hash,
 )
-from liveness_proxy.store.audit_verify import SCAN_BATCH, ChainVerdict, PurgeResult, purge_chain, verify_chain
+from liveness_proxy.store.audit_verify import (
+    SCAN_BATCH,
+    ChainVerdict,
+    PlainValueCheck,
+    PurgeResult,
+    purge_chain,
+    verify_chain,
+)
 from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.tables import audit_chain_head, audit_records
 
@@ -55,14 +62,16 @@ class ChainWriter:
     Its three statements are built once: SQLAlchemy then reuses their compiled form instead of
     deriving a cache key for new statement objects on every commit."""
 
+    keys: AuditKeys
     lock_head: Update
     insert_records: Insert
     store_head_hash: Update
 
     @classmethod
-    def build(cls) -> ChainWriter:
+    def build(cls, keys: AuditKeys) -> ChainWriter:
         head = audit_chain_head.c
         return cls(
+            keys=keys,
             lock_head=update(audit_chain_head)
             .where(head.id == HEAD_ROW_ID)
             .values(last_seq=head.last_seq + bindparam("batch_size", type_=Integer))
@@ -81,11 +90,12 @@ class ChainWriter:
             raise AuditChainMissing("the audit chain head is missing: run `liveness-proxy db upgrade`")
         seq = int(locked.last_seq) - len(batch)
         prev_hash = str(locked.last_hash)
+        key_id = self.keys.signing_key_id
         rows = []
         for values in batch:
             seq += 1
-            row = {**values, "seq": seq, "prev_hash": prev_hash}
-            row["record_hash"] = prev_hash = record_hash(row)
+            row = {**values, "seq": seq, "prev_hash": prev_hash, "key_id": key_id}
+            row["record_hash"] = prev_hash = self.keys.sign(row)
             rows.append(row)
         await connection.execute(self.insert_records, rows)
         await connection.execute(self.store_head_hash, {"new_hash": prev_hash})
@@ -97,12 +107,14 @@ class AuditLog:
     def __init__(
         self,
         engine: AsyncEngine,
+        keys: AuditKeys,
         *,
         batch_max: int = DEFAULT_BATCH_MAX,
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._engine = engine
-        self._chain = ChainWriter.build()
+        self._keys = keys
+        self._chain = ChainWriter.build(keys)
         self._committer: GroupCommitter[dict[str, Any]] = GroupCommitter(
             self._write_values,
             batch_max=batch_max,
@@ -167,12 +179,14 @@ class AuditLog:
             total = (await connection.execute(select(func.count()).select_from(audit_records))).scalar_one()
         return int(total)
 
-    async def verify(self, *, batch_size: int = SCAN_BATCH) -> ChainVerdict:
+    async def verify(
+        self, *, subjects: PlainValueCheck | None = None, batch_size: int = SCAN_BATCH
+    ) -> ChainVerdict:
         """Walks the chain from the anchor to the head; see `audit_verify.verify_chain`."""
-        return await verify_chain(self._engine, batch_size=batch_size)
+        return await verify_chain(self._engine, self._keys, subjects=subjects, batch_size=batch_size)
 
     # -- purging -------------------------------------------------------------------------------------
 
     async def purge(self, *, older_than: float, batch_size: int = SCAN_BATCH) -> PurgeResult:
         """Deletes the oldest records that occurred before `older_than`; see `audit_verify.purge_chain`."""
-        return await purge_chain(self._engine, older_than=older_than, batch_size=batch_size)
+        return await purge_chain(self._engine, self._keys, older_than=older_than, batch_size=batch_size)

@@ -1,18 +1,25 @@
 """Walking the audit chain: `verify` checks it from the purge anchor to the head, `purge` deletes
-its oldest records and moves the anchor (the chain and its encoding: `store/audit_chain.py`)."""
+its oldest records and moves the anchor (the chain and its encoding: `store/audit_chain.py`).
+
+Verification checks each record's HMAC under the key it names, its link to the record before, the
+sequence, the head, and every plain value still present against its commitment: a subject against
+the commitment under that subject's secret (looked up in `subject_secrets`), other personal values
+against theirs. An erased value has nothing left to check and passes; the commitment it leaves
+behind is still covered by the HMAC."""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from liveness_proxy.store.audit_chain import HEAD_ROW_ID, AuditChainMissing, record_hash
+from liveness_proxy.store.audit_chain import HEAD_ROW_ID, AuditChainMissing, AuditKeys, personal_matches
 from liveness_proxy.store.tables import audit_chain_head, audit_records
 
 # Rows per read while verifying or exporting, and per transaction while purging: small enough that
@@ -20,14 +27,24 @@ from liveness_proxy.store.tables import audit_chain_head, audit_records
 SCAN_BATCH = 5000
 
 
-ProblemKind = Literal["altered", "deleted", "relinked", "truncated", "unexpected"]
+ProblemKind = Literal["altered", "deleted", "relinked", "truncated", "unexpected", "orphaned"]
+
+
+class PlainValueCheck(Protocol):
+    """What verification asks about plain subjects (`subjects.SubjectRegistry` answers)."""
+
+    async def commitments_of(self, subjects: set[str], connection: AsyncConnection) -> dict[str, str | None]:
+        """Each subject's commitment under its secret; None for a subject that has no secret."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class ChainProblem:
     """The first place where the chain does not hold.
 
-    `altered`: the record's content does not match its hash. `deleted`: sequence numbers are missing
+    `altered`: the record's content does not match its hash, or a plain value does not match its
+    commitment. `orphaned`: a plain subject whose secret is gone (an erasure did not finish:
+    run it again). `deleted`: sequence numbers are missing
     before this record. `relinked`: its prev_hash is not the previous record's hash (a record before
     it was replaced and rehashed, or records were reordered). `truncated`: the chain ends before the
     head says it does (`record_id` is None: the record is gone). `unexpected`: a record outside the
@@ -71,12 +88,19 @@ class PurgeResult:
     anchor_hash: str
 
 
-async def verify_chain(engine: AsyncEngine, *, batch_size: int = SCAN_BATCH) -> ChainVerdict:
+async def verify_chain(
+    engine: AsyncEngine,
+    keys: AuditKeys,
+    *,
+    subjects: PlainValueCheck | None = None,
+    batch_size: int = SCAN_BATCH,
+) -> ChainVerdict:
     """Walks the chain from the anchor to the head in one read snapshot, `batch_size` rows at a
-    time, and reports the first record where it breaks."""
-    async with _read_snapshot(engine) as connection:
+    time, and reports the first record where it breaks. Without `subjects`, plain subjects are not
+    checked against their commitments (everything else is)."""
+    async with read_snapshot(engine) as connection:
         head = await _read_head(connection)
-        walker = _ChainWalker(int(head.anchor_seq), str(head.anchor_hash))
+        walker = _ChainWalker(keys, int(head.anchor_seq), str(head.anchor_hash))
         head_seq = int(head.last_seq)
         problem: ChainProblem | None = None
         last_seq: int | None = None
@@ -87,8 +111,16 @@ async def verify_chain(engine: AsyncEngine, *, batch_size: int = SCAN_BATCH) -> 
             rows = (await connection.execute(query)).all()
             if not rows:
                 break
+            commitments: dict[str, str | None] | None = None
+            if subjects is not None:
+                plain = {str(row.subject) for row in rows if row.subject is not None}
+                commitments = await subjects.commitments_of(plain, connection) if plain else {}
             for row in rows:
-                problem = _outside_head(row, walker.anchor_seq, head_seq) or walker.check(row)
+                problem = (
+                    _outside_head(row, walker.anchor_seq, head_seq)
+                    or walker.check(row)
+                    or _plain_values(row, commitments)
+                )
                 if problem is not None:
                     break
             last_seq = int(rows[-1].seq)
@@ -105,7 +137,9 @@ async def verify_chain(engine: AsyncEngine, *, batch_size: int = SCAN_BATCH) -> 
     )
 
 
-async def purge_chain(engine: AsyncEngine, *, older_than: float, batch_size: int = SCAN_BATCH) -> PurgeResult:
+async def purge_chain(
+    engine: AsyncEngine, keys: AuditKeys, *, older_than: float, batch_size: int = SCAN_BATCH
+) -> PurgeResult:
     """Deletes the oldest records that occurred before `older_than` (epoch seconds).
 
     Only a prefix of the chain is deleted, so no gap is ever left that the anchor does not
@@ -130,7 +164,7 @@ async def purge_chain(engine: AsyncEngine, *, older_than: float, batch_size: int
             ).one_or_none()
             if locked is None:
                 raise AuditChainMissing("the audit chain head is missing: run `liveness-proxy db upgrade`")
-            walker = _ChainWalker(int(locked.anchor_seq), str(locked.anchor_hash))
+            walker = _ChainWalker(keys, int(locked.anchor_seq), str(locked.anchor_hash))
             rows = (
                 await connection.execute(
                     select(audit_records)
@@ -173,7 +207,8 @@ async def purge_chain(engine: AsyncEngine, *, older_than: float, batch_size: int
 class _ChainWalker:
     """Checks records one by one, in seq order, from an anchor (seq 0 and the genesis hash at first)."""
 
-    def __init__(self, anchor_seq: int, anchor_hash: str) -> None:
+    def __init__(self, keys: AuditKeys, anchor_seq: int, anchor_hash: str) -> None:
+        self.keys = keys
         self.anchor_seq = anchor_seq
         self.anchor_hash = anchor_hash
         self.next_seq = anchor_seq + 1
@@ -193,11 +228,19 @@ class _ChainWalker:
                 )
             return ChainProblem("unexpected", seq, record_id, f"expected seq {self.next_seq} here")
         values = row._mapping
+        if self.keys.get(str(values["key_id"])) is None:
+            return ChainProblem(
+                "altered",
+                seq,
+                record_id,
+                f"it names the audit key {values['key_id']!r}, which is not configured: "
+                "add it to LIVENESS_PROXY_AUDIT_KEYS_FILE, or the record was altered",
+            )
         try:
-            computed: str | None = record_hash(values)
+            computed: str | None = self.keys.sign(values)
         except ValueError:
             computed = None
-        if computed != values["record_hash"]:
+        if computed is None or not hmac.compare_digest(computed, str(values["record_hash"])):
             return ChainProblem(
                 "altered", seq, record_id, "its content does not match its record_hash: altered"
             )
@@ -243,6 +286,32 @@ class _ChainWalker:
         return None
 
 
+def _plain_values(row: Row[Any], commitments: dict[str, str | None] | None) -> ChainProblem | None:
+    """The record's plain values against its commitments (after its hash held)."""
+    seq, record_id = int(row.seq), int(row.id)
+    if row.personal is not None and not personal_matches(str(row.personal), row.personal_commitment):
+        return ChainProblem(
+            "altered", seq, record_id, "its plain personal values do not match their commitment"
+        )
+    if row.subject is None or commitments is None:
+        return None
+    if row.subject_commitment is None:
+        return ChainProblem("altered", seq, record_id, "it holds a plain subject but no commitment to it")
+    expected = commitments.get(str(row.subject))
+    if expected is None:
+        return ChainProblem(
+            "orphaned",
+            seq,
+            record_id,
+            "it holds a plain subject whose secret is gone: an erasure did not finish (run it again)",
+        )
+    if not hmac.compare_digest(expected, str(row.subject_commitment)):
+        return ChainProblem(
+            "altered", seq, record_id, "its plain subject does not match its commitment: altered"
+        )
+    return None
+
+
 def _outside_head(row: Row[Any], anchor_seq: int, head_seq: int) -> ChainProblem | None:
     seq = int(row.seq)
     if seq <= anchor_seq:
@@ -269,7 +338,7 @@ async def _read_head(connection: AsyncConnection) -> Row[Any]:
 
 
 @contextlib.asynccontextmanager
-async def _read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+async def read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One connection whose reads all see the same committed state, writers carrying on meanwhile."""
     async with engine.connect() as connection:
         if connection.dialect.name == "sqlite":

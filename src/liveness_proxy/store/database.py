@@ -17,6 +17,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from liveness_proxy.store.audit_chain import AuditKeys
+from liveness_proxy.store.subjects import SubjectKeys
+
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
 
@@ -90,13 +93,24 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: ConnectionPoolE
     # WAL lets readers run beside the writer. synchronous=FULL syncs the WAL at every commit, so an
     # answered request's audit record survives an OS crash or power loss too (NORMAL survives only a
     # process crash); audit group commit pays that sync once per batch, not once per request.
-    # busy_timeout makes concurrent writers wait instead of failing with "locked".
+    # busy_timeout makes concurrent writers wait instead of failing with "locked". secure_delete
+    # overwrites deleted content with zeros, so an erased subject does not linger in free pages
+    # (the erasure then checkpoints the WAL, which held the pages before: store/erasure.py).
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationKeys:
+    """What a migration that writes the chain needs: the audit keys and the subject keys."""
+
+    audit: AuditKeys
+    subjects: SubjectKeys
 
 
 def alembic_config() -> Config:
@@ -110,14 +124,20 @@ def alembic_config() -> Config:
 _MIGRATION_LOCK_KEY = 0x6C69_7665_6E65_7373  # "liveness"
 
 
-async def upgrade_database(engine: AsyncEngine, revision: str = "head") -> None:
+async def upgrade_database(
+    engine: AsyncEngine, revision: str = "head", *, keys: MigrationKeys | None = None
+) -> None:
     """Applies migrations up to `revision` over the engine's own connection. Safe when several
     replicas start at once: on PostgreSQL they queue on an advisory lock held for the transaction
-    (DDL is transactional there), and each one after the first finds nothing left to do."""
+    (DDL is transactional there), and each one after the first finds nothing left to do.
+
+    `keys`: the audit and subject keys, which migration 0008 needs to re-chain existing records
+    (a database with none needs no keys)."""
 
     def run(connection: Connection) -> None:
         config = alembic_config()
         config.attributes["connection"] = connection
+        config.attributes["keys"] = keys
         command.upgrade(config, revision)
 
     async with engine.begin() as connection:

@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.store.audit import ChainWriter
-from liveness_proxy.store.audit_chain import AuditRecord, column_values
+from liveness_proxy.store.audit_chain import AuditKeys, AuditRecord, column_values
 from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.jobs import ClaimedJob, JobQueue
 from liveness_proxy.store.outbox import disable_endpoint, mark_event_attempt
@@ -43,10 +43,10 @@ class _Settlement:
 
 
 class DeliveryRecorder:
-    def __init__(self, engine: AsyncEngine, *, batch_max: int = 256) -> None:
+    def __init__(self, engine: AsyncEngine, keys: AuditKeys, *, batch_max: int = 256) -> None:
         self._engine = engine
         self._queue = JobQueue(engine)
-        self._chain = ChainWriter.build()
+        self._chain = ChainWriter.build(keys)
         self._committer: GroupCommitter[_Settlement] = GroupCommitter(
             self._write_batch,
             batch_max=batch_max,

@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from liveness_proxy.store.audit import AuditLog
-from liveness_proxy.store.audit_chain import AUTH_FAILED, AUTH_FAILED_OVERFLOW, AuditRecord
+from liveness_proxy.store.audit_chain import AUTH_FAILED, AUTH_FAILED_OVERFLOW, AuditRecord, personal_values
 
 # A window's records are written this long after it ends, so failures counted at its very end
 # (by requests that started in it) are in.
@@ -160,11 +160,12 @@ class FailedAuthentications:
             "window_start": window.start,
             "window_seconds": self._window_seconds,
             "credential": credential,
-            "client_address": address,
             "failures": tally.failures,
             "refused_by_limit": tally.refused_by_limit,
         }
-        return self._aggregate(AUTH_FAILED, window, tally, facts)
+        # The address is personal data: kept beside its commitment, erased by the plain-text
+        # retention (`audit_chain.personal_values`), never in the hashed detail.
+        return self._aggregate(AUTH_FAILED, window, tally, facts, personal={"client_address": address})
 
     def _overflow_record(self, window: _Window) -> AuditRecord:
         tally = window.overflow
@@ -179,8 +180,14 @@ class FailedAuthentications:
         return self._aggregate(AUTH_FAILED_OVERFLOW, window, tally, facts)
 
     def _aggregate(
-        self, action: str, window: _Window, tally: _Tally, facts: Mapping[str, object]
+        self,
+        action: str,
+        window: _Window,
+        tally: _Tally,
+        facts: Mapping[str, object],
+        personal: Mapping[str, str] | None = None,
     ) -> AuditRecord:
+        plain, commitment = personal_values(personal) if personal else (None, None)
         return AuditRecord(
             # The window's end, or now when it is written early (on shutdown).
             occurred_at=min(window.start + self._window_seconds, self._wall_clock()),
@@ -195,4 +202,6 @@ class FailedAuthentications:
             latency_ms=0.0,
             problem="unauthenticated",
             detail=orjson.dumps(facts, option=orjson.OPT_SORT_KEYS).decode(),
+            personal=plain,
+            personal_commitment=commitment,
         )

@@ -32,8 +32,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.store.tables import jobs
 
-JobKind = Literal["finalize", "deliver"]
-JobState = Literal["queued", "done", "dead"]
+# `erase`: an erasure's follow-up (ref = the commitment); `retention`: the one periodic sweep.
+JobKind = Literal["finalize", "deliver", "erase", "retention"]
+# `cancelled`: a delivery whose event an erasure removed.
+JobState = Literal["queued", "done", "dead", "cancelled"]
 _MAX_ERROR_CHARS = 255
 
 

@@ -39,6 +39,8 @@ class SessionOwner:
     verdict: SessionVerdict | None = None
     reference: str | None = None
     finalizer_state: str | None = None  # following, final, unresolved; None: not followed
+    # The subject's commitment (store/subjects.py): what the chain records instead of the subject.
+    subject_commitment: str | None = None
 
 
 class BindingStoreClosed(RuntimeError):
@@ -108,6 +110,7 @@ class SessionOwnership:
                 "request_id": request_id,
                 "reference": owner.reference,
                 "finalizer_state": None if self._first_followup_seconds is None else "following",
+                "subject_commitment": owner.subject_commitment,
             }
             for owner, request_id in batch
         ]
@@ -166,6 +169,10 @@ class SessionOwnership:
         """Drops the cached binding (its verdict or state changed)."""
         self._cache.pop(session_id, None)
 
+    def forget_all(self) -> None:
+        """After an erasure anywhere in the fleet: cached bindings hold plain subjects."""
+        self._cache.clear()
+
     def _remember(self, owner: SessionOwner) -> None:
         if owner.session_id not in self._cache and len(self._cache) >= self._cache_size:
             # Drop the oldest entry (dicts keep insertion order): bounded memory, no LRU bookkeeping.
@@ -188,4 +195,5 @@ def owner_from_row(row: Any) -> SessionOwner:
         verdict=verdict,
         reference=row.reference,
         finalizer_state=row.finalizer_state,
+        subject_commitment=row.subject_commitment,
     )

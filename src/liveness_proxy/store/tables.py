@@ -49,10 +49,14 @@ liveness_sessions = Table(
     Column("reference", String(255), nullable=True),
     # The finalizer's view: following, final or unresolved; null when the proxy does not follow it.
     Column("finalizer_state", String(16), nullable=True),
+    # The subject's commitment (store/subjects.py): how an erasure finds bindings made by a replica
+    # that still held the subject's secret in its cache while the erasure ran.
+    Column("subject_commitment", String(64), nullable=True),
 )
 Index("ix_liveness_sessions_subject_created_at", liveness_sessions.c.subject, liveness_sessions.c.created_at)
 Index("ix_liveness_sessions_created_at", liveness_sessions.c.created_at, liveness_sessions.c.session_id)
 Index("ix_liveness_sessions_reference", liveness_sessions.c.reference)
+Index("ix_liveness_sessions_subject_commitment", liveness_sessions.c.subject_commitment)
 
 # API keys: only the keyed hash (HMAC-SHA256 with the server pepper) of the secret part is stored.
 api_keys = Table(
@@ -73,16 +77,19 @@ api_keys = Table(
     Column("successor_of", String(32), nullable=True),
 )
 
-# One row per liveness request, accepted or rejected. Never secrets, tokens, keys or images.
-# Rows form a hash chain (store/audit_chain.py defines the encoding): `seq` is assigned by the writer
-# under the chain-head lock and is contiguous, unlike `id`, which a rolled-back insert can skip.
+# One row per liveness request, accepted or rejected, and per system event. Never secrets, tokens,
+# keys or images. Rows form a keyed hash chain (store/audit_chain.py defines the encoding): `seq` is
+# assigned by the writer under the chain-head lock and is contiguous, unlike `id`, which a
+# rolled-back insert can skip. Personal values are kept twice: in plain (`subject`, `personal`), which
+# an erasure or the plain-text retention clears, and as commitments (`subject_commitment`,
+# `personal_commitment`), which the chain covers, so the chain still verifies once they are erased.
 audit_records = Table(
     "audit_records",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("occurred_at", Float, nullable=False),
     Column("request_id", String(128), nullable=False),
-    Column("subject", String(255), nullable=True),
+    Column("subject", String(255), nullable=True),  # plain, erasable, not hashed
     Column("credential_id", String(64), nullable=True),
     Column("action", String(64), nullable=False),
     Column("session_id", String(128), nullable=True),
@@ -93,12 +100,24 @@ audit_records = Table(
     Column("seq", BigInteger, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("record_hash", String(64), nullable=False),
-    # System events only (verdicts, deliveries): their facts as canonical JSON; hashed when present.
+    # System events only (verdicts, deliveries, erasures): their non-personal facts as canonical JSON.
     Column("detail", Text, nullable=True),
+    # Which audit key (LIVENESS_PROXY_AUDIT_KEYS_FILE) the record's HMAC is keyed with.
+    Column("key_id", String(64), nullable=False),
+    # HMAC of the subject under the subject's own secret (store/subjects.py); hashed.
+    Column("subject_commitment", String(64), nullable=True),
+    # Other personal values (a failed authentication's client address) as JSON, with the random salt
+    # their commitment is keyed with: plain, erasable, not hashed; the salt goes with them.
+    Column("personal", Text, nullable=True),
+    Column("personal_commitment", String(64), nullable=True),  # hashed
+    # When the plain values were erased (an erasure or the retention); not hashed.
+    Column("erased_at", Float, nullable=True),
     # Also the index that verify and export walk in chain order.
     UniqueConstraint("seq"),
 )
 Index("ix_audit_records_occurred_at", audit_records.c.occurred_at)
+Index("ix_audit_records_subject_commitment", audit_records.c.subject_commitment)
+Index("ix_audit_records_session_id", audit_records.c.session_id)
 
 # The one row that says where the audit chain ends (last_seq, last_hash) and, after a purge, where
 # it now starts (anchor_seq, anchor_hash: the last purged record). It changes in the same transaction
@@ -160,10 +179,12 @@ webhook_events = Table(
     Column("event_id", String(64), primary_key=True),
     Column("type", String(64), nullable=False),
     Column("session_id", String(128), nullable=True),
-    Column("body", Text, nullable=False),
+    # Null once erased (an erasure or the retention): an undelivered event is then cancelled.
+    Column("body", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("last_status", Integer, nullable=True),
     Column("delivered_at", Float, nullable=True),
+    Column("erased_at", Float, nullable=True),
 )
 Index("ix_webhook_events_session_id", webhook_events.c.session_id)
 
@@ -210,3 +231,24 @@ idempotency_keys = Table(
     Column("expires_at", Float, nullable=False),
 )
 Index("ix_idempotency_keys_expires_at", idempotency_keys.c.expires_at)
+
+# One random secret per subject (store/subjects.py), the key of every commitment to its personal
+# values. Found by a keyed hash of the subject (never the subject itself), wrapped (AES-GCM) with the
+# subject key, and deleted by an erasure: afterwards no one can link the commitments to a name.
+subject_secrets = Table(
+    "subject_secrets",
+    metadata,
+    Column("lookup", String(64), primary_key=True),
+    Column("wrapped", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# One row per erasure, for a while: every process polls the highest id and empties its subject
+# caches when it moves (store/erasure.py). Holds the commitment only, never a name.
+erasure_notices = Table(
+    "erasure_notices",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("subject_commitment", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+)

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.privacy import is_confidence, is_terminal
 from liveness_proxy.store.audit import ChainWriter
-from liveness_proxy.store.audit_chain import AuditRecord, column_values
+from liveness_proxy.store.audit_chain import AuditKeys, AuditRecord, column_values
 from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.outbox import OutboxEvent, add_event, event_values
@@ -59,6 +59,7 @@ class VerdictLedger:
         self,
         engine: AsyncEngine,
         ownership: SessionOwnership,
+        keys: AuditKeys,
         *,
         events: EventFactory | None,
         wall_clock: Callable[[], float],
@@ -73,7 +74,7 @@ class VerdictLedger:
         self._ownership = ownership
         self._events = events
         self._wall_clock = wall_clock
-        self._chain = ChainWriter.build()
+        self._chain = ChainWriter.build(keys)
         sessions = liveness_sessions.c
         self._record_statement = (
             update(liveness_sessions)
@@ -219,6 +220,7 @@ class VerdictLedger:
                 occurred_at=now,
                 request_id=request_id or "finalizer",
                 subject=owner.subject,
+                subject_commitment=owner.subject_commitment,
                 credential_id=owner.credential_id,
                 action=action,
                 session_id=owner.session_id,

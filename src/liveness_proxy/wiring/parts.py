@@ -30,6 +30,9 @@ from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.http import HttpTransport
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.settings import Settings
+from liveness_proxy.store.audit_chain import parse_audit_keys
+from liveness_proxy.store.database import MigrationKeys
+from liveness_proxy.store.subjects import SubjectKeys
 from liveness_proxy.upstream import (
     ClientCredentialsFetcher,
     TokenCipher,
@@ -223,6 +226,7 @@ def check_startable(settings: Settings) -> None:
     port, so that each of these ends the command with one line instead of a failed start per worker."""
     settings.require_proxy_secrets()
     cynopsis_ssl_context(settings)
+    privacy_keys(settings)
     policy = checked_jwt_policy(settings)
     key_file = settings.liveness_proxy_jwt_public_key_file
     if policy is not None and key_file is not None:
@@ -230,3 +234,32 @@ def check_startable(settings: Settings) -> None:
             load_public_key_file(key_file, policy.algorithms)
         except PublicKeyFileError as exc:
             raise ConfigurationError(f"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: {exc}") from None
+
+
+def privacy_keys(settings: Settings) -> MigrationKeys:
+    """The audit chain's HMAC keys (LIVENESS_PROXY_AUDIT_KEYS_FILE, and the one derived from the
+    pepper) and the subject keys (LIVENESS_PROXY_SUBJECT_KEY, or one derived from the pepper)."""
+    settings.require_api_key_pepper()
+    pepper = settings.liveness_proxy_api_key_pepper.get_secret_value()
+    keys_file = settings.liveness_proxy_audit_keys_file
+    text = ""
+    if keys_file is not None:
+        try:
+            text = keys_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"LIVENESS_PROXY_AUDIT_KEYS_FILE: cannot read the file ({exc.strerror})"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigurationError("LIVENESS_PROXY_AUDIT_KEYS_FILE: not UTF-8 text") from None
+    try:
+        audit = parse_audit_keys(text, pepper=pepper)
+    except ValueError as exc:
+        raise ConfigurationError(f"LIVENESS_PROXY_AUDIT_KEYS_FILE: {exc}") from None
+    try:
+        subjects = SubjectKeys.from_settings_values(
+            pepper=pepper, subject_key=settings.liveness_proxy_subject_key.get_secret_value()
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"LIVENESS_PROXY_SUBJECT_KEY: {exc}") from None
+    return MigrationKeys(audit=audit, subjects=subjects)

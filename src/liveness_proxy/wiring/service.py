@@ -26,6 +26,7 @@ from liveness_proxy.background import (
     RetrySchedule,
     WebhookDeliveries,
 )
+from liveness_proxy.background.erasure import ErasureFollowUp
 from liveness_proxy.delivery import VerdictEvents, WebhookSender
 from liveness_proxy.http import Http1Transport
 from liveness_proxy.metrics import ProxyMetrics
@@ -47,6 +48,8 @@ from liveness_proxy.store import (
     ping,
     upgrade_database,
 )
+from liveness_proxy.store.audit_chain import AuditKeys
+from liveness_proxy.store.erasure import Erasure, ErasureNotices, RedisKeys
 from liveness_proxy.store.failed_authentications import FailedAuthentications
 from liveness_proxy.store.idempotency import IdempotencyRecords
 from liveness_proxy.store.session_tokens import (
@@ -54,6 +57,7 @@ from liveness_proxy.store.session_tokens import (
     RedisSessionTokens,
     SessionTokenLedger,
 )
+from liveness_proxy.store.subjects import SubjectRegistry
 from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.store.write_batch import BatchedWrites
 from liveness_proxy.upstream import (
@@ -81,6 +85,7 @@ from liveness_proxy.wiring.parts import (
     create_redis,
     cynopsis_ssl_context,
     jwt_authenticator,
+    privacy_keys,
     token_cipher,
     token_fetcher,
     warn_if_jwt_claims_unchecked,
@@ -120,6 +125,10 @@ class Service:
     # Before authentication: the per-address limit on failures, and their aggregate audit records.
     address_gate: AddressGate
     failed_authentications: FailedAuthentications
+    # Per-subject secrets and commitments; erasure and retention.
+    subjects: SubjectRegistry
+    erasure: Erasure
+    audit_keys: AuditKeys
 
     async def record_read(
         self, owner: SessionOwner, payload: dict[str, Any], request_id: str
@@ -165,6 +174,7 @@ async def running_service(
     settings.require_proxy_secrets()
     # First: a bad certificate or key file stops start-up before anything is opened.
     upstream_tls = cynopsis_ssl_context(settings)
+    keys = privacy_keys(settings)
     async with contextlib.AsyncExitStack() as opened:
         engine = create_engine(settings.database_url, pool=pool_options(settings))
         opened.push_async_callback(engine.dispose)
@@ -177,7 +187,7 @@ async def running_service(
             # a table.
             migration_engine = create_engine(settings.database_url, pool_size=1)
             try:
-                await upgrade_database(migration_engine)
+                await upgrade_database(migration_engine, keys=keys)
             finally:
                 await migration_engine.dispose()
         # Three transports, as three pools of connections: the token request never waits behind
@@ -310,7 +320,10 @@ async def running_service(
         )
         metrics.watch_upstream_gate(lambda: upstream_gate.in_flight, lambda: upstream_gate.waiting)
         audit = AuditLog(
-            engine, batch_max=settings.liveness_proxy_audit_batch_max, on_commit=metrics.audit_committed
+            engine,
+            keys.audit,
+            batch_max=settings.liveness_proxy_audit_batch_max,
+            on_commit=metrics.audit_committed,
         )
         # Closed before the token manager and the pools: its last batch is written on close.
         opened.push_async_callback(audit.close)
@@ -327,6 +340,7 @@ async def running_service(
         verdicts = VerdictLedger(
             engine,
             ownership,
+            keys.audit,
             events=VerdictEvents(pass_threshold=settings.liveness_proxy_pass_threshold)
             if webhook_url
             else None,
@@ -362,7 +376,7 @@ async def running_service(
                 connect_timeout_seconds=min(settings.liveness_proxy_webhook_timeout_seconds, 10.0),
             )
             opened.push_async_callback(webhook_http.aclose)
-            recorder = DeliveryRecorder(engine)
+            recorder = DeliveryRecorder(engine, keys.audit)
             opened.push_async_callback(recorder.close)
             runners.append(
                 WebhookDeliveries(
@@ -383,7 +397,30 @@ async def running_service(
                 )
             )
 
+        subjects = SubjectRegistry(engine, keys.subjects, wall_clock=wall_clock)
+        hashes = KeyedHash(settings.liveness_proxy_api_key_pepper.get_secret_value().encode())
+        authentication = CallerAuthentication(authenticators)
+
+        def forget_subjects() -> None:
+            # Every cache that holds a plain subject, emptied after an erasure (here or elsewhere).
+            subjects.forget_all()
+            ownership.forget_all()
+            authentication.forget_all()
+
+        erasure = Erasure(
+            engine,
+            subjects,
+            keys.audit,
+            binding_hash=hashes.subject,
+            wall_clock=wall_clock,
+            redis=None if redis is None else RedisKeys(redis, settings.liveness_proxy_redis_key_prefix),
+            on_erased=forget_subjects,
+        )
+        runners.append(ErasureFollowUp(queue=queue, erasure=erasure, wall_clock=wall_clock))
+        notices = ErasureNotices(engine, forget_subjects)
+
         async def sample_backlog() -> None:
+            await notices.poll()
             metrics.jobs_counted(
                 await queue.counts(), endpoint_disabled=await outbox.endpoint_disabled_at() is not None
             )
@@ -412,7 +449,6 @@ async def running_service(
             if redis is None
             else RedisSessionTokens(redis, key_prefix=settings.liveness_proxy_redis_key_prefix)
         )
-        hashes = KeyedHash(settings.liveness_proxy_api_key_pepper.get_secret_value().encode())
         limits_storage = (
             None
             if redis is None
@@ -445,7 +481,7 @@ async def running_service(
             cynopsis=cynopsis,
             ownership=ownership,
             audit=audit,
-            authentication=CallerAuthentication(authenticators),
+            authentication=authentication,
             biometrics=BiometricFilter(
                 settings.liveness_proxy_biometric_fields,
                 enabled=settings.liveness_proxy_strip_biometrics,
@@ -486,4 +522,7 @@ async def running_service(
                 on_reject=metrics.rate_limited,
             ),
             failed_authentications=failed_authentications,
+            subjects=subjects,
+            erasure=erasure,
+            audit_keys=keys.audit,
         )

@@ -14,7 +14,7 @@ from alembic import op
 
 # The canonical encoding is defined once, in the module that writes and verifies the chain: a
 # change to it would break every stored hash anyway, so a copy here could only drift.
-from liveness_proxy.store.audit_chain import GENESIS_HASH, HEAD_ROW_ID, record_hash
+from liveness_proxy.store.audit_chain import GENESIS_HASH, HEAD_ROW_ID, legacy_record_hash
 
 revision = "0003"
 down_revision = "0002"
@@ -92,7 +92,7 @@ def _chain_existing_records() -> tuple[int, str]:
         for row in rows:
             seq += 1
             values = {**row._mapping, "seq": seq, "prev_hash": prev_hash}
-            prev_hash = record_hash(values)
+            prev_hash = legacy_record_hash(values)
             updates.append(
                 {"row_id": row.id, "new_seq": seq, "new_prev": values["prev_hash"], "new_hash": prev_hash}
             )

@@ -1,0 +1,105 @@
+"""`subjects erase | export | rewrap`: a data subject's erasure, their access request, and the
+subject-key rotation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import orjson
+from sqlalchemy import select, update
+
+from liveness_proxy.auth.session_tokens import KeyedHash
+from liveness_proxy.cli.audit import current_schema_database, exported
+from liveness_proxy.settings import Settings
+from liveness_proxy.store.erasure import Erasure, ErasureResult, RedisKeys
+from liveness_proxy.store.subject_export import export_subject
+from liveness_proxy.store.subjects import SubjectRegistry
+from liveness_proxy.store.tables import subject_secrets
+from liveness_proxy.wiring.parts import create_redis, privacy_keys
+
+
+def cmd_subjects_erase(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    keys = privacy_keys(settings)
+
+    async def run() -> ErasureResult:
+        redis = create_redis(settings)
+        try:
+            async with current_schema_database(settings) as engine:
+                erasure = Erasure(
+                    engine,
+                    SubjectRegistry(engine, keys.subjects),
+                    keys.audit,
+                    binding_hash=KeyedHash(
+                        settings.liveness_proxy_api_key_pepper.get_secret_value().encode()
+                    ).subject,
+                    wall_clock=time.time,
+                    redis=None
+                    if redis is None
+                    else RedisKeys(redis, settings.liveness_proxy_redis_key_prefix),
+                )
+                return await erasure.erase_subject(args.subject, request_id="cli-erase", dry_run=args.dry_run)
+        finally:
+            if redis is not None:
+                await redis.aclose()
+
+    result = asyncio.run(run())
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result.as_dict()) + b"\n")
+        return 0
+    counts = ", ".join(
+        f"{name.replace('_', ' ')}: {count}" for name, count in result.counts.as_dict().items()
+    )
+    verb = "would erase" if result.dry_run else "erased"
+    if result.commitment is None and result.counts.total == 0:
+        print(f"nothing to erase: no data is held about this subject ({verb} {counts})")
+    else:
+        print(f"{verb} subject with commitment {result.commitment or '(none)'}: {counts}")
+    return 0
+
+
+def cmd_subjects_export(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    keys = privacy_keys(settings)
+
+    async def run() -> dict[str, Any]:
+        async with current_schema_database(settings) as engine:
+            return await export_subject(
+                engine, SubjectRegistry(engine, keys.subjects), args.subject, exported
+            )
+
+    sys.stdout.buffer.write(orjson.dumps(asyncio.run(run()), option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+def cmd_subjects_rewrap(_args: argparse.Namespace) -> int:
+    """Wraps every subject secret under the last subject key (after a key was added), so that the
+    older keys can be removed from LIVENESS_PROXY_SUBJECT_KEY."""
+    settings = Settings.load()
+    keys = privacy_keys(settings).subjects
+
+    async def run() -> int:
+        changed = 0
+        async with current_schema_database(settings) as engine, engine.begin() as connection:
+            rows = (
+                await connection.execute(select(subject_secrets.c.lookup, subject_secrets.c.wrapped))
+            ).all()
+            for lookup, wrapped in rows:
+                if str(wrapped).partition(".")[0] == keys.current_key_id:
+                    continue
+                secret = keys.unwrap(str(lookup), str(wrapped))
+                await connection.execute(
+                    update(subject_secrets)
+                    .where(subject_secrets.c.lookup == lookup)
+                    .values(wrapped=keys.wrap(str(lookup), secret))
+                )
+                changed += 1
+        return changed
+
+    changed = asyncio.run(run())
+    print(f"{changed} subject secrets wrapped again under key {keys.current_key_id}")
+    return 0
