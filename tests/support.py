@@ -31,7 +31,7 @@ from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, AuditLog, create_engine, upgrade_database
 from liveness_proxy.store.audit_chain import parse_audit_keys
 from liveness_proxy.store.database import MigrationKeys
-from liveness_proxy.store.subjects import SubjectKeys
+from liveness_proxy.store.subjects import SubjectKeys, SubjectRegistry
 from liveness_proxy.wiring import Service
 
 TEST_PEPPER = "test-pepper-" + "p" * 40
@@ -393,6 +393,16 @@ class ProxyHarness:
         async def read() -> list[dict[str, Any]]:
             async with self.database() as engine:
                 return [row async for row in AuditLog(engine, TEST_AUDIT_KEYS).iterate()]
+
+        return asyncio.run(read())
+
+    def commitment_of(self, subject: str) -> str | None:
+        """The subject's current commitment (None: it has no secret), read from the database."""
+
+        async def read() -> str | None:
+            async with self.database() as engine:
+                found = await SubjectRegistry(engine, TEST_KEYS.subjects).find(subject)
+                return None if found is None else found.commitment
 
         return asyncio.run(read())
 

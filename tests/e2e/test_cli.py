@@ -18,11 +18,19 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.sandbox import Sandbox, SandboxConfig
 from services import scratch_postgres, shared_backend
-from support import CLIENT_ID, CLIENT_SECRET, DOMAIN_ID, TEST_PEPPER, ServerThread, subprocess_env
+from support import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    DOMAIN_ID,
+    TEST_AUDIT_KEYS,
+    TEST_KEYS,
+    TEST_PEPPER,
+    ServerThread,
+    subprocess_env,
+)
 
 COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
 
@@ -300,16 +308,28 @@ def test_demo_walkthrough_runs_the_whole_flow(tmp_path: Path) -> None:
 def _seed_audit(env: dict[str, str], times: list[float]) -> None:
     """Audit records written through the real AuditLog, one per time given."""
     from liveness_proxy.store import AuditLog, AuditRecord, create_engine, upgrade_database
+    from liveness_proxy.store.subjects import SubjectRegistry
 
     async def seed() -> None:
         engine = create_engine(env["LIVENESS_PROXY_DATABASE_URL"].replace("sqlite:", "sqlite+aiosqlite:", 1))
         try:
             await upgrade_database(engine, keys=TEST_KEYS)
             log = AuditLog(engine, TEST_AUDIT_KEYS)
+            alice = await SubjectRegistry(engine, TEST_KEYS.subjects).resolve("alice")
             for index, occurred_at in enumerate(times):
                 await log.append(
                     AuditRecord(
-                        occurred_at, f"r{index}", "alice", "key:1", "result.read", None, 200, 200, 1.0, None
+                        occurred_at,
+                        f"r{index}",
+                        "alice",
+                        "key:1",
+                        "result.read",
+                        None,
+                        200,
+                        200,
+                        1.0,
+                        None,
+                        subject_commitment=alice.commitment,
                     )
                 )
             await log.close()

@@ -22,7 +22,6 @@ from typing import Any
 import orjson
 import pytest
 import standardwebhooks
-from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from integration.test_audit_chain import independent_hash
 from liveness_proxy.cli import main
@@ -42,7 +41,11 @@ from liveness_proxy.store import (
 )
 from liveness_proxy.store.outbox import disable_endpoint
 from liveness_proxy.webhook_signing import parse_webhook_secrets
+from support import TEST_AUDIT_KEYS, TEST_KEYS
 from webhook_receiver import WebhookReceiver
+
+# Any 64 hex digits: these tests are about verdicts, not subjects (see store/subjects.py).
+COMMITMENT = "c" * 64
 
 COMMAND = str(Path(sys.executable).parent / "liveness-proxy")
 NOW = time.time()
@@ -105,11 +108,25 @@ async def _seed_dead_letter(database_url: str) -> str:
         await upgrade_database(engine, keys=TEST_KEYS)
         log = AuditLog(engine, TEST_AUDIT_KEYS)
         await log.append(
-            AuditRecord(NOW - 120, "req-0", "alice", "key:1", "session.create", "s-1", 201, 200, 3.0, None)
+            AuditRecord(
+                NOW - 120,
+                "req-0",
+                "alice",
+                "key:1",
+                "session.create",
+                "s-1",
+                201,
+                200,
+                3.0,
+                None,
+                subject_commitment=COMMITMENT,
+            )
         )
         await log.close()
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
-        owner = SessionOwner("s-1", "alice", "key:1", NOW - 120, "req-0", reference="loan-7")
+        owner = SessionOwner(
+            "s-1", "alice", "key:1", NOW - 120, "req-0", reference="loan-7", subject_commitment=COMMITMENT
+        )
         await ownership.bind(owner, "req-0")
         ledger = VerdictLedger(
             engine,

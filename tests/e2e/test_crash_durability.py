@@ -37,7 +37,6 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
-from tests.support import TEST_AUDIT_KEYS
 
 from e2e.test_audit_crash import SESSION_TOKEN, SESSIONS, start_serve
 from e2e.test_cli import run
@@ -46,7 +45,14 @@ from liveness_proxy.store import AuditLog, ChainVerdict, create_engine
 from liveness_proxy.store.audit_chain import SYSTEM_ACTIONS
 from liveness_proxy.store.tables import liveness_sessions
 from services import scratch_postgres
-from support import ServerThread, issue_keys, proxy_settings, subprocess_env, upstream_sandbox
+from support import (
+    TEST_AUDIT_KEYS,
+    ServerThread,
+    issue_keys,
+    proxy_settings,
+    subprocess_env,
+    upstream_sandbox,
+)
 
 # kill -9 cycles under load, 15-30 s each
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]

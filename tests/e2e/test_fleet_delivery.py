@@ -26,14 +26,13 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
-from tests.support import TEST_AUDIT_KEYS
 
 from e2e.test_fleet import Fleet, _create_session, _start_serve, _wait_listening, running_fleet
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.settings import settings_from_mapping
 from liveness_proxy.store import AuditLog, create_engine
 from liveness_proxy.store.tables import jobs, webhook_events
-from support import LogScan
+from support import TEST_AUDIT_KEYS, LogScan
 from webhook_receiver import Delivery, WebhookReceiver
 
 # `serve` subprocesses, and leases that must lapse: 3.5-7 s per test on an idle 2-core machine. Not

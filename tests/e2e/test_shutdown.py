@@ -19,13 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support import TEST_AUDIT_KEYS
 
 from e2e.test_serve_limits import HIGH_LIMITS, Serve, running_serve
 from liveness_proxy.sandbox import Fault, Sandbox
 from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import AuditLog, ChainVerdict, create_engine
-from support import ServerThread, subprocess_env, upstream_sandbox
+from support import TEST_AUDIT_KEYS, ServerThread, subprocess_env, upstream_sandbox
 
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"

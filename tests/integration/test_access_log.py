@@ -20,7 +20,10 @@ def test_one_json_log_line_per_request_with_route_template_subject_and_upstream_
     assert line["route"] == "/v1/liveness/sessions/{session_id}/result"
     assert line["method"] == "GET"
     assert line["status"] == 200
-    assert line["subject"] == "alice"
+    # The subject's commitment, never the subject: the log outlives an erasure.
+    assert "subject" not in line
+    assert line["subject_commitment"] == proxy.commitment_of("alice")
+    assert "alice" not in json.dumps(request_lines)
     assert line["upstream_status"] == 200
     assert line["duration_ms"] > 0
     assert line["level"] == "info"

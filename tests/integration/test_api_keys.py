@@ -16,7 +16,6 @@ from alembic import command
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import Headers
-from tests.support import TEST_KEYS
 
 from liveness_proxy.auth import ApiKeyAuthenticator, IssuedApiKey, new_api_key
 from liveness_proxy.auth.api_keys import MAX_UNKNOWN_SECONDS
@@ -24,6 +23,7 @@ from liveness_proxy.errors import Unauthenticated
 from liveness_proxy.sandbox import ManualClock
 from liveness_proxy.store import ApiKeyStore, KeyNotRotatable, StoredApiKey, create_engine, upgrade_database
 from liveness_proxy.store.database import alembic_config
+from support import TEST_KEYS
 
 PEPPER = b"k" * 48
 

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tests.support import TEST_AUDIT_KEYS, TEST_KEYS, TEST_PEPPER
 
 from liveness_proxy.store import (
     AuditChainBroken,
@@ -33,6 +32,7 @@ from liveness_proxy.store import (
 from liveness_proxy.store.audit_chain import GENESIS_HASH
 from liveness_proxy.store.subjects import commit
 from liveness_proxy.store.tables import audit_records
+from support import TEST_AUDIT_KEYS, TEST_KEYS, TEST_PEPPER
 
 
 def record(index: int = 0, *, occurred_at: float = 1_700_000_000.5, **changes: Any) -> AuditRecord:

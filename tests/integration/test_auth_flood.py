@@ -17,7 +17,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import structlog
-from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.api.operational import CachedCheck
 from liveness_proxy.errors import RateLimited
@@ -31,7 +30,7 @@ from liveness_proxy.ratelimit import (
 from liveness_proxy.store import AuditLog, create_engine, upgrade_database
 from liveness_proxy.store.failed_authentications import FailedAuthentications
 from services import REDIS_URL, require_redis
-from support import ProxyHarness
+from support import TEST_AUDIT_KEYS, TEST_KEYS, ProxyHarness
 
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"
@@ -40,8 +39,15 @@ BAD_KEY = "Bearer lpk_0123456789abcdef_" + "x" * 40
 
 
 def _aggregates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The aggregate records' facts, with their personal values (the client address, kept beside
+    its commitment and never in the hashed detail) merged in."""
     return [
-        {**orjson.loads(row["detail"]), "action": row["action"], "request_id": row["request_id"]}
+        {
+            **orjson.loads(row["detail"]),
+            **({} if row["personal"] is None else orjson.loads(row["personal"])["values"]),
+            "action": row["action"],
+            "request_id": row["request_id"],
+        }
         for row in rows
         if row["action"].startswith("auth.failed")
     ]

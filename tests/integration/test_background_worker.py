@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import structlog
 from sqlalchemy import insert, select
-from tests.support import TEST_KEYS
 
 from liveness_proxy.background import BackgroundWorker
 from liveness_proxy.background import worker as worker_module
 from liveness_proxy.store import ClaimedJob, JobQueue, create_engine, upgrade_database
 from liveness_proxy.store.jobs import JobKind, enqueue_values
 from liveness_proxy.store.tables import jobs
+from support import TEST_KEYS
 
 
 class Runner:

@@ -25,12 +25,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
-from tests.support import TEST_AUDIT_KEYS
 
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, PoolOptions, create_engine
 from services import scratch_postgres
-from support import CLIENT_SECRET, ProxyHarness, ServerThread
+from support import CLIENT_SECRET, TEST_AUDIT_KEYS, ProxyHarness, ServerThread
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
 

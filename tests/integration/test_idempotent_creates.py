@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
-from tests.support import TEST_KEYS
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from integration.test_session_token_binding import (
     CAP,
@@ -38,11 +38,12 @@ from liveness_proxy.api.idempotency import canonical
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import create_engine, upgrade_database
 from liveness_proxy.store.idempotency import Claimed, IdempotencyRecords, InFlight, Replay, StoredAnswer
+from liveness_proxy.store.subjects import SubjectRegistry
 from liveness_proxy.store.tables import idempotency_keys
 from liveness_proxy.store.write_batch import BatchedWrites
 from liveness_proxy.wiring import request_policy
 from prepared import PreparedDatabases
-from support import ProxyHarness, wait_until
+from support import TEST_KEYS, ProxyHarness, wait_until
 
 SESSIONS = "/v1/liveness/sessions"
 PROBLEM = "urn:liveness-proxy:problem:"
@@ -271,6 +272,12 @@ def test_a_duplicate_while_the_first_is_in_flight_gets_409(shared: Shared) -> No
     assert creates(proxy) == 1
 
 
+async def alice_commitment(engine: AsyncEngine) -> str:
+    """What alice's idempotency records are keyed by (the hash of her commitment, never her name)."""
+    found = await SubjectRegistry(engine, TEST_KEYS.subjects).resolve("alice")
+    return found.commitment
+
+
 async def crashed_claim(proxy: ProxyHarness, key: str, token: str) -> Claimed:
     """What a request that crashed after claiming `key` leaves behind: a record in flight, with the
     lease this proxy gives its requests (claimed through the store, on an engine of the test's own)."""
@@ -278,7 +285,7 @@ async def crashed_claim(proxy: ProxyHarness, key: str, token: str) -> Claimed:
     async with proxy.database() as engine:
         writes = BatchedWrites(engine)
         claimed = await IdempotencyRecords(writes).begin(
-            proxy.runtime.hashes.subject("alice"),
+            proxy.runtime.hashes.subject(await alice_commitment(engine)),
             key,
             proxy.runtime.hashes.fingerprint(canonical({"session_token": token})),
             now=proxy.runtime.wall_clock(),
@@ -296,7 +303,7 @@ async def late_completion(proxy: ProxyHarness, key: str, owner: str) -> bool:
         writes = BatchedWrites(engine)
         try:
             return await IdempotencyRecords(writes).complete(
-                proxy.runtime.hashes.subject("alice"),
+                proxy.runtime.hashes.subject(await alice_commitment(engine)),
                 key,
                 owner,
                 "fingerprint-of-the-crashed-request",
@@ -447,7 +454,9 @@ def test_the_record_holds_keyed_hashes_of_the_subject_and_the_request(shared: Sh
             return list(rows)
 
     [row] = asyncio.run(records())
-    assert row.subject_hash == proxy.runtime.hashes.subject("alice")
+    assert row.subject_hash == proxy.runtime.hashes.subject(proxy.commitment_of("alice") or "")
+    # Over the subject's commitment, not its name: an erasure leaves the row unlinkable to "alice".
+    assert row.subject_hash != proxy.runtime.hashes.subject("alice")
     assert row.subject_hash != hashlib.sha256(b"alice").hexdigest()
     # The request holds the session token: a plain hash of it would let a reader of the table test
     # guesses of the token (or confirm one) against the fingerprint.

@@ -7,11 +7,11 @@ import asyncio
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tests.support import TEST_KEYS
 
 from liveness_proxy.store import JobQueue, create_engine, upgrade_database
 from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.tables import jobs
+from support import TEST_KEYS
 
 
 async def _queue_with(

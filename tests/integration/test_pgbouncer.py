@@ -13,12 +13,11 @@ from contextlib import AbstractContextManager
 
 import httpx
 import pytest
-from tests.support import TEST_AUDIT_KEYS
 
 from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import AuditLog, create_engine
 from services import running_pgbouncer, scratch_postgres
-from support import ProxyHarness
+from support import TEST_AUDIT_KEYS, ProxyHarness
 
 SESSION_TOKEN = "/v1/liveness/session-token"
 SESSIONS = "/v1/liveness/sessions"

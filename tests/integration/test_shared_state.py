@@ -16,7 +16,6 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select
-from tests.support import TEST_KEYS
 
 from liveness_proxy.errors import RateLimited, TokenUnavailable
 from liveness_proxy.ratelimit import LimitPolicy, SubjectLimits, redis_limit_storage
@@ -36,7 +35,7 @@ from liveness_proxy.upstream import (
     TokenStore,
 )
 from services import REDIS_URL, scratch_postgres, scratch_redis
-from support import ProxyHarness
+from support import TEST_KEYS, ProxyHarness
 
 CONTEXT = "https://token.example/oauth/token\nclient\ndomain"
 SECRET = b"a-client-secret-that-seals-the-token"

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select
-from tests.support import TEST_KEYS
 
 from liveness_proxy.store import (
     SessionAlreadyBound,
@@ -22,7 +21,10 @@ from liveness_proxy.store import (
     upgrade_database,
 )
 from liveness_proxy.store.tables import liveness_sessions, metadata
-from support import ProxyHarness
+from support import TEST_KEYS, ProxyHarness
+
+# Any 64 hex digits: these tests are about verdicts, not subjects (see store/subjects.py).
+COMMITMENT = "c" * 64
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
 
@@ -136,7 +138,9 @@ async def test_batched_bindings_never_give_one_session_two_owners(database_url: 
         ownership = SessionOwnership(engine)
 
         def owner(session_id: str, subject: str) -> SessionOwner:
-            return SessionOwner(session_id, subject, "key:1", 1.0, f"r-{subject}")
+            return SessionOwner(
+                session_id, subject, "key:1", 1.0, f"r-{subject}", subject_commitment=COMMITMENT
+            )
 
         await ownership.bind(owner("taken", "first"), "r-first")
         claims = [ownership.bind(owner("contested", f"s{index}"), f"r-s{index}") for index in range(5)]

@@ -12,12 +12,11 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import orjson
-from tests.support import TEST_AUDIT_KEYS
 
 from liveness_proxy.sandbox import Fault
 from liveness_proxy.store import AuditLog, JobQueue, WebhookOutbox
 from metric_samples import value
-from support import ProxyHarness, find_leaks, wait_until
+from support import TEST_AUDIT_KEYS, ProxyHarness, find_leaks, wait_until
 from webhook_receiver import WebhookReceiver
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]

@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
-from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.delivery import VerdictEvents
 from liveness_proxy.store import (
@@ -22,6 +21,10 @@ from liveness_proxy.store import (
     upgrade_database,
 )
 from liveness_proxy.store.tables import audit_records, jobs, liveness_sessions, webhook_events
+from support import TEST_AUDIT_KEYS, TEST_KEYS
+
+# Any 64 hex digits: these tests are about verdicts, not subjects (see store/subjects.py).
+COMMITMENT = "c" * 64
 
 
 async def _rows(engine: Any, table: Any) -> list[dict[str, Any]]:
@@ -34,7 +37,9 @@ async def test_racing_writers_record_one_verdict_one_event_one_webhook(database_
     try:
         await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
-        owner = SessionOwner("s-1", "alice", "key:1", 100.0, "r-1", reference="loan-7")
+        owner = SessionOwner(
+            "s-1", "alice", "key:1", 100.0, "r-1", reference="loan-7", subject_commitment=COMMITMENT
+        )
         await ownership.bind(owner, "r-1")
         follow_ups = await _rows(engine, jobs)
 
@@ -43,6 +48,7 @@ async def test_racing_writers_record_one_verdict_one_event_one_webhook(database_
             ledger = VerdictLedger(
                 engine,
                 SessionOwnership(engine),
+                TEST_AUDIT_KEYS,
                 events=VerdictEvents(pass_threshold=90.0),
                 wall_clock=lambda: 200.0,
             )
@@ -89,7 +95,7 @@ async def test_unresolved_is_announced_and_a_later_verdict_still_follows(databas
     try:
         await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
-        owner = SessionOwner("s-2", "bob", "key:2", 100.0, "r-2")
+        owner = SessionOwner("s-2", "bob", "key:2", 100.0, "r-2", subject_commitment=COMMITMENT)
         await ownership.bind(owner, "r-2")
         ledger = VerdictLedger(
             engine,
@@ -126,7 +132,7 @@ async def test_without_a_webhook_endpoint_no_event_is_written(database_url: str)
     try:
         await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine)
-        owner = SessionOwner("s-3", "carol", "key:3", 100.0, "r-3")
+        owner = SessionOwner("s-3", "carol", "key:3", 100.0, "r-3", subject_commitment=COMMITMENT)
         await ownership.bind(owner, "r-3")
         ledger = VerdictLedger(engine, ownership, TEST_AUDIT_KEYS, events=None, wall_clock=lambda: 900.0)
         await ledger.record(owner, SessionVerdict("SUCCEEDED", 99.0, 101.0, "req-1"), read_by="request")
@@ -148,12 +154,16 @@ async def test_within_one_group_commit_the_first_verdict_of_a_session_wins(datab
     try:
         await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
-        owners = [SessionOwner(f"s-{index}", "dora", "key:4", 100.0, f"r-{index}") for index in range(3)]
+        owners = [
+            SessionOwner(f"s-{index}", "dora", "key:4", 100.0, f"r-{index}", subject_commitment=COMMITMENT)
+            for index in range(3)
+        ]
         for owner in owners:
             await ownership.bind(owner, owner.request_id)
         ledger = VerdictLedger(
             engine,
             SessionOwnership(engine),
+            TEST_AUDIT_KEYS,
             events=VerdictEvents(pass_threshold=None),
             wall_clock=lambda: 200.0,
         )
@@ -195,13 +205,19 @@ async def test_two_writers_recording_the_same_sessions_in_opposite_orders_do_not
     try:
         await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
-        owners = [SessionOwner(f"s-{index:03d}", "erin", "key:5", 100.0, f"r-{index}") for index in range(60)]
+        owners = [
+            SessionOwner(
+                f"s-{index:03d}", "erin", "key:5", 100.0, f"r-{index}", subject_commitment=COMMITMENT
+            )
+            for index in range(60)
+        ]
         await asyncio.gather(*(ownership.bind(owner, owner.request_id) for owner in owners))
         await ownership.close()
         replica_a, replica_b = (
             VerdictLedger(
                 engine,
                 SessionOwnership(engine),
+                TEST_AUDIT_KEYS,
                 events=VerdictEvents(pass_threshold=None),
                 wall_clock=lambda: 200.0,
             )
@@ -233,7 +249,8 @@ async def test_the_first_delivery_waits_the_first_entry_of_the_retry_schedule(da
         await upgrade_database(engine, keys=TEST_KEYS)
         ownership = SessionOwnership(engine, first_followup_seconds=3.0)
         done, given_up = (
-            SessionOwner(f"s-{name}", "gus", "key:6", 100.0, f"r-{name}") for name in ("v", "u")
+            SessionOwner(f"s-{name}", "gus", "key:6", 100.0, f"r-{name}", subject_commitment=COMMITMENT)
+            for name in ("v", "u")
         )
         for owner in (done, given_up):
             await ownership.bind(owner, owner.request_id)

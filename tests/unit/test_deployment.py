@@ -214,6 +214,8 @@ def _setting_name_problems(names: Iterable[str]) -> list[str]:
     for name in names:
         if name != name.upper():
             problems.append(f"{name}: settings are documented in upper case")
+        if name.lower() in SETTINGS:
+            continue  # a setting that is itself a path (LIVENESS_PROXY_AUDIT_KEYS_FILE)
         if name.endswith("_FILE"):
             if name.lower().removesuffix("_file") not in FILE_BACKED:
                 problems.append(f"{name}: {name.removesuffix('_FILE')} is not a setting that takes a file")

@@ -19,6 +19,7 @@ from liveness_proxy.cli.db import open_database
 from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import AuditChainBroken, AuditLog, ChainVerdict, PurgeResult, current_revision
+from liveness_proxy.store.audit import iterate_records
 from liveness_proxy.store.audit_chain import AGGREGATE_ACTIONS, SYSTEM_ACTIONS
 from liveness_proxy.store.subjects import SubjectRegistry
 from liveness_proxy.wiring.parts import privacy_keys
@@ -72,9 +73,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     async def run() -> None:
         out = sys.stdout.buffer
         async with current_schema_database(settings) as engine:
-            async for record in AuditLog(engine, privacy_keys(settings).audit).iterate(
-                since=args.since, until=args.until
-            ):
+            async for record in iterate_records(engine, since=args.since, until=args.until):
                 out.write(orjson.dumps(exported(record)) + b"\n")
         out.flush()
 

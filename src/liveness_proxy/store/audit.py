@@ -151,28 +151,11 @@ class AuditLog:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    async def iterate(
+    def iterate(
         self, *, since: float | None = None, until: float | None = None, batch_size: int = 1000
     ) -> AsyncIterator[dict[str, Any]]:
-        """Records in chain order as plain dicts (for export), optionally only those that occurred in
-        [since, until). Each batch is its own read, so a long export holds no lock."""
-        last_seq: int | None = None
-        while True:
-            query = select(audit_records).order_by(audit_records.c.seq).limit(batch_size)
-            if last_seq is not None:
-                query = query.where(audit_records.c.seq > last_seq)
-            if since is not None:
-                query = query.where(audit_records.c.occurred_at >= since)
-            if until is not None:
-                query = query.where(audit_records.c.occurred_at < until)
-            async with self._engine.connect() as connection:
-                rows = (await connection.execute(query)).all()
-            if not rows:
-                return
-            for row in rows:
-                # Column names come back as quoted_name (a str subclass): make them plain str.
-                yield {str(key): value for key, value in row._mapping.items()}
-            last_seq = int(rows[-1].seq)
+        """See `iterate_records`."""
+        return iterate_records(self._engine, since=since, until=until, batch_size=batch_size)
 
     async def count(self) -> int:
         async with self._engine.connect() as connection:
@@ -190,3 +173,27 @@ class AuditLog:
     async def purge(self, *, older_than: float, batch_size: int = SCAN_BATCH) -> PurgeResult:
         """Deletes the oldest records that occurred before `older_than`; see `audit_verify.purge_chain`."""
         return await purge_chain(self._engine, self._keys, older_than=older_than, batch_size=batch_size)
+
+
+async def iterate_records(
+    engine: AsyncEngine, *, since: float | None = None, until: float | None = None, batch_size: int = 1000
+) -> AsyncIterator[dict[str, Any]]:
+    """Records in chain order as plain dicts (for export, which needs no key), optionally only those
+    that occurred in [since, until). Each batch is its own read, so a long export holds no lock."""
+    last_seq: int | None = None
+    while True:
+        query = select(audit_records).order_by(audit_records.c.seq).limit(batch_size)
+        if last_seq is not None:
+            query = query.where(audit_records.c.seq > last_seq)
+        if since is not None:
+            query = query.where(audit_records.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(audit_records.c.occurred_at < until)
+        async with engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        if not rows:
+            return
+        for row in rows:
+            # Column names come back as quoted_name (a str subclass): make them plain str.
+            yield {str(key): value for key, value in row._mapping.items()}
+        last_seq = int(rows[-1].seq)
