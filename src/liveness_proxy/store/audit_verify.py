@@ -74,7 +74,7 @@ class PurgeResult:
 async def verify_chain(engine: AsyncEngine, *, batch_size: int = SCAN_BATCH) -> ChainVerdict:
     """Walks the chain from the anchor to the head in one read snapshot, `batch_size` rows at a
     time, and reports the first record where it breaks."""
-    async with _read_snapshot(engine) as connection:
+    async with read_snapshot(engine) as connection:
         head = await _read_head(connection)
         walker = _ChainWalker(int(head.anchor_seq), str(head.anchor_hash))
         head_seq = int(head.last_seq)
@@ -269,8 +269,9 @@ async def _read_head(connection: AsyncConnection) -> Row[Any]:
 
 
 @contextlib.asynccontextmanager
-async def _read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One connection whose reads all see the same committed state, writers carrying on meanwhile."""
+async def read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One connection whose reads all see the same committed state, writers carrying on meanwhile
+    (also used by `store/audit_checkpoints.py` to compare checkpoints with the chain)."""
     async with engine.connect() as connection:
         if connection.dialect.name == "sqlite":
             # The sqlite3 driver only opens a transaction before a write, so each SELECT would see a
