@@ -193,6 +193,12 @@ class Settings(BaseSettings):
 
     # --- Audit ---------------------------------------------------------------------------------
     liveness_proxy_audit_batch_max: int = Field(default=256, ge=1, le=10000)
+    # Signed checkpoints of the chain head (store/audit_checkpoints.py): an Ed25519 private key
+    # (PKCS#8 PEM, checked at start-up by the wiring), and an optional file to append them to
+    # besides the log stream. Without a key no checkpoints are written.
+    liveness_proxy_audit_signing_key_file: Path | None = None
+    liveness_proxy_audit_checkpoint_file: Path | None = None
+    liveness_proxy_audit_checkpoint_seconds: float = Field(default=60.0, gt=0, le=86400)
 
     # --- Finalizer: the proxy follows every session it created to its verdict ---------------------
     liveness_proxy_finalizer: bool = True

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from e2e.test_cli import COMMAND, free_port
 from support import subprocess_env
@@ -98,3 +100,24 @@ def test_serve_with_an_unreachable_database_names_no_password(tmp_path: Path) ->
     completed = run(["serve", "--port", str(free_port())], env=env)
     assert_one_clear_line(completed, "database cannot be reached")
     assert "hunter2" not in completed.stderr + completed.stdout
+
+
+def test_serve_with_an_audit_signing_key_that_is_not_ed25519(tmp_path: Path) -> None:
+    key = tmp_path / "audit-signing.pem"
+    # An RSA key: what `openssl genpkey` writes when the algorithm is forgotten.
+    key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    env = subprocess_env(
+        "http://127.0.0.1:9", tmp_path / "proxy.db", LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE=str(key)
+    )
+    completed = run(["serve", "--port", str(free_port())], env=env)
+    assert_one_clear_line(
+        completed,
+        "configuration error",
+        "LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE: not an Ed25519 private key (it is an RSA key)",
+    )
+    assert completed.returncode == 2
+    assert not (tmp_path / "proxy.db").exists()  # refused before the migrations

@@ -211,7 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=_command("audit", "cmd_audit_export"))
     verify = audit.add_parser("verify", help="check the hash chain; exit 1 naming the first bad record")
+    verify.add_argument(
+        "--checkpoints",
+        default=None,
+        metavar="FILE",
+        help="also check these signed checkpoints (JSON lines: the checkpoint file, or the JSON log "
+        "stream; - for stdin) against the chain",
+    )
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        default=None,
+        metavar="PEMFILE",
+        help="an Ed25519 public key the checkpoints may be signed with (repeatable, e.g. the keys "
+        "before a rotation); default: the one of LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE",
+    )
     verify.set_defaults(handler=_command("audit", "cmd_audit_verify"))
+    signing_key = audit.add_parser(
+        "signing-key",
+        help="write a new Ed25519 key for signing audit checkpoints (mode 0600) and print its public "
+        "key for the auditors",
+    )
+    signing_key.add_argument(
+        "--out", required=True, metavar="FILE", help="the private key file (not overwritten)"
+    )
+    signing_key.set_defaults(handler=_command("audit", "cmd_audit_signing_key"))
     purge = audit.add_parser("purge", help="delete the oldest records; the chain stays verifiable")
     purge.add_argument(
         "--older-than", type=_positive_days, required=True, metavar="DAYS", help="age in whole days (> 0)"

@@ -11,7 +11,7 @@ from liveness_proxy.http import Http1Transport
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import current_revision, ping
 from liveness_proxy.upstream import TokenEndpointError
-from liveness_proxy.wiring import create_redis, cynopsis_ssl_context, token_fetcher
+from liveness_proxy.wiring import audit_checkpoint_options, create_redis, cynopsis_ssl_context, token_fetcher
 
 
 def cmd_check(_args: argparse.Namespace) -> int:
@@ -19,7 +19,20 @@ def cmd_check(_args: argparse.Namespace) -> int:
     for name, value in settings.redacted_summary().items():
         print(f"{name}={value}")
     settings.require_proxy_secrets()
+    print(audit_checkpoints_line(settings))
     return asyncio.run(_check_live(settings))
+
+
+def audit_checkpoints_line(settings: Settings) -> str:
+    """Whether signed audit checkpoints are written, and where (ConfigurationError for a bad key)."""
+    checkpoints = audit_checkpoint_options(settings)
+    if checkpoints is None:
+        return "audit checkpoints: off (no LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE: none are written)"
+    places = "the log stream" + ("" if checkpoints.file is None else f" and {checkpoints.file}")
+    return (
+        f"audit checkpoints: signed with key {checkpoints.signer.fingerprint}, "
+        f"every {checkpoints.interval_seconds:g} s while the chain grows, to {places}"
+    )
 
 
 async def _check_live(settings: Settings) -> int:

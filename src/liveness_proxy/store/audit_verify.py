@@ -339,7 +339,8 @@ async def _read_head(connection: AsyncConnection) -> Row[Any]:
 
 @contextlib.asynccontextmanager
 async def read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One connection whose reads all see the same committed state, writers carrying on meanwhile."""
+    """One connection whose reads all see the same committed state, writers carrying on meanwhile
+    (also used by `store/audit_checkpoints.py` to compare checkpoints with the chain)."""
     async with engine.connect() as connection:
         if connection.dialect.name == "sqlite":
             # The sqlite3 driver only opens a transaction before a write, so each SELECT would see a

@@ -7,9 +7,11 @@ fails during start-up or shutdown, everything that was opened is closed, in reve
 
 from liveness_proxy.wiring.options import (
     AppOptions,
+    AuditCheckpointOptions,
     RequestPolicy,
     ServeOptions,
     app_options,
+    audit_checkpoint_options,
     request_policy,
     serve_options,
 )
@@ -18,10 +20,12 @@ from liveness_proxy.wiring.service import Service, running_service
 
 __all__ = [
     "AppOptions",
+    "AuditCheckpointOptions",
     "RequestPolicy",
     "ServeOptions",
     "Service",
     "app_options",
+    "audit_checkpoint_options",
     "check_startable",
     "create_redis",
     "cynopsis_ssl_context",

@@ -16,6 +16,7 @@ from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.jwt_algorithms import ASYMMETRIC_JWT_ALGORITHMS
 from liveness_proxy.ratelimit import LimitPolicy
 from liveness_proxy.settings import Settings
+from liveness_proxy.store.audit_checkpoints import CheckpointSigner
 from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
 from liveness_proxy.url_secrets import url_secret_values
 
@@ -212,3 +213,46 @@ class RefreshMargin:
 
     def __call__(self, lifetime_seconds: float) -> float:
         return min(self.seconds, math.floor(lifetime_seconds / 3))
+
+
+# -- audit checkpoints ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheckpointOptions:
+    """Signed audit checkpoints: who signs, how often, and the file besides the log stream."""
+
+    signer: CheckpointSigner = field(repr=False)
+    interval_seconds: float
+    file: Path | None
+
+
+def audit_checkpoint_options(settings: Settings) -> AuditCheckpointOptions | None:
+    """The checkpoint set-up, or None without a signing key (then no checkpoints are written).
+    ConfigurationError (naming the variable, never key material) for a key file that is not a
+    readable, unencrypted Ed25519 private key, or for checkpoints that would go nowhere."""
+    key_file = settings.liveness_proxy_audit_signing_key_file
+    checkpoint_file = settings.liveness_proxy_audit_checkpoint_file
+    if key_file is None:
+        if checkpoint_file is not None:
+            raise ConfigurationError(
+                "LIVENESS_PROXY_AUDIT_CHECKPOINT_FILE: set only together with "
+                "LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE (without a signing key no checkpoints are written)"
+            )
+        return None
+    try:
+        signer = CheckpointSigner.from_file(key_file)
+    except ValueError as exc:
+        raise ConfigurationError(f"LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE: {exc}") from None
+    if checkpoint_file is None and settings.liveness_proxy_log_level in ("warning", "error"):
+        # They are logged at info: above it, and without a file, they would be signed for nobody.
+        raise ConfigurationError(
+            "LIVENESS_PROXY_AUDIT_SIGNING_KEY_FILE: checkpoints are logged at level info, which "
+            f"LIVENESS_PROXY_LOG_LEVEL={settings.liveness_proxy_log_level} hides: set "
+            "LIVENESS_PROXY_AUDIT_CHECKPOINT_FILE, or the log level to info"
+        )
+    return AuditCheckpointOptions(
+        signer=signer,
+        interval_seconds=settings.liveness_proxy_audit_checkpoint_seconds,
+        file=checkpoint_file,
+    )

@@ -39,7 +39,7 @@ from liveness_proxy.upstream import (
 )
 from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.upstream.tls import upstream_ssl_context
-from liveness_proxy.wiring.options import jwt_policy
+from liveness_proxy.wiring.options import audit_checkpoint_options, jwt_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +222,9 @@ def checked_jwt_policy(settings: Settings) -> JwtPolicy | None:
 
 def check_startable(settings: Settings) -> None:
     """Everything about the settings that can fail without opening anything: the secrets, the TLS
-    files towards Cynopsis, the JWT set-up and its key file. `serve` calls it before it binds a
-    port, so that each of these ends the command with one line instead of a failed start per worker."""
+    files towards Cynopsis, the JWT set-up and its key file, the audit signing key. `serve` calls it
+    before it binds a port, so that each of these ends the command with one line instead of a failed
+    start per worker."""
     settings.require_proxy_secrets()
     cynopsis_ssl_context(settings)
     privacy_keys(settings)
@@ -234,6 +235,8 @@ def check_startable(settings: Settings) -> None:
             load_public_key_file(key_file, policy.algorithms)
         except PublicKeyFileError as exc:
             raise ConfigurationError(f"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: {exc}") from None
+    # The audit checkpoints' signing key (and where they go).
+    audit_checkpoint_options(settings)
 
 
 def privacy_keys(settings: Settings) -> MigrationKeys:

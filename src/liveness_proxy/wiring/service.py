@@ -49,6 +49,7 @@ from liveness_proxy.store import (
     upgrade_database,
 )
 from liveness_proxy.store.audit_chain import AuditKeys
+from liveness_proxy.store.audit_checkpoints import CheckpointWriter
 from liveness_proxy.store.erasure import Erasure, ErasureNotices, RedisKeys
 from liveness_proxy.store.failed_authentications import FailedAuthentications
 from liveness_proxy.store.idempotency import IdempotencyRecords
@@ -74,6 +75,7 @@ from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.webhook_signing import parse_webhook_secrets
 from liveness_proxy.wiring.options import (
+    audit_checkpoint_options,
     limit_policy,
     pool_options,
     token_refresh_margin,
@@ -190,6 +192,24 @@ async def running_service(
                 await upgrade_database(migration_engine, keys=keys)
             finally:
                 await migration_engine.dispose()
+
+        # --- Signed audit checkpoints (store/audit_checkpoints.py) --------------------------------
+        # Opened here, right after the engine, so that it closes after everything that writes audit
+        # records (the exit stack runs in reverse): its last checkpoint covers the last batch.
+        checkpoints = audit_checkpoint_options(settings)
+        if checkpoints is not None:
+            checkpoint_writer = CheckpointWriter(
+                engine,
+                checkpoints.signer,
+                logger=logger,
+                interval_seconds=checkpoints.interval_seconds,
+                path=checkpoints.file,
+                wall_clock=wall_clock,
+            )
+            checkpoint_writer.start()
+            opened.push_async_callback(checkpoint_writer.close)
+        # --- end of signed audit checkpoints ------------------------------------------------------
+
         # Three transports, as three pools of connections: the token request never waits behind
         # busy liveness calls, a token endpoint's TLS failure is logged as a token failure only, and
         # the JWKS is verified with the system's trust store, never with the Cynopsis one.
