@@ -183,3 +183,30 @@ async def test_jobs_that_end_together_are_followed_by_the_next_claim_at_once(tmp
         await worker.close()
     finally:
         await engine.dispose()
+
+
+async def test_the_erasure_notices_are_polled_every_pass_and_the_gauges_every_tenth(tmp_path: Path) -> None:
+    """`on_every_pass` (the erasure notices: an erasure must reach every process within about one
+    interval) runs at each pass, `on_pass` (the backlog gauges) at every tenth, from the first."""
+    calls = {"every": 0, "tenth": 0}
+
+    async def count(name: str) -> None:
+        calls[name] += 1
+
+    engine, _runner, worker = await _worker(
+        tmp_path,
+        {},
+        lease_seconds=60,
+        on_pass=lambda: count("tenth"),
+        on_every_pass=lambda: count("every"),
+    )
+    try:
+        worker.start()
+        deadline = time.monotonic() + 10
+        while calls["every"] < 25:
+            assert time.monotonic() < deadline, calls
+            await asyncio.sleep(0.01)
+        await worker.close()
+    finally:
+        await engine.dispose()
+    assert calls["tenth"] == (calls["every"] + 9) // 10

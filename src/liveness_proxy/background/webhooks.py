@@ -71,8 +71,11 @@ class WebhookDeliveries:
     async def run(self, job: ClaimedJob, *, lease_owner: str) -> None:
         event = await self._outbox.event(job.ref)
         now = self._wall_clock()
-        if event is None:  # nothing to send (the event was erased): the job has no purpose left
+        if event is None:  # nothing to send: the job has no purpose left
             await self._recorder.abandon(job, owner=lease_owner, now=now)
+            return
+        if event.body is None:  # erased (store/erasure.py), and queued again since: cancelled again
+            await self._recorder.abandon(job, owner=lease_owner, now=now, state="cancelled", error="erased")
             return
         outcome = await self._sender.attempt(event.event_id, event.body)
         now = self._wall_clock()

@@ -69,9 +69,11 @@ class BackgroundWorker:
         wall_clock: Callable[[], float],
         logger: structlog.typing.FilteringBoundLogger,
         on_pass: Callable[[], Awaitable[None]] | None = None,
+        on_every_pass: Callable[[], Awaitable[None]] | None = None,
         grace_seconds: float = 5.0,
     ) -> None:
-        """`on_pass` runs every `sample_every` passes (the backlog gauges)."""
+        """`on_pass` runs every tenth pass (the backlog gauges); `on_every_pass` every pass (the
+        erasure notices, which must reach every process within about an interval)."""
         self._queue = queue
         self._runners = tuple(runners)
         self._lease_seconds = lease_seconds
@@ -79,6 +81,7 @@ class BackgroundWorker:
         self._wall_clock = wall_clock
         self._logger = logger
         self._on_pass = on_pass
+        self._on_every_pass = on_every_pass
         self._grace_seconds = grace_seconds
         self.lease_owner = new_lease_owner()
         self._in_flight: dict[str, dict[int, asyncio.Task[None]]] = {
@@ -119,6 +122,8 @@ class BackgroundWorker:
         while not self._closing:
             self._wakeup.clear()
             try:
+                if self._on_every_pass is not None:
+                    await self._on_every_pass()
                 await self._claim_and_start()
                 if self._on_pass is not None and passes % 10 == 0:
                     await self._on_pass()

@@ -191,8 +191,8 @@ def cmd_webhooks_resend(args: argparse.Namespace) -> int:
         async with current_schema_database(settings) as engine:
             outbox = WebhookOutbox(engine)
             event = await outbox.event(args.event_id)
-            if event is None:
-                return None, False, None
+            if event is None or event.body is None:
+                return event, False, None
             if not await JobQueue(engine).requeue("deliver", args.event_id, now=time.time()):
                 return event, False, None
             return event, True, await outbox.endpoint_disabled_at()
@@ -201,6 +201,12 @@ def cmd_webhooks_resend(args: argparse.Namespace) -> int:
     if event is None:
         print(
             f"no webhook event with id {args.event_id!r} (see `liveness-proxy webhooks list`)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if event.body is None:
+        print(
+            f"{event.event_id} was erased (an erasure or the retention): there is nothing to resend",
             file=sys.stderr,
         )
         return EXIT_FAILURE

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from liveness_proxy.store.audit import ChainWriter
 from liveness_proxy.store.audit_chain import AuditKeys, AuditRecord, column_values
 from liveness_proxy.store.group_commit import GroupCommitter
-from liveness_proxy.store.jobs import ClaimedJob, JobQueue
+from liveness_proxy.store.jobs import ClaimedJob, JobQueue, JobState
 from liveness_proxy.store.outbox import disable_endpoint, mark_event_attempt
 
 AttemptResult = Literal["delivered", "gone", "failed"]
@@ -72,16 +72,25 @@ class DeliveryRecorder:
         await self._committer.submit(settlement)
         return settlement.settled
 
-    async def abandon(self, job: ClaimedJob, *, owner: str, now: float) -> None:
-        """Ends a delivery whose event no longer exists, without an attempt or a chain event."""
+    async def abandon(
+        self,
+        job: ClaimedJob,
+        *,
+        owner: str,
+        now: float,
+        state: JobState = "done",
+        error: str = "event not found",
+    ) -> None:
+        """Ends a delivery whose event no longer exists (or was erased: `state` "cancelled"),
+        without an attempt or a chain event."""
         async with self._engine.begin() as connection:
             await self._queue.settle(
                 connection,
                 job,
                 owner=owner,
-                state="done",
+                state=state,
                 now=now,
-                error="event not found",
+                error=error,
                 count_attempt=False,
             )
 

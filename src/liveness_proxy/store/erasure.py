@@ -387,6 +387,11 @@ class Erasure:
                     .select_from(session_token_bindings)
                     .where(session_token_bindings.c.subject_hash == binding_hash),
                 )
+        if commitment is not None and self._redis is not None:
+            # Counted as `_erase_by_commitment` erases them: the bindings are session tokens.
+            named, bindings = await _redis_matches(self._redis, commitment, self._binding_hash(commitment))
+            counts.redis_keys = len(named)
+            counts.session_tokens += len(bindings)
         return counts
 
     async def _count_sessions(
@@ -455,15 +460,13 @@ def _has_plain() -> Any:
     return or_(audit_records.c.subject.is_not(None), audit_records.c.personal.is_not(None))
 
 
-async def _erase_redis(redis: RedisKeys, commitment: str, binding_hash: str) -> tuple[int, int]:
-    """Deletes the keys named after the commitment (limit counters) and the session-token bindings
-    whose value names its binding hash; returns (keys, bindings)."""
+async def _redis_matches(redis: RedisKeys, commitment: str, binding_hash: str) -> tuple[list[Any], list[Any]]:
+    """The keys named after the commitment (limit counters) and the session-token bindings whose
+    value names its binding hash."""
     client = redis.client
     named = [
         key async for key in client.scan_iter(match=f"{_glob_escape(redis.prefix)}*{commitment}*", count=1000)
     ]
-    if named:
-        await client.delete(*named)
     bindings = []
     async for key in client.scan_iter(match=f"{_glob_escape(redis.prefix)}session-token:*", count=1000):
         value = await client.get(key)
@@ -471,8 +474,14 @@ async def _erase_redis(redis: RedisKeys, commitment: str, binding_hash: str) -> 
             binding_hash + " "
         ):
             bindings.append(key)
-    if bindings:
-        await client.delete(*bindings)
+    return named, bindings
+
+
+async def _erase_redis(redis: RedisKeys, commitment: str, binding_hash: str) -> tuple[int, int]:
+    """Deletes `_redis_matches`; returns how many of each (keys, bindings)."""
+    named, bindings = await _redis_matches(redis, commitment, binding_hash)
+    if named or bindings:
+        await redis.client.delete(*named, *bindings)
     return len(named), len(bindings)
 
 

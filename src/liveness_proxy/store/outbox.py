@@ -28,7 +28,7 @@ class StoredEvent:
     event_id: str
     type: str
     session_id: str | None
-    body: bytes
+    body: bytes | None  # None once erased (store/erasure.py): there is nothing left to send
     created_at: float
     state: str  # queued, done (delivered) or dead
     attempts: int
@@ -99,7 +99,7 @@ class WebhookOutbox:
                 event_id=row.event_id,
                 type=row.type,
                 session_id=row.session_id,
-                body=str(row.body).encode(),
+                body=None if row.body is None else str(row.body).encode(),
                 created_at=row.created_at,
                 state=row.state,
                 attempts=row.attempts,

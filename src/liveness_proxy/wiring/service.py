@@ -440,7 +440,6 @@ async def running_service(
         notices = ErasureNotices(engine, forget_subjects)
 
         async def sample_backlog() -> None:
-            await notices.poll()
             metrics.jobs_counted(
                 await queue.counts(), endpoint_disabled=await outbox.endpoint_disabled_at() is not None
             )
@@ -453,6 +452,7 @@ async def running_service(
             wall_clock=wall_clock,
             logger=logger,
             on_pass=sample_backlog,
+            on_every_pass=notices.poll,  # every pass: an erasure reaches each process within an interval
             # Long enough for a delivery in flight to end, within the operator's shutdown budget: a
             # cut one is released at once, but it may then arrive twice (same webhook-id).
             grace_seconds=min(
