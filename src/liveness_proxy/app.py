@@ -53,6 +53,8 @@ SERVICE_OPERATIONS = (
     "createSession",
     "getSessionRecord",
     "listSessions",
+    "eraseSession",
+    "eraseSubject",
     "readiness",
 )
 
@@ -198,6 +200,8 @@ def create_app(
                 "createSession": liveness.create_session,
                 "getSessionRecord": admin.session_record,
                 "listSessions": admin.list_sessions,
+                "eraseSession": admin.erase_session,
+                "eraseSubject": admin.erase_subject,
                 "readiness": readiness_handler(service),
             }
             proxy.router.routes[:] = starlette_routes(ROUTES, handlers, optional=OPTIONAL_OPERATIONS)

@@ -155,6 +155,59 @@ class SessionList(_ClosedObject):
     )
 
 
+class EraseSubjectRequest(_ClosedObject):
+    """Closed: any other member is refused (422), whatever LIVENESS_PROXY_EXTRA_BODY_FIELDS lists
+    (nothing of this body goes upstream)."""
+
+    subject: str = Field(
+        min_length=1,
+        max_length=255,
+        description="The subject to forget, as the proxy knows it: an API key's subject, a JWT's "
+        "`sub`, or the host's caller in library mode. In the body, never in a URL, where access "
+        "logs would keep it.",
+    )
+    dry_run: bool = Field(default=False, description="true: count what would be erased, erase nothing.")
+
+
+class ErasedCounts(_ClosedObject):
+    """What an erasure removed (or, with dry_run, would remove); all zeros when there was nothing."""
+
+    sessions: int = Field(ge=0, description="Session bindings, with their verdicts and stored results.")
+    audit_records: int = Field(
+        ge=0,
+        description="Audit records whose plain values were erased; their commitments stay, and the chain.",
+    )
+    webhook_events_cancelled: int = Field(
+        ge=0, description="Webhook events not delivered yet: cancelled, their payloads erased."
+    )
+    webhook_payloads_erased: int = Field(ge=0, description="Payloads of webhook events already delivered.")
+    idempotency_records: int = Field(ge=0, description="Stored create answers, replayed for a repeated key.")
+    session_tokens: int = Field(ge=0, description="Session-token bindings (in the database or Redis).")
+    api_keys_revoked: int = Field(
+        ge=0, description="API keys of the subject: revoked, their subject replaced by its commitment."
+    )
+    redis_keys: int = Field(
+        ge=0, description="Redis keys named after the subject's commitment (limit counters)."
+    )
+    subject_secrets: int = Field(
+        ge=0,
+        description="The subject's secret (0 or 1): once it is gone, nothing links the remaining "
+        "commitments to the subject.",
+    )
+
+
+class ErasureResult(_ClosedObject):
+    commitment: str | None = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="The commitment of the subject whose data this was, as the chained "
+        "`subject.erased` or `session.erased` event records it (never the subject itself); null "
+        "when the proxy holds no secret for the subject (it never made a request, or was erased "
+        "already) or, for a session, when the session is unknown.",
+    )
+    dry_run: bool
+    erased: ErasedCounts
+
+
 class _WebhookBody(BaseModel):
     """A webhook body: what each member means is fixed, but members may be added in a later
     version, so a receiver should ignore the ones it does not know (no `additionalProperties`)."""
@@ -278,6 +331,9 @@ def json_schema_components() -> dict[str, Any]:
         SessionSummary,
         SessionRecord,
         SessionList,
+        EraseSubjectRequest,
+        ErasedCounts,
+        ErasureResult,
         SessionCompletedEvent,
         SessionExpiredEvent,
         SessionUnresolvedEvent,

@@ -12,7 +12,9 @@ the count asserted, so the run fails if generation silently shrinks.
 The request bodies are closed and bounded in the document, so a positive case is a body the proxy
 must accept as it is: a session-token request is answered 200, and a create is answered 201 when its
 session token was issued to the same caller just before, else 422 `session-token-invalid` (a token
-schemathesis made up was never issued to anyone), and only a 201 ever reaches Cynopsis.
+schemathesis made up was never issued to anyone), and only a 201 ever reaches Cynopsis. An admin's
+erasure (of a subject, or of a session) is answered 200, with zeros when there is nothing to erase;
+anyone else's is refused with 403.
 
 The stateful test lets schemathesis chain the operations through the document's own OpenAPI links
 (session token → create → result), with a valid API key: a create answered 201 must be reached with a
@@ -83,7 +85,24 @@ CREATE_SESSION = "POST /v1/liveness/sessions"
 RESULT = "GET /v1/liveness/sessions/{session_id}/result"
 SESSION_RECORD = "GET /v1/liveness/sessions/{session_id}"
 LIST_SESSIONS = "GET /v1/liveness/sessions"
-LIVENESS_ROUTES = (SESSION_TOKEN, CREATE_SESSION, RESULT, SESSION_RECORD, LIST_SESSIONS)
+ERASE_SESSION = "DELETE /v1/liveness/sessions/{session_id}"
+ERASE_SUBJECT = "POST /v1/subjects/erase"
+# The erasures last: they remove sessions the other routes' cases read.
+LIVENESS_ROUTES = (
+    SESSION_TOKEN,
+    CREATE_SESSION,
+    RESULT,
+    SESSION_RECORD,
+    LIST_SESSIONS,
+    ERASE_SESSION,
+    ERASE_SUBJECT,
+)
+# Routes that refuse a caller without `liveness:admin` (403) before they read anything else.
+ADMIN_ROUTES = (SESSION_RECORD, LIST_SESSIONS, ERASE_SESSION, ERASE_SUBJECT)
+# Subjects a generated erasure must not name, so it is changed before it is sent: those of the run's
+# API keys (erasing one would revoke a key the later cases count on as valid), and the admins' own
+# (refused with 422).
+RESERVED_SUBJECTS = frozenset({"alice", "bob", "ops", "jwt-ops"})
 # Filters whose random values match no session (a random subject, a time in year 312).
 NARROWING_FILTERS = ("subject", "reference", "created_after", "created_before")
 UPSTREAM_RESULT_PREFIX = "/service/liveness-v2/liveness_result/"
@@ -120,7 +139,8 @@ ODD_CONTENT_TYPES = (
 # Cases per operation and generation mode. Positive cases conform to the document, with the
 # credential drawn per case (most of them valid); negative cases break it (bodies that are not
 # objects, malformed session ids, stray headers). Operations without parameters have no negative
-# form. The sum (2400) is the exact count when Hypothesis runs every campaign to its end.
+# form. The sum (2780) is the exact count when Hypothesis runs every campaign to its end. The
+# erasures run last: they remove the sessions the other campaigns read.
 CAMPAIGNS: tuple[tuple[str, GenerationMode, int], ...] = (
     (SESSION_TOKEN, GenerationMode.POSITIVE, 330),
     (SESSION_TOKEN, GenerationMode.NEGATIVE, 170),
@@ -138,6 +158,10 @@ CAMPAIGNS: tuple[tuple[str, GenerationMode, int], ...] = (
     ("GET /openapi.json", GenerationMode.POSITIVE, 30),
     ("GET /client/liveness-proxy-client.js", GenerationMode.POSITIVE, 20),
     ("GET /client/liveness-proxy-client.d.ts", GenerationMode.POSITIVE, 20),
+    (ERASE_SESSION, GenerationMode.POSITIVE, 120),
+    (ERASE_SESSION, GenerationMode.NEGATIVE, 60),
+    (ERASE_SUBJECT, GenerationMode.POSITIVE, 120),
+    (ERASE_SUBJECT, GenerationMode.NEGATIVE, 80),
 )
 RATE_LIMITED_CASES_PER_ROUTE = 40
 # What the proxy must have answered at least once: a run that only ever met 401s and 404s fails.
@@ -164,6 +188,14 @@ REQUIRED_OUTCOMES = {
     (LIST_SESSIONS, 400),
     (LIST_SESSIONS, 401),
     (LIST_SESSIONS, 403),
+    (ERASE_SESSION, 200),
+    (ERASE_SESSION, 400),
+    (ERASE_SESSION, 401),
+    (ERASE_SESSION, 403),
+    (ERASE_SUBJECT, 200),
+    (ERASE_SUBJECT, 401),
+    (ERASE_SUBJECT, 403),
+    (ERASE_SUBJECT, 422),
     ("GET /healthz", 200),
     ("GET /readyz", 200),
     ("GET /metrics", 200),
@@ -193,6 +225,8 @@ class Credential:
     headers: Mapping[str, str]
     # Whom the proxy knows the caller as, where a promise depends on it (the owner of issued tokens).
     subject: str | None = None
+    # Holds `liveness:admin`: the admin routes answer it, and refuse any other caller (403).
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,9 +321,9 @@ def _credentials(
     return [
         Credential("api-key-bearer", True, bearer(proxy.keys.alice), subject=ISSUED_TO),
         Credential("api-key-header", True, {"X-API-Key": proxy.keys.alice}, subject=ISSUED_TO),
-        Credential("admin-api-key", True, bearer(proxy.keys.admin)),
+        Credential("admin-api-key", True, bearer(proxy.keys.admin), admin=True),
         Credential("jwt", True, bearer(_jwt(idp_key, "jwt-user"))),
-        Credential("admin-jwt", True, bearer(_jwt(idp_key, "jwt-ops", scope="liveness:admin"))),
+        Credential("admin-jwt", True, bearer(_jwt(idp_key, "jwt-ops", scope="liveness:admin")), admin=True),
         Credential("none", False, {}),
         Credential("unknown-api-key", False, bearer(unknown_key)),
         Credential("revoked-api-key", False, bearer(proxy.keys.revocable)),
@@ -443,6 +477,11 @@ class Fuzzer:
             case.query = {name: value for name, value in case.query.items() if name not in NARROWING_FILTERS}
             if "cursor" in case.query:
                 case.query["cursor"] = self.known_cursor
+        if case.operation.label == ERASE_SUBJECT and isinstance(case.body, dict):
+            subject = case.body.get("subject")
+            if isinstance(subject, str) and subject in RESERVED_SUBJECTS:
+                case.body["subject"] = f"{subject}-not"
+            return None
         if case.operation.label != CREATE_SESSION or not isinstance(case.body, dict):
             return None
         if variation.session_token == "oversized":
@@ -499,8 +538,9 @@ class Fuzzer:
             content_type = variation.content_type
             sent_json = content_type is None or JSON_MEDIA_TYPE.fullmatch(content_type.split(";")[0].strip())
             body_sent = not isinstance(case.body, NotSet)
-            # (The rate limit is checked before the body is read.)
-            if variation.credential.valid and body_sent and not sent_json and status not in (413, 415, 429):
+            # (The rate limit is checked before the body is read, and on the admin routes the scope.)
+            read_first = (413, 415, 429, *((403,) if label in ADMIN_ROUTES else ()))
+            if variation.credential.valid and body_sent and not sent_json and status not in read_first:
                 broken.append(f"a body sent as {content_type!r} was not refused with 415")
             if variation.credential.valid and (sent_json or not body_sent) and status != 429:
                 broken += _conforming_body_issues(case, response, variation.credential, token_source)
@@ -535,6 +575,11 @@ def _conforming_body_issues(
     status, label = response.status_code, case.operation.label
     if label == SESSION_TOKEN:
         return [] if status == 200 else [f"a conforming session-token request was answered {status}"]
+    if label in (ERASE_SUBJECT, ERASE_SESSION):
+        # An admin's erasure is answered 200 (zeros when there is nothing to erase), unless its
+        # subject makes the body too large; anyone else's is refused before anything is read.
+        wanted = ((200, 413) if label == ERASE_SUBJECT else (200,)) if credential.admin else (403,)
+        return [] if status in wanted else [f"a conforming erasure was answered {status}, not {wanted}"]
     if label != CREATE_SESSION:
         return []
     # (status, problem slug) answers that keep the promise; None: any slug.

@@ -1,10 +1,15 @@
 """The admin's routes (scope `liveness:admin`): the session list and one session's record, for a
-backend that must not trust the frontend.
+backend that must not trust the frontend; and erasure, of a subject or of one session.
 
-Both are audited like every liveness route (`session.list`, `session.read`, `session.refresh`) and
-count against the caller's result-read limit. The record reads upstream only when asked
-(`?refresh=true`) and only while no verdict is stored: a stored verdict is final, so a second
-refresh costs no upstream call.
+All are audited like every liveness route (`session.list`, `session.read`, `session.refresh`,
+`subject.erase`, `session.erase`) and count against the caller's result-read limit. The record
+reads upstream only when asked (`?refresh=true`) and only while no verdict is stored: a stored
+verdict is final, so a second refresh costs no upstream call.
+
+An erasure's audit record names the admin who asked, never the subject erased: the subject travels
+in the body only, and is neither logged nor recorded (the chained `subject.erased` event holds its
+commitment). Erasing is idempotent: a repeat, or a subject or session the proxy never knew, answers
+200 with zeros.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from liveness_proxy.api.audit_policy import AuditContext, AuditPolicy
+from liveness_proxy.api.bodies import read_json_object
+from liveness_proxy.api.declared import DeclaredBody
 from liveness_proxy.api.handlers import valid_session_id
 from liveness_proxy.api.responses import json_response
 from liveness_proxy.api.session_list_query import encode_cursor, parse_list_query
 from liveness_proxy.api.session_views import session_record, session_summary
 from liveness_proxy.auth import ADMIN_SCOPE, Caller
-from liveness_proxy.errors import BadRequest, Forbidden, NotFound
+from liveness_proxy.errors import BadRequest, Forbidden, NotFound, UnprocessableContent
 from liveness_proxy.middleware import request_id_of
+from liveness_proxy.schemas import EraseSubjectRequest
 from liveness_proxy.store import SessionOwner, SessionQueries
 from liveness_proxy.wiring import RequestPolicy, Service
 
@@ -33,6 +41,7 @@ Authenticate = Callable[[Request], Awaitable[Caller]]
 class AdminHandlers:
     def __init__(self, service: Service, policy: RequestPolicy, *, authenticate: Authenticate) -> None:
         self._service = service
+        self._policy = policy
         self._pass_threshold = policy.pass_threshold
         self._authenticate = authenticate
         self._sessions = SessionQueries(service.engine)
@@ -42,12 +51,20 @@ class AdminHandlers:
             logger=service.logger,
             wall_clock=service.wall_clock,
         )
+        # Closed whatever LIVENESS_PROXY_EXTRA_BODY_FIELDS lists: nothing of it goes upstream.
+        self._erase_body = DeclaredBody(EraseSubjectRequest, extra_fields=())
 
     async def list_sessions(self, request: Request) -> Response:
         return await self._audit.run(request, "session.list", self._list_sessions)
 
     async def session_record(self, request: Request) -> Response:
         return await self._audit.run(request, "session.read", self._session_record)
+
+    async def erase_subject(self, request: Request) -> Response:
+        return await self._audit.run(request, "subject.erase", self._erase_subject)
+
+    async def erase_session(self, request: Request) -> Response:
+        return await self._audit.run(request, "session.erase", self._erase_session)
 
     async def _list_sessions(self, request: Request, audit: AuditContext) -> Response:
         await self._admin(request, audit)
@@ -65,7 +82,7 @@ class AdminHandlers:
         await self._admin(request, audit)
         session_id = valid_session_id(request)
         audit.session_id = session_id
-        refresh = refresh_requested(request.query_params)
+        refresh = query_flag(request.query_params, "refresh")
         if refresh:
             audit.action = "session.refresh"
         owner = await service.ownership.owner_of(session_id, fresh=True)
@@ -75,6 +92,41 @@ class AdminHandlers:
             owner = await self._read_upstream(owner, request_id_of(request.scope), audit)
         events = await service.outbox.events(session_id=session_id)
         return json_response(orjson.dumps(session_record(owner, self._pass_threshold, events)))
+
+    async def _erase_subject(self, request: Request, audit: AuditContext) -> Response:
+        caller = await self._admin(request, audit)
+        policy = self._policy
+        payload = await read_json_object(
+            request, policy.max_body_bytes, allow_empty=False, timeout_seconds=policy.body_timeout_seconds
+        )
+        body = self._erase_body.validate(payload)
+        # The subject stays in this frame: not in the audit context, the log or the answer.
+        subject = str(body["subject"])
+        if subject == caller.subject:
+            # This request's own audit record, written after the erasure, would hold the name in
+            # plain beside a commitment whose secret is gone: `audit verify` would call it orphaned.
+            raise UnprocessableContent(
+                "An admin cannot erase its own subject: ask another admin, or run "
+                "`liveness-proxy subjects erase`."
+            )
+        result = await self._service.erasure.erase_subject(
+            subject, request_id=request_id_of(request.scope), dry_run=body.get("dry_run") is True
+        )
+        return json_response(orjson.dumps(result.as_dict()))
+
+    async def _erase_session(self, request: Request, audit: AuditContext) -> Response:
+        await self._admin(request, audit)
+        # The request's record does not name the session: an erasure erases the plain values of
+        # every record that does, so a repeat would find this one and never answer zeros. The
+        # chained `session.erased` event names it, under this request's id.
+        session_id = valid_session_id(request)
+        dry_run = query_flag(request.query_params, "dry_run")
+        # An unknown or already erased session answers zeros, like a repeat: not a 404 (see the
+        # OpenAPI description).
+        result = await self._service.erasure.erase_session(
+            session_id, request_id=request_id_of(request.scope), dry_run=dry_run
+        )
+        return json_response(orjson.dumps(result.as_dict()))
 
     async def _read_upstream(self, owner: SessionOwner, request_id: str, audit: AuditContext) -> SessionOwner:
         """Reads the result now, as a caller's read would, and records a terminal one as the
@@ -95,12 +147,12 @@ class AdminHandlers:
         return caller
 
 
-def refresh_requested(query: QueryParams) -> bool:
-    """`refresh=true` or `refresh=false`; absent is false. Other query parameters of the record
-    route are ignored, as they always were."""
-    values = query.getlist("refresh")
+def query_flag(query: QueryParams, name: str) -> bool:
+    """`name=true` or `name=false` (the record's `refresh`, the session erasure's `dry_run`); absent
+    is false. Other query parameters of those routes are ignored, as they always were."""
+    values = query.getlist(name)
     if not values:
         return False
     if len(values) > 1 or values[0] not in ("true", "false"):
-        raise BadRequest("'refresh' must be given once, as true or false.")
+        raise BadRequest(f"'{name}' must be given once, as true or false.")
     return values[0] == "true"

@@ -154,6 +154,36 @@ _REFRESH_PARAMETER: dict[str, Any] = {
 }
 
 
+_DRY_RUN_PARAMETER: dict[str, Any] = {
+    "name": "dry_run",
+    "in": "query",
+    "required": False,
+    "description": "true: count what would be erased, erase nothing.",
+    "schema": {"type": "boolean", "default": False},
+}
+
+
+def _admin_errors() -> dict[str, Any]:
+    """What an admin route without an upstream call can answer besides its own result and 400."""
+    return {
+        "403": _problem("The caller lacks the liveness:admin scope."),
+        "429": _problem("Rate limited (the result-read limit).", retry_after=True),
+        "503": _problem(
+            "The JWT verification keys are unavailable, or the proxy's database cannot be reached.",
+            retry_after=True,
+        ),
+        **_caller_errors(),
+    }
+
+
+_ERASURE_TEXT = (
+    "Idempotent: a repeat, or a subject or session the proxy holds nothing about, answers 200 with "
+    "zeros. `dry_run` counts what would be erased and changes nothing. The audit chain stays "
+    "verifiable: the erased records keep their commitments, and a chained event records the "
+    "commitment and the counts, never the subject. Counts against the result-read limit."
+)
+
+
 def _list_parameters() -> list[dict[str, Any]]:
     def query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
@@ -320,13 +350,51 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
                     "A query parameter is unknown, repeated or malformed, or the cursor is not one "
                     "this route returned."
                 ),
-                "403": _problem("The caller lacks the liveness:admin scope."),
-                "429": _problem("Rate limited (the result-read limit).", retry_after=True),
-                "503": _problem(
-                    "The JWT verification keys are unavailable, or the proxy's database cannot be reached.",
-                    retry_after=True,
+                **_admin_errors(),
+            },
+        },
+        "eraseSubject": {
+            "summary": "Admin only (liveness:admin): forget a subject everywhere the proxy keeps it.",
+            "description": "Removes the subject's sessions (bindings, verdicts, stored results), "
+            "idempotency records and session-token bindings; cancels its undelivered webhook events "
+            "and erases their payloads; erases the plain values of its audit records; revokes its "
+            "API keys; and destroys its secret, so that nothing left can be linked to it. A subject "
+            "that comes back gets a new secret and starts clean. The subject goes in the body, "
+            "never in a URL, where access logs would keep it. " + _ERASURE_TEXT + " Audited as "
+            "`subject.erase`, under the admin who asked: the erased subject is in no audit record "
+            "and no log line.",
+            "security": _SECURITY,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("EraseSubjectRequest")}},
+            },
+            "responses": {
+                "200": _ok("What was erased (or, with dry_run, would be).", "ErasureResult"),
+                **_body_errors(
+                    "The body is JSON but not its declared shape: not an object, a member other than "
+                    "`subject` and `dry_run` (named in `detail`; LIVENESS_PROXY_EXTRA_BODY_FIELDS does "
+                    "not apply here), a member of the wrong type or out of bounds. Also the admin's own "
+                    "subject: this request's audit record would name it after its secret is gone (ask "
+                    "another admin, or run `liveness-proxy subjects erase`)."
                 ),
-                **_caller_errors(),
+                **_admin_errors(),
+            },
+        },
+        "eraseSession": {
+            "summary": "Admin only (liveness:admin): forget one session: its binding, verdict and "
+            "stored result, its webhook payloads, and the plain values of its audit records.",
+            "description": _ERASURE_TEXT + " An unknown session and an already erased one get the "
+            "same 200 with zeros, not a 404: erasure is idempotent, so a retried DELETE succeeds, and "
+            "whether a session existed is told to no one but an admin (any other caller gets 403 "
+            "before the session is looked up). Audited as `session.erase`, under the admin who asked; "
+            "that record does not name the session (an erasure of it would erase its plain values "
+            "too): the chained `session.erased` event does, under the same request id.",
+            "security": _SECURITY,
+            "parameters": [session_id_parameter, _DRY_RUN_PARAMETER],
+            "responses": {
+                "200": _ok("What was erased (or, with dry_run=true, would be).", "ErasureResult"),
+                "400": _problem("The session id is malformed, or `dry_run` is not true or false."),
+                **_admin_errors(),
             },
         },
         "health": {

@@ -14,6 +14,8 @@ SESSION_TOKEN_PATH = "/v1/liveness/session-token"  # nosec B105
 SESSIONS_PATH = "/v1/liveness/sessions"
 SESSION_RESULT_PATH = "/v1/liveness/sessions/{session_id}/result"
 SESSION_RECORD_PATH = "/v1/liveness/sessions/{session_id}"
+# The subject goes in the body, never in the path: URLs end up in access logs and proxies' logs.
+SUBJECT_ERASURE_PATH = "/v1/subjects/erase"
 
 # 1-128 characters of A-Za-z0-9_-: no `/`, `.` or `%`, so an id can never address another upstream path.
 SESSION_ID_REGEX = r"[A-Za-z0-9_-]{1,128}"

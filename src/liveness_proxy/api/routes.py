@@ -16,6 +16,7 @@ from liveness_proxy.api.paths import (
     SESSION_RESULT_PATH,
     SESSION_TOKEN_PATH,
     SESSIONS_PATH,
+    SUBJECT_ERASURE_PATH,
 )
 from liveness_proxy.api.responses import problem_response
 from liveness_proxy.errors import ProblemError
@@ -38,6 +39,8 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(SESSIONS_PATH, "POST", "createSession"),
     RouteSpec(SESSION_RECORD_PATH, "GET", "getSessionRecord"),
     RouteSpec(SESSIONS_PATH, "GET", "listSessions"),
+    RouteSpec(SESSION_RECORD_PATH, "DELETE", "eraseSession"),
+    RouteSpec(SUBJECT_ERASURE_PATH, "POST", "eraseSubject"),
     RouteSpec("/healthz", "GET", "health"),
     RouteSpec("/readyz", "GET", "readiness"),
     RouteSpec("/metrics", "GET", "metrics"),
@@ -67,9 +70,10 @@ class Endpoint:
 
 
 class MethodDispatch:
-    """The endpoints of one path that serves several methods (GET lists sessions, POST creates one),
-    as one route: the router then answers any other method with a 405 whose Allow header names
-    every method of the path, not only those of the first route it tried."""
+    """The endpoints of one path that serves several methods (GET lists sessions, POST creates one;
+    GET reads a session's record, DELETE erases it), as one route: the router then answers any
+    other method with a 405 whose Allow header names every method of the path, not only those of
+    the first route it tried."""
 
     __slots__ = ("_endpoints",)
 
