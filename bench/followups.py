@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import SessionOwner, SessionOwnership, create_engine
+from liveness_proxy.store.subjects import SubjectKeys, SubjectRegistry
 from liveness_proxy.store.tables import jobs, liveness_sessions, webhook_events
 
 # The request id of every finalizer read starts with this (background/finalizer.py): a verdict with
@@ -49,7 +50,9 @@ class ProxyDatabase:
     """One of our proxy's databases, opened from the benchmark's process. One event loop (and
     engine) for its whole life: `close()` it, or use it as a context manager."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, pepper: str) -> None:
+        """`pepper`: the proxy's, from which its subject keys derive."""
+        self._pepper = pepper
         self._runner = asyncio.Runner()
         self._engine: AsyncEngine = create_engine(async_database_url(database_url), pool_size=2)
 
@@ -74,11 +77,15 @@ class ProxyDatabase:
 
     async def _bind_sessions(self, prefix: str, count: int) -> None:
         ownership = SessionOwnership(self._engine, first_followup_seconds=0)
+        # A real commitment, as the create route records it: the verdict's chain event needs it.
+        keys = SubjectKeys.from_settings_values(pepper=self._pepper, subject_key="")
+        commitment = (await SubjectRegistry(self._engine, keys).resolve("bench")).commitment
         created_at = time.time()
         owners = [
             SessionOwner(
                 session_id=f"{prefix}-{index}",
                 subject="bench",
+                subject_commitment=commitment,
                 credential_id="bench-seeded",
                 created_at=created_at,
                 reference=f"order-{prefix}-{index}",  # travels in the webhook, as a caller's would

@@ -186,7 +186,7 @@ def running_targets(bench: Bench, webhook_secret: str) -> Iterator[dict[str, Tar
         targets = {}
         for mode, proxy in proxies.items():
             bench.wait_ok(proxy, "/readyz")
-            database = None if mode == "off" else ProxyDatabase(urls[mode])
+            database = None if mode == "off" else ProxyDatabase(urls[mode], pepper=bench.pepper)
             if database is not None:
                 databases.append(database)
             targets[mode] = Target(proxy, create_session(proxy), database)

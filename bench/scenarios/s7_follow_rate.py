@@ -145,7 +145,7 @@ def _follow_on_own_proxy(bench: Bench, budget: FollowBudget, webhook_secret: str
     proxy = bench.start_ours(name, env)
     try:
         bench.wait_ok(proxy, "/readyz")
-        with ProxyDatabase(database_url) as database:
+        with ProxyDatabase(database_url, pepper=bench.pepper) as database:
             return follow_on(bench, FollowTarget(proxy, database), "follow")
     finally:
         bench.children.stop(proxy.process)

@@ -80,6 +80,9 @@ class SessionOwnership:
     async def bind(self, owner: SessionOwner, request_id: str) -> None:
         """Writes the binding. Durable on return; SessionAlreadyBound if the id is taken. Cancelling
         the caller does not withdraw a queued binding."""
+        if owner.subject_commitment is None:
+            # Refused here, not later: the verdict's chain event could never be written for it.
+            raise ValueError("a session binding needs its subject's commitment (store/subjects.py)")
         await self._committer.submit((owner, request_id))
         self._remember(owner)
 
