@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _ClosedObject(BaseModel):
@@ -167,6 +167,14 @@ class EraseSubjectRequest(_ClosedObject):
         "logs would keep it.",
     )
     dry_run: bool = Field(default=False, description="true: count what would be erased, erase nothing.")
+
+    @field_validator("subject")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        # No subject can hold NUL (PostgreSQL cannot store it): refused here, not by the database.
+        if "\x00" in value:
+            raise ValueError("must not contain NUL")
+        return value
 
 
 class ErasedCounts(_ClosedObject):

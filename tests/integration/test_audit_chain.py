@@ -469,6 +469,40 @@ async def test_the_reviewers_forgery_without_the_key_is_found(engine: AsyncEngin
         assert (problem.kind, problem.seq) == ("altered", 8)
 
 
+async def test_a_tail_re_signed_with_the_peppers_key_is_found_once_a_keys_file_is_set(
+    engine: AsyncEngine,
+) -> None:
+    """The pepper's key still verifies the records written before a keys file existed; someone who
+    holds the pepper (but not the file) must not be able to re-sign a tail with it."""
+    from liveness_proxy.store.audit_chain import parse_audit_keys
+
+    keys = parse_audit_keys("a1:" + "k" * 40, pepper=TEST_PEPPER)
+    await fill(engine, 3)  # signed with the pepper's key, before the file
+    log = AuditLog(engine, keys)
+    await asyncio.gather(*(log.append(record(index)) for index in range(3, 8)))
+    await log.close()
+    assert (await AuditLog(engine, keys).verify()).ok
+    stored = await rows(engine)
+    assert [row["key_id"] for row in stored] == ["pepper"] * 3 + ["a1"] * 5
+    prev = stored[4]["record_hash"]
+    for row in stored[5:]:  # a 200 made a 404, then re-signed with the pepper's key
+        row.update(status=404, key_id="pepper", prev_hash=prev)
+        row["record_hash"] = prev = TEST_AUDIT_KEYS.sign(row)
+        await execute(
+            engine,
+            "UPDATE audit_records SET status = 404, key_id = 'pepper', prev_hash = :p, record_hash = :h "
+            "WHERE seq = :s",
+            p=row["prev_hash"],
+            h=row["record_hash"],
+            s=row["seq"],
+        )
+    await execute(engine, "UPDATE audit_chain_head SET last_hash = :h", h=prev)
+    problem = (await AuditLog(engine, keys).verify()).problem
+    assert problem is not None
+    assert (problem.kind, problem.seq) == ("altered", 8)
+    assert "signed with the pepper's key" in problem.detail
+
+
 async def test_records_written_after_tampering_do_not_hide_it(engine: AsyncEngine) -> None:
     await fill(engine, 5)
     await execute(engine, "DELETE FROM audit_records WHERE seq = 3")

@@ -237,6 +237,26 @@ async def test_a_deleted_checkpointed_record_is_reported(
     assert not (await AuditLog(engine, TEST_AUDIT_KEYS).verify()).ok  # the chain names the gap too
 
 
+async def test_a_wiped_chain_with_its_anchor_raised_past_every_checkpoint_is_reported(
+    engine: AsyncEngine, signer: CheckpointSigner
+) -> None:
+    """The anchor lives in the unsigned head row: delete everything and raise it to the head, and
+    every checkpoint is "before the anchor", so none is compared. That alone is reported."""
+    await fill(engine, 6)
+    lines = [await checkpoint_now(engine, signer)]
+    [last] = [row for row in await _rows(engine) if row["seq"] == 6]
+    await execute(engine, "DELETE FROM audit_records")
+    await execute(
+        engine,
+        "UPDATE audit_chain_head SET anchor_seq = 6, anchor_hash = :h, last_seq = 6, last_hash = :h",
+        h=last["record_hash"],
+    )
+    assert (await AuditLog(engine, TEST_AUDIT_KEYS).verify()).ok  # nothing left to contradict
+    report = await check(engine, lines, signer)
+    assert kinds(report) == [(1, "truncated", 6)]
+    assert "every checkpoint is at or before the purge anchor" in report.problems[0].detail
+
+
 # -- purge and restore ------------------------------------------------------------------------------
 
 

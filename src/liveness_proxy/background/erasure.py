@@ -1,4 +1,4 @@
-"""`ErasureFollowUp`: the job an erasure leaves behind (store/erasure.py), run once, a minute later."""
+"""`ErasureFollowUp`: the job an erasure leaves behind (store/erasure.py), run once, ten minutes later."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import select, update
 
 from liveness_proxy.auth.session_tokens import KeyedHash
+from liveness_proxy.cli import EXIT_CONFIGURATION
 from liveness_proxy.cli.audit import current_schema_database, exported
 from liveness_proxy.settings import Settings
 from liveness_proxy.store.erasure import Erasure, ErasureResult, RedisKeys
@@ -23,6 +24,9 @@ from liveness_proxy.wiring.parts import create_redis, privacy_keys
 
 
 def cmd_subjects_erase(args: argparse.Namespace) -> int:
+    if "\x00" in args.subject or not args.subject:
+        print("liveness-proxy subjects erase: a subject is 1-255 characters without NUL", file=sys.stderr)
+        return EXIT_CONFIGURATION
     settings = Settings.load()
     keys = privacy_keys(settings)
 

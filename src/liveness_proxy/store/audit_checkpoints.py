@@ -518,6 +518,7 @@ async def verify_checkpoints(
             stored.update((int(row.seq), str(row.record_hash)) for row in result)
     matched = before_anchor = 0
     latest: VerifiedCheckpoint | None = None
+    newest_before: tuple[int, int] | None = None  # (seq, line) of the newest one before the anchor
     for number, checkpoint in signed:
         problem = _compare(number, checkpoint, head, anchor_hash, stored)
         if problem is not None:
@@ -526,12 +527,28 @@ async def verify_checkpoints(
         seq = int(checkpoint["seq"])
         if seq <= head.anchor_seq:
             before_anchor += 1
+            if newest_before is None or seq > newest_before[0]:
+                newest_before = (seq, number)
             continue
         matched += 1
         if latest is None or seq >= latest.seq:
             latest = VerifiedCheckpoint(
                 number, seq, checkpoint["head_hash"], checkpoint["at"], checkpoint["key"]
             )
+    if newest_before is not None and latest is None:
+        # The anchor sits in the head row, which is not signed: deleting every record and raising the
+        # anchor to the head would leave nothing to compare. A purge on a retention schedule never
+        # reaches the newest checkpoint (they are minutes apart, retention is days).
+        seq, number = newest_before
+        problems.append(
+            CheckpointProblem(
+                number,
+                "truncated",
+                seq,
+                f"every checkpoint is at or before the purge anchor (seq {head.anchor_seq}): the chain was "
+                "purged past its newest checkpoint, or wiped and its anchor raised",
+            )
+        )
     problems.sort(key=lambda problem: problem.line)
     return CheckpointReport(
         checked=checked,

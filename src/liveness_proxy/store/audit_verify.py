@@ -19,7 +19,13 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from liveness_proxy.store.audit_chain import HEAD_ROW_ID, AuditChainMissing, AuditKeys, personal_matches
+from liveness_proxy.store.audit_chain import (
+    HEAD_ROW_ID,
+    PEPPER_AUDIT_KEY_ID,
+    AuditChainMissing,
+    AuditKeys,
+    personal_matches,
+)
 from liveness_proxy.store.tables import audit_chain_head, audit_records
 
 # Rows per read while verifying or exporting, and per transaction while purging: small enough that
@@ -215,6 +221,7 @@ class _ChainWalker:
         self.prev_hash = anchor_hash
         self.verified = 0
         self.last_id: int | None = None
+        self.last_key_id: str | None = None
 
     def check(self, row: Row[Any]) -> ChainProblem | None:
         seq, record_id = int(row.seq), int(row.id)
@@ -260,6 +267,7 @@ class _ChainWalker:
         self.prev_hash = str(values["record_hash"])
         self.verified += 1
         self.last_id = record_id
+        self.last_key_id = str(values["key_id"])
         return None
 
     def check_end(self, head_seq: int, head_hash: str) -> ChainProblem | None:
@@ -282,6 +290,19 @@ class _ChainWalker:
                 last_seq,
                 self.last_id,
                 "the last record's hash is not the head's: the last record was replaced or the head altered",
+            )
+        if self.last_key_id == PEPPER_AUDIT_KEY_ID and self.keys.signing_key_id != PEPPER_AUDIT_KEY_ID:
+            # The pepper's key still verifies the records written before the keys file, but whoever
+            # holds the pepper could re-sign a whole tail with it. With a keys file, a live chain ends
+            # in a record signed by one of its keys: one that does not was re-signed, or nothing has
+            # been written since the file was added.
+            return ChainProblem(
+                "altered",
+                last_seq,
+                self.last_id,
+                "the last record is signed with the pepper's key although LIVENESS_PROXY_AUDIT_KEYS_FILE "
+                "lists keys: records re-signed by someone who holds the pepper, or none written since the "
+                "keys file was added (let the proxy write one, then verify again)",
             )
         return None
 

@@ -45,6 +45,9 @@ def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions |
     if database_url.startswith("sqlite"):
         engine = create_async_engine(
             database_url,
+            # A database error's message must not quote its parameters: subjects, addresses and
+            # other personal values travel in them, and errors are logged.
+            hide_parameters=True,
             pool_size=options.size,
             max_overflow=0,
             pool_timeout=options.timeout_seconds,
@@ -68,6 +71,7 @@ def create_engine(database_url: str, *, pool_size: int = 10, pool: PoolOptions |
             }
     return create_async_engine(
         database_url,
+        hide_parameters=True,  # as above
         pool_size=options.size,
         max_overflow=options.max_overflow,
         pool_timeout=options.timeout_seconds,

@@ -11,8 +11,8 @@
 5. last, in one transaction: its secret, an `erasure_notices` row (every process empties its subject
    caches when it sees one: `ErasureNotices`), the chained `subject.erased` event (the commitment,
    the counts and the time, never the name), and a follow-up job that runs steps 2-4 again by
-   commitment a minute later, for a record that a replica still holding the secret in its cache
-   wrote meanwhile.
+   commitment ten minutes later (longer than any request may take), for a record that a replica
+   still holding the secret in its cache wrote meanwhile.
 
 Steps 2-4 run in transactions of at most `batch_size` rows, so that PostgreSQL never holds their
 locks for long; the secret goes last, so that an erasure cut short by a crash is finished by running
@@ -60,7 +60,7 @@ from liveness_proxy.store.tables import (
 DEFAULT_BATCH = 500
 # When the follow-up runs: well after every process has seen the notice (a second, at the worker's
 # interval) and any request that resolved the secret before it has ended.
-FOLLOW_UP_SECONDS = 60.0
+FOLLOW_UP_SECONDS = 600.0  # the longest a request may take (body and upstream timeouts), and more
 ERASED_NAME = "(erased)"
 
 
@@ -147,6 +147,14 @@ class Erasure:
         counts.add(await self._erase_sessions(subject=subject, commitment=commitment, now=now))
         if commitment is not None:
             counts.add(await self._erase_by_commitment(commitment, now))
+        # By name too: a record a replica wrote under an older secret of this subject (a stale cache
+        # across an earlier erasure) carries another commitment. No index: a scan, once per erasure.
+        while True:
+            async with self._engine.begin() as connection:
+                erased = await self._erase_audit_rows(connection, audit_records.c.subject == subject, now)
+            counts.audit_records += erased
+            if erased < self._batch:
+                break
         if found is None and counts.total == 0:
             return ErasureResult(counts, None, dry_run=False)
         async with self._engine.begin() as connection:
@@ -215,17 +223,19 @@ class Erasure:
                 )
             return ErasureResult(counts, commitment, dry_run=True)
         counts = ErasureCounts()
-        async with self._engine.begin() as connection:
-            if row is not None:
+        if row is not None:
+            async with self._engine.begin() as connection:
                 await self._erase_session_rows(connection, [session_id], counts, now)
-            while True:
+        while True:  # bounded transactions, as for a subject
+            async with self._engine.begin() as connection:
                 erased = await self._erase_audit_rows(
                     connection, audit_records.c.session_id == session_id, now
                 )
-                counts.audit_records += erased
-                if erased < self._batch:
-                    break
-            if counts.total:
+            counts.audit_records += erased
+            if erased < self._batch:
+                break
+        if counts.total:
+            async with self._engine.begin() as connection:
                 await connection.execute(
                     erasure_notices.insert().values(subject_commitment=None, created_at=now)
                 )
@@ -280,6 +290,16 @@ class Erasure:
     async def _erase_session_rows(
         self, connection: AsyncConnection, ids: list[str], counts: ErasureCounts, now: float
     ) -> None:
+        if connection.dialect.name == "postgresql":
+            # The sessions' rows first, in the order the verdict ledger takes them: a verdict being
+            # recorded now either commits its event before this reads the events, or finds the row
+            # gone and writes nothing (and the two cannot deadlock over the follow-up jobs).
+            await connection.execute(
+                select(liveness_sessions.c.session_id)
+                .where(liveness_sessions.c.session_id.in_(ids))
+                .order_by(liveness_sessions.c.session_id)
+                .with_for_update()
+            )
         events = webhook_events.c
         pending = [
             str(event_id)
@@ -309,6 +329,18 @@ class Erasure:
         counts.webhook_events_cancelled += len(pending)
         counts.webhook_payloads_erased += (erased.rowcount or 0) - len(pending)
         await connection.execute(delete(jobs).where(jobs.c.kind == "finalize", jobs.c.ref.in_(ids)))
+        # An idempotent create's stored answer names its session (and would replay it): by location.
+        replays = await connection.execute(
+            delete(idempotency_keys).where(
+                or_(
+                    *(
+                        idempotency_keys.c.location.like(f"%/sessions/{session_id}/result")
+                        for session_id in ids
+                    )
+                )
+            )
+        )
+        counts.idempotency_records += replays.rowcount or 0
         deleted = await connection.execute(
             delete(liveness_sessions).where(liveness_sessions.c.session_id.in_(ids))
         )
@@ -489,24 +521,21 @@ def _glob_escape(prefix: str) -> str:
     return "".join("\\" + char if char in "*?[]\\" else char for char in prefix)
 
 
-async def latest_notice(engine: AsyncEngine) -> int:
-    """The highest erasure notice id (0: none): what every process polls (`ErasureNotices`)."""
-    async with engine.connect() as connection:
-        return int(
-            (await connection.execute(select(func.coalesce(func.max(erasure_notices.c.id), 0)))).scalar_one()
-        )
-
-
 class ErasureNotices:
-    """Empties this process's subject caches when an erasure anywhere in the fleet left a notice."""
+    """Empties this process's subject caches when an erasure anywhere in the fleet left a notice.
+
+    It compares the set of notice ids, not the highest: on PostgreSQL ids are taken when a
+    transaction inserts, not when it commits, so a later id can become visible before an earlier
+    one. Notices are few (one per erasure, kept a day), so the set is small."""
 
     def __init__(self, engine: AsyncEngine, forget: Callable[[], None]) -> None:
         self._engine = engine
         self._forget = forget
-        self._seen: int | None = None
+        self._seen: set[int] | None = None
 
     async def poll(self) -> None:
-        latest = await latest_notice(self._engine)
-        if self._seen is not None and latest != self._seen:
+        async with self._engine.connect() as connection:
+            ids = set((await connection.execute(select(erasure_notices.c.id))).scalars())
+        if self._seen is not None and not ids <= self._seen:
             self._forget()
-        self._seen = latest
+        self._seen = ids

@@ -107,10 +107,17 @@ class SubjectKeys:
             ) from None
 
 
+MAX_KEY_ID_LENGTH = 32  # the id prefixes every wrapped secret, in a column of 128 characters
+
+
 def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
     """Lines of `key_id:secret` (or a bare secret, whose id is derived from it), blank lines and `#`
-    comments ignored; each secret is stretched to an AES-256 key. Empty: one key from the pepper."""
-    keys: list[WrappingKey] = []
+    comments ignored; each secret is stretched to an AES-256 key. The key derived from the pepper
+    (id `pepper`) always comes first: it wraps when no line is given, and otherwise still unwraps
+    the secrets wrapped before a subject key was set (until `subjects rewrap` moves them)."""
+    keys: list[WrappingKey] = [
+        WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode()))
+    ]
     for raw in value.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -122,13 +129,15 @@ def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
         key_id, secret = key_id.strip(), secret.strip()
         if not key_id or not key_id.isascii() or not key_id.replace("-", "").replace("_", "").isalnum():
             raise ValueError("a subject key id must be letters, digits, '-' or '_'")
+        if len(key_id) > MAX_KEY_ID_LENGTH:
+            raise ValueError(f"a subject key id has at most {MAX_KEY_ID_LENGTH} characters")
+        if key_id == PEPPER_KEY_ID:
+            raise ValueError(f"the subject key id {PEPPER_KEY_ID!r} is reserved")
         if len(secret) < 32:
             raise ValueError(f"subject key {key_id}: at least 32 characters")
         if any(existing.key_id == key_id for existing in keys):
             raise ValueError(f"subject key id {key_id} appears twice")
         keys.append(WrappingKey(key_id, _stretch(secret.encode())))
-    if not keys:
-        keys.append(WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode())))
     return keys
 
 
@@ -164,7 +173,9 @@ class SubjectRegistry:
         self._cache: dict[str, SubjectSecret] = {}
         self._cache_size = cache_size
         self._wall_clock = wall_clock
-        self._creating: dict[str, asyncio.Future[SubjectSecret]] = {}
+        self._creating: dict[str, asyncio.Task[SubjectSecret]] = {}
+        # Bumped by `forget_all`: a lookup that started before an erasure must not be cached after it.
+        self._generation = 0
 
     @property
     def keys(self) -> SubjectKeys:
@@ -174,26 +185,24 @@ class SubjectRegistry:
         return self._cache.get(subject)
 
     async def resolve(self, subject: str) -> SubjectSecret:
-        """The subject's secret, created on its first use (durable on return)."""
+        """The subject's secret, created on its first use (durable on return). One round trip per
+        subject and process, however many requests wait for it; the lookup runs in a task of its
+        own, so a waiter that is cancelled (its client left) cancels nobody else's."""
         known = self._cache.get(subject)
         if known is not None:
             return known
-        pending = self._creating.get(subject)
-        if pending is not None:  # one round trip per subject and process, however many wait
-            return await asyncio.shield(pending)
-        future: asyncio.Future[SubjectSecret] = asyncio.get_running_loop().create_future()
-        self._creating[subject] = future
-        try:
-            found = await self._find_or_create(subject)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: a failure with no other waiter is not "never retrieved"
-            raise
-        finally:
-            self._creating.pop(subject, None)
-        future.set_result(found)
-        self._remember(subject, found)
-        return found
+        lookup = self._creating.get(subject)
+        if lookup is None:
+            lookup = asyncio.create_task(self._find_or_create(subject, self._generation))
+            self._creating[subject] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(subject, done))
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, subject: str, done: asyncio.Task[SubjectSecret]) -> None:
+        if self._creating.get(subject) is done:
+            del self._creating[subject]
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure whose waiters all left is not "never retrieved"
 
     async def find(self, subject: str, connection: AsyncConnection | None = None) -> SubjectSecret | None:
         """The subject's secret if it has one; never creates one, never cached (erasure, export and
@@ -223,14 +232,26 @@ class SubjectRegistry:
             )
             for lookup, wrapped in rows:
                 subject = lookups[str(lookup)]
-                found[subject] = self._opened(subject, str(lookup), str(wrapped)).commitment
+                try:
+                    found[subject] = self._opened(subject, str(lookup), str(wrapped)).commitment
+                except SubjectKeyError:
+                    # Verification reports the record (its secret does not open); it must not crash.
+                    found[subject] = None
         return found
 
     def forget_all(self) -> None:
         """After an erasure anywhere in the fleet: the next use of any subject reads the table."""
+        self._generation += 1
         self._cache.clear()
+        self._creating.clear()  # lookups in flight finish for their waiters, but are not reused
 
-    async def _find_or_create(self, subject: str) -> SubjectSecret:
+    async def _find_or_create(self, subject: str, generation: int) -> SubjectSecret:
+        found = await self._find_or_insert(subject)
+        if generation == self._generation:
+            self._remember(subject, found)
+        return found
+
+    async def _find_or_insert(self, subject: str) -> SubjectSecret:
         found = await self.find(subject)
         if found is not None:
             return found
