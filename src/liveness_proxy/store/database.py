@@ -143,6 +143,13 @@ async def upgrade_database(
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        elif connection.dialect.name == "sqlite":
+            # The sqlite3 driver opens a transaction only before INSERT, UPDATE or DELETE, so each
+            # CREATE or ALTER would commit on its own, and a migration that fails half-way (0008
+            # refusing a broken chain) would leave its tables behind at the old revision. An
+            # explicit BEGIN makes the whole upgrade one transaction, as on PostgreSQL; IMMEDIATE
+            # takes the write lock at once, so a second process starting too waits its turn.
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
         await connection.run_sync(run)
 
 
