@@ -147,8 +147,8 @@ def _rechain() -> None:
     keys = context.config.attributes.get("keys")
     if keys is None:
         raise RuntimeError(
-            "this database holds audit records: migrate it with `liveness-proxy db upgrade` (or `serve`), "
-            "which supplies the audit and subject keys"
+            "this database holds audit records or sessions: migrate it with `liveness-proxy db upgrade` "
+            "(or `serve`), which supplies the audit and subject keys"
         )
     secrets_by_subject: dict[str, bytes] = {}
 
