@@ -42,6 +42,7 @@ from liveness_proxy.store.tables import subject_secrets
 SECRET_BYTES = 32
 # The key id of the wrapping key derived from the pepper when no subject key is set.
 PEPPER_KEY_ID = "pepper"
+MAX_KEY_ID_LENGTH = 32
 
 
 class SubjectKeyError(ValueError):
@@ -109,9 +110,13 @@ class SubjectKeys:
 
 def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
     """Lines of `key_id:secret` (or a bare secret, whose id is derived from it), blank lines and `#`
-    comments ignored; each secret is stretched to an AES-256 key. Empty: one key from the pepper."""
+    comments ignored; each secret is stretched to an AES-256 key. Empty: one key from the pepper.
+
+    Errors name the line, never its key id: a bare secret that happens to hold a colon would be
+    read as `key_id:secret`, and its first part must not end up in a log."""
     keys: list[WrappingKey] = []
-    for raw in value.splitlines():
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(value.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -120,12 +125,19 @@ def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
             secret = line
             key_id = hashlib.sha256(b"subject key id\x00" + line.encode()).hexdigest()[:8]
         key_id, secret = key_id.strip(), secret.strip()
-        if not key_id or not key_id.isascii() or not key_id.replace("-", "").replace("_", "").isalnum():
-            raise ValueError("a subject key id must be letters, digits, '-' or '_'")
+        # At most MAX_KEY_ID_LENGTH: `wrapped` (128 characters) holds the id, a dot and 80 more.
+        if (
+            not key_id
+            or len(key_id) > MAX_KEY_ID_LENGTH
+            or not key_id.isascii()
+            or not key_id.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise ValueError(f"line {number}: a key id is 1-{MAX_KEY_ID_LENGTH} letters, digits, '-' or '_'")
         if len(secret) < 32:
-            raise ValueError(f"subject key {key_id}: at least 32 characters")
-        if any(existing.key_id == key_id for existing in keys):
-            raise ValueError(f"subject key id {key_id} appears twice")
+            raise ValueError(f"line {number}: the secret needs at least 32 characters")
+        if key_id in lines:
+            raise ValueError(f"line {number}: the same key id as line {lines[key_id]}")
+        lines[key_id] = number
         keys.append(WrappingKey(key_id, _stretch(secret.encode())))
     if not keys:
         keys.append(WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode())))
