@@ -24,7 +24,9 @@ def test_lines_of_key_ids_and_secrets_the_last_one_wraps() -> None:
     keys = parse_subject_keys(
         f"# rotated 2026-12\n\n  first:{'a' * 40}  \nsecond:{'b' * 32}\n", pepper=TEST_PEPPER
     )
-    assert [key.key_id for key in keys][-2:] == ["first", "second"]
+    # The pepper-derived key first: it unwraps the secrets made before a subject key was set.
+    assert [key.key_id for key in keys] == ["pepper", "first", "second"]
+    assert keys[0] == parse_subject_keys("", pepper=TEST_PEPPER)[0]
     assert all(len(key.key) == 32 for key in keys)  # AES-256
     subject_keys = SubjectKeys.from_settings_values(
         pepper=TEST_PEPPER, subject_key=f"first:{'a' * 40}\nsecond:{'b' * 32}"
@@ -66,6 +68,7 @@ def test_without_a_subject_key_one_is_derived_from_the_pepper() -> None:
         (f"clé:{SECRET}", "line 1: a key id is"),
         (f":{SECRET}", "line 1: a key id is"),
         (f"{'k' * (MAX_KEY_ID_LENGTH + 1)}:{SECRET}", "line 1: a key id is"),
+        (f"pepper:{SECRET}", "line 1: the key id 'pepper' is reserved"),
     ],
 )
 def test_refused_subject_keys(value: str, message: str) -> None:

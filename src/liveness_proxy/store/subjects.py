@@ -12,7 +12,9 @@ key derived from the API-key pepper, like every keyed hash of ours) and holds th
 with AES-GCM under the *subject key* (`LIVENESS_PROXY_SUBJECT_KEY`, several lines during a rotation:
 the last one wraps, every one unwraps), with the lookup as associated data so a wrapped secret
 cannot be moved to another row. A database reader without the subject key learns neither names nor
-secrets.
+secrets. Without a subject key, one derived from the pepper wraps; it always unwraps, so setting a
+subject key later loses nothing, and `subjects rewrap` then moves the older secrets to it (until it
+has, those open with the pepper alone).
 
 `SubjectRegistry` is the runtime side: a per-process cache in front of the table (a subject's secret
 never changes while it exists, so a cached one is only wrong after an erasure, which empties every
@@ -40,7 +42,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from liveness_proxy.store.tables import subject_secrets
 
 SECRET_BYTES = 32
-# The key id of the wrapping key derived from the pepper when no subject key is set.
+# The key id of the wrapping key derived from the pepper: it wraps when no subject key is set, and
+# always unwraps.
 PEPPER_KEY_ID = "pepper"
 MAX_KEY_ID_LENGTH = 32
 
@@ -110,11 +113,13 @@ class SubjectKeys:
 
 def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
     """Lines of `key_id:secret` (or a bare secret, whose id is derived from it), blank lines and `#`
-    comments ignored; each secret is stretched to an AES-256 key. Empty: one key from the pepper.
+    comments ignored; each secret is stretched to an AES-256 key. The key derived from the pepper
+    (id `pepper`) comes first and always unwraps, and wraps when no line is given: the secrets made
+    before a subject key was set stay readable once it is (`subjects rewrap` then moves them).
 
     Errors name the line, never its key id: a bare secret that happens to hold a colon would be
     read as `key_id:secret`, and its first part must not end up in a log."""
-    keys: list[WrappingKey] = []
+    keys = [WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode()))]
     lines: dict[str, int] = {}
     for number, raw in enumerate(value.splitlines(), start=1):
         line = raw.strip()
@@ -135,12 +140,12 @@ def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
             raise ValueError(f"line {number}: a key id is 1-{MAX_KEY_ID_LENGTH} letters, digits, '-' or '_'")
         if len(secret) < 32:
             raise ValueError(f"line {number}: the secret needs at least 32 characters")
+        if key_id == PEPPER_KEY_ID:
+            raise ValueError(f"line {number}: the key id {PEPPER_KEY_ID!r} is reserved")
         if key_id in lines:
             raise ValueError(f"line {number}: the same key id as line {lines[key_id]}")
         lines[key_id] = number
         keys.append(WrappingKey(key_id, _stretch(secret.encode())))
-    if not keys:
-        keys.append(WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode())))
     return keys
 
 
