@@ -11,11 +11,14 @@ chains the records in the old format again. The old format is computed here from
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import sqlite3
 import struct
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -640,3 +643,42 @@ async def test_the_downgrade_chains_the_records_in_the_old_format_again(engine: 
     assert verdict.ok, verdict.problem
     assert verdict.head_seq == before[-1]["seq"] + 1
     assert await schema_drift(engine) == []
+
+
+# -- several processes ----------------------------------------------------------------------------------
+
+
+async def test_processes_migrating_one_database_at_once_all_succeed(database_url: str) -> None:
+    """Replicas (or library-mode workers) that start together: one migrates, the others wait for it
+    and find nothing left to do (SQLite: the write lock; PostgreSQL: the advisory lock)."""
+    engines = [create_engine(database_url, pool_size=1) for _ in range(3)]
+    try:
+        await upgrade_database(engines[0], "0007")
+        await write_old(engines[0], old_records())
+        await asyncio.gather(*(upgrade_database(engine, keys=TEST_KEYS) for engine in engines))
+        assert await current_revision(engines[0]) == "0008"
+        verdict = await AuditLog(engines[0], TEST_AUDIT_KEYS).verify(subjects=registry(engines[0]))
+        assert verdict.ok, verdict.problem
+        assert verdict.records == len(old_records()) + 1  # re-chained once
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_a_start_with_nothing_to_migrate_takes_no_sqlite_write_lock(tmp_path: Path) -> None:
+    """A process that migrates on start (library mode) while others write: it only reads."""
+    path = tmp_path / "busy.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}", pool_size=1)
+    try:
+        await upgrade_database(engine)
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+            started = time.monotonic()
+            await upgrade_database(engine, keys=TEST_KEYS)
+            assert time.monotonic() - started < 1.0  # not the 5 s busy timeout, nor "locked"
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+    finally:
+        await engine.dispose()
