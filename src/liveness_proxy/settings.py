@@ -233,7 +233,8 @@ class Settings(BaseSettings):
 
     # --- Privacy: erasure, retention, the keyed audit chain (store/subjects.py, store/erasure.py) --
     # Wraps every subject's secret. Lines of `key_id:secret` (or one bare secret); the last wraps,
-    # all unwrap (`subjects rewrap` moves every secret to the last). Unset: derived from the pepper.
+    # all unwrap (`subjects rewrap` moves every secret to the last), and so does the key derived from
+    # the pepper, which wraps while this is unset.
     liveness_proxy_subject_key: SecretStr = SecretStr("")
     liveness_proxy_subject_key_file: Path | None = None
     # Lines of `key_id:secret`: the audit chain's HMAC keys (the last signs). Unset: one key derived

@@ -11,14 +11,22 @@ from liveness_proxy.http import Http1Transport
 from liveness_proxy.settings import Settings
 from liveness_proxy.store import current_revision, ping
 from liveness_proxy.upstream import TokenEndpointError
-from liveness_proxy.wiring import audit_checkpoint_options, create_redis, cynopsis_ssl_context, token_fetcher
+from liveness_proxy.wiring import (
+    audit_checkpoint_options,
+    check_startable,
+    create_redis,
+    cynopsis_ssl_context,
+    token_fetcher,
+)
 
 
 def cmd_check(_args: argparse.Namespace) -> int:
     settings = Settings.load()
     for name, value in settings.redacted_summary().items():
         print(f"{name}={value}")
-    settings.require_proxy_secrets()
+    # What `serve` refuses before it binds a port (the secrets, the audit and subject keys, TLS
+    # files, the JWT set-up), `check` refuses too, with the same one line.
+    check_startable(settings)
     print(audit_checkpoints_line(settings))
     return asyncio.run(_check_live(settings))
 

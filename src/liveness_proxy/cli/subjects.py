@@ -15,10 +15,11 @@ from sqlalchemy import select, update
 from liveness_proxy.auth.session_tokens import KeyedHash
 from liveness_proxy.cli import EXIT_CONFIGURATION
 from liveness_proxy.cli.audit import current_schema_database, exported
+from liveness_proxy.errors import ConfigurationError
 from liveness_proxy.settings import Settings
 from liveness_proxy.store.erasure import Erasure, ErasureResult, RedisKeys
 from liveness_proxy.store.subject_export import export_subject
-from liveness_proxy.store.subjects import SubjectRegistry
+from liveness_proxy.store.subjects import SubjectKeyError, SubjectRegistry
 from liveness_proxy.store.tables import subject_secrets
 from liveness_proxy.wiring.parts import create_redis, privacy_keys
 
@@ -80,30 +81,55 @@ def cmd_subjects_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# Secrets rewrapped per transaction: on SQLite a transaction holds the write lock, which a running
+# proxy waits for (up to its busy timeout) to write anything at all.
+REWRAP_BATCH = 500
+
+
 def cmd_subjects_rewrap(_args: argparse.Namespace) -> int:
     """Wraps every subject secret under the last subject key (after a key was added), so that the
-    older keys can be removed from LIVENESS_PROXY_SUBJECT_KEY."""
+    older keys can be removed from LIVENESS_PROXY_SUBJECT_KEY. Safe to run again, and beside a
+    running proxy: a row is rewritten only if it still holds what was read (an erasure, or a new
+    secret for a subject who came back, in between is left alone)."""
     settings = Settings.load()
     keys = privacy_keys(settings).subjects
+    changed = 0
 
-    async def run() -> int:
-        changed = 0
-        async with current_schema_database(settings) as engine, engine.begin() as connection:
-            rows = (
-                await connection.execute(select(subject_secrets.c.lookup, subject_secrets.c.wrapped))
-            ).all()
-            for lookup, wrapped in rows:
-                if str(wrapped).partition(".")[0] == keys.current_key_id:
-                    continue
-                secret = keys.unwrap(str(lookup), str(wrapped))
-                await connection.execute(
-                    update(subject_secrets)
-                    .where(subject_secrets.c.lookup == lookup)
-                    .values(wrapped=keys.wrap(str(lookup), secret))
-                )
-                changed += 1
-        return changed
+    async def run() -> None:
+        nonlocal changed
+        after = ""
+        async with current_schema_database(settings) as engine:
+            while True:
+                async with engine.begin() as connection:
+                    rows = (
+                        await connection.execute(
+                            select(subject_secrets.c.lookup, subject_secrets.c.wrapped)
+                            .where(subject_secrets.c.lookup > after)
+                            .order_by(subject_secrets.c.lookup)
+                            .limit(REWRAP_BATCH)
+                        )
+                    ).all()
+                    if not rows:
+                        return
+                    after = str(rows[-1].lookup)
+                    for lookup, wrapped in rows:
+                        if str(wrapped).partition(".")[0] == keys.current_key_id:
+                            continue
+                        secret = keys.unwrap(str(lookup), str(wrapped))
+                        result = await connection.execute(
+                            update(subject_secrets)
+                            .where(subject_secrets.c.lookup == lookup, subject_secrets.c.wrapped == wrapped)
+                            .values(wrapped=keys.wrap(str(lookup), secret))
+                        )
+                        changed += result.rowcount
 
-    changed = asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except SubjectKeyError as exc:
+        # Each batch commits on its own: what was rewrapped before stays so (it is valid either way).
+        raise ConfigurationError(
+            f"LIVENESS_PROXY_SUBJECT_KEY: {exc}; keep that key as an earlier line until the rewrap "
+            f"is done ({changed} secrets rewrapped so far)"
+        ) from None
     print(f"{changed} subject secrets wrapped again under key {keys.current_key_id}")
     return 0

@@ -120,7 +120,17 @@ async def verify_chain(
             commitments: dict[str, str | None] | None = None
             if subjects is not None:
                 plain = {str(row.subject) for row in rows if row.subject is not None}
-                commitments = await subjects.commitments_of(plain, connection) if plain else {}
+                try:
+                    commitments = await subjects.commitments_of(plain, connection) if plain else {}
+                except ValueError as exc:  # a secret that does not open (store/subjects.py)
+                    first = next(row for row in rows if row.subject is not None)
+                    problem = ChainProblem(
+                        "altered",
+                        int(first.seq),
+                        int(first.id),
+                        f"a subject secret of the records from here on does not open: {exc}",
+                    )
+                    break
             for row in rows:
                 problem = (
                     _outside_head(row, walker.anchor_seq, head_seq)

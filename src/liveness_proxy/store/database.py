@@ -10,6 +10,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -144,9 +146,25 @@ async def upgrade_database(
         config.attributes["keys"] = keys
         command.upgrade(config, revision)
 
+    def at_revision(connection: Connection) -> bool:
+        script = ScriptDirectory.from_config(alembic_config())
+        target = script.get_current_head() if revision == "head" else revision
+        return MigrationContext.configure(connection).get_current_revision() == target
+
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        elif connection.dialect.name == "sqlite":
+            # Nothing to do (every start of a process that migrates): read, and take no write lock.
+            if await connection.run_sync(at_revision):
+                return
+            # The sqlite3 driver opens a transaction only before INSERT, UPDATE or DELETE, so each
+            # CREATE or ALTER would commit on its own, and a migration that fails half-way (0008
+            # refusing a broken chain) would leave its tables behind at the old revision. An
+            # explicit BEGIN makes the whole upgrade one transaction, as on PostgreSQL; IMMEDIATE
+            # takes the write lock at once, so a second process starting too waits its turn (and
+            # then, reading the revision again inside the lock, finds nothing left to do).
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
         await connection.run_sync(run)
 
 

@@ -12,7 +12,9 @@ key derived from the API-key pepper, like every keyed hash of ours) and holds th
 with AES-GCM under the *subject key* (`LIVENESS_PROXY_SUBJECT_KEY`, several lines during a rotation:
 the last one wraps, every one unwraps), with the lookup as associated data so a wrapped secret
 cannot be moved to another row. A database reader without the subject key learns neither names nor
-secrets.
+secrets. Without a subject key, one derived from the pepper wraps; it always unwraps, so setting a
+subject key later loses nothing, and `subjects rewrap` then moves the older secrets to it (until it
+has, those open with the pepper alone).
 
 `SubjectRegistry` is the runtime side: a per-process cache in front of the table (a subject's secret
 never changes while it exists, so a cached one is only wrong after an erasure, which empties every
@@ -40,8 +42,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from liveness_proxy.store.tables import subject_secrets
 
 SECRET_BYTES = 32
-# The key id of the wrapping key derived from the pepper when no subject key is set.
+# The key id of the wrapping key derived from the pepper: it wraps when no subject key is set, and
+# always unwraps.
 PEPPER_KEY_ID = "pepper"
+MAX_KEY_ID_LENGTH = 32
 
 
 class SubjectKeyError(ValueError):
@@ -113,12 +117,14 @@ MAX_KEY_ID_LENGTH = 32  # the id prefixes every wrapped secret, in a column of 1
 def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
     """Lines of `key_id:secret` (or a bare secret, whose id is derived from it), blank lines and `#`
     comments ignored; each secret is stretched to an AES-256 key. The key derived from the pepper
-    (id `pepper`) always comes first: it wraps when no line is given, and otherwise still unwraps
-    the secrets wrapped before a subject key was set (until `subjects rewrap` moves them)."""
-    keys: list[WrappingKey] = [
-        WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode()))
-    ]
-    for raw in value.splitlines():
+    (id `pepper`) comes first and always unwraps, and wraps when no line is given: the secrets made
+    before a subject key was set stay readable once it is (`subjects rewrap` then moves them).
+
+    Errors name the line, never its key id: a bare secret that happens to hold a colon would be
+    read as `key_id:secret`, and its first part must not end up in a log."""
+    keys = [WrappingKey(PEPPER_KEY_ID, _stretch(b"subject key from pepper\x00" + pepper.encode()))]
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(value.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -127,16 +133,21 @@ def parse_subject_keys(value: str, *, pepper: str) -> list[WrappingKey]:
             secret = line
             key_id = hashlib.sha256(b"subject key id\x00" + line.encode()).hexdigest()[:8]
         key_id, secret = key_id.strip(), secret.strip()
-        if not key_id or not key_id.isascii() or not key_id.replace("-", "").replace("_", "").isalnum():
-            raise ValueError("a subject key id must be letters, digits, '-' or '_'")
-        if len(key_id) > MAX_KEY_ID_LENGTH:
-            raise ValueError(f"a subject key id has at most {MAX_KEY_ID_LENGTH} characters")
-        if key_id == PEPPER_KEY_ID:
-            raise ValueError(f"the subject key id {PEPPER_KEY_ID!r} is reserved")
+        # At most MAX_KEY_ID_LENGTH: `wrapped` (128 characters) holds the id, a dot and 80 more.
+        if (
+            not key_id
+            or len(key_id) > MAX_KEY_ID_LENGTH
+            or not key_id.isascii()
+            or not key_id.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise ValueError(f"line {number}: a key id is 1-{MAX_KEY_ID_LENGTH} letters, digits, '-' or '_'")
         if len(secret) < 32:
-            raise ValueError(f"subject key {key_id}: at least 32 characters")
-        if any(existing.key_id == key_id for existing in keys):
-            raise ValueError(f"subject key id {key_id} appears twice")
+            raise ValueError(f"line {number}: the secret needs at least 32 characters")
+        if key_id == PEPPER_KEY_ID:
+            raise ValueError(f"line {number}: the key id {PEPPER_KEY_ID!r} is reserved")
+        if key_id in lines:
+            raise ValueError(f"line {number}: the same key id as line {lines[key_id]}")
+        lines[key_id] = number
         keys.append(WrappingKey(key_id, _stretch(secret.encode())))
     return keys
 
@@ -232,11 +243,7 @@ class SubjectRegistry:
             )
             for lookup, wrapped in rows:
                 subject = lookups[str(lookup)]
-                try:
-                    found[subject] = self._opened(subject, str(lookup), str(wrapped)).commitment
-                except SubjectKeyError:
-                    # Verification reports the record (its secret does not open); it must not crash.
-                    found[subject] = None
+                found[subject] = self._opened(subject, str(lookup), str(wrapped)).commitment
         return found
 
     def forget_all(self) -> None:

@@ -264,5 +264,7 @@ def privacy_keys(settings: Settings) -> MigrationKeys:
             pepper=pepper, subject_key=settings.liveness_proxy_subject_key.get_secret_value()
         )
     except ValueError as exc:
-        raise ConfigurationError(f"LIVENESS_PROXY_SUBJECT_KEY: {exc}") from None
+        # Named as the operator set it: the value itself, or the file it was read from.
+        name = "LIVENESS_PROXY_SUBJECT_KEY" + ("_FILE" if settings.liveness_proxy_subject_key_file else "")
+        raise ConfigurationError(f"{name}: {exc}") from None
     return MigrationKeys(audit=audit, subjects=subjects)
