@@ -24,9 +24,10 @@ Concurrency. Each transaction handles at most `batch_size` driving rows (session
 records, expired rows) and the few rows that hang off them. On PostgreSQL every row a transaction
 deletes or updates is first locked with `FOR UPDATE SKIP LOCKED`: the sweep never waits for a row
 lock, so it cannot be part of a deadlock, and two sweeps at once (a replica and a cron run) take
-disjoint rows and count each row once. A session whose event or job another transaction holds is
-left for the next run. On SQLite each batch begins `IMMEDIATE`, so its reads and writes see one
-state, and the single writer lock orders the rest.
+disjoint rows and count each row once. (Its one chain event waits its turn for the chain head, in a
+transaction of its own that holds nothing else but a new notice, like any audit write.) A session
+whose event or job another transaction holds is left for the next run. On SQLite each batch begins
+`IMMEDIATE`, so its reads and writes see one state, and the single writer lock orders the rest.
 """
 
 from __future__ import annotations
@@ -249,15 +250,15 @@ class Retention:
             busy = await self._busy(connection, event_session, job_session)
             gone = [session_id for session_id in found if session_id not in busy]
             if gone:
-                kept = set(gone)
+                going = set(gone)
                 counts.jobs += await self._delete_in(
-                    connection, jobs, jobs.c.id, [job for job, owner in job_session.items() if owner in kept]
+                    connection, jobs, jobs.c.id, [job for job, owner in job_session.items() if owner in going]
                 )
                 counts.webhook_events += await self._delete_in(
                     connection,
                     webhook_events,
                     events.event_id,
-                    [event for event, owner in event_session.items() if owner in kept],
+                    [event for event, owner in event_session.items() if owner in going],
                 )
                 counts.sessions += await self._delete_in(
                     connection, liveness_sessions, sessions.session_id, gone
@@ -289,9 +290,9 @@ class Retention:
             busy = await self._busy(connection, {}, job_event)
             gone = [event_id for event_id in found if event_id not in busy]
             if gone:
-                kept = set(gone)
+                going = set(gone)
                 counts.jobs += await self._delete_in(
-                    connection, jobs, jobs.c.id, [job for job, event in job_event.items() if event in kept]
+                    connection, jobs, jobs.c.id, [job for job, event in job_event.items() if event in going]
                 )
                 counts.webhook_events += await self._delete_in(
                     connection, webhook_events, events.event_id, gone
