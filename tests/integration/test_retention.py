@@ -15,7 +15,6 @@ import pytest
 import structlog
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tests.metric_samples import value
 from tests.support import TEST_AUDIT_KEYS, TEST_KEYS
 
 from liveness_proxy.background import BackgroundWorker
@@ -43,6 +42,7 @@ from liveness_proxy.store.tables import (
     session_token_bindings,
     webhook_events,
 )
+from metric_samples import value
 from services import scratch_postgres
 
 NOW = 2_000_000_000.0  # 2033-05-18: far from the real time, so a real clock anywhere would show
