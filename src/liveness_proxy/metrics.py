@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -72,6 +72,19 @@ SHARED_STATE_COMPONENTS = frozenset({"token_cache", "rate_limits"})
 FINALIZER_POLL_OUTCOMES = frozenset({"terminal", "pending", "failed"})
 FINALIZER_OUTCOMES = frozenset({"final", "unresolved", "already_final"})
 WEBHOOK_ATTEMPT_RESULTS = frozenset({"delivered", "failed", "gone", "dead_letter"})
+JOB_KINDS = ("finalize", "deliver", "erase", "retention")
+# What the retention sweep removes (store/retention.py `RetentionCounts`).
+RETENTION_KINDS = frozenset(
+    {
+        "sessions",
+        "webhook_events",
+        "jobs",
+        "audit_plaintext",
+        "idempotency_records",
+        "session_tokens",
+        "erasure_notices",
+    }
+)
 _STATUS_PATTERN = re.compile(r"[1-5][0-9][0-9]")
 
 
@@ -231,14 +244,27 @@ class ProxyMetrics:
         )
         self._jobs = Gauge(
             "liveness_proxy_jobs",
-            "Background jobs in the database, by kind (finalize, deliver) and state (queued, dead); "
-            "sampled by each process's worker.",
+            "Background jobs in the database, by kind (finalize, deliver, erase, retention) and state "
+            "(queued, dead); sampled by each process's worker.",
             ["kind", "state"],
             registry=registry,
         )
         self._webhook_endpoint_disabled = Gauge(
             "liveness_proxy_webhook_endpoint_disabled",
             "1 while the webhook endpoint is disabled (it answered 410 Gone), else 0.",
+            registry=registry,
+        )
+        self._retention_removed = Counter(
+            "liveness_proxy_retention_removed",
+            "Rows the retention sweep removed, by kind (audit_plaintext: audit records whose plain "
+            "values it erased; the records stay).",
+            ["kind"],
+            registry=registry,
+        )
+        self._retention_last_run = Gauge(
+            "liveness_proxy_retention_last_run_timestamp_seconds",
+            "When this process last completed a retention sweep (epoch seconds; 0: not yet). One "
+            "replica sweeps at a time: take the maximum over the fleet.",
             registry=registry,
         )
         # Families with labels show up only once a series exists; these are known in advance, so a
@@ -262,6 +288,8 @@ class ProxyMetrics:
             self._finalizer_outcomes.labels(outcome=outcome)
         for result in sorted(WEBHOOK_ATTEMPT_RESULTS):
             self._webhook_attempts.labels(result=result)
+        for kind in sorted(RETENTION_KINDS):
+            self._retention_removed.labels(kind=kind)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type (the classic text format every scraper reads)."""
@@ -344,8 +372,19 @@ class ProxyMetrics:
     def webhook_attempted(self, result: str) -> None:
         self._webhook_attempts.labels(result=_one_of(result, WEBHOOK_ATTEMPT_RESULTS)).inc()
 
+    def retention_swept(self, removed: Mapping[str, int], *, at: float, complete: bool) -> None:
+        """One sweep's counts; `at` becomes the last-run time only when the sweep completed."""
+        for kind, count in removed.items():
+            if count > 0:
+                self._retention_removed.labels(kind=_one_of(kind, RETENTION_KINDS)).inc(count)
+        if complete:
+            self._retention_last_run.set(at)
+
     def jobs_counted(self, counts: dict[tuple[str, str], int], *, endpoint_disabled: bool) -> None:
-        for kind in ("finalize", "deliver"):
+        # `erase` and `retention` too, for their dead count: a dead erasure follow-up left data it
+        # should have removed, a dead sweep stopped (until the next start brings it back). The
+        # sweep's one queued row is always 1, and means nothing more than that it is scheduled.
+        for kind in JOB_KINDS:
             for state in ("queued", "dead"):
                 self._jobs.labels(kind=kind, state=state).set(counts.get((kind, state), 0))
         self._webhook_endpoint_disabled.set(1 if endpoint_disabled else 0)

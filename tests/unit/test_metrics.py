@@ -126,6 +126,20 @@ def test_label_values_outside_the_fixed_sets_become_other(metrics: ProxyMetrics)
     assert value(metrics, "liveness_proxy_rate_limited_requests_total", limit="other") == 1
 
 
+def test_retention_counts_each_kind_and_the_last_complete_run(metrics: ProxyMetrics) -> None:
+    removed = "liveness_proxy_retention_removed_total"
+    last_run = "liveness_proxy_retention_last_run_timestamp_seconds"
+    assert value(metrics, removed, kind="audit_plaintext") == 0  # every kind shows before the first run
+    metrics.retention_swept(
+        {"sessions": 3, "audit_plaintext": 0, "alice@example.com": 2}, at=1000.0, complete=True
+    )
+    metrics.retention_swept({"sessions": 2}, at=2000.0, complete=False)  # cut short: not a finished run
+    assert value(metrics, removed, kind="sessions") == 5
+    assert value(metrics, removed, kind="other") == 2
+    assert "alice" not in metrics.render()[0].decode()
+    assert value(metrics, last_run) == 1000.0
+
+
 # --- Request metrics: RequestContextMiddleware's `observe`, as create_app wires it -------------
 
 

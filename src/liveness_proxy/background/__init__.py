@@ -4,6 +4,7 @@
                    concurrency budget, wakes on a timer or when told new work is due
     finalizer.py   `Finalizer`: follows a session to its verdict by reading its result upstream
     webhooks.py    `WebhookDeliveries`: one signed attempt per claim, retries on a schedule
+    retention.py   `RetentionSweeper`: the one periodic job, the retention sweep, on one replica at a time
 
 The jobs themselves are rows in the database (store/jobs.py); see docs/reliability.md.
 """

@@ -1,4 +1,5 @@
-"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit, subjects, webhooks.
+"""The `liveness-proxy` command: serve, sandbox, demo, keys, check, db, audit, subjects, retention,
+webhooks.
 
 This module holds only the parser and `main`; each command group is a module of its own (`serve`,
 `keys`, `check`, `db`, `audit`, `webhooks`, `sandbox_demo`), imported when its command runs, so a
@@ -260,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     subjects.add_parser(
         "rewrap", help="wrap every subject secret under the last LIVENESS_PROXY_SUBJECT_KEY (key rotation)"
     ).set_defaults(handler=_command("subjects", "cmd_subjects_rewrap"))
+
+    retention = commands.add_parser("retention", help="remove what is past its retention").add_subparsers(
+        dest="retention_command", required=True, metavar="ACTION"
+    )
+    sweep = retention.add_parser(
+        "run",
+        help="sweep now (LIVENESS_PROXY_RETENTION_DAYS, LIVENESS_PROXY_AUDIT_PLAINTEXT_RETENTION_DAYS, "
+        "expired records) and print what was removed",
+    )
+    sweep.add_argument("--json", action="store_true", help="print the counts and cutoffs as one JSON object")
+    sweep.set_defaults(handler=_command("retention", "cmd_retention_run"))
 
     _add_webhooks(commands)
     return parser

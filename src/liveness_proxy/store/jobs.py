@@ -128,9 +128,12 @@ class JobQueue:
         due_at: float | None = None,
         error: str | None = None,
         count_attempt: bool = True,
+        reset_attempts: bool = False,
     ) -> bool:
         """Ends this claim in the caller's transaction: `done`, `dead`, or `queued` again at `due_at`
         (a retry). `count_attempt=False` gives the attempt back (the work was put back, not tried).
+        `reset_attempts`: a periodic job's run ended well, so its next run starts afresh (attempts 0,
+        the last error cleared); otherwise runs would add up to the worker's dead-letter limit.
         False when this claim is no longer the job's current one (its lease lapsed and the job was
         claimed again, by another process or by this one): the newer claim's outcome stands. The
         claim is identified by its owner and its attempt number, which every claim increments."""
@@ -141,6 +144,9 @@ class JobQueue:
             values["last_error"] = None if error is None else error[:_MAX_ERROR_CHARS]
         if not count_attempt:
             values["attempts"] = jobs.c.attempts - 1
+        if reset_attempts:
+            values["attempts"] = 0
+            values["last_error"] = None if error is None else error[:_MAX_ERROR_CHARS]
         result = await connection.execute(
             update(jobs)
             .where(

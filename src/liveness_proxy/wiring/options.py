@@ -18,6 +18,7 @@ from liveness_proxy.ratelimit import LimitPolicy
 from liveness_proxy.settings import Settings
 from liveness_proxy.store.audit_checkpoints import CheckpointSigner
 from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
+from liveness_proxy.store.retention import RetentionPolicy
 from liveness_proxy.url_secrets import url_secret_values
 
 
@@ -255,4 +256,25 @@ def audit_checkpoint_options(settings: Settings) -> AuditCheckpointOptions | Non
         signer=signer,
         interval_seconds=settings.liveness_proxy_audit_checkpoint_seconds,
         file=checkpoint_file,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionOptions:
+    """What the retention sweep removes (`policy`), and how the background job runs it."""
+
+    policy: RetentionPolicy
+    interval_seconds: float  # from the end of one run to the next
+    time_budget_seconds: float  # at most this long per run
+
+
+def retention_options(settings: Settings) -> RetentionOptions:
+    return RetentionOptions(
+        policy=RetentionPolicy(
+            retention_days=settings.liveness_proxy_retention_days,
+            audit_plaintext_days=settings.liveness_proxy_audit_plaintext_retention_days,
+        ),
+        interval_seconds=settings.liveness_proxy_retention_interval_seconds,
+        # Half the lease: the run ends (and settles) well before another replica may claim the job.
+        time_budget_seconds=settings.worker_lease_seconds / 2,
     )

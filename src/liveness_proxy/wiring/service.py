@@ -27,6 +27,7 @@ from liveness_proxy.background import (
     WebhookDeliveries,
 )
 from liveness_proxy.background.erasure import ErasureFollowUp
+from liveness_proxy.background.retention import RetentionSweeper, SweepSchedule
 from liveness_proxy.delivery import VerdictEvents, WebhookSender
 from liveness_proxy.http import Http1Transport
 from liveness_proxy.metrics import ProxyMetrics
@@ -53,6 +54,7 @@ from liveness_proxy.store.audit_checkpoints import CheckpointWriter
 from liveness_proxy.store.erasure import Erasure, ErasureNotices, RedisKeys
 from liveness_proxy.store.failed_authentications import FailedAuthentications
 from liveness_proxy.store.idempotency import IdempotencyRecords
+from liveness_proxy.store.retention import Retention
 from liveness_proxy.store.session_tokens import (
     DatabaseSessionTokens,
     RedisSessionTokens,
@@ -78,6 +80,7 @@ from liveness_proxy.wiring.options import (
     audit_checkpoint_options,
     limit_policy,
     pool_options,
+    retention_options,
     token_refresh_margin,
     unauthenticated_limit_policy,
 )
@@ -437,6 +440,22 @@ async def running_service(
             on_erased=forget_subjects,
         )
         runners.append(ErasureFollowUp(queue=queue, erasure=erasure, wall_clock=wall_clock))
+
+        # Retention (store/retention.py, background/retention.py): always registered, even with both
+        # retention settings at 0, because the sweep also removes what has no setting of its own:
+        # erasure notices older than a day, expired idempotency records and session-token bindings.
+        retention = retention_options(settings)
+        runners.append(
+            RetentionSweeper(
+                engine=engine,
+                queue=queue,
+                retention=Retention(engine, keys.audit, policy=retention.policy, wall_clock=wall_clock),
+                schedule=SweepSchedule(retention.interval_seconds, retention.time_budget_seconds),
+                wall_clock=wall_clock,
+                metrics=metrics,
+                logger=logger,
+            )
+        )
         notices = ErasureNotices(engine, forget_subjects)
 
         async def sample_backlog() -> None:
