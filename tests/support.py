@@ -29,7 +29,7 @@ from liveness_proxy.auth import IssuedApiKey, new_api_key
 from liveness_proxy.sandbox import ManualClock, Sandbox, SandboxConfig
 from liveness_proxy.settings import Settings, settings_from_mapping
 from liveness_proxy.store import ApiKeyStore, AuditLog, create_engine, upgrade_database
-from liveness_proxy.store.audit_chain import parse_audit_keys
+from liveness_proxy.store.audit_chain import AuditRecord, parse_audit_keys, personal_values
 from liveness_proxy.store.database import MigrationKeys
 from liveness_proxy.store.subjects import SubjectKeys, SubjectRegistry
 from liveness_proxy.wiring import Service
@@ -42,6 +42,31 @@ TEST_KEYS = MigrationKeys(
     subjects=SubjectKeys.from_settings_values(pepper=TEST_PEPPER, subject_key=""),
 )
 TEST_AUDIT_KEYS = TEST_KEYS.audit
+
+
+def failed_authentication_record(
+    address: str, *, occurred_at: float, request_id: str = "failed", failures: int = 3
+) -> AuditRecord:
+    """An `auth.failed` aggregate record whose client address sits in `personal`, beside its
+    commitment, as `store/failed_authentications.py` writes one."""
+    personal, commitment = personal_values({"client_address": address})
+    return AuditRecord(
+        occurred_at=occurred_at,
+        request_id=request_id,
+        subject=None,
+        credential_id=None,
+        action="auth.failed",
+        session_id=None,
+        status=401,
+        upstream_status=None,
+        latency_ms=0.0,
+        problem="unauthenticated",
+        detail=f'{{"credential":"api_key","failures":{failures}}}',
+        personal=personal,
+        personal_commitment=commitment,
+    )
+
+
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-client-secret-s3cr3t-value"
 DOMAIN_ID = "test-domain"

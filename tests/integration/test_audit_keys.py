@@ -18,10 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.store import AuditLog, AuditRecord, create_engine, upgrade_database
-from liveness_proxy.store.audit_chain import AuditKeys, parse_audit_keys, personal_values
+from liveness_proxy.store.audit_chain import AuditKeys, parse_audit_keys
 from liveness_proxy.store.audit_verify import ChainVerdict
 from liveness_proxy.store.subjects import SubjectRegistry
-from support import TEST_KEYS, TEST_PEPPER
+from support import TEST_KEYS, TEST_PEPPER, failed_authentication_record
 
 KEY_2026A = "2026a:" + "a" * 40
 KEY_2026B = "2026b:" + "b" * 40
@@ -210,25 +210,8 @@ async def test_a_plain_subject_without_its_commitment_is_altered(
 
 
 async def failed_authentication(engine: AsyncEngine, address: str) -> None:
-    personal, commitment = personal_values({"client_address": address})
     log = AuditLog(engine, TEST_KEYS.audit)
-    await log.append(
-        AuditRecord(
-            occurred_at=time.time(),
-            request_id="failed",
-            subject=None,
-            credential_id=None,
-            action="auth.failed",
-            session_id=None,
-            status=401,
-            upstream_status=None,
-            latency_ms=0.0,
-            problem="unauthenticated",
-            detail='{"credential":"api_key","failures":3}',
-            personal=personal,
-            personal_commitment=commitment,
-        )
-    )
+    await log.append(failed_authentication_record(address, occurred_at=time.time()))
     await log.close()
 
 

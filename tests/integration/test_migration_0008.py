@@ -30,12 +30,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from liveness_proxy.auth.session_tokens import KeyedHash
 from liveness_proxy.store import AuditLog, AuditRecord, create_engine, current_revision, upgrade_database
-from liveness_proxy.store.audit_chain import GENESIS_HASH, personal_matches, personal_values
+from liveness_proxy.store.audit_chain import GENESIS_HASH, personal_matches
 from liveness_proxy.store.database import alembic_config
 from liveness_proxy.store.erasure import Erasure
 from liveness_proxy.store.subjects import SubjectRegistry
 from liveness_proxy.store.tables import metadata
-from support import TEST_AUDIT_KEYS, TEST_KEYS
+from support import TEST_AUDIT_KEYS, TEST_KEYS, failed_authentication_record
 
 # -- the 0007-era format ------------------------------------------------------------------------------
 
@@ -577,22 +577,9 @@ async def test_the_downgrade_chains_the_records_in_the_old_format_again(engine: 
     # one's erased by the plain-text retention since), and a subject erased altogether.
     log = AuditLog(engine, TEST_AUDIT_KEYS)
     for index, address in enumerate(("198.51.100.1", "198.51.100.2")):
-        personal, personal_commitment = personal_values({"client_address": address})
         await log.append(
-            AuditRecord(
-                occurred_at=1_700_001_000.0 + index,
-                request_id=f"failed-{index}",
-                subject=None,
-                credential_id=None,
-                action="auth.failed",
-                session_id=None,
-                status=401,
-                upstream_status=None,
-                latency_ms=0.0,
-                problem="unauthenticated",
-                detail=compact({"credential": "jwt", "failures": 1 + index}),
-                personal=personal,
-                personal_commitment=personal_commitment,
+            failed_authentication_record(
+                address, occurred_at=1_700_001_000.0 + index, request_id=f"failed-{index}", failures=1 + index
             )
         )
     await log.close()
@@ -624,11 +611,11 @@ async def test_the_downgrade_chains_the_records_in_the_old_format_again(engine: 
     by_request = {row["request_id"]: row for row in after}
     # The address went back into the detail; the erased one stays erased; the subject too.
     assert json.loads(by_request["failed-0"]["detail"]) == {
-        "credential": "jwt",
+        "credential": "api_key",
         "failures": 1,
         "client_address": "198.51.100.1",
     }
-    assert json.loads(by_request["failed-1"]["detail"]) == {"credential": "jwt", "failures": 2}
+    assert json.loads(by_request["failed-1"]["detail"]) == {"credential": "api_key", "failures": 2}
     assert json.loads(by_request["req-7"]["detail"]) == FAILED_FACTS
     assert by_request["req-5"]["subject"] is None
     assert by_request["req-4"]["subject"] == "bob"

@@ -21,7 +21,7 @@ from liveness_proxy.background.retention import RetentionSweeper, SweepSchedule
 from liveness_proxy.metrics import ProxyMetrics
 from liveness_proxy.settings import async_database_url
 from liveness_proxy.store import AuditLog, AuditRecord, JobQueue, create_engine, upgrade_database
-from liveness_proxy.store.audit_chain import RETENTION_APPLIED, personal_values
+from liveness_proxy.store.audit_chain import RETENTION_APPLIED
 from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.retention import (
     DAY_SECONDS,
@@ -43,7 +43,7 @@ from liveness_proxy.store.tables import (
 )
 from metric_samples import value
 from services import scratch_postgres
-from support import TEST_AUDIT_KEYS, TEST_KEYS
+from support import TEST_AUDIT_KEYS, TEST_KEYS, failed_authentication_record
 
 NOW = 2_000_000_000.0  # 2033-05-18: far from the real time, so a real clock anywhere would show
 
@@ -159,25 +159,8 @@ async def write_audit(
 
 async def write_failed_authentication(engine: AsyncEngine, occurred_at: float, address: str) -> None:
     """An aggregate record whose personal value (the client address) sits beside its commitment."""
-    personal, commitment = personal_values({"client_address": address})
     log = AuditLog(engine, TEST_AUDIT_KEYS)
-    await log.append(
-        AuditRecord(
-            occurred_at=occurred_at,
-            request_id="fail-1",
-            subject=None,
-            credential_id=None,
-            action="auth.failed",
-            session_id=None,
-            status=401,
-            upstream_status=None,
-            latency_ms=0.0,
-            problem="unauthenticated",
-            detail='{"failures":3}',
-            personal=personal,
-            personal_commitment=commitment,
-        )
-    )
+    await log.append(failed_authentication_record(address, occurred_at=occurred_at, request_id="fail-1"))
     await log.close()
 
 

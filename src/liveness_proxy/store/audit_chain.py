@@ -185,6 +185,35 @@ def parse_audit_keys(text: str, *, pepper: str) -> AuditKeys:
     return AuditKeys(keys)
 
 
+def system_event(
+    action: str,
+    *,
+    request_id: str,
+    occurred_at: float,
+    facts: Mapping[str, object],
+    session_id: str | None = None,
+    subject_commitment: str | None = None,
+) -> dict[str, Any]:
+    """The column values of a system event (`SYSTEM_ACTIONS`) that names no subject in plain: its
+    facts as canonical JSON in `detail`."""
+    return column_values(
+        AuditRecord(
+            occurred_at=occurred_at,
+            request_id=request_id,
+            subject=None,
+            credential_id=None,
+            action=action,
+            session_id=session_id,
+            status=200,
+            upstream_status=None,
+            latency_ms=0.0,
+            problem=None,
+            detail=orjson.dumps(dict(facts), option=orjson.OPT_SORT_KEYS).decode(),
+            subject_commitment=subject_commitment,
+        )
+    )
+
+
 def personal_values(values: Mapping[str, str]) -> tuple[str, str]:
     """The `personal` and `personal_commitment` columns of values that belong to no subject (a
     client address): the values as JSON with a random salt, and an HMAC of the values under that

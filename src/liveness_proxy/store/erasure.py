@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -40,8 +39,7 @@ from liveness_proxy.store.audit_chain import (
     SESSION_ERASED,
     SUBJECT_ERASED,
     AuditKeys,
-    AuditRecord,
-    column_values,
+    system_event,
 )
 from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.subjects import SubjectRegistry
@@ -461,21 +459,13 @@ class Erasure:
         counts: ErasureCounts,
         now: float,
     ) -> dict[str, Any]:
-        return column_values(
-            AuditRecord(
-                occurred_at=now,
-                request_id=request_id,
-                subject=None,
-                credential_id=None,
-                action=action,
-                session_id=session_id,
-                status=200,
-                upstream_status=None,
-                latency_ms=0.0,
-                problem=None,
-                detail=orjson.dumps(counts.as_dict(), option=orjson.OPT_SORT_KEYS).decode(),
-                subject_commitment=commitment,
-            )
+        return system_event(
+            action,
+            request_id=request_id,
+            occurred_at=now,
+            facts=counts.as_dict(),
+            session_id=session_id,
+            subject_commitment=commitment,
         )
 
     async def _after(self, counts: ErasureCounts) -> None:

@@ -47,7 +47,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.store.audit import ChainWriter
-from liveness_proxy.store.audit_chain import RETENTION_APPLIED, AuditKeys, AuditRecord, column_values
+from liveness_proxy.store.audit_chain import RETENTION_APPLIED, AuditKeys, system_event
 from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.tables import (
     audit_records,
@@ -382,23 +382,7 @@ class Retention:
                 )
             await self._chain.append(
                 connection,
-                [
-                    column_values(
-                        AuditRecord(
-                            occurred_at=now,
-                            request_id=request_id,
-                            subject=None,
-                            credential_id=None,
-                            action=RETENTION_APPLIED,
-                            session_id=None,
-                            status=200,
-                            upstream_status=None,
-                            latency_ms=0.0,
-                            problem=None,
-                            detail=orjson.dumps(detail, option=orjson.OPT_SORT_KEYS).decode(),
-                        )
-                    )
-                ],
+                [system_event(RETENTION_APPLIED, request_id=request_id, occurred_at=now, facts=detail)],
             )
         if not self._postgres:
             # secure_delete zeroed the pages in the database; the write-ahead log still holds them as
