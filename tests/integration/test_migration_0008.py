@@ -500,6 +500,32 @@ async def test_a_broken_old_chain_stops_the_upgrade_and_leaves_the_database_at_0
     assert await count(engine, "session_token_bindings") == 1
 
 
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [("altered", "seq 5 does not verify"), ("deleted", "seq 5 is missing"), ("truncated", "truncated")],
+)
+async def test_an_accepted_broken_chain_is_rechained_and_its_damage_recorded(
+    engine: AsyncEngine, how: str, message: str
+) -> None:
+    """`db upgrade --accept-broken-audit-chain`: the way forward for a deployment whose old chain
+    was damaged (purge refuses a broken chain, so it could not get past it otherwise)."""
+    await write_old(engine, old_records())
+    await write_old_state(engine)
+    await damage(engine, how)
+    kept = len(await read_records(engine))
+
+    await upgrade_database(engine, keys=TEST_KEYS, accept_broken_chain=True)
+
+    verdict = await AuditLog(engine, TEST_AUDIT_KEYS).verify(subjects=registry(engine))
+    assert verdict.ok, verdict.problem
+    assert verdict.records == kept + 1  # renumbered without a gap, and the anchor event
+    records = await read_records(engine)
+    assert [row["seq"] for row in records] == list(range(1, kept + 2))
+    anchor = json.loads(records[-1]["detail"])
+    assert records[-1]["action"] == "audit.rechained"
+    assert any(message in problem for problem in anchor["previous_chain_problems"])
+
+
 async def test_the_upgrade_goes_through_once_the_damage_is_repaired(engine: AsyncEngine) -> None:
     await write_old(engine, old_records())
     original = {row["seq"]: row["status"] for row in await read_records(engine)}

@@ -194,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"
     )
-    db.add_parser("upgrade", help="apply migrations").set_defaults(handler=_command("db", "cmd_db_upgrade"))
+    upgrade = db.add_parser("upgrade", help="apply migrations")
+    upgrade.add_argument(
+        "--accept-broken-audit-chain",
+        action="store_true",
+        help="migration 0008: re-chain an audit chain that does not verify (its damage is recorded in the "
+        "audit.rechained event) instead of refusing",
+    )
+    upgrade.set_defaults(handler=_command("db", "cmd_db_upgrade"))
 
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"

@@ -131,19 +131,26 @@ _MIGRATION_LOCK_KEY = 0x6C69_7665_6E65_7373  # "liveness"
 
 
 async def upgrade_database(
-    engine: AsyncEngine, revision: str = "head", *, keys: MigrationKeys | None = None
+    engine: AsyncEngine,
+    revision: str = "head",
+    *,
+    keys: MigrationKeys | None = None,
+    accept_broken_chain: bool = False,
 ) -> None:
     """Applies migrations up to `revision` over the engine's own connection. Safe when several
     replicas start at once: on PostgreSQL they queue on an advisory lock held for the transaction
     (DDL is transactional there), and each one after the first finds nothing left to do.
 
     `keys`: the audit and subject keys, which migration 0008 needs to re-chain existing records
-    (a database with none needs no keys)."""
+    (a database with none needs no keys). `accept_broken_chain`: 0008 re-chains an old chain that
+    does not verify instead of refusing, and records the damage in its anchor event (an operator's
+    explicit choice: `db upgrade --accept-broken-audit-chain`)."""
 
     def run(connection: Connection) -> None:
         config = alembic_config()
         config.attributes["connection"] = connection
         config.attributes["keys"] = keys
+        config.attributes["accept_broken_chain"] = accept_broken_chain
         command.upgrade(config, revision)
 
     def at_revision(connection: Connection) -> bool:

@@ -4,7 +4,8 @@ What it does, in one transaction:
 1. adds the columns and tables (`subject_secrets`, `erasure_notices`; commitments and erasure marks);
 2. verifies the existing (unkeyed) chain from its anchor to its head, and refuses to go on if it
    does not hold: re-chaining would launder the tampering (`liveness-proxy audit verify` names the
-   record; restore the database, or purge past the damage, first);
+   record; restore it from a backup first). `db upgrade --accept-broken-audit-chain` re-chains it
+   anyway, renumbered without gaps, and lists the damage in the anchor event (4.);
 3. gives every subject a secret, and re-chains the existing records in the new format (each
    subject replaced in the hash by its commitment, a failed authentication's client address moved
    from `detail` to the erasable `personal` column), keyed with the signing audit key;
@@ -45,6 +46,7 @@ branch_labels = None
 depends_on = None
 
 BATCH = 2000
+MAX_RECORDED_PROBLEMS = 20
 
 _records = sa.table(
     "audit_records",
@@ -164,26 +166,40 @@ def _rechain() -> None:
             )
         return commit(secret, "subject", subject)
 
-    # One pass: verify each record in the old format, then write it in the new one.
+    # One pass: verify each record in the old format, then write it in the new one. With
+    # `accept_broken_chain` (`db upgrade --accept-broken-audit-chain`), a broken old chain is
+    # re-chained anyway: the records are renumbered without gaps and the damage found is recorded
+    # in the anchor event, so the new chain tells of it instead of laundering it.
+    accept_broken = bool(context.config.attributes.get("accept_broken_chain"))
+    problems: list[str] = []
+
+    def broken(problem: str) -> None:
+        if not accept_broken:
+            raise OldChainBroken(problem)
+        if len(problems) < MAX_RECORDED_PROBLEMS:
+            problems.append(problem)
+
     expected_seq, old_prev, new_prev, last_seq = anchor_seq + 1, anchor_hash, anchor_hash, anchor_seq
+    scanned = anchor_seq
     key_id = keys.audit.signing_key_id
     while True:
         rows = bind.execute(
-            sa.select(_records).where(_records.c.seq >= expected_seq).order_by(_records.c.seq).limit(BATCH)
+            sa.select(_records).where(_records.c.seq > scanned).order_by(_records.c.seq).limit(BATCH)
         ).all()
         if not rows:
             break
         updates: list[dict[str, Any]] = []
         for row in rows:
             values = dict(row._mapping)
-            if int(values["seq"]) != expected_seq:
-                raise OldChainBroken(f"seq {expected_seq} is missing (deleted)")
+            scanned = int(values["seq"])
+            if scanned != expected_seq:
+                broken(f"seq {expected_seq} is missing (deleted)")
             try:
                 computed = legacy_record_hash(values)
             except ValueError:
                 computed = ""
             if computed != values["record_hash"] or values["prev_hash"] != old_prev:
-                raise OldChainBroken(f"seq {expected_seq} does not verify (altered or relinked)")
+                broken(f"seq {scanned} does not verify (altered or relinked)")
             old_prev = str(values["record_hash"])
             new_values = _new_format(values, commitment)
             new_values.update(seq=expected_seq, prev_hash=new_prev, key_id=key_id)
@@ -193,12 +209,11 @@ def _rechain() -> None:
             )
             last_seq = expected_seq
             expected_seq += 1
+        # Ascending order: a renumbered record only ever moves to a lower, already vacated seq.
         _write(bind, updates)
         _flush_secrets(bind, new_secrets)
-    if last_seq != old_head_seq or old_prev != old_head_hash:
-        raise OldChainBroken(
-            f"the head says seq {old_head_seq}, the chain ends at seq {last_seq} (truncated)"
-        )
+    if scanned != old_head_seq or old_prev != old_head_hash:
+        broken(f"the head says seq {old_head_seq}, the chain ends at seq {scanned} (truncated)")
     # One statement per subject (its sessions found by the subject index), sent in batches: one
     # UPDATE per session took 30 s for 50,000 sessions, and a database can hold millions.
     subjects = [str(subject) for subject in bind.execute(sa.select(_sessions.c.subject).distinct()).scalars()]
@@ -213,7 +228,9 @@ def _rechain() -> None:
             ],
         )
         _flush_secrets(bind, new_secrets)
-    _append_anchor(bind, keys, last_seq, new_prev, anchor_seq, anchor_hash, old_head_hash)
+    _append_anchor(
+        bind, keys, last_seq, new_prev, anchor_seq, anchor_hash, (old_head_seq, old_head_hash), problems
+    )
 
 
 def _flush_secrets(bind: sa.engine.Connection, new_secrets: list[dict[str, Any]]) -> None:
@@ -261,16 +278,19 @@ def _append_anchor(
     last_hash: str,
     old_anchor_seq: int,
     old_anchor_hash: str,
-    old_head_hash: str,
+    old_head: tuple[int, str],
+    problems: list[str],
 ) -> None:
-    detail = {
+    detail: dict[str, object] = {
         "previous_format": "sha256-v1",
-        "previous_head_seq": last_seq,
-        "previous_head_hash": old_head_hash,
+        "previous_head_seq": old_head[0],
+        "previous_head_hash": old_head[1],
         "previous_anchor_seq": old_anchor_seq,
         "previous_anchor_hash": old_anchor_hash if old_anchor_seq else GENESIS_HASH,
         "records": last_seq - old_anchor_seq,
     }
+    if problems:
+        detail["previous_chain_problems"] = problems
     now = time.time()
     row: dict[str, Any] = {
         "occurred_at": now,
