@@ -25,7 +25,6 @@ truncates the write-ahead log, which held the pages as they were.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,7 @@ from liveness_proxy.store.tables import (
     subject_secrets,
     webhook_events,
 )
+from liveness_proxy.store.tally import Tally
 
 DEFAULT_BATCH = 500
 # When the follow-up runs: well after every process has seen the notice (a second, at the worker's
@@ -63,7 +63,7 @@ ERASED_NAME = "(erased)"
 
 
 @dataclass(slots=True)
-class ErasureCounts:
+class ErasureCounts(Tally):
     sessions: int = 0
     audit_records: int = 0
     webhook_events_cancelled: int = 0
@@ -73,17 +73,6 @@ class ErasureCounts:
     api_keys_revoked: int = 0
     redis_keys: int = 0
     subject_secrets: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(dataclasses.astuple(self))
-
-    def add(self, other: ErasureCounts) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,6 @@ whose event or job another transaction holds is left for the next run. On SQLite
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,6 +57,7 @@ from liveness_proxy.store.tables import (
     session_token_bindings,
     webhook_events,
 )
+from liveness_proxy.store.tally import Tally
 
 DEFAULT_BATCH = 500
 DAY_SECONDS = 86_400.0
@@ -80,7 +80,7 @@ class RetentionPolicy:
 
 
 @dataclass(slots=True)
-class RetentionCounts:
+class RetentionCounts(Tally):
     """What one run removed. The field names are the `kind` label values of
     `liveness_proxy_retention_removed_total`."""
 
@@ -91,13 +91,6 @@ class RetentionCounts:
     idempotency_records: int = 0
     session_tokens: int = 0
     erasure_notices: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(dataclasses.astuple(self))
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
