@@ -87,21 +87,27 @@ class SessionTokenBinding:
         self._wall_clock = wall_clock
         self.enabled = enabled
 
-    async def bind(self, token: str, subject: str, expires_in: object) -> bool:
-        """Remembers that `subject` obtained `token`; durable on return. False when the token was
-        bound already (the upstream issued it twice): its first binding stands."""
+    async def bind(self, token: str, commitment: str, expires_in: object) -> bool:
+        """Remembers that the subject whose commitment is `commitment` (store/subjects.py: never
+        its name, so an erasure leaves the row unlinkable) obtained `token`; durable on return.
+        False when the token was bound already (the upstream issued it twice): its first binding
+        stands."""
         if not self.enabled:
             return True
         now = self._wall_clock()
         return await self._ledger.remember(
-            self._hashes.token(token), self._hashes.subject(subject), now + binding_lifetime(expires_in), now
+            self._hashes.token(token),
+            self._hashes.subject(commitment),
+            now + binding_lifetime(expires_in),
+            now,
         )
 
-    async def take(self, token: str, subject: str) -> TakenToken:
-        """The token's one use by `subject`; SessionTokenInvalid when it has none left for them."""
+    async def take(self, token: str, commitment: str) -> TakenToken:
+        """The token's one use by the subject of `commitment`; SessionTokenInvalid when it has none
+        left for them."""
         if not self.enabled:
             return TakenToken(None)
-        token_hash, subject_hash = self._hashes.token(token), self._hashes.subject(subject)
+        token_hash, subject_hash = self._hashes.token(token), self._hashes.subject(commitment)
         expires_at = await self._ledger.take(token_hash, subject_hash, self._wall_clock())
         if expires_at is None:
             raise SessionTokenInvalid()

@@ -188,10 +188,6 @@ class SubjectRegistry:
         # Bumped by `forget_all`: a lookup that started before an erasure must not be cached after it.
         self._generation = 0
 
-    @property
-    def keys(self) -> SubjectKeys:
-        return self._keys
-
     def cached(self, subject: str) -> SubjectSecret | None:
         return self._cache.get(subject)
 

@@ -49,7 +49,6 @@ from liveness_proxy.store import (
     ping,
     upgrade_database,
 )
-from liveness_proxy.store.audit_chain import AuditKeys
 from liveness_proxy.store.audit_checkpoints import CheckpointWriter
 from liveness_proxy.store.erasure import Erasure, ErasureNotices, RedisKeys
 from liveness_proxy.store.failed_authentications import FailedAuthentications
@@ -130,10 +129,9 @@ class Service:
     # Before authentication: the per-address limit on failures, and their aggregate audit records.
     address_gate: AddressGate
     failed_authentications: FailedAuthentications
-    # Per-subject secrets and commitments; erasure and retention.
+    # Per-subject secrets and commitments; erasure.
     subjects: SubjectRegistry
     erasure: Erasure
-    audit_keys: AuditKeys
 
     async def record_read(
         self, owner: SessionOwner, payload: dict[str, Any], request_id: str
@@ -563,5 +561,4 @@ async def running_service(
             failed_authentications=failed_authentications,
             subjects=subjects,
             erasure=erasure,
-            audit_keys=keys.audit,
         )
