@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import orjson
 from starlette.applications import Starlette
@@ -42,7 +42,11 @@ from liveness_proxy.metrics import ProxyMetrics, metrics_endpoint
 from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
 from liveness_proxy.observability import AccessLog, Redactor, build_logger
 from liveness_proxy.settings import Settings
+from liveness_proxy.tracing import ServerSpans, Tracing, tracing_options
 from liveness_proxy.wiring import Service, app_options, request_policy, running_service
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 # Routes that may be absent: `/metrics` when LIVENESS_PROXY_METRICS_ENABLED is false.
 OPTIONAL_OPERATIONS = frozenset({"metrics"})
@@ -137,6 +141,7 @@ def create_app(
     log_stream: TextIO | None = None,
     migrate: bool = False,
     authenticate_caller: HostAuthentication | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> ProxyApplication:
     """The proxy app. `clock` (monotonic) drives token and cache expiry; `wall_clock` stamps audit
     records; `shared_clock` (the wall clock unless given) dates the token shared with other
@@ -149,6 +154,9 @@ def create_app(
     log), or None to let the proxy's API keys and JWTs decide; it may raise `Unauthenticated` or
     `Forbidden` to refuse. See `liveness_proxy.auth.host`.
 
+    `span_exporter` turns tracing on with this exporter instead of the `OTEL_*` configured ones (a
+    test's in-memory exporter, or a host's own); the `OTEL_TRACES_SAMPLER` settings still apply.
+
     What only a server process needs (GC tuning, SIGHUP) is `liveness_proxy.serving`'s, not this
     factory's: an app embedded in a host leaves the host's process alone."""
     options = app_options(settings)
@@ -159,6 +167,7 @@ def create_app(
         level=options.log_level, log_format=options.log_format, redactor=redactor, stream=log_stream
     )
     metrics = ProxyMetrics()
+    tracing = Tracing(tracing_options(settings), exporter=span_exporter)
     always: dict[str, Handler] = {
         "health": health,
         "openapi": document_handler(
@@ -181,6 +190,16 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        tracing.start()
+        try:
+            async with _running(tracing):
+                yield
+        finally:
+            # Stopped last: the spans of the service's own shutdown (a last webhook) are exported.
+            await tracing.stop()
+
+    @contextlib.asynccontextmanager
+    async def _running(tracing: Tracing) -> AsyncIterator[None]:
         async with running_service(
             settings,
             logger=logger,
@@ -190,6 +209,7 @@ def create_app(
             wall_clock=wall_clock,
             shared_clock=shared_clock or wall_clock,
             migrate=migrate,
+            tracing=tracing,
         ) as service:
             liveness = LivenessHandlers(service, policy, host_authentication=host_authentication)
             admin = AdminHandlers(service, policy, authenticate=liveness.authenticate)
@@ -215,6 +235,7 @@ def create_app(
                     upstream_ca=options.upstream_ca,
                     upstream_client_certificate=options.upstream_client_certificate,
                     client_secret_reloadable=service.client_secret.reloadable,
+                    tracing=",".join(sorted(tracing.options.exporters)) if tracing.enabled else "off",
                 )
                 yield
             finally:
@@ -239,6 +260,7 @@ def create_app(
                 ),
                 response_headers=SecurityHeaders(hsts_max_age_seconds=options.hsts_max_age_seconds).add_to,
                 observe=metrics.observe_request,
+                server_spans=ServerSpans(tracing),
             ),
             # Only when origins are configured: without any, CORS would pass every request through,
             # one more layer each request's send and every resumption must cross.

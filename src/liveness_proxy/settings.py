@@ -144,6 +144,26 @@ class Settings(BaseSettings):
     liveness_proxy_log_level: Literal["debug", "info", "warning", "error"] = "info"
     liveness_proxy_log_format: Literal["json", "console"] = "json"
 
+    # --- Tracing (OpenTelemetry; tracing/options.py): the standard variables, off unless an exporter
+    # or endpoint is set. OTEL_EXPORTER_OTLP_HEADERS may hold a vendor's key: secret, never logged.
+    otel_sdk_disabled: bool = False
+    otel_traces_exporter: str = ""
+    otel_exporter_otlp_endpoint: str = ""
+    otel_exporter_otlp_traces_endpoint: str = ""
+    otel_exporter_otlp_protocol: str = ""
+    otel_exporter_otlp_traces_protocol: str = ""
+    otel_exporter_otlp_headers: SecretStr = SecretStr("")
+    otel_exporter_otlp_traces_headers: SecretStr = SecretStr("")
+    otel_service_name: str = ""
+    otel_resource_attributes: str = ""
+    otel_traces_sampler: str = ""
+    otel_traces_sampler_arg: str = ""
+    # An incoming `traceparent` is continued only from the addresses trusted to forward headers
+    # (uvicorn's FORWARDED_ALLOW_IPS, read here too); from anyone else it is a link on a new trace,
+    # unless this says every caller may continue its trace (e.g. behind a gateway that strips it).
+    liveness_proxy_trace_trust_incoming: bool = False
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+
     # --- JWT callers (the customer's identity provider) --------------------------------------
     liveness_proxy_jwt_jwks_url: str = ""
     liveness_proxy_jwt_public_key_file: Path | None = None

@@ -19,6 +19,7 @@ from liveness_proxy.settings import Settings
 from liveness_proxy.store.audit_checkpoints import CheckpointSigner
 from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
 from liveness_proxy.store.retention import RetentionPolicy
+from liveness_proxy.tracing.options import otlp_header_values
 from liveness_proxy.url_secrets import url_secret_values
 
 
@@ -109,6 +110,8 @@ def app_options(settings: Settings) -> AppOptions:
             *url_secret_values(settings.liveness_proxy_database_url.get_secret_value()),
             *url_secret_values(settings.redis_url),
             settings.liveness_proxy_token_cache_key.get_secret_value(),
+            # A tracing vendor's key travels in the OTLP headers.
+            *otlp_header_values(settings),
         ),
         upstream_base_url=settings.cynopsis_api_base_url,
         token_url=settings.cynopsis_token_url,

@@ -1,0 +1,34 @@
+"""OpenTelemetry tracing, off unless configured (options.py), one provider per app (core.py), the
+server span of each request (server.py)."""
+
+from liveness_proxy.tracing.core import (
+    ActiveSpan,
+    Tracing,
+    context_of,
+    current_trace_id,
+    current_traceparent,
+    mark_failed,
+    new_root,
+    parse_traceparent,
+    traceparent_of,
+)
+from liveness_proxy.tracing.options import TracingOptions, tracing_options
+from liveness_proxy.tracing.server import FORWARDER_TRUSTED, UNTRACED_PATHS, ServerSpan, ServerSpans
+
+__all__ = [
+    "FORWARDER_TRUSTED",
+    "UNTRACED_PATHS",
+    "ActiveSpan",
+    "ServerSpan",
+    "ServerSpans",
+    "Tracing",
+    "TracingOptions",
+    "context_of",
+    "current_trace_id",
+    "current_traceparent",
+    "mark_failed",
+    "new_root",
+    "parse_traceparent",
+    "traceparent_of",
+    "tracing_options",
+]
