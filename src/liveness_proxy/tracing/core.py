@@ -69,7 +69,7 @@ class ActiveSpan:
     """A started span made current for a `with` block, ended (and marked failed on an exception)
     when the block ends. A class, not a generator context manager: it is entered per request."""
 
-    __slots__ = ("span", "_token")
+    __slots__ = ("_token", "span")
 
     def __init__(self, span: Span) -> None:
         self.span = span

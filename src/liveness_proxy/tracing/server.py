@@ -33,7 +33,7 @@ _UNTRUSTED_LINK = {"liveness_proxy.link": "incoming traceparent (caller not trus
 class ServerSpan:
     """One request's span, current from `ServerSpans.start` until `finish`."""
 
-    __slots__ = ("span", "_token", "_method")
+    __slots__ = ("_method", "_token", "span")
 
     def __init__(self, span: Span, method: str) -> None:
         self.span = span
@@ -50,7 +50,8 @@ class ServerSpan:
 
     def finish(self, route: str | None, status: int, subject_commitment: object) -> None:
         """Names the span after the route template (`GET /v1/liveness/sessions/{session_id}/result`),
-        never the raw path (None: no route matched; the span keeps the method alone), and ends it. A 5xx is an error of ours; a 4xx is the caller's, not ours."""
+        never the raw path (None: no route matched; the span keeps the method alone), and ends it.
+        A 5xx is an error of ours; a 4xx is the caller's, not ours."""
         span = self.span
         if span.is_recording():
             if route is not None:
