@@ -235,7 +235,7 @@ def create_app(
                     upstream_ca=options.upstream_ca,
                     upstream_client_certificate=options.upstream_client_certificate,
                     client_secret_reloadable=service.client_secret.reloadable,
-                    tracing=",".join(sorted(tracing.options.exporters)) if tracing.enabled else "off",
+                    tracing=tracing.describe(),
                 )
                 yield
             finally:

@@ -126,6 +126,12 @@ class Tracing:
     def enabled(self) -> bool:
         return self.tracer is not None
 
+    def describe(self) -> str:
+        """For the "started" log line: "off", the exporters ("otlp", "console"), or "custom"."""
+        if self.tracer is None:
+            return "off"
+        return "custom" if self._exporter is not None else ",".join(sorted(self.options.exporters))
+
     def start(self) -> None:
         if self.tracer is not None or not (self.options.enabled or self._exporter is not None):
             return
