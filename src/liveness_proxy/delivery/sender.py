@@ -3,6 +3,11 @@
 Only a 2xx answer is a delivery. No redirect is followed (the transport follows none): a 3xx is a
 failure like any other. `410 Gone` means the receiver removed the endpoint: the worker disables it
 until an operator re-enables it. `Retry-After` on 429 and 503 says when to try again.
+
+With tracing on, each attempt is a CLIENT span `POST` (a child of the delivery's span), and the
+receiver gets that span's `traceparent`, never a tracestate. The span names the receiver's host,
+port and scheme only: its path or query may hold a token of the receiver's (some URLs are the
+secret), so `url.full` and `url.path` are left out.
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
+
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from liveness_proxy.http import USER_AGENT, HttpError, HttpTransport, Url
 from liveness_proxy.http.retry_after import parse_retry_after
+from liveness_proxy.tracing import Tracing, mark_failed
 from liveness_proxy.webhook_signing import webhook_headers
 
 _MAX_ANSWER_BYTES = 64 * 1024  # the receiver's body is read only to be dropped
@@ -37,22 +46,33 @@ class WebhookSender:
         keys: Sequence[bytes],
         timeout_seconds: float,
         wall_clock: Callable[[], float],
+        tracing: Tracing | None = None,
     ) -> None:
+        """`tracing`: the app's (None: off)."""
         self._transport = transport
         self._url = Url.parse(url)
         self._keys = tuple(keys)
         self._timeout_seconds = timeout_seconds
         self._wall_clock = wall_clock
+        self._tracing = tracing if tracing is not None else Tracing.off()
+        self._span_attributes = _server_attributes(self._url)
 
-    async def attempt(self, event_id: str, body: bytes, *, traceparent: str | None = None) -> AttemptOutcome:
+    async def attempt(self, event_id: str, body: bytes) -> AttemptOutcome:
         """Sends `body` once, signed with this moment's timestamp."""
+        with self._tracing.span("POST", kind=SpanKind.CLIENT, attributes=self._span_attributes) as span:
+            # Inside the span: the traceparent sent names this attempt's span.
+            outcome, error = await self._post(event_id, body)
+            if span is not None:
+                _record_answer(span, outcome, error)
+            return outcome
+
+    async def _post(self, event_id: str, body: bytes) -> tuple[AttemptOutcome, HttpError | None]:
         headers = [
             ("content-type", "application/json"),
             ("user-agent", USER_AGENT),
             *webhook_headers(self._keys, event_id, int(self._wall_clock()), body).items(),
+            *self._tracing.outbound_headers(),
         ]
-        if traceparent is not None:
-            headers.append(("traceparent", traceparent))
         try:
             response = await self._transport.request(
                 "POST",
@@ -63,14 +83,41 @@ class WebhookSender:
                 timeout_seconds=self._timeout_seconds,
             )
         except HttpError as exc:
-            return AttemptOutcome("failed", None, f"no answer: {type(exc).__name__}")
+            return AttemptOutcome("failed", None, f"no answer: {type(exc).__name__}"), exc
         status = response.status
         if 200 <= status < 300:
-            return AttemptOutcome("delivered", status, None)
+            return AttemptOutcome("delivered", status, None), None
         if status == 410:
-            return AttemptOutcome("gone", status, "HTTP 410 Gone: endpoint disabled")
+            return AttemptOutcome("gone", status, "HTTP 410 Gone: endpoint disabled"), None
         retry_after = None
         header = response.header(b"retry-after")
         if status in (429, 503) and header is not None:
             retry_after = float(parse_retry_after(header, now=self._wall_clock()))
-        return AttemptOutcome("failed", status, f"HTTP {status}", retry_after)
+        return AttemptOutcome("failed", status, f"HTTP {status}", retry_after), None
+
+
+def _server_attributes(url: Url) -> dict[str, str | int]:
+    """The HTTP client span's attributes known before sending (semantic conventions)."""
+    origin = urlsplit(url.origin)
+    scheme = origin.scheme
+    return {
+        "http.request.method": "POST",
+        "server.address": origin.hostname or "",
+        "server.port": origin.port or (443 if scheme == "https" else 80),
+        "url.scheme": scheme,
+    }
+
+
+def _record_answer(span: Span, outcome: AttemptOutcome, error: HttpError | None) -> None:
+    """The answer's status, and for a client span an error on no answer or a 4xx/5xx (semantic
+    conventions: `error.type` is the status code, or the error's class when nothing came back)."""
+    if error is not None:
+        mark_failed(span, error)
+        return
+    status = outcome.status
+    if status is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_attribute("error.type", str(status))
