@@ -68,11 +68,12 @@ class Bench:
         self, label: str, *, database_url: str, api_base: str, token_url: str, **extra: str
     ) -> dict[str, str]:
         """The environment of one of our proxy processes; recorded (without secrets) under `label`."""
-        # Nothing of the caller's own proxy configuration may leak into the measured processes.
+        # Nothing of the caller's own proxy configuration may leak into the measured processes; nor
+        # its OpenTelemetry settings: tracing is on only where a scenario turns it on (S1t).
         env = {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))
+            if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_", "OTEL_"))
         }
         settings = {
             "CYNOPSIS_TOKEN_URL": token_url,

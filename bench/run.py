@@ -5,7 +5,8 @@ proxy (the floor), all in front of one static nginx stub of the Cynopsis API, on
                                   [--out bench/results] [--profile | --profile-only] [--update-docs]
                                   [--fleet auto|require|skip]
 
-Scenarios (see bench/README.md): S1 result read, S1s the same beside slow readers, S2 create
+Scenarios (see bench/README.md): S1 result read, S1t the same with tracing off, on at sampling 0%
+and on at 100% (in S1's repetitions), S1s the same beside slow readers, S2 create
 session, S2i and S2b what an Idempotency-Key and session-token binding cost a create, S3 slow
 upstream (500 ms), S4 token stampede (one process, and a fleet on PostgreSQL + Redis), S5 memory
 over many requests, S6 start-up time, S7 the finalizer's cost to S1/S2 (on vs off) and the
@@ -44,8 +45,8 @@ from profiling import profile_scenario
 from proxies import PROXY_LOG_LEVEL, Bench
 from report import machine_info, markdown_table, render_chart, update_docs
 from scenarios.main_proxies import MainTargets, start_main_targets
-from scenarios.s1_result_read import scenario_s1
 from scenarios.s1_slow_readers import scenario_s1_slow_readers
+from scenarios.s1_tracing import S1_FAMILY, scenario_s1_family
 from scenarios.s2_costs import S2_FAMILY, scenario_s2_family
 from scenarios.s3_slow_upstream import scenario_s3
 from scenarios.s4_token_stampede import scenario_s4
@@ -56,7 +57,7 @@ from scenarios.s8_auth_flood import scenario_s8
 from stats import Outcome, Row
 from stubs import start_nginx
 
-ALL_SCENARIOS = ("S1", "S1s", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7", "S8")
+ALL_SCENARIOS = ("S1", "S1t", "S1s", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7", "S8")
 _SCENARIO_NAMES = {name.upper(): name for name in ALL_SCENARIOS}
 
 
@@ -64,10 +65,10 @@ def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[di
     chosen = bench.plan.scenarios
     outcomes: dict[str, Outcome] = {}
     main: MainTargets | None = None
-    if {"S1", "S2", "S2i"} & set(chosen) or profile or "S5" in chosen:
+    if {"S1", "S1t", "S2", "S2i"} & set(chosen) or profile or "S5" in chosen:
         main = start_main_targets(bench)
-    if "S1" in chosen and main is not None:
-        outcomes["S1"] = scenario_s1(bench, main)
+    if set(S1_FAMILY) & set(chosen) and main is not None:
+        outcomes |= scenario_s1_family(bench, main, chosen)
     if "S1s" in chosen:
         outcomes["S1s"] = scenario_s1_slow_readers(bench)
     if set(S2_FAMILY) & set(chosen):

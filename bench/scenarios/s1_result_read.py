@@ -1,42 +1,38 @@
 """S1 result read: wrk GET of a session's result through our proxy, nginx and the naive proxy (and
 the stub directly, for context), interleaved repetitions; ours against nginx (the ceiling) and the
-naive proxy (the floor).
+naive proxy (the floor). Measured in one set of repetitions with S1t, what tracing costs the same
+read (s1_tracing.py, which runs both).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 from common import RESULT_PATH, progress
 from proxies import Bench, sample_failure
-from stats import (
-    Outcome,
-    fmt_met,
-    fmt_rate,
-    fmt_rate_and_p99,
-    goal,
-    interleaved,
-    median_of,
-    ratio,
-    summarize_all,
-)
+from stats import Outcome, fmt_met, fmt_rate, fmt_rate_and_p99, goal, median_of, ratio
+from wrk import WrkReading
 
 from .main_proxies import MainTargets, measure_result_read
 
+SYSTEMS = ("ours", "nginx", "naive")
 
-def scenario_s1(bench: Bench, main: MainTargets) -> Outcome:
-    progress(f"S1 result read: wrk -t1 -c{bench.plan.connections} -d{bench.plan.seconds}s")
-    readings, warmups = interleaved(
-        bench.plan,
-        bench.plan.seconds,
-        {
-            name: functools.partial(measure_result_read, bench, main, name)
-            for name in ("ours", "nginx", "naive")
-        },
-    )
+
+def s1_measurements(bench: Bench, main: MainTargets) -> dict[str, Callable[[int], WrkReading]]:
+    """S1's three systems, for the interleaved repetitions S1 and S1t share (s1_tracing.py)."""
+    return {name: functools.partial(measure_result_read, bench, main, name) for name in SYSTEMS}
+
+
+def measure_stub_direct(bench: Bench, main: MainTargets) -> WrkReading:
+    """The stub without a proxy, once after the repetitions, for context."""
     progress("  stub direct (once, for context)")
-    readings["stub_direct"] = [measure_result_read(bench, main, "stub_direct", bench.plan.seconds)]
-    measured = summarize_all(readings, warmups)
+    return measure_result_read(bench, main, "stub_direct", bench.plan.seconds)
+
+
+def s1_outcome(bench: Bench, main: MainTargets, measured: dict[str, Any]) -> Outcome:
+    measured = {name: measured[name] for name in (*SYSTEMS, "stub_direct")}
     if measured["ours"]["non_2xx"]["max"] > 0:
         measured["ours"]["sample_failure"] = sample_failure(
             main.ours, "GET", RESULT_PATH.format(session_id=main.session_id)

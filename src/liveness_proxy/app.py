@@ -42,8 +42,8 @@ from liveness_proxy.metrics import ProxyMetrics, metrics_endpoint
 from liveness_proxy.middleware import RequestContextMiddleware, request_id_of
 from liveness_proxy.observability import AccessLog, Redactor, build_logger
 from liveness_proxy.settings import Settings
-from liveness_proxy.tracing import ServerSpans, Tracing, tracing_options
-from liveness_proxy.wiring import Service, app_options, request_policy, running_service
+from liveness_proxy.tracing import ServerSpans, Tracing
+from liveness_proxy.wiring import Service, app_options, request_policy, running_service, tracing_options
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -235,7 +235,7 @@ def create_app(
                     upstream_ca=options.upstream_ca,
                     upstream_client_certificate=options.upstream_client_certificate,
                     client_secret_reloadable=service.client_secret.reloadable,
-                    tracing=",".join(sorted(tracing.options.exporters)) if tracing.enabled else "off",
+                    tracing=tracing.describe(),
                 )
                 yield
             finally:

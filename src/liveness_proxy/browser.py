@@ -24,8 +24,18 @@ _BASE_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 )
 CORS_ALLOWED_METHODS = ("GET", "POST")
+# traceparent and tracestate: a browser's OpenTelemetry SDK starts the trace (W3C Trace Context);
+# whether the proxy continues it is tracing/server.py's decision, and a tracestate is never passed on.
 CORS_ALLOWED_HEADERS = frozenset(
-    {"authorization", "content-type", "idempotency-key", "x-api-key", "x-request-id"}
+    {
+        "authorization",
+        "content-type",
+        "idempotency-key",
+        "x-api-key",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+    }
 )
 CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After, Location, WWW-Authenticate, Idempotent-Replayed"
 CORS_MAX_AGE_SECONDS = "600"

@@ -50,6 +50,7 @@ class AdminHandlers:
             failed_authentications=service.failed_authentications,
             logger=service.logger,
             wall_clock=service.wall_clock,
+            tracing=service.tracing,
         )
         # Closed whatever LIVENESS_PROXY_EXTRA_BODY_FIELDS lists: nothing of it goes upstream.
         self._erase_body = DeclaredBody(EraseSubjectRequest, extra_fields=())
@@ -141,7 +142,8 @@ class AdminHandlers:
         caller = audit.caller = await self._authenticate(request)
         # Every authenticated request counts against the caller's budget, a refused one (403) and a
         # malformed one (400, checked after this) too.
-        await self._service.limits.check("result", caller.commitment)
+        with self._service.tracing.span("limits", attributes={"liveness_proxy.limit": "result"}):
+            await self._service.limits.check("result", caller.commitment)
         if not caller.is_admin:
             raise Forbidden(f"This route needs the '{ADMIN_SCOPE}' scope.")
         return caller

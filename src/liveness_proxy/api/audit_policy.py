@@ -25,6 +25,7 @@ from liveness_proxy.middleware import client_address, request_id_of
 from liveness_proxy.ratelimit import UNAUTHENTICATED
 from liveness_proxy.store import AuditLog, AuditRecord, is_store_outage
 from liveness_proxy.store.failed_authentications import FailedAuthentications
+from liveness_proxy.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -67,8 +68,10 @@ class AuditPolicy:
         failed_authentications: FailedAuthentications,
         logger: structlog.typing.FilteringBoundLogger,
         wall_clock: Callable[[], float],
+        tracing: Tracing | None = None,
     ) -> None:
         self._audit_log = audit_log
+        self._tracing = tracing or Tracing.off()
         self._failed_authentications = failed_authentications
         self._logger = logger
         self._wall_clock = wall_clock
@@ -145,9 +148,11 @@ class AuditPolicy:
         if audit.written:
             return
         audit.written = True
-        await self._audit_log.append(
-            audit.record(request_id_of(request.scope), status, problem, self._wall_clock())
-        )
+        # The wait for the group commit that makes this record durable (the answer waits on it).
+        with self._tracing.span("audit commit"):
+            await self._audit_log.append(
+                audit.record(request_id_of(request.scope), status, problem, self._wall_clock())
+            )
 
 
 def is_authentication_failure(error: ProblemError) -> bool:

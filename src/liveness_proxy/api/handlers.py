@@ -31,6 +31,7 @@ from liveness_proxy.auth.session_tokens import TakenToken
 from liveness_proxy.errors import BadRequest, NotFound, Unauthenticated, UpstreamError, UpstreamMalformed
 from liveness_proxy.middleware import client_address, request_id_of
 from liveness_proxy.privacy import derived_pass
+from liveness_proxy.ratelimit import LimitName
 from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
 from liveness_proxy.wiring import RequestPolicy, Service
@@ -54,6 +55,7 @@ class LivenessHandlers:
             failed_authentications=service.failed_authentications,
             logger=service.logger,
             wall_clock=service.wall_clock,
+            tracing=service.tracing,
         )
         self._token_body = DeclaredBody(SessionTokenRequest, extra_fields=policy.extra_body_fields)
         self._create_body = DeclaredBody(CreateSessionRequest, extra_fields=policy.extra_body_fields)
@@ -86,7 +88,7 @@ class LivenessHandlers:
     async def _session_token(self, request: Request, audit: AuditContext) -> Response:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
-        await service.limits.check("session_token", caller.commitment)
+        await self.check_limits("session_token", caller)
         payload = await read_json_object(
             request,
             self._policy.max_body_bytes,
@@ -122,7 +124,7 @@ class LivenessHandlers:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
         # Every authenticated request counts, a malformed one (400) too.
-        await service.limits.check("create_session", caller.commitment)
+        await self.check_limits("create_session", caller)
         key = idempotency_key_of(request.headers)
         payload = await read_json_object(
             request,
@@ -226,7 +228,7 @@ class LivenessHandlers:
         service = self._service
         caller = audit.caller = await self.authenticate(request)
         # Every authenticated request counts, one with a malformed session id (400) too.
-        await service.limits.check("result", caller.commitment)
+        await self.check_limits("result", caller)
         session_id = valid_session_id(request)
         audit.session_id = session_id
         owner = await service.ownership.owner_of(session_id)
@@ -254,6 +256,22 @@ class LivenessHandlers:
         return json_response(encode_upstream(payload, answer.status))
 
     async def authenticate(self, request: Request) -> Caller:
+        """Who calls, in a span of its own (it may wait on the database or the JWKS); see
+        `_authenticate_caller`."""
+        with self._service.tracing.span("authenticate") as span:
+            caller = await self._authenticate_caller(request)
+            if span is not None:
+                # How, and the subject's commitment: never the subject, the key or the token.
+                span.set_attribute("liveness_proxy.credential.kind", caller.credential_id.partition(":")[0])
+                span.set_attribute("liveness_proxy.subject_commitment", caller.commitment)
+            return caller
+
+    async def check_limits(self, name: LimitName, caller: Caller) -> None:
+        """The caller's rate limit and daily cap for `name`, in a span of its own (Redis may be slow)."""
+        with self._service.tracing.span("limits", attributes={"liveness_proxy.limit": name}):
+            await self._service.limits.check(name, caller.commitment)
+
+    async def _authenticate_caller(self, request: Request) -> Caller:
         """Who calls (the admin routes authenticate through here too): the host's hook first in
         library mode, then the proxy's API keys and JWTs. A failure counts against the client
         address's unauthenticated limit; an address over it is refused before any of this work,

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from liveness_proxy.serving.forwarders import TrustedForwarders
 from liveness_proxy.serving.protocol import ServeLimits, protocol_class
 from liveness_proxy.serving.sockets import bound_sockets
 from liveness_proxy.serving.tls import TlsFiles, check_tls_files, tls_files
@@ -37,7 +38,8 @@ def served_app_from_environment() -> object:
     from liveness_proxy.app import create_app
     from liveness_proxy.serving.process import ServedApp
 
-    return ServedApp(create_app(Settings.load()))
+    settings = Settings.load()
+    return TrustedForwarders(ServedApp(create_app(settings)), settings.forwarded_allow_ips)
 
 
 def serve(
@@ -73,6 +75,8 @@ def serve(
         # On: a lifespan that fails ends the process (with "auto", uvicorn would serve on without it).
         "lifespan": "on",
         "access_log": False,  # our own access log is structured and redacted
+        # Forwarded headers are ours to apply (TrustedForwarders), with the same FORWARDED_ALLOW_IPS.
+        "proxy_headers": False,
         "server_header": False,
         "log_level": "warning",
         # The httptools protocol with head deadline, head size and connection limits (protocol.py),
@@ -98,7 +102,8 @@ def serve(
             # What `uvicorn.run` does for workers, with our sockets instead of one it binds itself.
             Multiprocess(config, sockets=sockets).run()
             return 0
-        server = uvicorn.Server(uvicorn.Config(ServedApp(create_app(settings)), **common))
+        app = TrustedForwarders(ServedApp(create_app(settings)), settings.forwarded_allow_ips)
+        server = uvicorn.Server(uvicorn.Config(app, **common))
         server.run(sockets=sockets)
         return 0 if server.started else EXIT_NOT_STARTED
 

@@ -4,15 +4,17 @@ server span of each request (server.py)."""
 from liveness_proxy.tracing.core import (
     ActiveSpan,
     Tracing,
+    client_attributes,
     context_of,
     current_trace_id,
     current_traceparent,
     mark_failed,
     new_root,
     parse_traceparent,
+    record_answer,
     traceparent_of,
 )
-from liveness_proxy.tracing.options import TracingOptions, tracing_options
+from liveness_proxy.tracing.options import TracingOptions
 from liveness_proxy.tracing.server import FORWARDER_TRUSTED, UNTRACED_PATHS, ServerSpan, ServerSpans
 
 __all__ = [
@@ -23,12 +25,13 @@ __all__ = [
     "ServerSpans",
     "Tracing",
     "TracingOptions",
+    "client_attributes",
     "context_of",
     "current_trace_id",
     "current_traceparent",
     "mark_failed",
     "new_root",
     "parse_traceparent",
+    "record_answer",
     "traceparent_of",
-    "tracing_options",
 ]

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -125,6 +126,12 @@ class Tracing:
     def enabled(self) -> bool:
         return self.tracer is not None
 
+    def describe(self) -> str:
+        """For the "started" log line: "off", the exporters ("otlp", "console"), or "custom"."""
+        if self.tracer is None:
+            return "off"
+        return "custom" if self._exporter is not None else ",".join(sorted(self.options.exporters))
+
     def start(self) -> None:
         if self.tracer is not None or not (self.options.enabled or self._exporter is not None):
             return
@@ -208,3 +215,27 @@ def new_root() -> Context:
 
 def attributes_without_none(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+def client_attributes(method: str, origin: str, **extra: AttributeValue) -> dict[str, AttributeValue]:
+    """HTTP client attributes (semantic conventions) for a call to `origin` ("scheme://host:port").
+    No `url.full`: a path can hold a session id, and a receiver's URL a secret of its own."""
+    parts = urlsplit(origin)
+    scheme = parts.scheme or "http"
+    return {
+        "http.request.method": method,
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if scheme == "https" else 80),
+        "url.scheme": scheme,
+        **extra,
+    }
+
+
+def record_answer(span: Span | None, status: int) -> None:
+    """The answer's status on a client span; 4xx and 5xx are errors of the call (the conventions)."""
+    if span is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_attribute("error.type", str(status))

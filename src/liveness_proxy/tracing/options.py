@@ -24,7 +24,6 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from liveness_proxy.errors import ConfigurationError
-from liveness_proxy.settings import Settings
 
 DEFAULT_SERVICE_NAME = "liveness-proxy"
 SUPPORTED_EXPORTERS = frozenset({"otlp", "console"})
@@ -112,58 +111,3 @@ def traces_endpoint(base: str, traces: str) -> str:
         return traces.strip()
     base = base.strip() or "http://localhost:4318"
     return base.rstrip("/") + "/v1/traces"
-
-
-def _headers_text(settings: Settings) -> tuple[str, str]:
-    traces = settings.otel_exporter_otlp_traces_headers.get_secret_value()
-    common = settings.otel_exporter_otlp_headers.get_secret_value()
-    return (
-        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", traces)
-        if traces.strip()
-        else ("OTEL_EXPORTER_OTLP_HEADERS", common)
-    )
-
-
-def otlp_header_values(settings: Settings) -> tuple[str, ...]:
-    """The OTLP header values (a vendor's API key), for the log redactor; none when malformed (the
-    start-up check reports that)."""
-    try:
-        return tuple(parse_key_values(*_headers_text(settings)).values())
-    except ConfigurationError:
-        return ()
-
-
-def tracing_options(settings: Settings) -> TracingOptions:
-    """The tracing configuration; ConfigurationError (naming the variable) when it is unusable."""
-    exporter_text = settings.otel_traces_exporter.strip()
-    endpoint_given = bool(
-        settings.otel_exporter_otlp_endpoint.strip() or settings.otel_exporter_otlp_traces_endpoint.strip()
-    )
-    exporters = (
-        parse_exporters(exporter_text) if exporter_text else frozenset({"otlp"} if endpoint_given else ())
-    )
-    if settings.otel_sdk_disabled:
-        exporters = frozenset()
-    protocol = (
-        (settings.otel_exporter_otlp_traces_protocol or settings.otel_exporter_otlp_protocol).strip().lower()
-    )
-    if "otlp" in exporters and protocol not in SUPPORTED_PROTOCOLS:
-        raise ConfigurationError(
-            "OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported (the collector's port 4318), not "
-            + protocol
-        )
-    resource = parse_key_values("OTEL_RESOURCE_ATTRIBUTES", settings.otel_resource_attributes)
-    return TracingOptions(
-        exporters=exporters,
-        traces_endpoint=traces_endpoint(
-            settings.otel_exporter_otlp_endpoint, settings.otel_exporter_otlp_traces_endpoint
-        ),
-        headers=parse_key_values(*_headers_text(settings)),
-        service_name=settings.otel_service_name.strip()
-        or resource.get("service.name")
-        or DEFAULT_SERVICE_NAME,
-        resource_attributes=resource,
-        sampler=parse_sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg),
-        trust_incoming=settings.liveness_proxy_trace_trust_incoming,
-        trusted_forwarders=settings.forwarded_allow_ips,
-    )

@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import quote, urlsplit
 
 import orjson
+from opentelemetry.trace import SpanKind
 
 from liveness_proxy.errors import (
     TokenUnavailable,
@@ -52,6 +53,7 @@ from liveness_proxy.http import HttpError, HttpResponse, HttpTransport, Url
 from liveness_proxy.http.base import PATH_SAFE as _PATH_SAFE
 from liveness_proxy.http.problems import upstream_problem
 from liveness_proxy.http.retry_after import parse_retry_after
+from liveness_proxy.tracing import Tracing, client_attributes, record_answer
 from liveness_proxy.upstream.answers import upstream_error_code
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
@@ -138,10 +140,12 @@ class CynopsisClient:
         circuit: CircuitBreaker | None = None,
         session_id_fields: Sequence[str] = ("session_id",),
         own_secrets: Callable[[], Sequence[str]] = tuple,
+        tracing: Tracing | None = None,
     ) -> None:
         """`own_secrets()` gives the values no answer may contain besides the access token (the
         client secret); `session_id_fields` are where an answer carries its session id."""
         self._http = http
+        self._tracing = tracing or Tracing.off()
         self._session_id_fields = tuple(session_id_fields)
         self._own_secrets = own_secrets
         self._circuit = circuit
@@ -157,6 +161,19 @@ class CynopsisClient:
         # The result path around its "{session_id}": the id (validated [A-Za-z0-9_-]) goes in between.
         before, _, after = endpoints.result_path.partition("{session_id}")
         self._result_target = (endpoints.target(before), quote(after, safe=_PATH_SAFE))
+        # Each call's client-span attributes, built once: the path as its template, never the id.
+        self._span_attributes = {
+            endpoint: client_attributes(
+                method,
+                self._origin,
+                **{"url.template": template, "liveness_proxy.upstream.endpoint": endpoint},
+            )
+            for endpoint, method, template in (
+                ("session_token", "POST", endpoints.session_token_path),
+                ("create_session", "POST", endpoints.session_path),
+                ("result", "GET", endpoints.result_path),
+            )
+        }
 
     async def get_session_token(
         self, body: bytes, request_id: str, *, caller_secrets: Sequence[str] = ()
@@ -282,7 +299,8 @@ class CynopsisClient:
         token: AccessToken,
         request_id: str,
     ) -> tuple[HttpResponse, float]:
-        """The answer and how long the exchange took; a failed exchange is observed here."""
+        """The answer and how long the exchange took; a failed exchange is observed here. With
+        tracing on, the exchange is a client span, and Cynopsis gets its `traceparent`."""
         headers = [
             ("Authorization", f"Bearer {token.value}"),
             ("X-Domain-Id", self._domain_id),
@@ -291,6 +309,24 @@ class CynopsisClient:
         ]
         if body is not None:
             headers.append(("Content-Type", "application/json"))
+        if self._tracing.tracer is None:
+            return await self._exchange(endpoint, method, url, body, headers)
+        with self._tracing.span(
+            method, kind=SpanKind.CLIENT, attributes=self._span_attributes[endpoint]
+        ) as span:
+            headers.extend(self._tracing.outbound_headers())
+            response, seconds = await self._exchange(endpoint, method, url, body, headers)
+            record_answer(span, response.status)
+            return response, seconds
+
+    async def _exchange(
+        self,
+        endpoint: UpstreamEndpoint,
+        method: str,
+        url: Url,
+        body: bytes | None,
+        headers: list[tuple[str, str]],
+    ) -> tuple[HttpResponse, float]:
         started = time.perf_counter()
         try:
             response = await self._http.request(

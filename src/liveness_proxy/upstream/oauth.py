@@ -18,9 +18,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
+from opentelemetry.trace import SpanKind
 
 from liveness_proxy.http import HttpError, HttpResponse, HttpTransport, Url
 from liveness_proxy.http.errors import EncodedResponse, ResponseTooLarge, Timeout, TlsError
+from liveness_proxy.tracing import Tracing, client_attributes, record_answer
 from liveness_proxy.upstream.answers import parse_seconds, upstream_error_code
 
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
@@ -82,10 +84,15 @@ class ClientCredentialsFetcher:
         max_lifetime_seconds: float,
         timeout_seconds: float,
         reload_client_secret: Callable[[], bool] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._http = http
+        self._tracing = tracing or Tracing.off()
         self._timeout_seconds = timeout_seconds
         self._token_url = Url.parse(token_url)
+        self._span_attributes = client_attributes(
+            "POST", self._token_url.origin, **{"liveness_proxy.upstream.endpoint": "token"}
+        )
         self._client_id = client_id
         self._client_secret = client_secret
         self._default_lifetime = default_lifetime_seconds
@@ -119,20 +126,26 @@ class ClientCredentialsFetcher:
                 "client_secret": client_secret,
             }
         )
-        try:
-            return await self._http.request(
-                "POST",
-                self._token_url,
-                headers=(
-                    ("Accept", "application/json"),
-                    ("Content-Type", "application/x-www-form-urlencoded"),
-                ),
-                body=form.encode("ascii"),
-                max_body_bytes=MAX_TOKEN_RESPONSE_BYTES,
-                timeout_seconds=self._timeout_seconds,
-            )
-        except HttpError as exc:
-            raise TokenEndpointError(describe_http_error(exc)) from None
+        # A client span, and the token endpoint gets its traceparent (tracing on): a slow refresh
+        # is then visible in the token server's own traces too.
+        with self._tracing.span("POST", kind=SpanKind.CLIENT, attributes=self._span_attributes) as span:
+            try:
+                answer = await self._http.request(
+                    "POST",
+                    self._token_url,
+                    headers=(
+                        ("Accept", "application/json"),
+                        ("Content-Type", "application/x-www-form-urlencoded"),
+                        *self._tracing.outbound_headers(),
+                    ),
+                    body=form.encode("ascii"),
+                    max_body_bytes=MAX_TOKEN_RESPONSE_BYTES,
+                    timeout_seconds=self._timeout_seconds,
+                )
+            except HttpError as exc:
+                raise TokenEndpointError(describe_http_error(exc)) from None
+            record_answer(span, answer.status)
+            return answer
 
     def _parse(self, body: bytes) -> FetchedToken:
         try:

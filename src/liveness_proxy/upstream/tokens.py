@@ -24,7 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span
+
 from liveness_proxy.errors import TokenUnavailable
+from liveness_proxy.tracing import ActiveSpan, Tracing, new_root
 from liveness_proxy.upstream.oauth import FetchedToken, TokenEndpointError
 from liveness_proxy.upstream.token_store import SharedStateUnavailable, SharedToken, TokenStore
 
@@ -64,8 +68,10 @@ class TokenManager:
         on_new_token: Callable[[str], None] | None = None,
         observer: TokenObserver | None = None,
         shared: SharedTokenPolicy | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._fetcher = fetcher
+        self._tracing = tracing or Tracing.off()
         self._refresh_margin = refresh_margin
         self._failure_backoff = failure_backoff_seconds
         self._clock = clock
@@ -78,6 +84,8 @@ class TokenManager:
         self._lease_owner = f"{os.getpid()}-{secrets.token_hex(8)}"
         self._token: AccessToken | None = None
         self._inflight: asyncio.Task[AccessToken] | None = None
+        # The span of the refresh in flight: the requests that wait for it link to it.
+        self._inflight_span: Span | None = None
         # After a failed attempt: no new attempt before _failed_until, and while _degraded, callers
         # without a token are answered at once instead of waiting on the next attempt.
         self._failed_until = 0.0
@@ -110,7 +118,7 @@ class TokenManager:
         if now >= self._failed_until:
             attempt = self._start_refresh()
             if not self._degraded:
-                return await asyncio.shield(attempt)
+                return await self._wait_for(attempt)
             # The endpoint failed last time: this attempt runs in the background, callers don't queue.
         raise TokenUnavailable(
             "The upstream access token cannot be obtained right now.",
@@ -136,13 +144,37 @@ class TokenManager:
             with contextlib.suppress(asyncio.CancelledError, TokenUnavailable):
                 await task
 
+    async def _wait_for(self, attempt: asyncio.Task[AccessToken]) -> AccessToken:
+        """Waits for the refresh in flight; with tracing on, in a span linked to the refresh's (one
+        refresh serves every request waiting at that moment: it is no single request's child)."""
+        refresh_span = self._inflight_span
+        if refresh_span is None:
+            return await asyncio.shield(attempt)
+        with self._tracing.span("upstream token wait", links=[Link(refresh_span.get_span_context())]):
+            return await asyncio.shield(attempt)
+
     def _start_refresh(self) -> asyncio.Task[AccessToken]:
         if self._inflight is None or self._inflight.done():
-            task = asyncio.get_running_loop().create_task(self._refresh(), name="upstream-token-refresh")
+            # A trace of its own, linked to the request that started it: a shared refresh.
+            caller = trace.get_current_span().get_span_context()
+            span = self._tracing.start_span(
+                "upstream token refresh",
+                context=new_root(),
+                links=[Link(caller)] if caller.is_valid else None,
+            )
+            self._inflight_span = span
+            task = asyncio.get_running_loop().create_task(
+                self._refresh() if span is None else self._traced_refresh(span),
+                name="upstream-token-refresh",
+            )
             # A background refresh may fail with nobody awaiting it; its failure is already recorded.
             task.add_done_callback(_consume_exception)
             self._inflight = task
         return self._inflight
+
+    async def _traced_refresh(self, span: Span) -> AccessToken:
+        with ActiveSpan(span):
+            return await self._refresh()
 
     async def _refresh(self) -> AccessToken:
         shared = self._shared

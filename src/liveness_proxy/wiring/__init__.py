@@ -14,6 +14,7 @@ from liveness_proxy.wiring.options import (
     audit_checkpoint_options,
     request_policy,
     serve_options,
+    tracing_options,
 )
 from liveness_proxy.wiring.parts import check_startable, create_redis, cynopsis_ssl_context, token_fetcher
 from liveness_proxy.wiring.service import Service, running_service
@@ -33,4 +34,5 @@ __all__ = [
     "running_service",
     "serve_options",
     "token_fetcher",
+    "tracing_options",
 ]

@@ -19,7 +19,15 @@ from liveness_proxy.settings import Settings
 from liveness_proxy.store.audit_checkpoints import CheckpointSigner
 from liveness_proxy.store.database import SQLITE_BUSY_TIMEOUT_MS, PoolOptions
 from liveness_proxy.store.retention import RetentionPolicy
-from liveness_proxy.tracing.options import otlp_header_values
+from liveness_proxy.tracing.options import (
+    DEFAULT_SERVICE_NAME,
+    SUPPORTED_PROTOCOLS,
+    TracingOptions,
+    parse_exporters,
+    parse_key_values,
+    parse_sampler,
+    traces_endpoint,
+)
 from liveness_proxy.url_secrets import url_secret_values
 
 
@@ -280,4 +288,60 @@ def retention_options(settings: Settings) -> RetentionOptions:
         interval_seconds=settings.liveness_proxy_retention_interval_seconds,
         # Half the lease: the run ends (and settles) well before another replica may claim the job.
         time_budget_seconds=settings.worker_lease_seconds / 2,
+    )
+
+
+def _headers_text(settings: Settings) -> tuple[str, str]:
+    traces = settings.otel_exporter_otlp_traces_headers.get_secret_value()
+    common = settings.otel_exporter_otlp_headers.get_secret_value()
+    return (
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", traces)
+        if traces.strip()
+        else ("OTEL_EXPORTER_OTLP_HEADERS", common)
+    )
+
+
+def otlp_header_values(settings: Settings) -> tuple[str, ...]:
+    """The OTLP header values (a vendor's API key), for the log redactor; none when malformed (the
+    start-up check reports that)."""
+    try:
+        return tuple(parse_key_values(*_headers_text(settings)).values())
+    except ConfigurationError:
+        return ()
+
+
+def tracing_options(settings: Settings) -> TracingOptions:
+    """The tracing configuration (tracing/options.py); ConfigurationError (naming the variable)
+    when it is unusable."""
+    exporter_text = settings.otel_traces_exporter.strip()
+    endpoint_given = bool(
+        settings.otel_exporter_otlp_endpoint.strip() or settings.otel_exporter_otlp_traces_endpoint.strip()
+    )
+    exporters = (
+        parse_exporters(exporter_text) if exporter_text else frozenset({"otlp"} if endpoint_given else ())
+    )
+    if settings.otel_sdk_disabled:
+        exporters = frozenset()
+    protocol = (
+        (settings.otel_exporter_otlp_traces_protocol or settings.otel_exporter_otlp_protocol).strip().lower()
+    )
+    if "otlp" in exporters and protocol not in SUPPORTED_PROTOCOLS:
+        raise ConfigurationError(
+            "OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported (the collector's port 4318), not "
+            + protocol
+        )
+    resource = parse_key_values("OTEL_RESOURCE_ATTRIBUTES", settings.otel_resource_attributes)
+    return TracingOptions(
+        exporters=exporters,
+        traces_endpoint=traces_endpoint(
+            settings.otel_exporter_otlp_endpoint, settings.otel_exporter_otlp_traces_endpoint
+        ),
+        headers=parse_key_values(*_headers_text(settings)),
+        service_name=settings.otel_service_name.strip()
+        or resource.get("service.name")
+        or DEFAULT_SERVICE_NAME,
+        resource_attributes=resource,
+        sampler=parse_sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg),
+        trust_incoming=settings.liveness_proxy_trace_trust_incoming,
+        trusted_forwarders=settings.forwarded_allow_ips,
     )

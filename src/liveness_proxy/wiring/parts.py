@@ -33,13 +33,14 @@ from liveness_proxy.settings import Settings
 from liveness_proxy.store.audit_chain import parse_audit_keys
 from liveness_proxy.store.database import MigrationKeys
 from liveness_proxy.store.subjects import SubjectKeys
+from liveness_proxy.tracing import Tracing
 from liveness_proxy.upstream import (
     ClientCredentialsFetcher,
     TokenCipher,
 )
 from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.upstream.tls import upstream_ssl_context
-from liveness_proxy.wiring.options import audit_checkpoint_options, jwt_policy
+from liveness_proxy.wiring.options import audit_checkpoint_options, jwt_policy, tracing_options
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,7 @@ def token_fetcher(
     settings: Settings,
     *,
     client_secret: ClientSecretSource | None = None,
+    tracing: Tracing | None = None,
 ) -> ClientCredentialsFetcher:
     """The client-credentials token request, as configured (also used by `liveness-proxy check`).
     `http` carries the TLS context (`cynopsis_ssl_context`)."""
@@ -151,6 +153,7 @@ def token_fetcher(
         max_lifetime_seconds=settings.cynopsis_token_max_lifetime_seconds,
         timeout_seconds=settings.cynopsis_token_timeout_seconds,
         reload_client_secret=functools.partial(secret.reload, trigger="invalid_client"),
+        tracing=tracing,
     )
 
 
@@ -237,6 +240,8 @@ def check_startable(settings: Settings) -> None:
             raise ConfigurationError(f"LIVENESS_PROXY_JWT_PUBLIC_KEY_FILE: {exc}") from None
     # The audit checkpoints' signing key (and where they go).
     audit_checkpoint_options(settings)
+    # The OTEL_* tracing settings (sampler, exporter, protocol).
+    tracing_options(settings)
 
 
 def privacy_keys(settings: Settings) -> MigrationKeys:

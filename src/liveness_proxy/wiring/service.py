@@ -62,6 +62,7 @@ from liveness_proxy.store.session_tokens import (
 from liveness_proxy.store.subjects import SubjectRegistry
 from liveness_proxy.store.verdicts import verdict_of
 from liveness_proxy.store.write_batch import BatchedWrites
+from liveness_proxy.tracing import Tracing
 from liveness_proxy.upstream import (
     CynopsisClient,
     CynopsisEndpoints,
@@ -132,6 +133,7 @@ class Service:
     # Per-subject secrets and commitments; erasure.
     subjects: SubjectRegistry
     erasure: Erasure
+    tracing: Tracing
 
     async def record_read(
         self, owner: SessionOwner, payload: dict[str, Any], request_id: str
@@ -167,6 +169,7 @@ async def running_service(
     wall_clock: Callable[[], float] = time.time,
     shared_clock: Callable[[], float] = time.time,
     migrate: bool = False,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Service]:
     """Builds every part from settings, and closes everything it opened, in reverse order, however
     the block ends, a failure halfway through start-up included.
@@ -175,6 +178,7 @@ async def running_service(
     and checks JWT times; `shared_clock` (a wall clock: it must agree across machines) dates the
     token shared with other processes."""
     settings.require_proxy_secrets()
+    tracing = tracing or Tracing.off()
     # First: a bad certificate or key file stops start-up before anything is opened.
     upstream_tls = cynopsis_ssl_context(settings)
     keys = privacy_keys(settings)
@@ -257,7 +261,7 @@ async def running_service(
             token_store = DatabaseTokenStore(engine, cipher=token_cipher(settings), wall_clock=shared_clock)
         lease_seconds = 5.0
         tokens = TokenManager(
-            token_fetcher(http, settings, client_secret=client_secret),
+            token_fetcher(http, settings, client_secret=client_secret, tracing=tracing),
             refresh_margin=token_refresh_margin(settings),
             failure_backoff_seconds=settings.cynopsis_token_failure_backoff_seconds,
             clock=clock,
@@ -273,6 +277,7 @@ async def running_service(
                 wait_seconds=settings.cynopsis_token_timeout_seconds + lease_seconds,
                 lease_seconds=lease_seconds,
             ),
+            tracing=tracing,
         )
         opened.push_async_callback(tokens.close)
         endpoints = CynopsisEndpoints(
@@ -305,6 +310,7 @@ async def running_service(
                 open_seconds=settings.cynopsis_circuit_open_seconds,
                 observer=CircuitSignals(metrics, logger),
             ),
+            tracing=tracing,
         )
 
         def log_key_use_not_recorded(error: BaseException) -> None:
@@ -561,4 +567,5 @@ async def running_service(
             failed_authentications=failed_authentications,
             subjects=subjects,
             erasure=erasure,
+            tracing=tracing,
         )
