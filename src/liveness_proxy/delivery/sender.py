@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
 
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
-from liveness_proxy.http import USER_AGENT, HttpError, HttpTransport, Url
+from liveness_proxy.http import USER_AGENT, HttpError, HttpResponse, HttpTransport, Url
 from liveness_proxy.http.retry_after import parse_retry_after
-from liveness_proxy.tracing import Tracing, mark_failed
+from liveness_proxy.tracing import Tracing, client_attributes, mark_failed, record_answer
 from liveness_proxy.webhook_signing import webhook_headers
 
 _MAX_ANSWER_BYTES = 64 * 1024  # the receiver's body is read only to be dropped
@@ -55,69 +54,41 @@ class WebhookSender:
         self._timeout_seconds = timeout_seconds
         self._wall_clock = wall_clock
         self._tracing = tracing if tracing is not None else Tracing.off()
-        self._span_attributes = _server_attributes(self._url)
+        self._span_attributes = client_attributes("POST", self._url.origin)
 
     async def attempt(self, event_id: str, body: bytes) -> AttemptOutcome:
         """Sends `body` once, signed with this moment's timestamp."""
         with self._tracing.span("POST", kind=SpanKind.CLIENT, attributes=self._span_attributes) as span:
-            # Inside the span: the traceparent sent names this attempt's span.
-            outcome, error = await self._post(event_id, body)
-            if span is not None:
-                _record_answer(span, outcome, error)
-            return outcome
+            headers = [
+                ("content-type", "application/json"),
+                ("user-agent", USER_AGENT),
+                *webhook_headers(self._keys, event_id, int(self._wall_clock()), body).items(),
+                *self._tracing.outbound_headers(),  # inside the span: it names this attempt
+            ]
+            try:
+                response = await self._transport.request(
+                    "POST",
+                    self._url,
+                    headers=headers,
+                    body=body,
+                    max_body_bytes=_MAX_ANSWER_BYTES,
+                    timeout_seconds=self._timeout_seconds,
+                )
+            except HttpError as exc:
+                if span is not None:
+                    mark_failed(span, exc)
+                return AttemptOutcome("failed", None, f"no answer: {type(exc).__name__}")
+            record_answer(span, response.status)
+        return self._outcome(response)
 
-    async def _post(self, event_id: str, body: bytes) -> tuple[AttemptOutcome, HttpError | None]:
-        headers = [
-            ("content-type", "application/json"),
-            ("user-agent", USER_AGENT),
-            *webhook_headers(self._keys, event_id, int(self._wall_clock()), body).items(),
-            *self._tracing.outbound_headers(),
-        ]
-        try:
-            response = await self._transport.request(
-                "POST",
-                self._url,
-                headers=headers,
-                body=body,
-                max_body_bytes=_MAX_ANSWER_BYTES,
-                timeout_seconds=self._timeout_seconds,
-            )
-        except HttpError as exc:
-            return AttemptOutcome("failed", None, f"no answer: {type(exc).__name__}"), exc
+    def _outcome(self, response: HttpResponse) -> AttemptOutcome:
         status = response.status
         if 200 <= status < 300:
-            return AttemptOutcome("delivered", status, None), None
+            return AttemptOutcome("delivered", status, None)
         if status == 410:
-            return AttemptOutcome("gone", status, "HTTP 410 Gone: endpoint disabled"), None
+            return AttemptOutcome("gone", status, "HTTP 410 Gone: endpoint disabled")
         retry_after = None
         header = response.header(b"retry-after")
         if status in (429, 503) and header is not None:
             retry_after = float(parse_retry_after(header, now=self._wall_clock()))
-        return AttemptOutcome("failed", status, f"HTTP {status}", retry_after), None
-
-
-def _server_attributes(url: Url) -> dict[str, str | int]:
-    """The HTTP client span's attributes known before sending (semantic conventions)."""
-    origin = urlsplit(url.origin)
-    scheme = origin.scheme
-    return {
-        "http.request.method": "POST",
-        "server.address": origin.hostname or "",
-        "server.port": origin.port or (443 if scheme == "https" else 80),
-        "url.scheme": scheme,
-    }
-
-
-def _record_answer(span: Span, outcome: AttemptOutcome, error: HttpError | None) -> None:
-    """The answer's status, and for a client span an error on no answer or a 4xx/5xx (semantic
-    conventions: `error.type` is the status code, or the error's class when nothing came back)."""
-    if error is not None:
-        mark_failed(span, error)
-        return
-    status = outcome.status
-    if status is None:
-        return
-    span.set_attribute("http.response.status_code", status)
-    if status >= 400:
-        span.set_status(Status(StatusCode.ERROR))
-        span.set_attribute("error.type", str(status))
+        return AttemptOutcome("failed", status, f"HTTP {status}", retry_after)
