@@ -30,6 +30,7 @@ class Delivery:
     verified: bool
     answered: int
     received_at: float
+    headers: dict[str, str] = field(default_factory=dict)  # every header as received, lower-cased
 
 
 @dataclass
@@ -81,6 +82,7 @@ class WebhookReceiver:
                     verified=verified,
                     answered=status,
                     received_at=time.monotonic(),
+                    headers=dict(request.headers),
                 )
             )
         return Response(status_code=status, headers=headers)

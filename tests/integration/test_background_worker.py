@@ -57,7 +57,9 @@ async def _worker(tmp_path: Path, runner_options: dict[str, Any], **options: Any
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
     await upgrade_database(engine, keys=TEST_KEYS)
     async with engine.begin() as connection:
-        await connection.execute(insert(jobs).values(enqueue_values("deliver", "e-1", due_at=0.0, now=0.0)))
+        await connection.execute(
+            insert(jobs).values(enqueue_values("deliver", "e-1", due_at=0.0, now=0.0, trace_parent=None))
+        )
     queue = JobQueue(engine)
     runner = Runner(queue, **runner_options)
     worker = BackgroundWorker(
@@ -143,7 +145,10 @@ async def test_jobs_that_end_together_are_followed_by_the_next_claim_at_once(tmp
     async with engine.begin() as connection:
         await connection.execute(
             insert(jobs),
-            [enqueue_values("deliver", f"e-{index}", due_at=0.0, now=0.0) for index in range(12)],
+            [
+                enqueue_values("deliver", f"e-{index}", due_at=0.0, now=0.0, trace_parent=None)
+                for index in range(12)
+            ],
         )
     queue = JobQueue(engine)
 

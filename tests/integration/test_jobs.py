@@ -22,7 +22,10 @@ async def _queue_with(
     async with engine.begin() as connection:
         await connection.execute(
             insert(jobs),
-            [enqueue_values("deliver", f"e-{index}", due_at=due_at, now=0.0) for index in range(count)],
+            [
+                enqueue_values("deliver", f"e-{index}", due_at=due_at, now=0.0, trace_parent=None)
+                for index in range(count)
+            ],
         )
     return JobQueue(engine), engine
 

@@ -25,6 +25,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -274,6 +275,10 @@ def legacy_problems(head: dict[str, Any], records: list[dict[str, Any]]) -> list
     if expected_seq - 1 != head["last_seq"] or prev != head["last_hash"]:
         problems.append(f"the head says seq {head['last_seq']}, the chain ends at seq {expected_seq - 1}")
     return problems
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def run_alembic(connection: Connection, action: str, revision: str, keys: Any = None) -> None:
@@ -582,7 +587,7 @@ async def test_an_empty_database_needs_no_keys(database_url: str, via_0007: bool
         if via_0007:
             await upgrade_database(engine, "0007")
         await upgrade_database(engine)
-        assert await current_revision(engine) == "0008"
+        assert await current_revision(engine) == head_revision()
         assert await count(engine, "audit_records") == 0
         head = await read_head(engine)
         assert (head["last_seq"], head["last_hash"]) == (0, GENESIS_HASH)
@@ -669,7 +674,7 @@ async def test_processes_migrating_one_database_at_once_all_succeed(database_url
         await upgrade_database(engines[0], "0007")
         await write_old(engines[0], old_records())
         await asyncio.gather(*(upgrade_database(engine, keys=TEST_KEYS) for engine in engines))
-        assert await current_revision(engines[0]) == "0008"
+        assert await current_revision(engines[0]) == head_revision()
         verdict = await AuditLog(engines[0], TEST_AUDIT_KEYS).verify(subjects=registry(engines[0]))
         assert verdict.ok, verdict.problem
         assert verdict.records == len(old_records()) + 1  # re-chained once

@@ -93,7 +93,12 @@ async def add_session(
         )
         await connection.execute(
             insert(jobs).values(
-                {**enqueue_values("finalize", session_id, due_at=created_at, now=created_at), "state": "done"}
+                {
+                    **enqueue_values(
+                        "finalize", session_id, due_at=created_at, now=created_at, trace_parent=None
+                    ),
+                    "state": "done",
+                }
             )
         )
         for index in range(events):
@@ -110,7 +115,10 @@ async def add_session(
             )
             await connection.execute(
                 insert(jobs).values(
-                    {**enqueue_values("deliver", event_id, due_at=at, now=at), "state": delivery_state}
+                    {
+                        **enqueue_values("deliver", event_id, due_at=at, now=at, trace_parent=None),
+                        "state": delivery_state,
+                    }
                 )
             )
 
@@ -200,11 +208,16 @@ async def test_sessions_older_than_the_cutoff_go_with_their_events_and_jobs_and_
         )
         await connection.execute(
             insert(jobs).values(
-                {**enqueue_values("deliver", "evt-orphan", due_at=old, now=old), "state": "cancelled"}
+                {
+                    **enqueue_values("deliver", "evt-orphan", due_at=old, now=old, trace_parent=None),
+                    "state": "cancelled",
+                }
             )
         )
         # Work of other kinds is not the sweep's.
-        await connection.execute(insert(jobs).values(enqueue_values("erase", "c" * 64, due_at=old, now=old)))
+        await connection.execute(
+            insert(jobs).values(enqueue_values("erase", "c" * 64, due_at=old, now=old, trace_parent=None))
+        )
 
     result = await retention(engine, clock, retention_days=30).run()
 

@@ -14,6 +14,11 @@ releases their leases, so another process takes them over at once; nothing ackno
 
 A job is never claimed again by the process that still runs it, even when its lease lapsed (a
 process's lease owner is the same for all its claims; the claim's attempt number fences its settle).
+
+Each run is a span, a child of the span that caused the job (its stored `trace_parent`, see
+store/jobs.py), or the root of a trace of its own when there is none. Its attributes name the kind
+and the attempt, and for a delivery the event id; never a session id or a commitment (a job's ref
+for other kinds): a span outlives an erasure.
 """
 
 from __future__ import annotations
@@ -31,10 +36,18 @@ import structlog
 
 from liveness_proxy.store import ClaimedJob, JobQueue, is_store_outage
 from liveness_proxy.store.jobs import JobKind
+from liveness_proxy.tracing import Tracing, context_of, new_root
 
 # Attempts after which a job whose runner keeps raising is dead (its runner's own schedule ends
 # every healthy job long before: nine finalizer reads, ten webhook attempts by default).
 MAX_ATTEMPTS = 50
+
+SPAN_NAMES: dict[str, str] = {
+    "finalize": "finalizer poll",
+    "deliver": "webhook delivery",
+    "erase": "erasure follow-up",
+    "retention": "retention sweep",
+}
 
 
 class JobRunner(Protocol):
@@ -71,9 +84,11 @@ class BackgroundWorker:
         on_pass: Callable[[], Awaitable[None]] | None = None,
         on_every_pass: Callable[[], Awaitable[None]] | None = None,
         grace_seconds: float = 5.0,
+        tracing: Tracing | None = None,
     ) -> None:
         """`on_pass` runs every tenth pass (the backlog gauges); `on_every_pass` every pass (the
-        erasure notices, which must reach every process within about an interval)."""
+        erasure notices, which must reach every process within about an interval). `tracing`: the
+        app's (None: off)."""
         self._queue = queue
         self._runners = tuple(runners)
         self._lease_seconds = lease_seconds
@@ -83,6 +98,7 @@ class BackgroundWorker:
         self._on_pass = on_pass
         self._on_every_pass = on_every_pass
         self._grace_seconds = grace_seconds
+        self._tracing = tracing if tracing is not None else Tracing.off()
         self.lease_owner = new_lease_owner()
         self._in_flight: dict[str, dict[int, asyncio.Task[None]]] = {
             runner.kind: {} for runner in self._runners
@@ -161,7 +177,9 @@ class BackgroundWorker:
 
     async def _run_job(self, runner: JobRunner, job: ClaimedJob) -> None:
         try:
-            await runner.run(job, lease_owner=self.lease_owner)
+            # A runner's exception or a cancellation ends the span failed (ActiveSpan).
+            with self._span_of(job):
+                await runner.run(job, lease_owner=self.lease_owner)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self._queue.release(job, owner=self.lease_owner, now=self._wall_clock())
@@ -177,6 +195,16 @@ class BackgroundWorker:
             self._in_flight[job.kind].pop(job.id, None)
             self._wakeup.set()  # a slot is free: claim again now, not at the next timer tick
 
+    def _span_of(self, job: ClaimedJob) -> contextlib.AbstractContextManager[object]:
+        if not self._tracing.enabled:  # off: not even the stored traceparent is parsed
+            return contextlib.nullcontext()
+        return self._tracing.span(
+            SPAN_NAMES.get(job.kind, f"job {job.kind}"),
+            # Never the worker's own current context: a job without a cause starts a trace.
+            context=context_of(job.trace_parent) or new_root(),
+            attributes=_span_attributes(job),
+        )
+
     async def _give_back(self, job: ClaimedJob, reason: str) -> None:
         now = self._wall_clock()
         dead = job.attempts >= MAX_ATTEMPTS
@@ -190,6 +218,16 @@ class BackgroundWorker:
                 due_at=None if dead else now + self._lease_seconds,
                 error=f"the {job.kind} runner failed: {reason}",
             )
+
+
+def _span_attributes(job: ClaimedJob) -> dict[str, str | int]:
+    attributes: dict[str, str | int] = {
+        "liveness_proxy.job.kind": job.kind,
+        "liveness_proxy.job.attempt": job.attempts,
+    }
+    if job.kind == "deliver":  # the event id is ours, random, and what the receiver dedupes on
+        attributes["liveness_proxy.webhook.event_id"] = job.ref
+    return attributes
 
 
 def _forget(running: dict[int, asyncio.Task[None]], job_id: int, _task: asyncio.Task[None]) -> None:

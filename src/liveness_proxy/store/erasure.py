@@ -54,6 +54,7 @@ from liveness_proxy.store.tables import (
     webhook_events,
 )
 from liveness_proxy.store.tally import Tally
+from liveness_proxy.tracing import current_traceparent
 
 DEFAULT_BATCH = 500
 # When the follow-up runs: well after every process has seen the notice (a second, at the worker's
@@ -157,7 +158,14 @@ class Erasure:
             if commitment is not None:
                 await connection.execute(
                     jobs.insert().values(
-                        enqueue_values("erase", commitment, due_at=now + FOLLOW_UP_SECONDS, now=now)
+                        enqueue_values(
+                            "erase",
+                            commitment,
+                            due_at=now + FOLLOW_UP_SECONDS,
+                            now=now,
+                            # The erasure's own task: the follow-up joins the admin's request trace.
+                            trace_parent=current_traceparent(),
+                        )
                     )
                 )
             await self._chain.append(

@@ -19,6 +19,15 @@ receiver on `webhook-id`).
 
 Every later write of a claimed row is fenced by the lease owner: a process whose lease lapsed and
 was taken over cannot overwrite the new owner's outcome.
+
+Trace context
+-------------
+A job keeps the W3C `traceparent` of the span that was current when its fact was written
+(`trace_parent`; NULL with tracing off or outside any span), and the worker runs it in a child of
+that span: a finalizer poll joins the trace of the request that created the session, a webhook
+delivery the trace of whatever recorded the verdict. The writer passes the value in explicitly,
+because a group commit writes in a task of its own whose current span is not the caller's (the
+value is read when the caller submits: `current_traceparent()`).
 """
 
 from __future__ import annotations
@@ -47,10 +56,16 @@ class ClaimedJob:
     attempts: int  # including this one
     due_at: float
     created_at: float  # for a follow-up: when its session was created (the schedule counts from it)
+    trace_parent: str | None = None  # the span that caused the job (see "Trace context")
 
 
-def enqueue_values(kind: JobKind, ref: str, *, due_at: float, now: float) -> dict[str, Any]:
-    """The columns of a new queued job, for an INSERT in the caller's transaction."""
+def enqueue_values(
+    kind: JobKind, ref: str, *, due_at: float, now: float, trace_parent: str | None
+) -> dict[str, Any]:
+    """The columns of a new queued job, for an INSERT in the caller's transaction. `trace_parent`:
+    the caller's `current_traceparent()`, read in the caller's own task (None: the job starts a
+    trace of its own when it runs). Required, so that no writer forgets it or reads it in a task
+    whose current span belongs to someone else."""
     return {
         "kind": kind,
         "ref": ref,
@@ -59,6 +74,7 @@ def enqueue_values(kind: JobKind, ref: str, *, due_at: float, now: float) -> dic
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
+        "trace_parent": trace_parent,
     }
 
 
@@ -108,12 +124,25 @@ class JobQueue:
                 attempts=jobs.c.attempts + 1,
                 updated_at=now,
             )
-            .returning(jobs.c.id, jobs.c.kind, jobs.c.ref, jobs.c.attempts, jobs.c.due_at, jobs.c.created_at)
+            .returning(
+                jobs.c.id,
+                jobs.c.kind,
+                jobs.c.ref,
+                jobs.c.attempts,
+                jobs.c.due_at,
+                jobs.c.created_at,
+                jobs.c.trace_parent,
+            )
         )
         async with self._engine.begin() as connection:
             rows = (await connection.execute(statement)).all()
         return sorted(
-            (ClaimedJob(row.id, row.kind, row.ref, row.attempts, row.due_at, row.created_at) for row in rows),
+            (
+                ClaimedJob(
+                    row.id, row.kind, row.ref, row.attempts, row.due_at, row.created_at, row.trace_parent
+                )
+                for row in rows
+            ),
             key=lambda job: job.due_at,
         )
 
@@ -183,7 +212,9 @@ class JobQueue:
     async def requeue(self, kind: JobKind, ref: str, *, now: float) -> bool:
         """Puts a job back in the queue, due now, with its attempts reset (an operator's resend of a
         dead letter, or of one already delivered). False when there is no such job, or when a
-        process holds its lease right now (it is being run: a second run beside it would race)."""
+        process holds its lease right now (it is being run: a second run beside it would race).
+        The job keeps its trace context: a resend is one more attempt at the same work, found in
+        the trace of the attempts before it."""
         async with self._engine.begin() as connection:
             result = await connection.execute(
                 update(jobs)

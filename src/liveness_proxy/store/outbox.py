@@ -49,11 +49,16 @@ def event_values(event: OutboxEvent, *, now: float) -> dict[str, Any]:
     }
 
 
-async def add_event(connection: AsyncConnection, event: OutboxEvent, *, now: float, due_at: float) -> None:
-    """Writes the event and its delivery job, first due at `due_at`, in the caller's transaction."""
+async def add_event(
+    connection: AsyncConnection, event: OutboxEvent, *, now: float, due_at: float, trace_parent: str | None
+) -> None:
+    """Writes the event and its delivery job, first due at `due_at`, in the caller's transaction;
+    the delivery joins the trace of `trace_parent` (store/jobs.py)."""
     await connection.execute(insert(webhook_events).values(event_values(event, now=now)))
     await connection.execute(
-        insert(jobs).values(enqueue_values("deliver", event.event_id, due_at=due_at, now=now))
+        insert(jobs).values(
+            enqueue_values("deliver", event.event_id, due_at=due_at, now=now, trace_parent=trace_parent)
+        )
     )
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from liveness_proxy.store.group_commit import GroupCommitter
 from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.tables import jobs, liveness_sessions
+from liveness_proxy.tracing import current_traceparent
 
 
 class SessionAlreadyBound(Exception):
@@ -43,6 +44,14 @@ class SessionOwner:
     subject_commitment: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Binding:
+    owner: SessionOwner
+    request_id: str
+    # The binding request's span, read when it is submitted: the writer task's is not the caller's.
+    trace_parent: str | None
+
+
 class BindingStoreClosed(RuntimeError):
     """`bind` after `close()`, or a binding whose writer was cancelled before it was written."""
 
@@ -70,7 +79,7 @@ class SessionOwnership:
         self._first_followup_seconds = first_followup_seconds
         self._cache: dict[str, SessionOwner] = {}
         self._cache_size = cache_size
-        self._committer: GroupCommitter[tuple[SessionOwner, str]] = GroupCommitter(
+        self._committer: GroupCommitter[_Binding] = GroupCommitter(
             self._write_bindings,
             batch_max=batch_max,
             name="binding writer",
@@ -83,39 +92,40 @@ class SessionOwnership:
         if owner.subject_commitment is None:
             # Refused here, not later: the verdict's chain event could never be written for it.
             raise ValueError("a session binding needs its subject's commitment (store/subjects.py)")
-        await self._committer.submit((owner, request_id))
+        await self._committer.submit(_Binding(owner, request_id, current_traceparent()))
         self._remember(owner)
 
     async def close(self) -> None:
         """Writes what is queued, then stops the writer."""
         await self._committer.close()
 
-    async def _write_bindings(self, batch: list[tuple[SessionOwner, str]]) -> list[BaseException | None]:
+    async def _write_bindings(self, batch: list[_Binding]) -> list[BaseException | None]:
         # The first claim on an id within the batch goes to the database; later ones lose at once.
         first_claim: dict[str, int] = {}
-        for index, (owner, _request_id) in enumerate(batch):
-            first_claim.setdefault(owner.session_id, index)
+        for index, binding in enumerate(batch):
+            first_claim.setdefault(binding.owner.session_id, index)
         inserted = await self._insert([batch[index] for index in first_claim.values()])
         outcomes: list[BaseException | None] = []
-        for index, (owner, _request_id) in enumerate(batch):
-            won = first_claim[owner.session_id] == index and owner.session_id in inserted
-            outcomes.append(None if won else SessionAlreadyBound(owner.session_id))
+        for index, binding in enumerate(batch):
+            session_id = binding.owner.session_id
+            won = first_claim[session_id] == index and session_id in inserted
+            outcomes.append(None if won else SessionAlreadyBound(session_id))
         return outcomes
 
-    async def _insert(self, batch: list[tuple[SessionOwner, str]]) -> set[str]:
+    async def _insert(self, batch: list[_Binding]) -> set[str]:
         """Inserts the bindings whose id is free, in one transaction; returns the ids inserted."""
         rows = [
             {
-                "session_id": owner.session_id,
-                "subject": owner.subject,
-                "credential_id": owner.credential_id,
-                "created_at": owner.created_at,
-                "request_id": request_id,
-                "reference": owner.reference,
+                "session_id": binding.owner.session_id,
+                "subject": binding.owner.subject,
+                "credential_id": binding.owner.credential_id,
+                "created_at": binding.owner.created_at,
+                "request_id": binding.request_id,
+                "reference": binding.owner.reference,
                 "finalizer_state": None if self._first_followup_seconds is None else "following",
-                "subject_commitment": owner.subject_commitment,
+                "subject_commitment": binding.owner.subject_commitment,
             }
-            for owner, request_id in batch
+            for binding in batch
         ]
         dialect_insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         statement = (
@@ -135,12 +145,13 @@ class SessionOwnership:
                     [
                         enqueue_values(
                             "finalize",
-                            owner.session_id,
-                            due_at=owner.created_at + delay,
-                            now=owner.created_at,
+                            binding.owner.session_id,
+                            due_at=binding.owner.created_at + delay,
+                            now=binding.owner.created_at,
+                            trace_parent=binding.trace_parent,
                         )
-                        for owner, _request_id in batch
-                        if owner.session_id in inserted
+                        for binding in batch
+                        if binding.owner.session_id in inserted
                     ],
                 )
             return inserted

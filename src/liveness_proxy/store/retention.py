@@ -486,7 +486,8 @@ async def schedule_sweep(engine: AsyncEngine, *, now: float, interval_seconds: f
     async with engine.begin() as connection:
         await connection.execute(
             dialect_insert(jobs)
-            .values(enqueue_values("retention", SWEEP_REF, due_at=now, now=now))
+            # A periodic sweep is nobody's request: each run starts a trace of its own.
+            .values(enqueue_values("retention", SWEEP_REF, due_at=now, now=now, trace_parent=None))
             .on_conflict_do_nothing(index_elements=[jobs.c.kind, jobs.c.ref])
         )
         await connection.execute(

@@ -167,6 +167,8 @@ jobs = Table(
     Column("last_error", String(255), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # The W3C traceparent of the span that caused the job (store/jobs.py); its run is a child of it.
+    Column("trace_parent", String(55), nullable=True),
     UniqueConstraint("kind", "ref"),
 )
 Index("ix_jobs_state_kind_due_at", jobs.c.state, jobs.c.kind, jobs.c.due_at)

@@ -36,6 +36,7 @@ from liveness_proxy.store.jobs import enqueue_values
 from liveness_proxy.store.outbox import OutboxEvent, add_event, event_values
 from liveness_proxy.store.repositories import SessionOwner, SessionOwnership, SessionVerdict
 from liveness_proxy.store.tables import jobs, liveness_sessions, webhook_events
+from liveness_proxy.tracing import current_traceparent
 
 ReadBy = Literal["request", "finalizer"]
 # Builds the webhook event of an outcome: (owner, verdict or None for unresolved, recorded at).
@@ -51,6 +52,9 @@ class _Recording:
     owner: SessionOwner
     verdict: SessionVerdict
     read_by: ReadBy
+    # The span that read the verdict (a caller's request, a finalizer poll), read when it is
+    # submitted: the writer task's current span is not the caller's. Its webhook joins that trace.
+    trace_parent: str | None
     won: bool = False  # set by the writer: this verdict is the one that stands
 
 
@@ -96,7 +100,7 @@ class VerdictLedger:
         stands. A session whose verdict this process already knows costs no write."""
         if owner.verdict is not None:
             return owner
-        recording = _Recording(owner, verdict, read_by)
+        recording = _Recording(owner, verdict, read_by, current_traceparent())
         await self._committer.submit(recording)
         if recording.won:
             stored = dataclasses.replace(owner, verdict=verdict, finalizer_state="final")
@@ -111,7 +115,7 @@ class VerdictLedger:
 
     async def _write_batch(self, batch: list[_Recording]) -> list[BaseException | None]:
         chain_rows: list[dict[str, Any]] = []
-        events: list[OutboxEvent] = []
+        events: list[tuple[OutboxEvent, str | None]] = []  # and the trace context of its delivery
         followed_up: list[str] = []
         async with self._engine.begin() as connection:
             # In session-id order: replicas that record verdicts of the same sessions then take
@@ -141,7 +145,7 @@ class VerdictLedger:
                 }
                 if self._events is not None:
                     event = self._events(owner, verdict, verdict.recorded_at)
-                    events.append(event)
+                    events.append((event, recording.trace_parent))
                     detail["event_id"] = event.event_id
                 chain_rows.append(
                     self._system_record(
@@ -152,15 +156,19 @@ class VerdictLedger:
             if events:
                 now = self._wall_clock()
                 await connection.execute(
-                    insert(webhook_events), [event_values(event, now=now) for event in events]
+                    insert(webhook_events), [event_values(event, now=now) for event, _ in events]
                 )
                 await connection.execute(
                     insert(jobs),
                     [
                         enqueue_values(
-                            "deliver", event.event_id, due_at=now + self._first_delivery_delay, now=now
+                            "deliver",
+                            event.event_id,
+                            due_at=now + self._first_delivery_delay,
+                            now=now,
+                            trace_parent=trace_parent,
                         )
-                        for event in events
+                        for event, trace_parent in events
                     ],
                 )
             if followed_up:
@@ -208,7 +216,14 @@ class VerdictLedger:
         if self._events is None:
             return None
         event = self._events(owner, verdict, now)
-        await add_event(connection, event, now=now, due_at=now + self._first_delivery_delay)
+        # Called in the finalizer poll's own task (not a group commit): its span is the current one.
+        await add_event(
+            connection,
+            event,
+            now=now,
+            due_at=now + self._first_delivery_delay,
+            trace_parent=current_traceparent(),
+        )
         return event.event_id
 
     @staticmethod
