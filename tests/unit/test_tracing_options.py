@@ -51,9 +51,8 @@ def test_the_signal_specific_endpoint_is_used_as_given() -> None:
     [("otlp", {"otlp"}), ("console", {"console"}), ("otlp,console", {"otlp", "console"}), ("none", set())],
 )
 def test_the_exporter_setting_alone_decides(exporter: str, expected: set[str]) -> None:
-    assert options_of(OTEL_TRACES_EXPORTER=exporter, OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318").exporters == (
-        expected
-    )
+    options = options_of(OTEL_TRACES_EXPORTER=exporter, OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318")
+    assert options.exporters == expected
 
 
 def test_the_sdk_disabled_switch_wins() -> None:
@@ -65,10 +64,10 @@ def test_the_sdk_disabled_switch_wins() -> None:
     [
         ({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER"),
         ({"OTEL_TRACES_EXPORTER": "none,otlp"}, "OTEL_TRACES_EXPORTER"),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "PROTOCOL"),
         ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
-        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"}, "OTEL_TRACES_SAMPLER_ARG"),
-        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"}, "SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}, "SAMPLER_ARG"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment"}, "OTEL_RESOURCE_ATTRIBUTES"),
     ],
 )
@@ -79,7 +78,7 @@ def test_unusable_values_are_refused_naming_the_variable(values: dict[str, str],
 
 def test_a_malformed_header_setting_never_quotes_the_value() -> None:
     with pytest.raises(ConfigurationError) as refused:
-        options_of(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318", OTEL_EXPORTER_OTLP_HEADERS="vendor-key-abc123")
+        options_of(OTEL_EXPORTER_OTLP_ENDPOINT="http://c", OTEL_EXPORTER_OTLP_HEADERS="vendor-key-abc123")
     assert "vendor-key-abc123" not in str(refused.value)
     assert "OTEL_EXPORTER_OTLP_HEADERS" in str(refused.value)
 
@@ -122,10 +121,10 @@ def test_samplers_by_their_specified_names() -> None:
     assert ratio.rate == 0.25
     default = parse_sampler("", "")
     assert isinstance(default, ParentBased)
-    assert "AlwaysOnSampler" in default.get_description()
+    assert "AlwaysOnSampler" in str(default.get_description())  # type: ignore[no-untyped-call]
     parent_ratio = parse_sampler("parentbased_traceidratio", "0")
     assert isinstance(parent_ratio, ParentBased)
-    assert "TraceIdRatioBased{0" in parent_ratio.get_description()
+    assert "TraceIdRatioBased{0" in str(parent_ratio.get_description())  # type: ignore[no-untyped-call]
 
 
 def test_key_values_skip_blanks_and_decode_percent_escapes() -> None:

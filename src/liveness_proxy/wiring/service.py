@@ -415,6 +415,7 @@ async def running_service(
                         keys=webhook_keys,
                         timeout_seconds=settings.liveness_proxy_webhook_timeout_seconds,
                         wall_clock=wall_clock,
+                        tracing=tracing,
                     ),
                     schedule=RetrySchedule(tuple(settings.liveness_proxy_webhook_retry_schedule)),
                     concurrency=settings.liveness_proxy_webhook_concurrency,
@@ -476,6 +477,7 @@ async def running_service(
             logger=logger,
             on_pass=sample_backlog,
             on_every_pass=notices.poll,  # every pass: an erasure reaches each process within an interval
+            tracing=tracing,
             # Long enough for a delivery in flight to end, within the operator's shutdown budget: a
             # cut one is released at once, but it may then arrive twice (same webhook-id).
             grace_seconds=min(
