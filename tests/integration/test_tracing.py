@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from otlp_receiver import OtlpReceiver, ReceivedSpan, render_tree
 from support import ProxyHarness, find_leaks, wait_until
+from webhook_receiver import WebhookReceiver
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
 
@@ -276,3 +278,51 @@ def test_with_tracing_off_nothing_is_sent_or_logged(proxy: ProxyHarness, client:
     client.post("/v1/liveness/session-token", headers={**proxy.auth(), "traceparent": CALLER_TRACEPARENT})
     assert all("traceparent" not in r.headers for r in proxy.sandbox.request_log)
     assert all(line["trace_id"] is None for line in wait_until(lambda: token_lines(proxy)))
+
+
+FOLLOWED = {
+    "LIVENESS_PROXY_FINALIZER": True,
+    "LIVENESS_PROXY_FINALIZER_SCHEDULE": "0.2,0.4,0.8",
+    "LIVENESS_PROXY_FINALIZER_DEADLINE_SECONDS": 5,
+    "LIVENESS_PROXY_WORKER_INTERVAL_SECONDS": 0.05,
+    "LIVENESS_PROXY_WEBHOOK_RETRY_SCHEDULE": "0,0.2,0.2",
+}
+
+
+def test_one_attempt_is_one_trace_from_the_frontend_to_the_customers_backend(make_proxy: MakeProxy) -> None:
+    """The frontend's create, the finalizer's polls, the verdict's webhook and the backend that
+    receives it: one trace, the one the (trusted) frontend started."""
+    with WebhookReceiver() as backend:
+        backend_port = urlsplit(backend.url).port
+        overrides = {**FOLLOWED, **backend.settings()}
+        with traced_proxy(make_proxy, **overrides) as (proxy, receiver), proxy.client() as client:
+            traced = {**proxy.auth(), "traceparent": CALLER_TRACEPARENT}
+            token = client.post("/v1/liveness/session-token", headers=traced).json()["session_token"]
+            created = client.post("/v1/liveness/sessions", headers=traced, json={"session_token": token})
+            assert created.status_code == 201
+            session_id = created.json()["session_id"]
+            proxy.sandbox.complete_session(session_id, live=True)
+            [delivery] = backend.wait_for(1)
+            receiver.wait_for(lambda span: span.name == "webhook delivery", timeout=10)
+            flush(proxy)
+            spans = receiver.traces()[CALLER_TRACE]
+    create = one(spans, "POST /v1/liveness/sessions")
+    assert create.parent_span_id == CALLER_SPAN
+    polls = [span for span in spans if span.name == "finalizer poll"]
+    assert polls, render_tree(spans)
+    assert all(span.parent_span_id == create.span_id for span in polls)
+    terminal_poll = polls[-1]
+    assert children_of(spans, terminal_poll)[:1] == ["GET"]
+    delivery_span = one(spans, "webhook delivery")
+    # The verdict was recorded by the finalizer's poll: the delivery follows from it.
+    assert delivery_span.parent_span_id == terminal_poll.span_id
+    assert delivery_span.attributes["liveness_proxy.webhook.event_id"] == delivery.webhook_id
+    post = one(spans, "POST", **{"server.port": backend_port})
+    assert post.parent_span_id == delivery_span.span_id
+    assert post.kind == "CLIENT"
+    # The backend joins the trace: its traceparent names our webhook POST.
+    assert sampled_traceparent(CALLER_TRACE, post.span_id)(delivery.headers["traceparent"])
+    assert "tracestate" not in delivery.headers
+    tree = render_tree(spans, durations=False)
+    assert session_id not in tree
+    assert "alice" not in tree
