@@ -454,7 +454,7 @@ def subprocess_env(upstream_url: str, database_path: Path, **extra: str) -> dict
     values = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_"))
+        if not key.startswith(("CYNOPSIS_", "LIVENESS_PROXY_", "OTEL_", "FORWARDED_ALLOW_IPS"))
     }
     values.update(
         {
