@@ -195,6 +195,12 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=registry,
         )
+        self._audit_unavailable = Counter(
+            "liveness_proxy_audit_unavailable",
+            "Requests whose audit record could not be written because the database was unreachable: "
+            "an answer withheld (503 store-unavailable), or a refusal sent unrecorded.",
+            registry=registry,
+        )
         self._upstream_in_flight = Gauge(
             "liveness_proxy_upstream_calls_in_flight",
             "Upstream calls holding a concurrency slot now.",
@@ -370,6 +376,10 @@ class ProxyMetrics:
     def audit_committed(self, batch_size: int, seconds: float) -> None:
         self._audit_batch.observe(batch_size)
         self._audit_commit_duration.observe(seconds)
+
+    def audit_unavailable(self) -> None:
+        """One request's audit record could not be written: the store was unreachable."""
+        self._audit_unavailable.inc()
 
     def watch_upstream_gate(self, in_flight: Callable[[], float], waiting: Callable[[], float]) -> None:
         """The concurrency limiter's state, read when the metrics are scraped (nothing per request)."""
