@@ -10,7 +10,10 @@ HTTP status code (at most 500 distinct values). No session id, subject, key id o
 label value.
 
 `/metrics` is refused (as an unknown route, 404) to clients outside the allowed networks, and needs
-`Authorization: Bearer <token>` when a metrics token is configured.
+`Authorization: Bearer <token>` when a metrics token is configured. It answers in the classic text
+format, or in OpenMetrics when the scraper's Accept header asks for `application/openmetrics-text`
+(Prometheus does by default): only OpenMetrics carries exemplars, the trace ids that the latency
+histograms keep beside their buckets so that a slow bucket leads to one of its traces.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.requests import Request
@@ -191,6 +195,12 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=registry,
         )
+        self._audit_unavailable = Counter(
+            "liveness_proxy_audit_unavailable",
+            "Requests whose audit record could not be written because the database was unreachable: "
+            "an answer withheld (503 store-unavailable), or a refusal sent unrecorded.",
+            registry=registry,
+        )
         self._upstream_in_flight = Gauge(
             "liveness_proxy_upstream_calls_in_flight",
             "Upstream calls holding a concurrency slot now.",
@@ -291,12 +301,20 @@ class ProxyMetrics:
         for kind in sorted(RETENTION_KINDS):
             self._retention_removed.labels(kind=kind)
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition body and its content type (the classic text format every scraper reads)."""
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type: OpenMetrics (with exemplars) when `accept`, the
+        scraper's Accept header, asks for it; else the classic text format every scraper reads."""
+        if wants_openmetrics(accept):
+            # The client library leaves this function without annotations; it returns bytes.
+            body: bytes = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+            return body, openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """`route` must be a route template (or UNMATCHED_ROUTE), never a raw path."""
+    def observe_request(
+        self, route: str, method: str, status: int, seconds: float, trace_id: str | None = None
+    ) -> None:
+        """`route` must be a route template (or UNMATCHED_ROUTE), never a raw path. `trace_id` (the
+        32 hex digits of a sampled span's trace) becomes the exemplar of the latency bucket."""
         method_label = _one_of(method, KNOWN_METHODS)
         key = (route, method_label, status)
         series = self._request_series.get(key)
@@ -310,10 +328,17 @@ class ProxyMetrics:
             if len(self._request_series) < _MAX_CACHED_SERIES:
                 self._request_series[key] = series
         series[0].inc()
-        series[1].observe(seconds)
+        # Called for every request: without a trace id, exactly the one call it always was.
+        if trace_id is None:
+            series[1].observe(seconds)
+        else:
+            series[1].observe(seconds, {"trace_id": trace_id})
 
-    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
-        """`outcome` is the HTTP status ("200") or an error kind ("timeout", "malformed", ...)."""
+    def observe_upstream(
+        self, endpoint: str, outcome: str, seconds: float, trace_id: str | None = None
+    ) -> None:
+        """`outcome` is the HTTP status ("200") or an error kind ("timeout", "malformed", ...);
+        `trace_id` as for `observe_request`."""
         endpoint_label = _one_of(endpoint, UPSTREAM_ENDPOINTS)
         outcome_label = _upstream_outcome_label(outcome)
         key = (endpoint_label, outcome_label)
@@ -326,7 +351,10 @@ class ProxyMetrics:
             if len(self._upstream_series) < _MAX_CACHED_SERIES:
                 self._upstream_series[key] = series
         series[0].inc()
-        series[1].observe(seconds)
+        if trace_id is None:
+            series[1].observe(seconds)
+        else:
+            series[1].observe(seconds, {"trace_id": trace_id})
 
     def token_refreshed(self, outcome: str, seconds: float) -> None:
         outcome_label = _one_of(outcome, TOKEN_REFRESH_OUTCOMES)
@@ -348,6 +376,10 @@ class ProxyMetrics:
     def audit_committed(self, batch_size: int, seconds: float) -> None:
         self._audit_batch.observe(batch_size)
         self._audit_commit_duration.observe(seconds)
+
+    def audit_unavailable(self) -> None:
+        """One request's audit record could not be written: the store was unreachable."""
+        self._audit_unavailable.inc()
 
     def watch_upstream_gate(self, in_flight: Callable[[], float], waiting: Callable[[], float]) -> None:
         """The concurrency limiter's state, read when the metrics are scraped (nothing per request)."""
@@ -396,6 +428,28 @@ class ProxyMetrics:
 # Raw label inputs (method, status, outcome) come from requests; the cache stops growing at this size
 # (the labels themselves are already bounded, the keys they are derived from are not).
 _MAX_CACHED_SERIES = 512
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an Accept header asks for OpenMetrics (any version, unless refused with q=0)."""
+    for media_range in accept.split(","):
+        media_type, *parameters = media_range.split(";")
+        if media_type.strip().lower() != "application/openmetrics-text":
+            continue
+        refused = any(
+            name.strip().lower() == "q" and _is_zero(value)
+            for name, _, value in (parameter.partition("=") for parameter in parameters)
+        )
+        if not refused:
+            return True
+    return False
+
+
+def _is_zero(quality: str) -> bool:
+    try:
+        return float(quality) == 0
+    except ValueError:
+        return False
 
 
 def _parse_networks(
@@ -448,7 +502,7 @@ def metrics_endpoint(
                 raise Unauthenticated("A metrics token is required.")
             if not hmac.compare_digest(presented.encode(), expected):
                 raise Unauthenticated("The metrics token is not valid.", error="invalid_token")
-        body, content_type = metrics.render()
+        body, content_type = metrics.render(request.headers.get("accept", ""))
         return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     return serve_metrics

@@ -60,7 +60,9 @@ async def test_one_layer_adds_security_headers_and_observes_every_answer_the_500
                 RequestContextMiddleware,
                 logger=logger,
                 response_headers=SecurityHeaders(hsts_max_age_seconds=600).add_to,
-                observe=lambda route, method, status, _seconds: observed.append((route, method, status)),
+                observe=lambda route, method, status, _seconds, _trace_id=None: observed.append(
+                    (route, method, status)
+                ),
             )
         ],
     )

@@ -51,6 +51,7 @@ class AdminHandlers:
             logger=service.logger,
             wall_clock=service.wall_clock,
             tracing=service.tracing,
+            on_unavailable=service.metrics.audit_unavailable,
         )
         # Closed whatever LIVENESS_PROXY_EXTRA_BODY_FIELDS lists: nothing of it goes upstream.
         self._erase_body = DeclaredBody(EraseSubjectRequest, extra_fields=())

@@ -69,12 +69,15 @@ class AuditPolicy:
         logger: structlog.typing.FilteringBoundLogger,
         wall_clock: Callable[[], float],
         tracing: Tracing | None = None,
+        on_unavailable: Callable[[], None],
     ) -> None:
+        """`on_unavailable()` is told of every record the store could not take (e.g. a metric)."""
         self._audit_log = audit_log
         self._tracing = tracing or Tracing.off()
         self._failed_authentications = failed_authentications
         self._logger = logger
         self._wall_clock = wall_clock
+        self._on_unavailable = on_unavailable
 
     async def run(self, request: Request, action: str, handler: AuditedHandler) -> Response:
         audit = AuditContext(action=action)
@@ -125,6 +128,7 @@ class AuditPolicy:
             self._logger.error(  # noqa: TRY400 - the reason is the class name; no traceback in logs
                 "audit_unavailable", reason=type(exc).__name__, status=response.status_code
             )
+            self._on_unavailable()
             raise StoreUnavailable() from None
         return response
 
@@ -141,6 +145,7 @@ class AuditPolicy:
             self._logger.error(  # noqa: TRY400 - the reason is the class name; no traceback in logs
                 "audit_unavailable", reason=type(exc).__name__, status=status
             )
+            self._on_unavailable()
 
     async def _append(self, request: Request, audit: AuditContext, status: int, problem: str | None) -> None:
         # For the access log line, which the middleware writes after the response.

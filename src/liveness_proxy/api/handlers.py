@@ -56,6 +56,7 @@ class LivenessHandlers:
             logger=service.logger,
             wall_clock=service.wall_clock,
             tracing=service.tracing,
+            on_unavailable=service.metrics.audit_unavailable,
         )
         self._token_body = DeclaredBody(SessionTokenRequest, extra_fields=policy.extra_body_fields)
         self._create_body = DeclaredBody(CreateSessionRequest, extra_fields=policy.extra_body_fields)
