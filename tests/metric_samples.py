@@ -36,7 +36,9 @@ class RecordingObserver:
     refreshes: list[str] = field(default_factory=list)
     cache: list[bool] = field(default_factory=list)
 
-    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
+    def observe_upstream(
+        self, endpoint: str, outcome: str, seconds: float, trace_id: str | None = None
+    ) -> None:
         assert seconds >= 0
         self.upstream.append((endpoint, outcome))
 

@@ -326,3 +326,36 @@ def test_one_attempt_is_one_trace_from_the_frontend_to_the_customers_backend(mak
     tree = render_tree(spans, durations=False)
     assert session_id not in tree
     assert "alice" not in tree
+
+
+def test_latency_exemplars_name_sampled_traces_for_an_openmetrics_scraper(make_proxy: MakeProxy) -> None:
+    with traced_proxy(make_proxy) as (proxy, receiver), proxy.client() as client:
+        session_id = proxy.create_session(client)
+        read = client.get(
+            f"/v1/liveness/sessions/{session_id}/result",
+            headers={**proxy.auth(), "traceparent": CALLER_TRACEPARENT},
+        )
+        assert read.status_code == 200
+        wait_until(lambda: any(line["route"].endswith("/result") for line in proxy.log_events("request")))
+        openmetrics = client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        plain = client.get("/metrics")
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    exemplars = [
+        line
+        for line in openmetrics.text.splitlines()
+        if line.startswith(
+            (
+                "liveness_proxy_http_request_duration_seconds_bucket",
+                "liveness_proxy_upstream_request_duration_seconds_bucket",
+            )
+        )
+        and "# {" in line
+    ]
+    assert any(
+        'route="/v1/liveness/sessions/{session_id}/result"' in line and CALLER_TRACE in line
+        for line in exemplars
+    )
+    assert any('endpoint="result"' in line and CALLER_TRACE in line for line in exemplars)
+    assert "# {" not in plain.text

@@ -273,7 +273,9 @@ class Observed:
     def __init__(self) -> None:
         self.outcomes: list[tuple[str, str]] = []
 
-    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
+    def observe_upstream(
+        self, endpoint: str, outcome: str, seconds: float, trace_id: str | None = None
+    ) -> None:
         self.outcomes.append((endpoint, outcome))
 
 

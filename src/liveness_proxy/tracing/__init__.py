@@ -6,12 +6,12 @@ from liveness_proxy.tracing.core import (
     Tracing,
     client_attributes,
     context_of,
-    current_trace_id,
     current_traceparent,
     mark_failed,
     new_root,
     parse_traceparent,
     record_answer,
+    sampled_trace_id,
     traceparent_of,
 )
 from liveness_proxy.tracing.options import TracingOptions
@@ -27,11 +27,11 @@ __all__ = [
     "TracingOptions",
     "client_attributes",
     "context_of",
-    "current_trace_id",
     "current_traceparent",
     "mark_failed",
     "new_root",
     "parse_traceparent",
     "record_answer",
+    "sampled_trace_id",
     "traceparent_of",
 ]

@@ -52,10 +52,12 @@ def current_traceparent() -> str | None:
     return traceparent_of(trace.get_current_span().get_span_context())
 
 
-def current_trace_id() -> str | None:
-    """The current trace id in hex, for the access log; None without a current span."""
+def sampled_trace_id() -> str | None:
+    """The current trace id in hex if the current span is sampled (an exemplar's), else None."""
     span_context = trace.get_current_span().get_span_context()
-    return f"{span_context.trace_id:032x}" if span_context.is_valid else None
+    if span_context.is_valid and span_context.trace_flags.sampled:
+        return f"{span_context.trace_id:032x}"
+    return None
 
 
 def mark_failed(span: Span, error: BaseException) -> None:

@@ -53,7 +53,7 @@ from liveness_proxy.http import HttpError, HttpResponse, HttpTransport, Url
 from liveness_proxy.http.base import PATH_SAFE as _PATH_SAFE
 from liveness_proxy.http.problems import upstream_problem
 from liveness_proxy.http.retry_after import parse_retry_after
-from liveness_proxy.tracing import Tracing, client_attributes, record_answer
+from liveness_proxy.tracing import Tracing, client_attributes, record_answer, sampled_trace_id
 from liveness_proxy.upstream.answers import upstream_error_code
 from liveness_proxy.upstream.circuit import CircuitBreaker
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
@@ -64,7 +64,9 @@ UpstreamEndpoint = Literal["session_token", "create_session", "result"]
 class UpstreamObserver(Protocol):
     """Told about every upstream HTTP exchange, e.g. to count it; must not raise or block."""
 
-    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None: ...
+    def observe_upstream(
+        self, endpoint: str, outcome: str, seconds: float, trace_id: str | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +349,9 @@ class CynopsisClient:
 
     def _observe(self, endpoint: UpstreamEndpoint, outcome: str, seconds: float) -> None:
         if self._observer is not None:
-            self._observer.observe_upstream(endpoint, outcome, seconds)
+            # The trace of a sampled call as the latency's exemplar; nothing to look up when off.
+            trace_id = None if self._tracing.tracer is None else sampled_trace_id()
+            self._observer.observe_upstream(endpoint, outcome, seconds, trace_id)
 
     def _interpret(self, answer: HttpResponse, exchange: _Exchange, token: AccessToken) -> UpstreamResult:
         status = answer.status
