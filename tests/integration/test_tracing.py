@@ -329,7 +329,7 @@ def test_one_attempt_is_one_trace_from_the_frontend_to_the_customers_backend(mak
 
 
 def test_latency_exemplars_name_sampled_traces_for_an_openmetrics_scraper(make_proxy: MakeProxy) -> None:
-    with traced_proxy(make_proxy) as (proxy, receiver), proxy.client() as client:
+    with traced_proxy(make_proxy) as (proxy, _receiver), proxy.client() as client:
         session_id = proxy.create_session(client)
         read = client.get(
             f"/v1/liveness/sessions/{session_id}/result",
