@@ -199,11 +199,15 @@ class RequestContextMiddleware:
             route = route_template(scope)
             trace_id = exemplar = None
             if server_span is not None:
-                server_span.finish(
-                    None if route == UNMATCHED_ROUTE else route, status, state.get("subject_commitment")
-                )
                 trace_id = server_span.trace_id
                 exemplar = trace_id if server_span.sampled else None
+                try:
+                    server_span.finish(
+                        None if route == UNMATCHED_ROUTE else route, status, state.get("subject_commitment")
+                    )
+                except Exception as exc:
+                    # A host's span processor that raises must not cost the metrics and the log line.
+                    self.logger.warning("span_not_finished", reason=type(exc).__name__)
             if self._observe is not None:
                 if exemplar is None:
                     self._observe(route, method, status, seconds)

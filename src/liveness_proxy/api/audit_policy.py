@@ -153,11 +153,13 @@ class AuditPolicy:
         if audit.written:
             return
         audit.written = True
+        record = audit.record(request_id_of(request.scope), status, problem, self._wall_clock())
+        if self._tracing.tracer is None:
+            await self._audit_log.append(record)
+            return
         # The wait for the group commit that makes this record durable (the answer waits on it).
         with self._tracing.span("audit commit"):
-            await self._audit_log.append(
-                audit.record(request_id_of(request.scope), status, problem, self._wall_clock())
-            )
+            await self._audit_log.append(record)
 
 
 def is_authentication_failure(error: ProblemError) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import orjson
+from opentelemetry.util.types import AttributeValue
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,6 +36,11 @@ from liveness_proxy.ratelimit import LimitName
 from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
 from liveness_proxy.wiring import RequestPolicy, Service
+
+# Each limit's span attributes, built once.
+_LIMIT_ATTRIBUTES: dict[str, dict[str, AttributeValue]] = {
+    name: {"liveness_proxy.limit": name} for name in ("session_token", "create_session", "result")
+}
 
 
 class LivenessHandlers:
@@ -259,17 +265,26 @@ class LivenessHandlers:
     async def authenticate(self, request: Request) -> Caller:
         """Who calls, in a span of its own (it may wait on the database or the JWKS); see
         `_authenticate_caller`."""
+        if self._service.tracing.tracer is None:
+            return await self._authenticate_caller(request)  # off: not even a no-op span
         with self._service.tracing.span("authenticate") as span:
             caller = await self._authenticate_caller(request)
             if span is not None:
                 # How, and the subject's commitment: never the subject, the key or the token.
-                span.set_attribute("liveness_proxy.credential.kind", caller.credential_id.partition(":")[0])
+                kind = caller.credential_id.partition(":")[0]
+                # A closed set: a host's own credential id (library mode) may be anything, an e-mail too.
+                span.set_attribute(
+                    "liveness_proxy.credential.kind", kind if kind in ("key", "jwt") else "host"
+                )
                 span.set_attribute("liveness_proxy.subject_commitment", caller.commitment)
             return caller
 
     async def check_limits(self, name: LimitName, caller: Caller) -> None:
         """The caller's rate limit and daily cap for `name`, in a span of its own (Redis may be slow)."""
-        with self._service.tracing.span("limits", attributes={"liveness_proxy.limit": name}):
+        if self._service.tracing.tracer is None:
+            await self._service.limits.check(name, caller.commitment)
+            return
+        with self._service.tracing.span("limits", attributes=_LIMIT_ATTRIBUTES[name]):
             await self._service.limits.check(name, caller.commitment)
 
     async def _authenticate_caller(self, request: Request) -> Caller:

@@ -11,6 +11,7 @@ interval tries again). The recorded time is therefore late by up to the interval
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 
 from liveness_proxy.store import ApiKeyStore
@@ -49,7 +50,10 @@ class KeyUseRecorder:
         self._recorded[key_id] = now
         self._pending[key_id] = self._wall_clock()
         if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+            # A context of its own: not the span of whichever request started the writer.
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_pending(), context=contextvars.Context()
+            )
 
     async def close(self) -> None:
         """Writes what is queued; later uses are no longer recorded."""

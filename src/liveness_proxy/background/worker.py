@@ -138,11 +138,18 @@ class BackgroundWorker:
         while not self._closing:
             self._wakeup.clear()
             try:
+                # The backlog gauges first, on their own: when claiming fails (a slow or failing
+                # database), the backlog they show must keep moving, or its alert goes quiet.
+                if self._on_pass is not None and passes % 10 == 0:
+                    await self._on_pass()
+            except Exception as exc:
+                self._logger.warning(
+                    "background_pass_failed", reason=type(exc).__name__, store_outage=is_store_outage(exc)
+                )
+            try:
                 if self._on_every_pass is not None:
                     await self._on_every_pass()
                 await self._claim_and_start()
-                if self._on_pass is not None and passes % 10 == 0:
-                    await self._on_pass()
             except Exception as exc:
                 # The database may be down: say so once per pass and try again after the interval.
                 self._logger.warning(

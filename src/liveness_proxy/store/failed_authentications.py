@@ -16,6 +16,7 @@ per request, written before the answer.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -136,7 +137,8 @@ class FailedAuthentications:
             self._write_later(window)
 
     def _write_later(self, window: _Window) -> None:
-        task = asyncio.get_running_loop().create_task(self._write(window))
+        # A context of its own: the window's record is nobody's request (and no span's child).
+        task = asyncio.get_running_loop().create_task(self._write(window), context=contextvars.Context())
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

@@ -14,6 +14,7 @@ that exception. A caller that is cancelled does not withdraw its item: it is sti
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -82,7 +83,11 @@ class GroupCommitter(Generic[Item]):
         wakeup = self._wakeup
         if self._writer is None or self._writer.done() or wakeup is None:
             wakeup = self._wakeup = asyncio.Event()
-            self._writer = loop.create_task(self._write_queued(wakeup), name=self._name)
+            # In a context of its own: it outlives the request that started it, whose span (tracing) and
+            # other context must not become every later batch's.
+            self._writer = loop.create_task(
+                self._write_queued(wakeup), name=self._name, context=contextvars.Context()
+            )
         elif self._writer.get_loop() is not loop:
             raise RuntimeError(f"the {self._name} writes from one event loop only")
         return wakeup

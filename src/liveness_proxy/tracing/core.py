@@ -25,6 +25,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from liveness_proxy._version import __version__
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 Attributes = Mapping[str, AttributeValue]
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+# Stateless: its `extract` only parses (one instance is as good as one per call, and cheaper).
+_W3C_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def traceparent_of(span_context: SpanContext) -> str | None:
@@ -100,9 +103,7 @@ def context_of(traceparent: str | None) -> Context | None:
 def parse_traceparent(value: str) -> SpanContext | None:
     """A W3C traceparent as a remote span context, without any tracestate; None when malformed
     (the propagator's own validation: version, lengths, hex, all-zero ids)."""
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    extracted = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": value}))
+    extracted = trace.get_current_span(_W3C_PROPAGATOR.extract({"traceparent": value}))
     found = extracted.get_span_context()
     if not found.is_valid:
         return None
@@ -181,9 +182,9 @@ class Tracing:
         context: Context | None = None,
     ) -> contextlib.AbstractContextManager[Span | None]:
         """A child of the current span (or of `context`) for the block; nothing when off, and
-        nothing under a span that is not sampled (see `_unsampled_parent`)."""
+        nothing without a sampled current span (see `_no_recording_parent`)."""
         tracer = self.tracer
-        if tracer is None or (context is None and _unsampled_parent()):
+        if tracer is None or (context is None and _no_recording_parent()):
             return _NO_SPAN
         return ActiveSpan(tracer.start_span(name, context, kind, attributes, links))
 
@@ -198,7 +199,7 @@ class Tracing:
     ) -> Span | None:
         """A started span that the caller ends (one that outlives a block: a token refresh)."""
         tracer = self.tracer
-        if tracer is None or (context is None and _unsampled_parent()):
+        if tracer is None or (context is None and _no_recording_parent()):
             return None
         return tracer.start_span(name, context, kind, attributes, links)
 
@@ -211,13 +212,14 @@ class Tracing:
         return [] if traceparent is None else [("traceparent", traceparent)]
 
 
-def _unsampled_parent() -> bool:
-    """Whether the current span exists but is not sampled. Its children are then not built at all:
-    with the parent-based samplers (the default) they would be dropped anyway, and building and
-    discarding them cost ~6 us each (docs/performance.md, tracing at 0%). Outbound calls then carry
-    the parent's traceparent, which says "not sampled" just the same."""
-    current = trace.get_current_span()
-    return not current.is_recording() and current.get_span_context().is_valid
+def _no_recording_parent() -> bool:
+    """Whether there is no sampled span to be the parent. Then nothing is built:
+    - under an unsampled span, children would be dropped anyway by the parent-based samplers (the
+      default), and building them cost ~6 us each (docs/performance.md, tracing at 0%); outbound
+      calls carry the parent's traceparent, which says "not sampled" just the same;
+    - with no span at all, the work is a route that is not traced (`/readyz` waiting for a token):
+      it must not start traces of its own. Work that is its own root says so (`context=new_root()`)."""
+    return not trace.get_current_span().is_recording()
 
 
 def new_root() -> Context:

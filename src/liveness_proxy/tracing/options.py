@@ -36,7 +36,7 @@ class TracingOptions:
 
     exporters: frozenset[str] = frozenset()
     traces_endpoint: str = "http://localhost:4318/v1/traces"
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # may hold a vendor's key
     service_name: str = DEFAULT_SERVICE_NAME
     resource_attributes: dict[str, str] = field(default_factory=dict)
     sampler: Sampler = field(default_factory=lambda: ParentBased(ALWAYS_ON))

@@ -78,7 +78,7 @@ class ServerSpans:
 
     def start(self, scope: Scope, request_id: str) -> ServerSpan | None:
         tracer = self._tracing.tracer
-        if tracer is None or scope.get("path") in UNTRACED_PATHS:
+        if tracer is None or _route_path(scope) in UNTRACED_PATHS:
             return None
         method = scope.get("method", "")
         known_method = method if method in _KNOWN_METHODS else "_OTHER"
@@ -115,6 +115,14 @@ class ServerSpans:
         if not client:
             return False
         return str(client[0]) in self._trusted
+
+
+def _route_path(scope: Scope) -> str:
+    """The path within the app: mounted in a host (`app.mount("/liveness", proxy)`), the scope's
+    path still starts with the mount's `root_path`."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -148,7 +148,7 @@ class TokenManager:
         """Waits for the refresh in flight; with tracing on, in a span linked to the refresh's (one
         refresh serves every request waiting at that moment: it is no single request's child)."""
         refresh_span = self._inflight_span
-        if refresh_span is None:
+        if refresh_span is None or not trace.get_current_span().is_recording():
             return await asyncio.shield(attempt)
         with self._tracing.span("upstream token wait", links=[Link(refresh_span.get_span_context())]):
             return await asyncio.shield(attempt)
@@ -167,6 +167,9 @@ class TokenManager:
                 self._refresh() if span is None else self._traced_refresh(span),
                 name="upstream-token-refresh",
             )
+            if span is not None:
+                # Cancelled before its first step (a shutdown), the task never entered the span.
+                task.add_done_callback(lambda _task: _end_if_open(span))
             # A background refresh may fail with nobody awaiting it; its failure is already recorded.
             task.add_done_callback(_consume_exception)
             self._inflight = task
@@ -350,6 +353,11 @@ class SharedTokenPolicy:
     lease_seconds: float = 5.0
     recheck_seconds: float = 1.0
     poll_seconds: float = 0.05
+
+
+def _end_if_open(span: Span) -> None:
+    if span.is_recording():
+        span.end()
 
 
 def _consume_exception(task: asyncio.Task[AccessToken]) -> None:
