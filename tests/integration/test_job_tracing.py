@@ -37,7 +37,7 @@ from liveness_proxy.store.erasure import Erasure
 from liveness_proxy.store.jobs import JobKind, enqueue_values
 from liveness_proxy.store.subjects import SubjectRegistry
 from liveness_proxy.store.tables import jobs
-from liveness_proxy.tracing import Tracing, TracingOptions, current_traceparent, parse_traceparent
+from liveness_proxy.tracing import Tracing, TracingOptions, current_traceparent, new_root, parse_traceparent
 from liveness_proxy.webhook_signing import new_webhook_secret, parse_webhook_secrets
 from support import TEST_AUDIT_KEYS, TEST_KEYS
 from webhook_receiver import WebhookReceiver
@@ -113,13 +113,13 @@ async def test_group_committed_jobs_keep_each_callers_span_not_the_writers(
     expected: dict[tuple[str, str], str | None] = {}
     try:
         for session_id in ("s-1", "s-2"):
-            with traced.tracing.span(f"create {session_id}"):
+            with traced.tracing.span(f"create {session_id}", context=new_root()):
                 await ownership.bind(owner(session_id), "r-" + session_id)
                 expected["finalize", session_id] = current_traceparent()
         await ownership.bind(owner("s-3"), "r-s-3")  # outside any span
         expected["finalize", "s-3"] = None
         for session_id in ("s-1", "s-2"):
-            with traced.tracing.span(f"result {session_id}"):
+            with traced.tracing.span(f"result {session_id}", context=new_root()):
                 await ledger.record(
                     owner(session_id), SessionVerdict("SUCCEEDED", 97.0, 200.0, "q"), read_by="request"
                 )
@@ -127,7 +127,7 @@ async def test_group_committed_jobs_keep_each_callers_span_not_the_writers(
             [event] = [key for key in await job_rows(engine) if key[0] == "deliver" and key not in expected]
             expected[event] = verdict_span
         # The finalizer gave up: announced from the poll's own task (not a group commit).
-        with traced.tracing.span("finalizer poll"):
+        with traced.tracing.span("finalizer poll", context=new_root()):
             assert await ledger.mark_unresolved(owner("s-3"), request_id="finalizer-1")
             unresolved_span = current_traceparent()
         [event] = [key for key in await job_rows(engine) if key[0] == "deliver" and key not in expected]
@@ -146,7 +146,7 @@ async def test_an_erasure_follow_up_keeps_the_erasures_span(engine: AsyncEngine,
     erasure = Erasure(
         engine, subjects, TEST_AUDIT_KEYS, binding_hash=KeyedHash(b"p" * 32).subject, wall_clock=time.time
     )
-    with traced.tracing.span("DELETE /v1/admin/subjects"):
+    with traced.tracing.span("DELETE /v1/admin/subjects", context=new_root()):
         result = await erasure.erase_subject("zoë", request_id="erase-1")
         erasure_span = current_traceparent()
     assert result.commitment is not None
@@ -243,7 +243,7 @@ async def test_each_run_is_a_child_of_the_span_that_caused_its_job(
         ("erase", COMMITMENT),
     )
     for kind, ref in caused:
-        with traced.tracing.span(f"cause of {kind}"):
+        with traced.tracing.span(f"cause of {kind}", context=new_root()):
             causes[kind] = current_traceparent()
         await enqueue(engine, kind, ref, causes[kind])
     await enqueue(engine, "retention", "sweep", None)
@@ -252,7 +252,7 @@ async def test_each_run_is_a_child_of_the_span_that_caused_its_job(
     background = worker(queue, runners, traced.tracing)
     # Started inside a span (a host application's lifespan, say): a job without a cause must not
     # become that span's child.
-    with traced.tracing.span("lifespan"):
+    with traced.tracing.span("lifespan", context=new_root()):
         background.start()
         lifespan = current_traceparent()
     try:
@@ -314,7 +314,7 @@ async def test_a_run_follows_its_causes_sampling_decision(engine: AsyncEngine, t
 async def test_a_failing_runner_gives_an_error_span_with_its_class(
     engine: AsyncEngine, traced: Traced
 ) -> None:
-    with traced.tracing.span("cause"):
+    with traced.tracing.span("cause", context=new_root()):
         cause = current_traceparent()
     await enqueue(engine, "deliver", "evt-1", cause)
     queue = JobQueue(engine)
@@ -395,7 +395,7 @@ async def attempt(url: str, secret: str, tracing: Tracing | None) -> Any:
 async def test_the_receiver_gets_the_traceparent_of_the_attempts_client_span(traced: Traced) -> None:
     with WebhookReceiver() as receiver:
         receiver.script.append(503)
-        with traced.tracing.span("webhook delivery"):
+        with traced.tracing.span("webhook delivery", context=new_root()):
             refused = await attempt(receiver.url + "?token=s3cret", receiver.secret, traced.tracing)
             delivered = await attempt(receiver.url, receiver.secret, traced.tracing)
         first, second = receiver.wait_for(2, accepted=False)
@@ -429,7 +429,8 @@ async def test_the_receiver_gets_the_traceparent_of_the_attempts_client_span(tra
 
 
 async def test_an_attempt_without_an_answer_names_the_error_class(traced: Traced) -> None:
-    outcome = await attempt("http://127.0.0.1:9/hooks", new_webhook_secret(), traced.tracing)
+    with traced.tracing.span("webhook delivery", context=new_root()):
+        outcome = await attempt("http://127.0.0.1:9/hooks", new_webhook_secret(), traced.tracing)
     assert outcome.status is None
     span = traced.named("POST")
     assert span.status.status_code is StatusCode.ERROR

@@ -3,15 +3,22 @@ that decodes the protobuf (tests/otlp_receiver.py), and what arrives is checked 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
 
+from liveness_proxy import create_app
+from liveness_proxy.auth import Caller
 from otlp_receiver import OtlpReceiver, ReceivedSpan, render_tree
-from support import ProxyHarness, find_leaks, wait_until
+from support import ProxyHarness, ServerThread, find_leaks, proxy_settings, upstream_sandbox, wait_until
 from webhook_receiver import WebhookReceiver
 
 MakeProxy = Callable[..., AbstractContextManager[ProxyHarness]]
@@ -359,3 +366,59 @@ def test_latency_exemplars_name_sampled_traces_for_an_openmetrics_scraper(make_p
     )
     assert any('endpoint="result"' in line and CALLER_TRACE in line for line in exemplars)
     assert "# {" not in plain.text
+
+
+def test_readiness_waiting_for_a_first_token_starts_no_trace_of_its_own(make_proxy: MakeProxy) -> None:
+    with traced_proxy(make_proxy) as (proxy, receiver), proxy.client() as client:
+        assert client.get("/readyz").status_code == 200  # waited for the first token
+        flush(proxy)
+        spans = receiver.spans()
+    # The token refresh is real work, a root of its own (as is the worker's retention sweep); the
+    # probe made nothing else.
+    roots = {span.name for span in spans if span.parent_span_id is None}
+    assert roots <= {"upstream token refresh", "retention sweep"}
+    assert "upstream token refresh" in roots
+    assert "upstream token wait" not in {span.name for span in spans}
+    assert all(span.kind != "SERVER" for span in spans)
+
+
+def test_mounted_in_a_host_the_prefixed_operational_routes_are_not_traced(tmp_path: Path) -> None:
+    sandbox = upstream_sandbox()
+    sandbox_server = ServerThread(sandbox.app, lifespan="off").start()
+    try:
+        with OtlpReceiver() as receiver:
+            settings = proxy_settings(
+                sandbox_server.url, tmp_path / "proxy.db", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint
+            )
+            proxy = create_app(settings, authenticate_caller=host_hook, migrate=True)
+
+            @contextlib.asynccontextmanager
+            async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+                async with proxy.running():
+                    yield
+
+            host = Starlette(routes=[Mount("/kyc/liveness", app=proxy)], lifespan=lifespan)
+            host_server = ServerThread(host).start()
+            try:
+                with httpx.Client(
+                    base_url=host_server.url, headers={"X-Host-User": "zoe@example.com"}
+                ) as client:
+                    for path in ("/healthz", "/readyz", "/metrics"):
+                        client.get(f"/kyc/liveness{path}")
+                    assert client.post("/kyc/liveness/v1/liveness/session-token").status_code == 200
+                    assert proxy.service.tracing.force_flush()
+            finally:
+                host_server.stop()
+            spans = receiver.spans()
+    finally:
+        sandbox_server.stop()
+    [server] = [span for span in spans if span.kind == "SERVER"]
+    assert server.name == "POST /v1/liveness/session-token"
+    # The host's own credential id is an e-mail here: the span says only that the host vouched.
+    assert one(spans, "authenticate").attributes["liveness_proxy.credential.kind"] == "host"
+    assert "zoe@" not in render_tree(spans)
+
+
+async def host_hook(request: Request) -> Caller | None:
+    user = request.headers.get("x-host-user")
+    return None if user is None else Caller(subject=user, scopes=frozenset(), credential_id=user)
