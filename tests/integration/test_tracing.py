@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
 from liveness_proxy import create_app
@@ -419,6 +419,6 @@ def test_mounted_in_a_host_the_prefixed_operational_routes_are_not_traced(tmp_pa
     assert "zoe@" not in render_tree(spans)
 
 
-async def host_hook(request: Request) -> Caller | None:
+async def host_hook(request: HTTPConnection) -> Caller | None:
     user = request.headers.get("x-host-user")
     return None if user is None else Caller(subject=user, scopes=frozenset(), credential_id=user)
