@@ -16,7 +16,6 @@ Anything else (another path, JSON, an unknown encoding, a body that is not the p
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import threading
 import time
@@ -205,20 +204,6 @@ class OtlpReceiver:
             if time.monotonic() >= deadline:
                 raise AssertionError(self._shortfall(len(matching), count, timeout))
             time.sleep(0.02)
-
-    async def wait_for_async(
-        self, predicate: Callable[[ReceivedSpan], bool], *, count: int = 1, timeout: float = 10.0
-    ) -> list[ReceivedSpan]:
-        """`wait_for` for async tests: the event loop keeps running (an in-process app's spans may
-        end only when it gets to run)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            matching = [span for span in self.spans() if predicate(span)]
-            if len(matching) >= count:
-                return matching
-            if time.monotonic() >= deadline:
-                raise AssertionError(self._shortfall(len(matching), count, timeout))
-            await asyncio.sleep(0.02)
 
     def _shortfall(self, matched: int, count: int, timeout: float) -> str:
         names = sorted({f"{span.name} [{span.kind}]" for span in self.spans()})

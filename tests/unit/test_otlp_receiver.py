@@ -291,17 +291,3 @@ def test_wait_for_names_what_arrived_when_the_wanted_spans_do_not(receiver: Otlp
         receiver.wait_for(lambda span: span.kind == "CONSUMER", timeout=0.1)
     receiver.clear()
     assert (receiver.spans(), receiver.requests(), receiver.raw_bodies()) == ([], [], [])
-
-
-async def test_wait_for_async_lets_the_event_loop_run(receiver: OtlpReceiver) -> None:
-    provider = _provider(OTLPSpanExporter(endpoint=receiver.traces_url), batch=True)
-    try:
-        tracer = provider.get_tracer("receiver-test")
-        with tracer.start_as_current_span("from the loop", kind=SpanKind.SERVER):
-            pass
-        # The batch processor exports from its own thread after its delay (or on force_flush).
-        provider.force_flush(10_000)
-        [span] = await receiver.wait_for_async(lambda span: span.name == "from the loop")
-    finally:
-        provider.shutdown()
-    assert span.kind == "SERVER"

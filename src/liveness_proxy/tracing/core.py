@@ -181,12 +181,10 @@ class Tracing:
         links: Sequence[Link] | None = None,
         context: Context | None = None,
     ) -> contextlib.AbstractContextManager[Span | None]:
-        """A child of the current span (or of `context`) for the block; nothing when off, and
+        """`start_span`'s span, current for the block and ended with it; nothing when off, and
         nothing without a sampled current span (see `_no_recording_parent`)."""
-        tracer = self.tracer
-        if tracer is None or (context is None and _no_recording_parent()):
-            return _NO_SPAN
-        return ActiveSpan(tracer.start_span(name, context, kind, attributes, links))
+        span = self.start_span(name, kind=kind, attributes=attributes, links=links, context=context)
+        return _NO_SPAN if span is None else ActiveSpan(span)
 
     def start_span(
         self,
@@ -197,7 +195,8 @@ class Tracing:
         links: Sequence[Link] | None = None,
         context: Context | None = None,
     ) -> Span | None:
-        """A started span that the caller ends (one that outlives a block: a token refresh)."""
+        """A started span, the child of the current span (or of `context`), that the caller ends
+        (one that outlives a block: a token refresh); None when off or without a sampled parent."""
         tracer = self.tracer
         if tracer is None or (context is None and _no_recording_parent()):
             return None
