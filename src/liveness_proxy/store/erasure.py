@@ -152,9 +152,6 @@ class Erasure:
                     delete(subject_secrets).where(subject_secrets.c.lookup == found.lookup)
                 )
                 counts.subject_secrets = deleted.rowcount or 0
-            await connection.execute(
-                erasure_notices.insert().values(subject_commitment=commitment, created_at=now)
-            )
             if commitment is not None:
                 await connection.execute(
                     jobs.insert().values(
@@ -168,9 +165,7 @@ class Erasure:
                         )
                     )
                 )
-            await self._chain.append(
-                connection, [self._event(SUBJECT_ERASED, request_id, commitment, None, counts, now)]
-            )
+            await self._announce(connection, SUBJECT_ERASED, request_id, commitment, None, counts, now)
         await self._after(counts)
         return ErasureResult(counts, commitment, dry_run=False)
 
@@ -182,12 +177,7 @@ class Erasure:
         counts.add(await self._erase_by_commitment(commitment, now))
         if counts.total:
             async with self._engine.begin() as connection:
-                await connection.execute(
-                    erasure_notices.insert().values(subject_commitment=commitment, created_at=now)
-                )
-                await self._chain.append(
-                    connection, [self._event(SUBJECT_ERASED, request_id, commitment, None, counts, now)]
-                )
+                await self._announce(connection, SUBJECT_ERASED, request_id, commitment, None, counts, now)
             await self._after(counts)
         return counts
 
@@ -231,13 +221,9 @@ class Erasure:
                 break
         if counts.total:
             async with self._engine.begin() as connection:
-                await connection.execute(
-                    erasure_notices.insert().values(subject_commitment=None, created_at=now)
+                await self._announce(
+                    connection, SESSION_ERASED, request_id, commitment, session_id, counts, now
                 )
-                await self._chain.append(
-                    connection, [self._event(SESSION_ERASED, request_id, commitment, session_id, counts, now)]
-                )
-        if counts.total:
             await self._after(counts)
         return ErasureResult(counts, commitment, dry_run=False)
 
@@ -447,16 +433,23 @@ class Erasure:
     async def _scalar(connection: AsyncConnection, query: Any) -> int:
         return int((await connection.execute(query)).scalar_one())
 
-    def _event(
+    async def _announce(
         self,
+        connection: AsyncConnection,
         action: str,
         request_id: str,
         commitment: str | None,
         session_id: str | None,
         counts: ErasureCounts,
         now: float,
-    ) -> dict[str, Any]:
-        return system_event(
+    ) -> None:
+        """In the erasure's last transaction: its notice (every process then empties its subject
+        caches) and its chain event. A session's notice names no commitment: the subject stays."""
+        notice_for = None if session_id is not None else commitment
+        await connection.execute(
+            erasure_notices.insert().values(subject_commitment=notice_for, created_at=now)
+        )
+        event = system_event(
             action,
             request_id=request_id,
             occurred_at=now,
@@ -464,6 +457,7 @@ class Erasure:
             session_id=session_id,
             subject_commitment=commitment,
         )
+        await self._chain.append(connection, [event])
 
     async def _after(self, counts: ErasureCounts) -> None:
         if self._on_erased is not None:
