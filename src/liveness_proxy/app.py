@@ -48,6 +48,8 @@ from liveness_proxy.wiring import Service, app_options, request_policy, running_
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
+# Probes and scrapes every few seconds would drown the spans that matter: not traced.
+UNTRACED_OPERATIONS = frozenset({"health", "readiness", "metrics"})
 # Routes that may be absent: `/metrics` when LIVENESS_PROXY_METRICS_ENABLED is false.
 OPTIONAL_OPERATIONS = frozenset({"metrics"})
 # The operations that need the running service; before it runs, each answers 503 "starting".
@@ -260,7 +262,12 @@ def create_app(
                 ),
                 response_headers=SecurityHeaders(hsts_max_age_seconds=options.hsts_max_age_seconds).add_to,
                 observe=metrics.observe_request,
-                server_spans=ServerSpans(tracing),
+                server_spans=ServerSpans(
+                    tracing,
+                    untraced_paths=frozenset(
+                        spec.path for spec in ROUTES if spec.operation_id in UNTRACED_OPERATIONS
+                    ),
+                ),
             ),
             # Only when origins are configured: without any, CORS would pass every request through,
             # one more layer each request's send and every resumption must cross.

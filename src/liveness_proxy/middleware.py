@@ -209,10 +209,7 @@ class RequestContextMiddleware:
                     # A host's span processor that raises must not cost the metrics and the log line.
                     self.logger.warning("span_not_finished", reason=type(exc).__name__)
             if self._observe is not None:
-                if exemplar is None:
-                    self._observe(route, method, status, seconds)
-                else:
-                    self._observe(route, method, status, seconds, exemplar)
+                self._observe(route, method, status, seconds, exemplar)
             fields = {
                 "request_id": request_id,
                 # With tracing on, the trace this request is part of (sampled or not); else null.

@@ -15,11 +15,10 @@ from liveness_proxy.tracing.core import (
     traceparent_of,
 )
 from liveness_proxy.tracing.options import TracingOptions
-from liveness_proxy.tracing.server import FORWARDER_TRUSTED, UNTRACED_PATHS, ServerSpan, ServerSpans
+from liveness_proxy.tracing.server import FORWARDER_TRUSTED, ServerSpan, ServerSpans
 
 __all__ = [
     "FORWARDER_TRUSTED",
-    "UNTRACED_PATHS",
     "ActiveSpan",
     "ServerSpan",
     "ServerSpans",

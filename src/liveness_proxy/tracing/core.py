@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
@@ -224,10 +224,6 @@ def _no_recording_parent() -> bool:
 def new_root() -> Context:
     """An empty context: a span started in it begins a trace of its own (a shared token refresh)."""
     return Context()
-
-
-def attributes_without_none(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
-    return {key: value for key, value in values.items() if value is not None}
 
 
 def client_attributes(method: str, origin: str, **extra: AttributeValue) -> dict[str, AttributeValue]:

@@ -21,7 +21,6 @@ from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 from liveness_proxy.tracing.core import Tracing, parse_traceparent
 
-UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Set by the server (serving/forwarders.py) before it rewrites the client address from
 # X-Forwarded-For: whether the socket's peer is a trusted forwarder. Absent (a host application
 # serves the app), the client address is the peer's.
@@ -71,14 +70,16 @@ class ServerSpan:
 class ServerSpans:
     """Starts the server span of a request when tracing is on."""
 
-    def __init__(self, tracing: Tracing) -> None:
+    def __init__(self, tracing: Tracing, *, untraced_paths: frozenset[str] = frozenset()) -> None:
+        """`untraced_paths`: paths within the app that get no span (the app's probes and scrapes)."""
         self._tracing = tracing
+        self._untraced_paths = untraced_paths
         self._trust_everyone = tracing.options.trust_incoming
         self._trusted = _TrustedHosts(tracing.options.trusted_forwarders)
 
     def start(self, scope: Scope, request_id: str) -> ServerSpan | None:
         tracer = self._tracing.tracer
-        if tracer is None or _route_path(scope) in UNTRACED_PATHS:
+        if tracer is None or _route_path(scope) in self._untraced_paths:
             return None
         method = scope.get("method", "")
         known_method = method if method in _KNOWN_METHODS else "_OTHER"
