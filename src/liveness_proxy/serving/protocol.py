@@ -65,6 +65,7 @@ from liveness_proxy.errors import (
     render_problem,
 )
 from liveness_proxy.middleware import new_request_id, request_id_of
+from liveness_proxy.serving.cycle import CoalescingCycle
 from liveness_proxy.wiring import ServeOptions
 
 # " HTTP/1.1\r\n" after the target; ": " and CRLF of each header field; the empty line at the end.
@@ -387,6 +388,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- refusals ------------------------------------------------------------------------------
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # uvicorn builds its own cycle class inside on_headers_complete; ours only changes `send`
+        # (one write per answer) and adds no state of its own, so the instance can take its class.
+        cycle.__class__ = CoalescingCycle
         self._running_cycle = cycle
         super()._start_asgi_task(cycle, functools.partial(self._run_app_unless_refused, cycle, app))
 
