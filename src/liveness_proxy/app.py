@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, TextIO
 
 import orjson
@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from liveness_proxy.api.admin import AdminHandlers
+from liveness_proxy.api.fast_routes import FastRoutes
 from liveness_proxy.api.handlers import LivenessHandlers
 from liveness_proxy.api.openapi import build_openapi
 from liveness_proxy.api.operational import (
@@ -104,9 +105,21 @@ class ProxyApplication(Starlette):
 
     _running = False
     _service: Service | None = None
+    # Every operation's handler (`use_handlers`), and the liveness operations' dispatch in front of
+    # the router, built with the middleware stack on the first request.
+    _handlers: Mapping[str, Handler] = {}
+    _fast_routes: FastRoutes | None = None
+
+    def use_handlers(self, handlers: Mapping[str, Handler]) -> None:
+        """Routes every operation to its handler: the router's routes and the fast dispatch's."""
+        self.router.routes[:] = starlette_routes(ROUTES, handlers, optional=OPTIONAL_OPERATIONS)
+        self._handlers = handlers
+        if self._fast_routes is not None:
+            self._fast_routes.use(handlers)
 
     def build_middleware_stack(self) -> ASGIApp:
-        app: ASGIApp = RoutingErrors(self.router)
+        self._fast_routes = FastRoutes(RoutingErrors(self.router), self._handlers)
+        app: ASGIApp = self._fast_routes
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
         return app
@@ -186,9 +199,7 @@ def create_app(
         always["metrics"] = metrics_endpoint(
             metrics, token=options.metrics_token, allowed_networks=options.metrics_allowed_networks
         )
-    before_start = starlette_routes(
-        ROUTES, {**always, **dict.fromkeys(SERVICE_OPERATIONS, starting)}, optional=OPTIONAL_OPERATIONS
-    )
+    starting_handlers = {**always, **dict.fromkeys(SERVICE_OPERATIONS, starting)}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -226,7 +237,7 @@ def create_app(
                 "eraseSubject": admin.erase_subject,
                 "readiness": readiness_handler(service),
             }
-            proxy.router.routes[:] = starlette_routes(ROUTES, handlers, optional=OPTIONAL_OPERATIONS)
+            proxy.use_handlers(handlers)
             proxy._service = service
             try:
                 logger.info(
@@ -241,12 +252,11 @@ def create_app(
                 )
                 yield
             finally:
-                proxy.router.routes[:] = before_start
+                proxy.use_handlers(starting_handlers)
                 proxy._service = None
         logger.info("stopped")
 
     proxy = ProxyApplication(
-        routes=list(before_start),
         middleware=[
             # One layer for the request id, security headers (on every answer, the last-resort 500
             # too), request metrics and the access log: see RequestContextMiddleware.
@@ -275,6 +285,7 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    proxy.use_handlers(starting_handlers)
     # No redirects: Starlette would answer `/v1/liveness/sessions/` with a 307 to the client's own
     # Host, before authentication and unaudited, and `/metrics/` would give away a hidden `/metrics`.
     # A trailing slash is an unknown path, a 404 like any other.
