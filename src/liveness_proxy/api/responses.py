@@ -13,8 +13,6 @@ from starlette.responses import Response
 
 from liveness_proxy.errors import ProblemError, problem_head, render_problem
 
-NO_STORE = {"Cache-Control": "no-store"}
-
 
 class RawHeadersResponse(Response):
     """A Response whose headers are given as the raw list (no dict, no re-encoding)."""
@@ -36,7 +34,19 @@ def problem_response(
     )
 
 
+# What Starlette's Response(media_type="application/json") with `Cache-Control: no-store` would
+# send, encoded once.
+_JSON_HEAD = ((b"cache-control", b"no-store"), (b"content-type", b"application/json"))
+
+
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    merged = dict(NO_STORE)
-    merged.update(headers or {})
-    return Response(body, status_code=status, media_type="application/json", headers=merged)
+    """A JSON answer, never cached. `headers` adds fields (e.g. `Location`); a `Cache-Control` among
+    them replaces `no-store`, as it did in Starlette's Response."""
+    raw = list(_JSON_HEAD)
+    if headers:
+        for name, value in headers.items():
+            key = name.lower().encode("latin-1")
+            if key == b"cache-control":
+                del raw[0]
+            raw.append((key, value.encode("latin-1")))
+    return RawHeadersResponse(body, status, raw)
