@@ -160,7 +160,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = self._request_id(scope)
+        caller_request_id = self._caller_request_id(scope)
+        request_id = caller_request_id or self._ids.next()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         encoded_id = request_id.encode("ascii")
@@ -223,14 +224,16 @@ class RequestContextMiddleware:
                 "upstream_status": state.get("upstream_status"),
             }
             if self._access_log is not None:
-                self._access_log.request(fields)
+                self._access_log.request(fields, own_request_id=caller_request_id is None)
             else:
                 self.logger.info("request", **fields)
 
-    def _request_id(self, scope: Scope) -> str:
+    @staticmethod
+    def _caller_request_id(scope: Scope) -> str | None:
+        """The caller's X-Request-ID when well-formed; None: the proxy draws one."""
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
                 if _REQUEST_ID_PATTERN.fullmatch(value):
                     return bytes(value).decode("ascii")
                 break
-        return self._ids.next()
+        return None

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import re
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -125,6 +126,30 @@ def build_logger(
 # Access-log values the proxy made itself, never from the caller or the upstream: a route template,
 # a trace id and a commitment (hex). Not searched for secrets: a few us per line (profiled, S1).
 _OWN_ACCESS_LOG_VALUES = frozenset({"route", "trace_id", "subject_commitment"})
+# ... and the request id too, when the proxy drew it rather than taking the caller's X-Request-ID.
+_OWN_ACCESS_LOG_VALUES_AND_ID = _OWN_ACCESS_LOG_VALUES | {"request_id"}
+
+
+class IsoTimestamps:
+    """`datetime.now(UTC).isoformat()` with `Z` for `+00:00` (structlog's `TimeStamper(fmt="iso",
+    utc=True)`), with the date and time of day formatted once per second instead of per line:
+    building a datetime and formatting it was about a fifth of an access-log line (profiled)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def at(self, now: float) -> str:
+        second = int(now)
+        # As datetime.fromtimestamp rounds: half to even, to the microsecond.
+        micro = round((now - second) * 1_000_000)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        if second != self._second:
+            self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        # isoformat() leaves the fraction out when it is zero.
+        return f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
 
 
 class AccessLog:
@@ -150,19 +175,22 @@ class AccessLog:
         # from both never interleave.
         self._sink = structlog.WriteLogger(stream or sys.stderr)
         self._redactor = redactor
+        self._timestamps = IsoTimestamps()
 
-    def request(self, fields: dict[str, Any]) -> None:
-        """Writes one "request" event; `fields` holds strings, numbers and None only."""
+    def request(self, fields: dict[str, Any], *, own_request_id: bool = False) -> None:
+        """Writes one "request" event; `fields` holds strings, numbers and None only.
+        `own_request_id`: the proxy drew the request id itself (not a caller's to search)."""
         if not self._enabled:
             return
         if self._fallback is not None:
             self._fallback.info("request", **fields)
             return
         scrub = self._redactor.scrub
+        own = _OWN_ACCESS_LOG_VALUES_AND_ID if own_request_id else _OWN_ACCESS_LOG_VALUES
         for key, value in fields.items():
-            if type(value) is str and key not in _OWN_ACCESS_LOG_VALUES:
+            if type(value) is str and key not in own:
                 fields[key] = scrub(value)
         fields["event"] = "request"
         fields["level"] = "info"
-        fields["timestamp"] = dt.datetime.now(tz=dt.UTC).isoformat().replace("+00:00", "Z")
+        fields["timestamp"] = self._timestamps.at(time.time())
         self._sink.msg(orjson.dumps(fields, default=str).decode())

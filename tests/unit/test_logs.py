@@ -103,3 +103,31 @@ def test_the_proxy_knows_its_url_passwords_even_when_quoted_alone() -> None:
     redactor = Redactor(app_options(settings).secrets)
     said = "auth failed with pg-query-only-pw, redis-userinfo-pw and redis-query-pw"
     assert redactor.scrub(said) == f"auth failed with {REDACTED}, {REDACTED} and {REDACTED}"
+
+
+def test_iso_timestamps_are_datetimes_isoformat() -> None:
+    import datetime as dt
+    import random
+
+    from liveness_proxy.observability import IsoTimestamps
+
+    stamps = IsoTimestamps()
+    chooser = random.Random(21)
+    moments = [1_796_000_000.0, 1_796_000_000.5, 1_796_000_000.9999996, 1_796_000_001.0000004]
+    moments += [1_796_000_000 + chooser.uniform(0, 5) for _ in range(5_000)]
+    moments += [1_796_000_000 + chooser.randrange(0, 10**6) / 10**6 for _ in range(2_000)]  # exact micros
+    for now in sorted(moments) + moments:  # in order (the cache hits) and out of order
+        expected = dt.datetime.fromtimestamp(now, dt.UTC).isoformat().replace("+00:00", "Z")
+        assert stamps.at(now) == expected, now
+
+
+def test_a_callers_request_id_is_searched_for_secrets_and_the_proxys_own_is_not() -> None:
+    secret = "pepper-" + "s" * 40
+    redactor = Redactor([secret])
+    logger = build_logger(level="info", log_format="json", redactor=redactor, stream=io.StringIO())
+    for own, expected in ((False, REDACTED), (True, secret)):
+        stream = io.StringIO()
+        AccessLog(level="info", log_format="json", redactor=redactor, fallback=logger, stream=stream).request(
+            {"request_id": secret, "method": "GET"}, own_request_id=own
+        )
+        assert json.loads(stream.getvalue())["request_id"] == expected
