@@ -136,17 +136,23 @@ class Service:
     tracing: Tracing
 
     async def record_read(
-        self, owner: SessionOwner, payload: dict[str, Any], request_id: str
+        self,
+        owner: SessionOwner,
+        payload: dict[str, Any],
+        request_id: str,
+        *,
+        final_result: str | None = None,
     ) -> SessionOwner:
         """A caller's (or an admin's refresh) read of a session's result: a terminal status is the
         verdict unless one is stored (the finalizer then stops following the session, and the
-        webhook goes out at once). Returns the binding with the verdict that stands."""
+        webhook goes out at once), written with `final_result`, the answer the caller is given
+        (api/final_results.py). Returns the binding with the verdict that stands."""
         if owner.verdict is not None:
             return owner
         verdict = verdict_of(payload, recorded_at=self.wall_clock(), request_id=request_id)
         if verdict is None:
             return owner
-        stored = await self.verdicts.record(owner, verdict, read_by="request")
+        stored = await self.verdicts.record(owner, verdict, read_by="request", final_result=final_result)
         self.background.wake()
         return stored
 
