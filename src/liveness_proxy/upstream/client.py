@@ -85,6 +85,15 @@ class UpstreamResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ShapedResult:
+    """A result read's answer as its callers are given it (`body`, encoded once), and the upstream
+    answer it was made from (checked against each further caller's own credentials)."""
+
+    body: bytes
+    upstream: UpstreamResult
+
+
+@dataclass(frozen=True, slots=True)
 class CynopsisEndpoints:
     api_base_url: str
     session_token_path: str
