@@ -496,6 +496,10 @@ def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> S
         # The finalizer reads results upstream on its own clock, which would add calls to the
         # sandbox's log that tests of other features count; its own tests turn it on.
         "LIVENESS_PROXY_FINALIZER": False,
+        # The proxy's monotonic clock is the manual clock, which stands still unless a test moves it:
+        # a reuse window would then never end, and every pending read after the first would be
+        # shared. Tests of the window set it (integration/test_result_reads.py).
+        "LIVENESS_PROXY_RESULT_REUSE_SECONDS": 0,
     }
     values.update(overrides)
     return settings_from_mapping(values)
