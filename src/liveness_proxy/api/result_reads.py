@@ -88,6 +88,7 @@ class ResultReads:
         if final is not None and owner.final_result is not None:
             body = final.body(owner.final_result)
             if body is not None:
+                audit.detail = _DETAIL["stored"]  # a refusal below says where it came from too
                 # Written from an answer already checked for its own reader's credentials; this
                 # reader's own are looked for as in any answer.
                 refuse_echoed_secrets(body, body, caller_secrets, status=None)
