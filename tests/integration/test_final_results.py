@@ -160,9 +160,9 @@ def test_a_verdict_the_finalizer_recorded_gets_its_copy_on_the_next_callers_read
     with make_proxy(proxy_overrides=FAST_FINALIZER) as proxy:
         session_id = completed_session(proxy)
 
-        def recorded() -> dict[str, Any] | None:
+        def recorded() -> dict[str, Any]:
             row = stored_row(proxy, session_id)
-            return row if row is not None and row["verdict_status"] is not None else None
+            return row if row is not None and row["verdict_status"] is not None else {}
 
         by_finalizer = wait_until(recorded)
         polls = proxy.result_reads(session_id)
