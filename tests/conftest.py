@@ -125,6 +125,31 @@ def proxy(
         yield running
 
 
+@pytest.fixture(params=["sqlite", "postgres-redis"])
+def make_backend_proxy(
+    tmp_path: Path, request: pytest.FixtureRequest, prepared_databases: PreparedDatabases
+) -> Callable[..., AbstractContextManager[ProxyHarness]]:
+    """`proxy` with settings of the test's own: `with make_backend_proxy(NAME=value) as p:`, on
+    each backend of `proxy` (SQLite alone; PostgreSQL with Redis). One per test."""
+
+    @contextlib.contextmanager
+    def build(**overrides: Any) -> Iterator[ProxyHarness]:
+        with (
+            _backend(request.param, prepared_databases, tmp_path) as (backend, keys),
+            Harness(
+                tmp_path,
+                proxy_overrides={**backend, **overrides},
+                log_scan=request.config.stash[LOG_SCAN],
+                origin=request.node.nodeid,
+                in_process=_in_process(request),
+                prepared_keys=keys,
+            ) as running,
+        ):
+            yield running
+
+    return build
+
+
 # Settings that make a prepared database the wrong one: another database, or keys under another pepper.
 _OWN_DATABASE = ("LIVENESS_PROXY_DATABASE_URL", "LIVENESS_PROXY_API_KEY_PEPPER")
 

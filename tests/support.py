@@ -465,6 +465,9 @@ def subprocess_env(upstream_url: str, database_path: Path, **extra: str) -> dict
             "CYNOPSIS_DOMAIN_ID": DOMAIN_ID,
             "LIVENESS_PROXY_DATABASE_URL": f"sqlite:///{database_path}",
             "LIVENESS_PROXY_API_KEY_PEPPER": TEST_PEPPER,
+            # A test that completes a session and reads it at once must not get the pending answer
+            # of a read moments before (`proxy_settings` says why; `extra` may set a window).
+            "LIVENESS_PROXY_RESULT_REUSE_SECONDS": "0",
             **extra,
         }
     )
@@ -496,6 +499,10 @@ def proxy_settings(sandbox_url: str, database_path: Path, **overrides: Any) -> S
         # The finalizer reads results upstream on its own clock, which would add calls to the
         # sandbox's log that tests of other features count; its own tests turn it on.
         "LIVENESS_PROXY_FINALIZER": False,
+        # The proxy's monotonic clock is the manual clock, which stands still unless a test moves it:
+        # a reuse window would then never end, and every pending read after the first would be
+        # shared. Tests of the window set it (integration/test_result_reads.py).
+        "LIVENESS_PROXY_RESULT_REUSE_SECONDS": 0,
     }
     values.update(overrides)
     return settings_from_mapping(values)

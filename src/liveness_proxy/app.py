@@ -248,6 +248,7 @@ def create_app(
                     upstream_ca=options.upstream_ca,
                     upstream_client_certificate=options.upstream_client_certificate,
                     client_secret_reloadable=service.client_secret.reloadable,
+                    final_result_store=options.final_result_store,
                     tracing=tracing.describe(),
                 )
                 yield

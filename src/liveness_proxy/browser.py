@@ -37,7 +37,9 @@ CORS_ALLOWED_HEADERS = frozenset(
         "tracestate",
     }
 )
-CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After, Location, WWW-Authenticate, Idempotent-Replayed"
+CORS_EXPOSED_HEADERS = (
+    "X-Request-ID, Retry-After, Location, WWW-Authenticate, Idempotent-Replayed, X-Liveness-Result-Source"
+)
 CORS_MAX_AGE_SECONDS = "600"
 
 

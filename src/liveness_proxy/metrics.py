@@ -71,6 +71,8 @@ RATE_LIMITS = frozenset(
 )
 # The kinds of credential a failed authentication presented (`store/failed_authentications.py`).
 CREDENTIAL_KINDS = frozenset({"none", "api_key", "jwt", "other"})
+# Where a result read's answer came from (api/result_reads.py).
+RESULT_SOURCES = ("upstream", "shared", "stored")
 # Parts of the state shared across replicas that fall back to per-process state when unreachable.
 SHARED_STATE_COMPONENTS = frozenset({"token_cache", "rate_limits"})
 FINALIZER_POLL_OUTCOMES = frozenset({"terminal", "pending", "failed"})
@@ -233,6 +235,14 @@ class ProxyMetrics:
             ["component"],
             registry=registry,
         )
+        self._result_reads = Counter(
+            "liveness_proxy_result_reads",
+            "Result reads answered, by source: upstream (this read's own Cynopsis call), shared "
+            "(another read's call, in flight or within the reuse window) or stored (the final result "
+            "from the proxy's own record, no call).",
+            ["source"],
+            registry=registry,
+        )
         self._finalizer_polls = Counter(
             "liveness_proxy_finalizer_polls",
             "Result reads the finalizer made on its own, by outcome (terminal, pending, failed).",
@@ -292,6 +302,10 @@ class ProxyMetrics:
             self._authentication_failures.labels(credential=kind)
         for component in sorted(SHARED_STATE_COMPONENTS):
             self._shared_state_failures.labels(component=component)
+        # Resolved once: a read's count is a dict look-up and an increment.
+        self._result_read_series = {
+            source: self._result_reads.labels(source=source) for source in RESULT_SOURCES
+        }
         for outcome in sorted(FINALIZER_POLL_OUTCOMES):
             self._finalizer_polls.labels(outcome=outcome)
         for outcome in sorted(FINALIZER_OUTCOMES):
@@ -394,6 +408,10 @@ class ProxyMetrics:
 
     def upstream_slot_rejected(self) -> None:
         self._upstream_rejected.inc()
+
+    def result_read(self, source: str) -> None:
+        """A result read answered from `source` (one of RESULT_SOURCES)."""
+        self._result_read_series[source].inc()
 
     def finalizer_polled(self, outcome: str) -> None:
         self._finalizer_polls.labels(outcome=_one_of(outcome, FINALIZER_POLL_OUTCOMES)).inc()

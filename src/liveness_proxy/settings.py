@@ -202,6 +202,14 @@ class Settings(BaseSettings):
     liveness_proxy_upstream_concurrency: int = Field(default=64, ge=1, le=10000)
     liveness_proxy_upstream_queue_timeout_seconds: float = Field(default=2.0, ge=0, le=60)
 
+    # --- Result reads (api/result_reads.py) ----------------------------------------------------
+    # Concurrent reads of one session always share one Cynopsis call; its answer is then reused for
+    # this long, per process (0: no reuse).
+    liveness_proxy_result_reuse_seconds: float = Field(default=0.3, ge=0, le=5)
+    # A terminal answer is stored with its verdict and served from there without a Cynopsis call;
+    # only while images are stripped and none is allowed through (`final_result_store_inactive`).
+    liveness_proxy_final_result_store: bool = True
+
     # --- Shared state across replicas (Redis) -------------------------------------------------
     liveness_proxy_redis_url: SecretStr = SecretStr("")
     liveness_proxy_redis_url_file: Path | None = None
@@ -562,6 +570,19 @@ class Settings(BaseSettings):
         if self.liveness_proxy_worker_lease_seconds is not None:
             return self.liveness_proxy_worker_lease_seconds
         return max(60.0, 2 * self._longest_job_seconds)
+
+    @property
+    def final_result_store_inactive(self) -> str | None:
+        """Why terminal answers are not stored and served from the proxy's record (None: they
+        are). A stored answer must never hold an image: the store is only active while images are
+        stripped and no image field is allowed through."""
+        if not self.liveness_proxy_final_result_store:
+            return "LIVENESS_PROXY_FINAL_RESULT_STORE is off"
+        if not self.liveness_proxy_strip_biometrics:
+            return "LIVENESS_PROXY_STRIP_BIOMETRICS is false"
+        if self.liveness_proxy_biometric_allow_fields:
+            return "LIVENESS_PROXY_BIOMETRIC_ALLOW_FIELDS is set"
+        return None
 
     @property
     def database_url(self) -> str:

@@ -37,8 +37,8 @@ from liveness_proxy.api.declared import (
     named,
     result_answer,
     session_answer,
+    without_id_fields,
 )
-from liveness_proxy.api.handlers import without_id_fields
 from liveness_proxy.errors import UnprocessableContent
 from liveness_proxy.privacy import BiometricFilter
 from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest

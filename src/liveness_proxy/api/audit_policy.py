@@ -36,6 +36,8 @@ class AuditContext:
     caller: Caller | None = None
     session_id: str | None = None
     upstream_status: int | None = None
+    # Facts of this request for the record's hashed `detail` (canonical JSON): a result read's source.
+    detail: str | None = None
     written: bool = False
     started: float = field(default_factory=time.perf_counter)
 
@@ -52,6 +54,7 @@ class AuditContext:
             upstream_status=self.upstream_status,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
             problem=problem,
+            detail=self.detail,
         )
 
 

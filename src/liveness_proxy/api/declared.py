@@ -123,6 +123,11 @@ class DeclaredAnswer:
         return kept, named(dropped)
 
 
+def without_id_fields(payload: dict[str, object], id_fields: tuple[str, ...]) -> dict[str, object]:
+    """The answer without the configured session-id members: it carries the id as `session_id`."""
+    return {name: value for name, value in payload.items() if name not in id_fields}
+
+
 def named(dropped: Iterable[str]) -> list[str]:
     """The names for `redacted_fields`: sorted, identifiers only, at most MAX_NAMED_FIELDS; any
     other dropped member is represented by one "..." entry."""

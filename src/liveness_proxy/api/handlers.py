@@ -21,17 +21,17 @@ from liveness_proxy.api.declared import (
     SESSION_TOKEN_ANSWER,
     DeclaredAnswer,
     DeclaredBody,
-    result_answer,
     session_answer,
+    without_id_fields,
 )
 from liveness_proxy.api.idempotency import CallGoesOut, IdempotentCreates, idempotency_key_of
 from liveness_proxy.api.paths import SESSION_ID_RULE, is_session_id, session_result_location
 from liveness_proxy.api.responses import json_response
+from liveness_proxy.api.result_reads import ResultReads
 from liveness_proxy.auth import Caller, HostAuthenticator, refuse_repeated_credentials
 from liveness_proxy.auth.session_tokens import TakenToken
 from liveness_proxy.errors import BadRequest, NotFound, Unauthenticated, UpstreamError, UpstreamMalformed
 from liveness_proxy.middleware import client_address, request_id_of
-from liveness_proxy.privacy import derived_pass
 from liveness_proxy.ratelimit import LimitName
 from liveness_proxy.schemas import CreateSessionRequest, SessionTokenRequest
 from liveness_proxy.store import SessionAlreadyBound, SessionOwner
@@ -71,9 +71,7 @@ class LivenessHandlers:
         self._session_answer = DeclaredAnswer(
             session_answer(policy.session_id_fields), extra_fields=extra, biometrics=biometrics
         )
-        self._result_answer = DeclaredAnswer(
-            result_answer(policy.session_id_fields), extra_fields=extra, biometrics=biometrics
-        )
+        self._result_reads = ResultReads(service, policy)
         self._idempotent = IdempotentCreates(
             service.idempotency,
             fingerprint=service.hashes.fingerprint,
@@ -242,25 +240,10 @@ class LivenessHandlers:
         # A foreign session and an unknown one are indistinguishable to the caller, on purpose.
         if owner is None or (owner.subject != caller.subject and not caller.is_admin):
             raise NotFound("No such liveness session.")
-        request_id = request_id_of(request.scope)
-        async with service.upstream_gate.slot():
-            # The client refuses a result for another session, or one that holds a credential.
-            answer = await service.cynopsis.get_result(
-                session_id, request_id, caller_secrets=presented_credentials(request.headers)
-            )
-        audit.upstream_status = answer.status
-        await service.record_read(owner, answer.payload, request_id)
-        reduced, dropped = self._result_answer.reduce(answer.payload)
-        id_fields = self._policy.session_id_fields
-        payload = without_id_fields(reduced, id_fields)
-        if any(name in reduced for name in id_fields):
-            payload = {"session_id": session_id, **payload}
-        if dropped:
-            payload["redacted_fields"] = dropped
-        threshold = self._policy.pass_threshold
-        if threshold is not None:
-            payload["passed"] = derived_pass(payload, threshold)
-        return json_response(encode_upstream(payload, answer.status))
+        # Only now, past the ownership check, may the read share another caller's answer.
+        return await self._result_reads.read(
+            owner, request_id_of(request.scope), presented_credentials(request.headers), audit
+        )
 
     async def authenticate(self, request: Request) -> Caller:
         """Who calls, in a span of its own (it may wait on the database or the JWKS); see
@@ -359,11 +342,6 @@ def replayed_session_id(response: Response) -> str | None:
         return None
     session_id = orjson.loads(response.body).get("session_id")
     return session_id if is_session_id(session_id) else None
-
-
-def without_id_fields(payload: dict[str, object], id_fields: tuple[str, ...]) -> dict[str, object]:
-    """The answer without the configured session-id members: it carries the id as `session_id`."""
-    return {name: value for name, value in payload.items() if name not in id_fields}
 
 
 def presented_credentials(headers: Headers) -> tuple[str, ...]:

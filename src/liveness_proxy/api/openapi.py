@@ -24,6 +24,17 @@ _REQUEST_ID_HEADER = {"$ref": "#/components/headers/X-Request-ID"}
 SESSION_TOKEN_OF_ANSWER = "$response.body#/session_token"  # nosec B105
 
 
+# Where a result came from (api/result_reads.py).
+_RESULT_SOURCE_HEADER = {
+    "description": "Where this answer came from: `upstream` (this request's own Cynopsis call), "
+    "`shared` (the call of a concurrent or very recent read of the same session by its owner or an "
+    "admin, within LIVENESS_PROXY_RESULT_REUSE_SECONDS) or `stored` (the final result from the "
+    "proxy's own record, written with its verdict; no Cynopsis call).",
+    "required": True,
+    "schema": {"type": "string", "enum": ["upstream", "shared", "stored"]},
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -304,6 +315,7 @@ def _operations(session_id_parameter: dict[str, Any]) -> dict[str, dict[str, Any
                 "200": _ok(
                     "The result, reduced to its declared shape (images never pass by default).",
                     "LivenessResult",
+                    {"X-Liveness-Result-Source": _RESULT_SOURCE_HEADER},
                 ),
                 "400": _problem("The session id is malformed."),
                 "404": _problem("No such session for this caller."),

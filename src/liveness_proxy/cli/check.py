@@ -16,6 +16,7 @@ from liveness_proxy.wiring import (
     check_startable,
     create_redis,
     cynopsis_ssl_context,
+    final_result_store_line,
     token_fetcher,
 )
 
@@ -28,6 +29,7 @@ def cmd_check(_args: argparse.Namespace) -> int:
     # files, the JWT set-up), `check` refuses too, with the same one line.
     check_startable(settings)
     print(audit_checkpoints_line(settings))
+    print(f"final result store: {final_result_store_line(settings)}")
     return asyncio.run(_check_live(settings))
 
 

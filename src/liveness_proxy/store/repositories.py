@@ -42,6 +42,8 @@ class SessionOwner:
     finalizer_state: str | None = None  # following, final, unresolved; None: not followed
     # The subject's commitment (store/subjects.py): what the chain records instead of the subject.
     subject_commitment: str | None = None
+    # The stored copy of the terminal answer (api/final_results.py), when one was written.
+    final_result: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,4 +212,5 @@ def owner_from_row(row: Any) -> SessionOwner:
         reference=row.reference,
         finalizer_state=row.finalizer_state,
         subject_commitment=row.subject_commitment,
+        final_result=row.final_result,
     )

@@ -52,6 +52,10 @@ liveness_sessions = Table(
     # The subject's commitment (store/subjects.py): how an erasure finds bindings made by a replica
     # that still held the subject's secret in its cache while the erasure ran.
     Column("subject_commitment", String(64), nullable=True),
+    # The terminal answer as its caller received it, under the fingerprint of the policy that shaped
+    # it (api/final_results.py); written with the verdict, erased with the row. Never an image: it is
+    # only written while images are stripped and none is allowed through.
+    Column("final_result", Text, nullable=True),
 )
 Index("ix_liveness_sessions_subject_created_at", liveness_sessions.c.subject, liveness_sessions.c.created_at)
 Index("ix_liveness_sessions_created_at", liveness_sessions.c.created_at, liveness_sessions.c.session_id)

@@ -15,6 +15,12 @@ process whose finalizer was busy (bench S7).
 
 `unresolved` (the finalizer's deadline passed without a terminal status) is recorded the same way,
 but it is not a verdict: a later terminal read still records one, and announces it.
+
+A caller's read also hands over the answer it was given (`final_result`, see api/final_results.py):
+it is written by the same UPDATE as the verdict, so a stored answer never exists without the verdict
+it shows. A verdict recorded without one (by the finalizer, or before migration 0010) gets it from a
+later caller's read, by `keep_final_result`: one conditional UPDATE that writes it only beside the
+same verdict.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, func, insert, or_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.privacy import is_confidence, is_terminal
@@ -55,6 +61,8 @@ class _Recording:
     # The span that read the verdict (a caller's request, a finalizer poll), read when it is
     # submitted: the writer task's current span is not the caller's. Its webhook joins that trace.
     trace_parent: str | None
+    # The answer its caller was given, stored with the verdict (None: nothing to store).
+    final_result: str | None = None
     won: bool = False  # set by the writer: this verdict is the one that stands
 
 
@@ -89,24 +97,65 @@ class VerdictLedger:
                 verdict_at=bindparam("at"),
                 verdict_request_id=bindparam("read_by_request"),
                 finalizer_state="final",
+                final_result=bindparam("final_result"),
             )
         )
         self._committer: GroupCommitter[_Recording] = GroupCommitter(
             self._write_batch, batch_max=batch_max, name="verdict writer", closed_error=VerdictLedgerClosed
         )
 
-    async def record(self, owner: SessionOwner, verdict: SessionVerdict, *, read_by: ReadBy) -> SessionOwner:
-        """Stores `verdict` unless one is already stored; returns the binding with the verdict that
-        stands. A session whose verdict this process already knows costs no write."""
+    async def record(
+        self,
+        owner: SessionOwner,
+        verdict: SessionVerdict,
+        *,
+        read_by: ReadBy,
+        final_result: str | None = None,
+    ) -> SessionOwner:
+        """Stores `verdict` (and `final_result`, the answer it was read from, in the same UPDATE)
+        unless a verdict is already stored; returns the binding with the verdict that stands. A
+        session whose verdict this process already knows costs no write."""
         if owner.verdict is not None:
             return owner
-        recording = _Recording(owner, verdict, read_by, current_traceparent())
+        recording = _Recording(owner, verdict, read_by, current_traceparent(), final_result)
         await self._committer.submit(recording)
         if recording.won:
-            stored = dataclasses.replace(owner, verdict=verdict, finalizer_state="final")
+            stored = dataclasses.replace(
+                owner, verdict=verdict, finalizer_state="final", final_result=final_result
+            )
             self._ownership.remember(stored)
             return stored
         # Another writer (here or on another replica) stored its verdict first: read it back.
+        return await self._ownership.owner_of(owner.session_id, fresh=True) or owner
+
+    async def keep_final_result(self, owner: SessionOwner, final_result: str, *, policy: str) -> SessionOwner:
+        """Stores `final_result` beside the verdict that stands, when the row holds none or one
+        that does not begin with `policy` (made under another answer-shaping policy); `owner.verdict`
+        must be the verdict the answer shows: the UPDATE only writes beside that same verdict. Returns
+        the binding as it now stands (read back when nothing was written: another process may have
+        stored its own copy, or erased the session)."""
+        verdict = owner.verdict
+        if verdict is None:
+            raise ValueError("a final result is only kept beside a verdict")
+        sessions = liveness_sessions.c
+        async with self._engine.begin() as connection:
+            written = await connection.execute(
+                update(liveness_sessions)
+                .where(
+                    sessions.session_id == owner.session_id,
+                    sessions.verdict_status == verdict.status,
+                    sessions.verdict_confidence.is_not_distinct_from(verdict.confidence),
+                    or_(
+                        sessions.final_result.is_(None),
+                        func.substr(sessions.final_result, 1, len(policy)) != policy,
+                    ),
+                )
+                .values(final_result=final_result)
+            )
+        if written.rowcount:
+            kept = dataclasses.replace(owner, final_result=final_result)
+            self._ownership.remember(kept)
+            return kept
         return await self._ownership.owner_of(owner.session_id, fresh=True) or owner
 
     async def close(self) -> None:
@@ -133,6 +182,7 @@ class VerdictLedger:
                         "confidence": verdict.confidence,
                         "at": verdict.recorded_at,
                         "read_by_request": verdict.request_id,
+                        "final_result": recording.final_result,
                     },
                 )
                 recording.won = bool(won.rowcount)

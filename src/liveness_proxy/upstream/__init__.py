@@ -3,9 +3,10 @@
 The HTTP they go over is liveness_proxy/http/.
 """
 
-from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, UpstreamResult
+from liveness_proxy.upstream.client import CynopsisClient, CynopsisEndpoints, ShapedResult, UpstreamResult
 from liveness_proxy.upstream.client_secret import ClientSecretSource
 from liveness_proxy.upstream.oauth import ClientCredentialsFetcher, FetchedToken, TokenEndpointError
+from liveness_proxy.upstream.single_flight import SingleFlight
 from liveness_proxy.upstream.tls import upstream_ssl_context
 from liveness_proxy.upstream.token_store import (
     DatabaseTokenStore,
@@ -31,9 +32,11 @@ __all__ = [
     "DatabaseTokenStore",
     "FetchedToken",
     "RedisTokenStore",
+    "ShapedResult",
     "SharedStateUnavailable",
     "SharedToken",
     "SharedTokenPolicy",
+    "SingleFlight",
     "TokenCipher",
     "TokenEndpointError",
     "TokenFetcher",

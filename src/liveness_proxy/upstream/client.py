@@ -56,6 +56,7 @@ from liveness_proxy.http.retry_after import parse_retry_after
 from liveness_proxy.tracing import Tracing, client_attributes, record_answer, sampled_trace_id
 from liveness_proxy.upstream.answers import upstream_error_code
 from liveness_proxy.upstream.circuit import CircuitBreaker
+from liveness_proxy.upstream.echoes import refuse_echoed_secrets
 from liveness_proxy.upstream.tokens import AccessToken, TokenManager
 
 UpstreamEndpoint = Literal["session_token", "create_session", "result"]
@@ -73,6 +74,23 @@ class UpstreamObserver(Protocol):
 class UpstreamResult:
     status: int
     payload: dict[str, Any]
+    # The body as it came, and the payload re-encoded: what `refuse_caller_secrets` looks in.
+    raw: bytes = b""
+    canonical: bytes = b""
+
+    def refuse_caller_secrets(self, caller_secrets: Sequence[str]) -> None:
+        """UpstreamMalformed when this answer holds one of `caller_secrets`: the check the call made
+        for the caller that started it, made for another caller this answer is also given to."""
+        refuse_echoed_secrets(self.raw, self.canonical, caller_secrets, status=self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class ShapedResult:
+    """A result read's answer as its callers are given it (`body`, encoded once), and the upstream
+    answer it was made from (checked against each further caller's own credentials)."""
+
+    body: bytes
+    upstream: UpstreamResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +125,6 @@ def signals_outage(error: UpstreamError) -> bool:
     if isinstance(error, UpstreamUnavailable | UpstreamMalformed):
         return error.upstream_status is None or error.upstream_status in OUTAGE_STATUSES
     return False
-
-
-# Shorter values are not checked for: they would match innocent answers. Every secret we guard is far
-# longer (tokens, 32+ character secrets and peppers, 40+ character API keys).
-_MIN_SECRET_LENGTH = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,10 +372,11 @@ class CynopsisClient:
         secrets = (token.value, *exchange.caller_secrets)
         if 200 <= status < 300:
             payload = self._parse_object(answer)
-            self._refuse_echoed_secrets(answer, _canonical(payload, status), secrets)
+            canonical = _canonical(payload, status)
+            self._refuse_echoed_secrets(answer, canonical, secrets)
             if exchange.result_of is not None:
                 self._refuse_other_session(payload, exchange.result_of, status)
-            return UpstreamResult(status=status, payload=payload)
+            return UpstreamResult(status=status, payload=payload, raw=answer.body, canonical=canonical)
         # An error answer is read for little (its status, a Retry-After, a short error code that the
         # caller sees in the problem detail), but one that holds a secret is refused all the same: an
         # error code may be nothing but an echoed token.
@@ -388,20 +402,8 @@ class CynopsisClient:
         raise UpstreamUnavailable(f"The liveness service failed (HTTP {status}).", upstream_status=status)
 
     def _refuse_echoed_secrets(self, answer: HttpResponse, decoded: bytes, secrets: Sequence[str]) -> None:
-        """UpstreamMalformed when the answer holds a secret of ours: as sent (the raw body), or once
-        decoded (`decoded`: the JSON body re-encoded canonically, so no escape such as \\u0041 hides
-        one)."""
-        for secret in (*secrets, *self._own_secrets()):
-            if len(secret) < _MIN_SECRET_LENGTH:
-                continue  # an empty or trivially short value would match innocent answers
-            # The secret as it reads in JSON text: '"', '\\' and control characters escaped, the way
-            # the canonical form writes them (a secret may hold any of them).
-            plain, written = secret.encode(), orjson.dumps(secret)[1:-1]
-            if plain in answer.body or written in answer.body or written in decoded:
-                raise UpstreamMalformed(
-                    "The liveness service sent an answer that contains a credential; it was not passed on.",
-                    upstream_status=answer.status,
-                )
+        """UpstreamMalformed when the answer holds a secret of ours (`echoes.refuse_echoed_secrets`)."""
+        refuse_echoed_secrets(answer.body, decoded, (*secrets, *self._own_secrets()), status=answer.status)
 
     def _refuse_other_session(self, payload: dict[str, Any], session_id: str, status: int) -> None:
         for name in self._session_id_fields:

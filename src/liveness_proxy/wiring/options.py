@@ -43,6 +43,11 @@ class RequestPolicy:
     extra_response_fields: tuple[str, ...]  # answer members passed on besides the declared ones
     idempotency_ttl_seconds: float  # how long a create's answer is replayed for its key
     idempotency_lease_seconds: float  # how long a create in flight holds its key
+    # Why terminal answers are not stored and served from the proxy's record (None: they are).
+    final_result_store_inactive: str | None
+    # What else shapes an answer (with the fields above): a stored answer shaped otherwise is not served.
+    biometric_fields: tuple[str, ...]
+    biometric_max_string_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,7 @@ class AppOptions:
     token_url: str
     upstream_ca: str  # "CYNOPSIS_CA_BUNDLE" or "system": which trust checks the upstream's certificate
     upstream_client_certificate: bool
+    final_result_store: str  # "on", or "off (why)": final results served from the proxy's record
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,17 @@ def request_policy(settings: Settings) -> RequestPolicy:
         + 2 * settings.cynopsis_timeout_seconds
         + 4 * max(settings.liveness_proxy_database_pool_timeout_seconds, SQLITE_BUSY_TIMEOUT_MS / 1000)
         + 10.0,
+        final_result_store_inactive=settings.final_result_store_inactive,
+        biometric_fields=tuple(settings.liveness_proxy_biometric_fields),
+        biometric_max_string_bytes=settings.liveness_proxy_biometric_max_string_bytes,
     )
+
+
+def final_result_store_line(settings: Settings) -> str:
+    """Whether final results are served from the proxy's record, and why not (the `started` log
+    line and `check` say it)."""
+    reason = settings.final_result_store_inactive
+    return "on" if reason is None else f"off ({reason})"
 
 
 def app_options(settings: Settings) -> AppOptions:
@@ -125,6 +141,7 @@ def app_options(settings: Settings) -> AppOptions:
         token_url=settings.cynopsis_token_url,
         upstream_ca="CYNOPSIS_CA_BUNDLE" if settings.cynopsis_ca_bundle is not None else "system",
         upstream_client_certificate=settings.cynopsis_client_cert_file is not None,
+        final_result_store=final_result_store_line(settings),
     )
 
 

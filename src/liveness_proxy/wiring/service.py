@@ -68,7 +68,9 @@ from liveness_proxy.upstream import (
     CynopsisEndpoints,
     DatabaseTokenStore,
     RedisTokenStore,
+    ShapedResult,
     SharedTokenPolicy,
+    SingleFlight,
     TokenEndpointError,
     TokenManager,
     TokenStore,
@@ -134,19 +136,28 @@ class Service:
     subjects: SubjectRegistry
     erasure: Erasure
     tracing: Tracing
+    # Result reads of one session share one Cynopsis call, and reuse its answer briefly
+    # (api/result_reads.py); emptied by an erasure.
+    result_flights: SingleFlight[str, ShapedResult]
 
     async def record_read(
-        self, owner: SessionOwner, payload: dict[str, Any], request_id: str
+        self,
+        owner: SessionOwner,
+        payload: dict[str, Any],
+        request_id: str,
+        *,
+        final_result: str | None = None,
     ) -> SessionOwner:
         """A caller's (or an admin's refresh) read of a session's result: a terminal status is the
         verdict unless one is stored (the finalizer then stops following the session, and the
-        webhook goes out at once). Returns the binding with the verdict that stands."""
+        webhook goes out at once), written with `final_result`, the answer the caller is given
+        (api/final_results.py). Returns the binding with the verdict that stands."""
         if owner.verdict is not None:
             return owner
         verdict = verdict_of(payload, recorded_at=self.wall_clock(), request_id=request_id)
         if verdict is None:
             return owner
-        stored = await self.verdicts.record(owner, verdict, read_by="request")
+        stored = await self.verdicts.record(owner, verdict, read_by="request", final_result=final_result)
         self.background.wake()
         return stored
 
@@ -346,6 +357,14 @@ async def running_service(
             on_reject=metrics.upstream_slot_rejected,
         )
         metrics.watch_upstream_gate(lambda: upstream_gate.in_flight, lambda: upstream_gate.waiting)
+        result_flights: SingleFlight[str, ShapedResult] = SingleFlight(
+            reuse_seconds=settings.liveness_proxy_result_reuse_seconds,
+            clock=clock,
+            # A call every waiting caller left may still record a verdict; not longer than a shutdown.
+            close_grace_seconds=min(
+                settings.liveness_proxy_shutdown_timeout_seconds, settings.cynopsis_timeout_seconds
+            ),
+        )
         audit = AuditLog(
             engine,
             keys.audit,
@@ -434,6 +453,8 @@ async def running_service(
             subjects.forget_all()
             ownership.forget_all()
             authentication.forget_all()
+            # A reused answer may be of an erased session; the owner check before it is gone too.
+            result_flights.forget_all()
 
         erasure = Erasure(
             engine,
@@ -517,6 +538,8 @@ async def running_service(
             answer_delay_seconds=settings.liveness_proxy_failed_auth_delay_seconds,
         )
         opened.push_async_callback(failed_authentications.flush)
+        # Closed before the transports, the verdict ledger and the audit log its calls use.
+        opened.push_async_callback(result_flights.close)
         # Last in, so first out: the worker stops before the store and the transports it uses close.
         background.start()
         opened.push_async_callback(background.close)
@@ -570,4 +593,5 @@ async def running_service(
             subjects=subjects,
             erasure=erasure,
             tracing=tracing,
+            result_flights=result_flights,
         )

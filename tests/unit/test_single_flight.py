@@ -1,0 +1,135 @@
+"""SingleFlight (upstream/single_flight.py) on its own: one call per key however many join, a value
+reused for the window on the given clock and never after, errors shared only by the callers waiting
+(each its own copy) and never reused, a cancelled caller that cancels nothing, erasure and close."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from liveness_proxy.errors import ServiceUnavailable, UpstreamRateLimited
+from liveness_proxy.sandbox import ManualClock
+from liveness_proxy.upstream import SingleFlight
+
+
+class Calls:
+    """A call that waits for `release` and counts how often it was made."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.release = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def __call__(self) -> str:
+        self.made += 1
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return f"answer {self.made}"
+
+
+def flights(clock: ManualClock, reuse: float = 0.3, **options: float) -> SingleFlight[str, str]:
+    return SingleFlight(reuse_seconds=reuse, clock=clock.now, **options)  # type: ignore[arg-type]
+
+
+async def test_concurrent_callers_share_one_call_and_only_the_first_started_it() -> None:
+    clock, call = ManualClock(), Calls()
+    flight = flights(clock)
+    joined = [flight.join("s1", call) for _ in range(10)]
+    other = flight.join("s2", call)
+    call.release.set()
+    values = await asyncio.gather(*(place.value() for place in joined))
+    assert values == ["answer 1"] * 10
+    assert [place.started for place in joined] == [True] + [False] * 9
+    assert (await other.value(), other.started) == ("answer 2", True)
+    assert call.made == 2
+
+
+async def test_a_value_is_reused_for_the_window_only() -> None:
+    clock, call = ManualClock(), Calls()
+    call.release.set()
+    flight = flights(clock, reuse=0.3)
+    assert await flight.join("s", call).value() == "answer 1"
+    clock.advance(0.29)
+    reused = flight.join("s", call)
+    assert (await reused.value(), reused.started) == ("answer 1", False)
+    clock.advance(0.02)
+    assert await flight.join("s", call).value() == "answer 2"
+    assert call.made == 2
+
+
+async def test_with_no_window_each_sequential_call_is_made() -> None:
+    clock, call = ManualClock(), Calls()
+    call.release.set()
+    flight = flights(clock, reuse=0)
+    assert [await flight.join("s", call).value() for _ in range(3)] == ["answer 1", "answer 2", "answer 3"]
+    assert flight.reused == 0
+
+
+async def test_an_error_reaches_each_waiting_caller_as_its_own_copy_and_is_never_reused() -> None:
+    clock, call = ManualClock(), Calls()
+    call.error = UpstreamRateLimited("slow down", retry_after_seconds=7)
+    flight = flights(clock, reuse=5)
+    joined = [flight.join("s", call) for _ in range(3)]
+    call.release.set()
+    errors = await asyncio.gather(*(place.value() for place in joined), return_exceptions=True)
+    assert all(isinstance(error, UpstreamRateLimited) for error in errors)
+    assert len({id(error) for error in errors}) == 3
+    assert {error.headers["Retry-After"] for error in errors if isinstance(error, UpstreamRateLimited)} == {
+        "7"
+    }
+    call.error = None
+    assert await flight.join("s", call).value() == "answer 2"
+
+
+async def test_a_cancelled_caller_leaves_the_call_to_the_others() -> None:
+    clock, call = ManualClock(), Calls()
+    flight = flights(clock)
+    first = asyncio.ensure_future(flight.join("s", call).value())
+    second = flight.join("s", call)
+    await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    call.release.set()
+    assert await second.value() == "answer 1"
+    assert call.made == 1
+
+
+async def test_forget_all_drops_reused_values_and_keeps_a_call_in_flight_from_leaving_its_own() -> None:
+    clock, call = ManualClock(), Calls()
+    flight = flights(clock, reuse=5)
+    call.release.set()
+    await flight.join("done", call).value()
+    call.release.clear()
+    in_flight = flight.join("flying", call)
+    flight.forget_all()
+    assert flight.reused == 0
+    call.release.set()
+    assert await in_flight.value() == "answer 2"
+    assert flight.reused == 0  # its waiting caller got it; nobody after does
+
+
+async def test_the_reused_values_are_bounded() -> None:
+    clock, call = ManualClock(), Calls()
+    call.release.set()
+    flight = flights(clock, reuse=5, max_entries=3)
+    for key in "abcd":
+        await flight.join(key, call).value()
+    assert flight.reused == 3
+    assert flight.join("a", call).started  # the oldest went first
+
+
+async def test_close_lets_calls_finish_for_the_grace_then_cancels_them() -> None:
+    clock, call = ManualClock(), Calls()
+    flight = flights(clock, close_grace_seconds=0.05)
+    waiting = flight.join("s", call)
+    await flight.close()
+    assert flight.in_flight == 0
+    with pytest.raises(ServiceUnavailable):
+        await waiting.value()
+    # After close a caller's call runs in its own task, shared with nobody.
+    call.release.set()
+    late = flight.join("s", call)
+    assert (await late.value(), late.started) == ("answer 2", True)
