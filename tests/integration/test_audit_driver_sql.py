@@ -256,11 +256,10 @@ def postgres_url() -> Iterator[str]:
 
 async def test_losing_the_connection_during_the_insert_is_a_store_outage(postgres_url: str) -> None:
     # PostgreSQL only: a SQLite file has no connection to lose.
-    database_url = postgres_url
-    engine = create_engine(database_url)
+    engine = create_engine(postgres_url)
     await upgrade_database(engine, keys=TEST_KEYS)
     writer = ChainWriter.build(TEST_AUDIT_KEYS)
-    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
     locker = await asyncpg.connect(dsn)
     try:
         head = await _head(engine)
