@@ -238,6 +238,14 @@ async def test_a_row_the_database_refuses_fails_the_batch_as_a_database_error(en
     assert await _head(engine) == head  # the head lock's update went with the insert
 
 
+async def test_an_empty_batch_writes_nothing(engine: AsyncEngine) -> None:
+    head = await _head(engine)
+    async with engine.begin() as connection:
+        await ChainWriter.build(TEST_AUDIT_KEYS).append(connection, [])
+    assert await _count(engine) == 0
+    assert await _head(engine) == head
+
+
 async def test_a_driver_without_positional_parameters_is_refused_by_name(tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'named.db'}", paramstyle="named")
     try:

@@ -69,7 +69,8 @@ class ChainWriter:
 
     The values need no conversion: `column_values` checks every value against its column's type
     (floats are floats, integers 32-bit ints, strings str), the writer adds `seq` (int), and the
-    hashes and key id (str); what SQLAlchemy's processing did to such values was nothing."""
+    hashes and key id (str). SQLAlchemy's processing left such values as they were (its only
+    processor here, SQLite's `float()` on REAL columns, is the identity on a float)."""
 
     keys: AuditKeys
     # By dialect and paramstyle (an engine has one; the writer may serve several): built on first use.
@@ -82,6 +83,8 @@ class ChainWriter:
     async def append(self, connection: AsyncConnection, batch: list[dict[str, Any]]) -> None:
         """Chains `batch` (column values, see `column_values`) after the current head. The head lock
         is the first thing taken: see the module docstring."""
+        if not batch:
+            return
         statements = self._statements_for(connection.dialect)
         locked = (await connection.exec_driver_sql(statements.lock_head, (len(batch),))).one_or_none()
         if locked is None:
