@@ -22,11 +22,12 @@ the chain, in `store/audit_verify.py`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Insert, Integer, String, Update, bindparam, func, insert, select, update
+from sqlalchemy import Dialect, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from liveness_proxy.store.audit_chain import (
@@ -59,33 +60,33 @@ class ChainWriter:
     """Appends records to the chain inside a transaction the caller holds: the audit log's group
     commit, or a system event that must commit together with the fact it records (a verdict).
 
-    Its three statements are built once: SQLAlchemy then reuses their compiled form instead of
-    deriving a cache key for new statement objects on every commit."""
+    Its three statements are SQL strings in the driver's own parameter style, run with
+    `exec_driver_sql`, values as tuples: SQLAlchemy neither compiles them nor processes a parameter
+    of the records (which cost ~20 µs per record in the insert, more than the database's own work;
+    see "The audit append" in docs/performance.md). They still run through SQLAlchemy's connection,
+    so they are part of its transaction, and a driver error is wrapped as any other (a lost
+    connection is a `DBAPIError` that invalidates it, and `is_store_outage` recognises it).
+
+    The values need no conversion: `column_values` checks every value against its column's type
+    (floats are floats, integers 32-bit ints, strings str), the writer adds `seq` (int), and the
+    hashes and key id (str). SQLAlchemy's processing left such values as they were (its only
+    processor here, SQLite's `float()` on REAL columns, is the identity on a float)."""
 
     keys: AuditKeys
-    lock_head: Update
-    insert_records: Insert
-    store_head_hash: Update
+    # By dialect and paramstyle (an engine has one; the writer may serve several): built on first use.
+    _statements: dict[tuple[str, str], _DriverStatements] = field(default_factory=dict)
 
     @classmethod
     def build(cls, keys: AuditKeys) -> ChainWriter:
-        head = audit_chain_head.c
-        return cls(
-            keys=keys,
-            lock_head=update(audit_chain_head)
-            .where(head.id == HEAD_ROW_ID)
-            .values(last_seq=head.last_seq + bindparam("batch_size", type_=Integer))
-            .returning(head.last_seq, head.last_hash),
-            insert_records=insert(audit_records),
-            store_head_hash=update(audit_chain_head)
-            .where(head.id == HEAD_ROW_ID)
-            .values(last_hash=bindparam("new_hash", type_=String)),
-        )
+        return cls(keys=keys)
 
     async def append(self, connection: AsyncConnection, batch: list[dict[str, Any]]) -> None:
         """Chains `batch` (column values, see `column_values`) after the current head. The head lock
         is the first thing taken: see the module docstring."""
-        locked = (await connection.execute(self.lock_head, {"batch_size": len(batch)})).one_or_none()
+        if not batch:
+            return
+        statements = self._statements_for(connection.dialect)
+        locked = (await connection.exec_driver_sql(statements.lock_head, (len(batch),))).one_or_none()
         if locked is None:
             raise AuditChainMissing("the audit chain head is missing: run `liveness-proxy db upgrade`")
         seq = int(locked.last_seq) - len(batch)
@@ -97,8 +98,77 @@ class ChainWriter:
             row = {**values, "seq": seq, "prev_hash": prev_hash, "key_id": key_id}
             row["record_hash"] = prev_hash = self.keys.sign(row)
             rows.append(row)
-        await connection.execute(self.insert_records, rows)
-        await connection.execute(self.store_head_hash, {"new_hash": prev_hash})
+        insert_sql, values_of = statements.insert(tuple(rows[0]))
+        if any(len(row) != len(rows[0]) for row in rows):  # a missing column is a KeyError below
+            raise ValueError("the records of one audit batch must have the same columns")
+        await connection.exec_driver_sql(insert_sql, [values_of(row) for row in rows])
+        await connection.exec_driver_sql(statements.store_head_hash, (prev_hash,))
+
+    def _statements_for(self, dialect: Dialect) -> _DriverStatements:
+        key = (dialect.name, dialect.paramstyle)
+        statements = self._statements.get(key)
+        if statements is None:
+            statements = self._statements[key] = _DriverStatements.build(dialect)
+        return statements
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverStatements:
+    """The chain writer's SQL for one dialect and paramstyle. The insert names the columns of the
+    records it is given (whatever `column_values` returns, plus the chain's four), in their order;
+    one string per column list, built once."""
+
+    lock_head: str
+    store_head_hash: str
+    quote: Callable[[str], str]
+    placeholder: Callable[[int], str]
+    _inserts: dict[tuple[str, ...], tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]]
+
+    @classmethod
+    def build(cls, dialect: Dialect) -> _DriverStatements:
+        # S608 below: the SQL is built from our own table's names, quoted by the dialect, and the
+        # constant HEAD_ROW_ID; every value is a bound parameter.
+        placeholder = _positional_placeholder(dialect.paramstyle)
+        quote = dialect.identifier_preparer.quote
+        head = quote(audit_chain_head.name)
+        last_seq, last_hash, row_id = (quote(name) for name in ("last_seq", "last_hash", "id"))
+        where = f"WHERE {row_id} = {int(HEAD_ROW_ID)}"
+        lock_head = f"UPDATE {head} SET {last_seq} = {last_seq} + {placeholder(1)} {where}"  # noqa: S608
+        return cls(
+            lock_head=f"{lock_head} RETURNING {last_seq}, {last_hash}",
+            store_head_hash=f"UPDATE {head} SET {last_hash} = {placeholder(1)} {where}",  # noqa: S608
+            quote=quote,
+            placeholder=placeholder,
+            _inserts={},
+        )
+
+    def insert(self, columns: tuple[str, ...]) -> tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]:
+        """The INSERT of rows with these columns, and the function that makes a row its values."""
+        known = self._inserts.get(columns)
+        if known is None:
+            unknown = [name for name in columns if name not in audit_records.c]
+            if unknown or len(columns) < 2:  # names come from our code; itemgetter of one is no tuple
+                raise ValueError(f"not columns of the audit records (or too few): {unknown or columns}")
+            names = ", ".join(self.quote(name) for name in columns)
+            marks = ", ".join(self.placeholder(position) for position in range(1, len(columns) + 1))
+            table = self.quote(audit_records.name)
+            sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"  # noqa: S608 - as in build
+            known = self._inserts[columns] = (sql, operator.itemgetter(*columns))
+        return known
+
+
+def _positional_placeholder(paramstyle: str) -> Callable[[int], str]:
+    """The driver's marker for the n-th (1-based) positional parameter, for the two drivers the
+    proxy runs (`async_database_url` maps every SQLite and PostgreSQL URL to them)."""
+    match paramstyle:
+        case "qmark":  # aiosqlite
+            return lambda _position: "?"
+        case "numeric_dollar":  # asyncpg
+            return lambda position: f"${position}"
+        case _:
+            raise ValueError(
+                f"the audit writer supports aiosqlite and asyncpg, not paramstyle {paramstyle!r}"
+            )
 
 
 class AuditLog:
