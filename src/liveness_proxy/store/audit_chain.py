@@ -141,6 +141,9 @@ class AuditKeys:
         if len(self._keys) != len(keys):
             raise ValueError("an audit key id appears twice")
         self.signing_key_id = keys[-1][0]
+        # Each key's HMAC state, keyed once: a record's hash copies it instead of keying a new HMAC
+        # (about half of the hash's cost, measured: every audit record is hashed once when written).
+        self._keyed = {key_id: hmac.new(key, digestmod=hashlib.sha256) for key_id, key in keys}
 
     def get(self, key_id: str) -> bytes | None:
         return self._keys.get(key_id)
@@ -151,10 +154,12 @@ class AuditKeys:
 
     def sign(self, values: Mapping[Any, Any]) -> str:
         """The record hash of `values`, whose `key_id` must be a configured key."""
-        key = self._keys.get(values["key_id"])
-        if key is None:
+        keyed = self._keyed.get(values["key_id"])
+        if keyed is None:
             raise ValueError(f"audit key {values['key_id']!r} is not configured")
-        return hmac.new(key, canonical_bytes(values), hashlib.sha256).hexdigest()
+        signer = keyed.copy()
+        signer.update(canonical_bytes(values))
+        return signer.hexdigest()
 
 
 PEPPER_AUDIT_KEY_ID = "pepper"
