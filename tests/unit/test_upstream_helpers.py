@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from liveness_proxy.http.retry_after import parse_retry_after
 
 
@@ -42,3 +44,32 @@ def test_token_answers_with_odd_expires_in_are_token_endpoint_errors() -> None:
             fetcher._parse(b'{"access_token": ' + token.encode() + b"}")
     with pytest.raises(TokenEndpointError):
         fetcher._parse(b'{"access_token": "abc", "token_type": "mac"}')
+
+
+def test_the_echo_check_knows_every_character_json_escapes() -> None:
+    """A secret is looked for as it is unless JSON text escapes one of its characters: the shortcut
+    must know exactly the characters orjson escapes."""
+    import orjson
+
+    from liveness_proxy.upstream.echoes import _JSON_ESCAPED
+
+    for code in (*range(0xD800), *range(0xE000, 0x110000)):
+        char = chr(code)
+        escaped = orjson.dumps(char)[1:-1] != char.encode()
+        assert escaped == (_JSON_ESCAPED.search(char) is not None), hex(code)
+
+
+@pytest.mark.parametrize(
+    "secret", ['quote"in-the-middle-of-it', "back\\slash-secret-value", "tab\tinside-a-secret-value"]
+)
+def test_a_secret_json_escapes_is_found_in_either_form(secret: str) -> None:
+    import orjson
+
+    from liveness_proxy.errors import UpstreamMalformed
+    from liveness_proxy.upstream.echoes import refuse_echoed_secrets
+
+    written = orjson.dumps({"echo": secret})
+    for raw, decoded in ((written, b"{}"), (b"{}", written), (secret.encode(), b"{}")):
+        with pytest.raises(UpstreamMalformed):
+            refuse_echoed_secrets(raw, decoded, [secret], status=200)
+    refuse_echoed_secrets(b'{"status":"IN_PROGRESS"}', b'{"status":"IN_PROGRESS"}', [secret], status=200)
