@@ -133,3 +133,38 @@ async def test_close_lets_calls_finish_for_the_grace_then_cancels_them() -> None
     call.release.set()
     late = flight.join("s", call)
     assert (await late.value(), late.started) == ("answer 2", True)
+
+
+async def test_no_value_outlives_its_window_by_more_than_the_next_calls_return() -> None:
+    """A value is an answer: expired ones go as soon as any call returns, not when the bound is hit."""
+    clock = ManualClock()
+    flight = flights(clock)
+    for number in range(50):
+
+        async def answer(number: int = number) -> str:
+            return f"answer {number}"
+
+        await flight.join(f"s{number}", answer).value()
+    assert flight.reused == 50
+    clock.advance(0.31)
+
+    async def later() -> str:
+        return "later"
+
+    await flight.join("s-late", later).value()
+    assert flight.reused == 1
+
+
+async def test_values_go_after_their_window_even_when_no_call_comes() -> None:
+    clock = ManualClock()
+    flight = flights(clock, reuse=0.05)
+
+    async def answer() -> str:
+        return "answer"
+
+    await flight.join("s1", answer).value()
+    assert flight.reused == 1
+    clock.advance(0.06)
+    await asyncio.sleep(0.15)  # the expiry timer runs on the loop's own time
+    assert flight.reused == 0
+    await flight.close()

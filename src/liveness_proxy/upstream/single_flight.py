@@ -96,6 +96,8 @@ class SingleFlight(Generic[K, V]):
         # Bumped by `forget_all`: a call that started before cannot leave its value behind.
         self._generation = 0
         self._closed = False
+        # One timer while values are kept, so that they go even when no further call comes.
+        self._expiry: asyncio.TimerHandle | None = None
 
     def join(self, key: K, call: Callable[[], Awaitable[V]]) -> Joined[V]:
         """A reused value, the call in flight for `key`, or `call()` started as a task of its own.
@@ -137,6 +139,9 @@ class SingleFlight(Generic[K, V]):
         """Lets the calls in flight finish for a grace period, then cancels the rest; afterwards a
         join runs its call in the caller's own task."""
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         running = list(self._flights.values())
         if running:
             _done, pending = await asyncio.wait(running, timeout=self._close_grace_seconds)
@@ -159,15 +164,29 @@ class SingleFlight(Generic[K, V]):
     def _keep(self, key: K, value: V) -> None:
         now = self._clock()
         self._reused.pop(key, None)  # re-inserted last: the dict stays in expiry order
-        if len(self._reused) >= self._max_entries:
-            # Expired entries first (the oldest are first), then the oldest live one.
-            for stale in list(self._reused):
-                if self._reused[stale].until > now:
-                    break
-                del self._reused[stale]
-            if len(self._reused) >= self._max_entries:
-                del self._reused[next(iter(self._reused))]
-        self._reused[key] = _Reused(value, now + self._reuse_seconds)
+        self._drop_expired(now)
+        reused = self._reused
+        if len(reused) >= self._max_entries:
+            del reused[next(iter(reused))]
+        reused[key] = _Reused(value, now + self._reuse_seconds)
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(self._reuse_seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._drop_expired(self._clock())
+        if self._reused and not self._closed:
+            self._expiry = asyncio.get_running_loop().call_later(self._reuse_seconds, self._expire)
+
+    def _drop_expired(self, now: float) -> None:
+        """Drops every value past its window (the oldest are first): a value is an answer, which
+        is not kept beyond it, whether or not another call comes."""
+        reused = self._reused
+        while reused:
+            oldest = next(iter(reused))
+            if reused[oldest].until > now:
+                break
+            del reused[oldest]
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:
