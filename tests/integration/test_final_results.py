@@ -292,29 +292,49 @@ def test_an_erasure_removes_the_stored_copy(make_backend_proxy: MakeProxy) -> No
     assert calls == 2  # the 404s were answered from the binding's absence, not by Cynopsis
 
 
-def test_an_answer_served_from_the_record_is_checked_for_each_readers_credential(
+def test_an_answer_holding_anything_shaped_like_a_credential_is_never_stored(
     make_proxy: MakeProxy,
 ) -> None:
-    """A copy is checked for its first reader's credentials when it is read upstream; an allowed
-    member may still hold another reader's (an admin's key the end user typed into a form field),
-    and that reader is refused it as it would be refused the upstream answer."""
+    """An allowed member may hold another reader's credential (an admin's key the end user typed
+    into a form field): the first reader's own credentials are not in it, so it is answered, but a
+    copy at rest never holds an API key or a JWT; each later read goes upstream, where a reader whose
+    credential it holds is refused."""
     with tapped_proxy(make_proxy, LIVENESS_PROXY_EXTRA_RESPONSE_FIELDS="vendor") as (proxy, tap):
         admin_key = proxy.keys.admin
         session_id = completed_session(proxy)
         tap.rewrites["result"] = adding({"vendor": {"note": admin_key}})
         owner = read(proxy, session_id)
-        tap.rewrites.clear()
+        copy_after_owner = stored_copy(proxy, session_id)
         owner_again = read(proxy, session_id)
         admin = read(proxy, session_id, admin_key)
         calls = len(tap.sent("result"))
         [record] = records_of(proxy, [admin])
-    assert (owner.status_code, owner_again.headers[SOURCE]) == (200, "stored")
+    assert (owner.status_code, owner.headers[SOURCE]) == (200, "upstream")
+    assert copy_after_owner is None
+    assert (owner_again.status_code, owner_again.headers[SOURCE]) == (200, "upstream")
     assert admin.status_code == 502
     assert admin.json()["type"] == PROBLEM + "upstream-malformed"
     assert admin_key not in admin.text
-    assert (record["problem"], record["upstream_status"], detail_of(record)) == (
-        "upstream-malformed",
-        None,
-        {"result_source": "stored"},
-    )
-    assert calls == 1
+    assert (record["problem"], detail_of(record)) == ("upstream-malformed", {"result_source": "upstream"})
+    assert calls == 3
+
+
+def test_an_admins_read_stores_no_copy(make_proxy: MakeProxy) -> None:
+    """An answer is checked against the credentials of the read that made the call: an admin's read
+    is not checked against the owner's, so only the owner's own read stores a copy."""
+    with tapped_proxy(make_proxy) as (proxy, tap):
+        session_id = completed_session(proxy)
+        admin = read(proxy, session_id, proxy.keys.admin)
+        copy_after_admin = stored_copy(proxy, session_id)
+        owner = read(proxy, session_id)
+        owner_again = read(proxy, session_id)
+        admin_again = read(proxy, session_id, proxy.keys.admin)
+        calls = len(tap.sent("result"))
+    assert (admin.status_code, admin.headers[SOURCE]) == (200, "upstream")
+    assert copy_after_admin is None
+    assert [answer.headers[SOURCE] for answer in (owner, owner_again, admin_again)] == [
+        "upstream",
+        "stored",
+        "stored",
+    ]
+    assert calls == 2

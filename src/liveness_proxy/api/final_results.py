@@ -21,6 +21,7 @@ an image (`Settings.final_result_store_inactive` says why it is off otherwise).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +29,8 @@ import orjson
 
 from liveness_proxy.privacy import derived_pass
 
+# Our API keys, and a JWT's encoded header and payload (both begin with `{"`): see `encode`.
+_CREDENTIAL_SHAPES = re.compile(r"lpk_[0-9a-f]{16}_|eyJ[A-Za-z0-9_-]{4,}\.eyJ")
 # Bumped when the stored form changes: every copy of an older form is then replaced on its next read.
 FORMAT_VERSION = 1
 
@@ -64,7 +67,11 @@ class FinalResults:
             ).decode()
         except orjson.JSONEncodeError:
             return None
-        return text if text.startswith(self.prefix) else None
+        if not text.startswith(self.prefix) or _CREDENTIAL_SHAPES.search(text) is not None:
+            # A second line behind the check against the reader's own credentials: a copy at rest
+            # never holds anything shaped like an API key or a JWT (it is then read upstream).
+            return None
+        return text
 
     def is_current(self, stored: str | None) -> bool:
         """Whether `stored` is a copy made under this policy."""

@@ -93,15 +93,19 @@ class ResultReads:
                 # reader's own are looked for as in any answer.
                 refuse_echoed_secrets(body, body, caller_secrets, status=None)
                 return self._answered("stored", body, audit)
+        # Only the owner's own read stores a copy: an admin's credentials are not the owner's, and
+        # an answer is checked only against the credentials of the read that made the call.
+        by_owner = audit.caller is not None and audit.caller.subject == owner.subject
         joined = self._flights.join(
-            owner.session_id, functools.partial(self._read_upstream, owner, request_id, caller_secrets)
+            owner.session_id,
+            functools.partial(self._read_upstream, owner, request_id, caller_secrets, may_store=by_owner),
         )
         source: ResultSource = "upstream" if joined.started else "shared"
         audit.detail = _DETAIL[source]  # a failure shared with this caller says so too
         shaped = await joined.value()
-        audit.upstream_status = shaped.upstream.status
+        audit.upstream_status = shaped.status
         if not joined.started:
-            shaped.upstream.refuse_caller_secrets(caller_secrets)
+            shaped.refuse_caller_secrets(caller_secrets)
         return self._answered(source, shaped.body, audit)
 
     def _answered(self, source: ResultSource, body: bytes, audit: AuditContext) -> Response:
@@ -110,7 +114,7 @@ class ResultReads:
         return RawHeadersResponse(body, 200, _HEAD[source])
 
     async def _read_upstream(
-        self, owner: SessionOwner, request_id: str, caller_secrets: tuple[str, ...]
+        self, owner: SessionOwner, request_id: str, caller_secrets: tuple[str, ...], *, may_store: bool
     ) -> ShapedResult:
         """The one Cynopsis call of a flight (its starter's request id and credentials), the verdict
         it may record, and the answer as every caller of the flight is given it."""
@@ -126,7 +130,7 @@ class ResultReads:
         if dropped:
             payload["redacted_fields"] = dropped
         shown = verdict_of(answer.payload, recorded_at=service.wall_clock(), request_id=request_id)
-        final = self._final
+        final = self._final if may_store else None
         stored = None if final is None or shown is None else final.encode(payload)
         stands = await service.record_read(owner, answer.payload, request_id, final_result=stored)
         if (
@@ -140,7 +144,8 @@ class ResultReads:
             await service.verdicts.keep_final_result(stands, stored, policy=final.prefix)
         if self._pass_threshold is not None:
             payload["passed"] = derived_pass(payload, self._pass_threshold)
-        return ShapedResult(encode_upstream(payload, answer.status), answer)
+        body = encode_upstream(payload, answer.status)
+        return ShapedResult(body, answer.status, answer.raw, answer.canonical)
 
 
 def _same_verdict(stands: SessionVerdict | None, shown: SessionVerdict | None) -> bool:

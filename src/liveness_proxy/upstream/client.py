@@ -74,23 +74,29 @@ class UpstreamObserver(Protocol):
 class UpstreamResult:
     status: int
     payload: dict[str, Any]
-    # The body as it came, and the payload re-encoded: what `refuse_caller_secrets` looks in.
-    raw: bytes = b""
-    canonical: bytes = b""
-
-    def refuse_caller_secrets(self, caller_secrets: Sequence[str]) -> None:
-        """UpstreamMalformed when this answer holds one of `caller_secrets`: the check the call made
-        for the caller that started it, made for another caller this answer is also given to."""
-        refuse_echoed_secrets(self.raw, self.canonical, caller_secrets, status=self.status)
+    # The body as it came, and the payload re-encoded: where an echoed secret is looked for.
+    raw: bytes
+    canonical: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class ShapedResult:
-    """A result read's answer as its callers are given it (`body`, encoded once), and the upstream
-    answer it was made from (checked against each further caller's own credentials)."""
+    """A result read's answer as every caller of one Cynopsis call is given it (`body`, encoded once,
+    after the declared-answer filter), and what another caller's credentials are looked for in: the
+    upstream answer as it came and re-encoded, as the call looked for its starter's. Nothing else of
+    the upstream answer is kept; a reused one is dropped once its window has passed
+    (upstream/single_flight.py)."""
 
     body: bytes
-    upstream: UpstreamResult
+    status: int
+    raw: bytes
+    canonical: bytes
+
+    def refuse_caller_secrets(self, caller_secrets: Sequence[str]) -> None:
+        """UpstreamMalformed when the upstream answer holds one of `caller_secrets`, as the call
+        refused it for its starter: whether a caller is refused does not depend on whether its
+        answer was shared (a member the filter drops counts too: a body carried it there)."""
+        refuse_echoed_secrets(self.raw, self.canonical, caller_secrets, status=self.status)
 
 
 @dataclass(frozen=True, slots=True)
