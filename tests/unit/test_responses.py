@@ -14,6 +14,7 @@ from liveness_proxy.api.responses import json_response
         (200, None),
         (201, {"Location": "/v1/liveness/sessions/abc/result"}),
         (200, {"Cache-Control": "private, max-age=5", "X-Liveness-Result-Source": "stored"}),
+        (200, {"Content-Type": "application/problem+json", "Cache-Control": "no-cache"}),
     ],
 )
 def test_the_same_fields_as_starlettes_response(status: int, headers: dict[str, str] | None) -> None:

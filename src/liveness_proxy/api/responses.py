@@ -40,13 +40,11 @@ _JSON_HEAD = ((b"cache-control", b"no-store"), (b"content-type", b"application/j
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON answer, never cached. `headers` adds fields (e.g. `Location`); a `Cache-Control` among
-    them replaces `no-store`, as it did in Starlette's Response."""
-    raw = list(_JSON_HEAD)
-    if headers:
-        for name, value in headers.items():
-            key = name.lower().encode("latin-1")
-            if key == b"cache-control":
-                del raw[0]
-            raw.append((key, value.encode("latin-1")))
-    return RawHeadersResponse(body, status, raw)
+    """A JSON answer, never cached. `headers` adds fields (e.g. `Location`) or replaces one of the
+    same name (`Cache-Control`, `Content-Type`), as in Starlette's Response."""
+    if not headers:
+        return RawHeadersResponse(body, status, list(_JSON_HEAD))
+    fields = dict(_JSON_HEAD)
+    for name, value in headers.items():
+        fields[name.lower().encode("latin-1")] = value.encode("latin-1")
+    return RawHeadersResponse(body, status, list(fields.items()))

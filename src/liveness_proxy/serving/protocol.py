@@ -317,7 +317,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or not self._request_in_flight():
             return
         cycle = self.cycle
-        if self.pipeline or cycle.response_started:
+        if self.pipeline or _answer_on_the_wire(cycle):
             # Half an answer cannot be taken back, and with pipelined requests queued `cycle` is
             # not the one running: the client sees the connection cut.
             self.transport.close()
@@ -413,7 +413,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._write_refusal(error, new_request_id())
             return
         cycle = self.cycle
-        if self._body_incomplete and not self.pipeline and not cycle.response_started:
+        if self._body_incomplete and not self.pipeline and not _answer_on_the_wire(cycle):
             # The refusal is about the body of the request the app is running (bad framing, too many
             # trailers), and the app has not begun its answer: it would wait for the rest of the
             # body until its body deadline. The refusal is the request's answer instead.
@@ -462,6 +462,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.transport.write(STATUS_LINE[error.response_status()] + head + b"\r\n" + body)
         self.transport.close()
+
+
+def _answer_on_the_wire(cycle: RequestResponseCycle) -> bool:
+    """Whether any of the app's answer was written: a head CoalescingCycle still holds (its body has
+    not come) was not, so a refusal can still take its place."""
+    return cycle.response_started and not getattr(cycle, "held_head", b"")
 
 
 def protocol_class(limits: ServeLimits) -> Callable[..., asyncio.Protocol]:

@@ -104,7 +104,8 @@ audit_records = Table(
     Column("seq", BigInteger, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("record_hash", String(64), nullable=False),
-    # System events only (verdicts, deliveries, erasures): their non-personal facts as canonical JSON.
+    # Non-personal facts as canonical JSON: a system event's (verdicts, deliveries, erasures), and
+    # where a result read's answer came from (`{"result_source": "shared"}`, api/result_reads.py).
     Column("detail", Text, nullable=True),
     # Which audit key (LIVENESS_PROXY_AUDIT_KEYS_FILE) the record's HMAC is keyed with.
     Column("key_id", String(64), nullable=False),
