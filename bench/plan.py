@@ -64,7 +64,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
             follow_budgets=((4, 8),),
             busy_backlog_floor=200,
             # Enough to prove the rotation works, not to keep a fast proxy from reusing answers.
-            rotation_sessions=64,
+            rotation_sessions=16,
         )
     return Plan(
         mode="full",

@@ -135,10 +135,15 @@ def traced_proxies(bench: Bench, sink: Sink) -> Iterator[dict[str, TracedTarget]
     try:
         for name, env in envs.items():
             proxies[name] = bench.start_ours(f"ours-s1t-{name}", env, key=keys[name])
-        targets = {}
-        for name, proxy in proxies.items():
+        for proxy in proxies.values():
             bench.wait_ok(proxy, "/readyz")
-            targets[name] = TracedTarget(proxy, create_pool(proxy, PENDING, bench.plan.rotation_sessions))
+        # Each its own sessions (S1's rotation, on its own database): both at once, as the keys.
+        with concurrent.futures.ThreadPoolExecutor(len(proxies)) as pool:
+            created = {
+                name: pool.submit(create_pool, proxy, PENDING, bench.plan.rotation_sessions)
+                for name, proxy in proxies.items()
+            }
+            targets = {name: TracedTarget(proxies[name], future.result()) for name, future in created.items()}
         yield targets
     finally:
         # Stopped before the sink's totals are read: a shutdown flushes the spans still queued.
