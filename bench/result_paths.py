@@ -1,6 +1,7 @@
 """Which path our proxy's result reads take, and the means to choose it: pools of sessions of a kind
 the stub answers one way (bench/stub-nginx.conf: `pending-<n>` IN_PROGRESS, `final-<n>` SUCCEEDED,
-`herd-<n>` IN_PROGRESS and logged), read in rotation by bench/result_rotation.lua; our proxy's
+`herd-<n>` IN_PROGRESS and logged), bound to the benchmark's caller in our proxy's database and read
+in rotation by bench/result_rotation.lua; our proxy's
 Cynopsis calls per read, counted at the stub; and a sample of the `X-Liveness-Result-Source` header.
 
 Since issue 21 our proxy shares one Cynopsis call among concurrent reads of a session (single
@@ -13,7 +14,6 @@ S1-herd reads one pending session from every connection on purpose.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from common import BENCH_DIR, RESULT_PATH, SESSION_TOKEN_PATH, SESSIONS_PATH, BenchError, progress
+from common import BENCH_DIR, RESULT_PATH, BenchError, progress
+from followups import ProxyDatabase
 from proxies import Proxy
 from stats import spread
 from stubs import Stubs, requests_served
-from wrk import WrkReading
+from wrk import WrkReading, run_wrk
 
 ROTATION_SCRIPT = BENCH_DIR / "result_rotation.lua"
 # The session kinds (bench/stub-nginx.conf): pending results, read in rotation (S0, S1, S3); terminal
@@ -49,82 +50,52 @@ class SessionPool:
     def session_id(self, number: int) -> str:
         return f"{self.kind}-{number}"
 
-    def rotation_args(self, before: str, after: str, threads: int = 1) -> list[str]:
-        """result_rotation.lua's arguments: path n is <before><kind>-<n><after>."""
-        return [f"{before}{self.kind}-", after, str(self.count), str(threads)]
+    def rotation_args(self, before: str, after: str, threads: int = 1, start: int = 0) -> list[str]:
+        """result_rotation.lua's arguments: path n is <before><kind>-<n><after>; the rotation starts
+        at session `start` (modulo the pool)."""
+        return [f"{before}{self.kind}-", after, str(self.count), str(threads), str(start % self.count)]
 
 
-def our_rotation_args(pool: SessionPool, threads: int = 1) -> list[str]:
+def our_rotation_args(pool: SessionPool, threads: int = 1, start: int = 0) -> list[str]:
     """The rotation through our proxy (or the naive one: the same paths)."""
     before, after = RESULT_PATH.split("{session_id}")
-    return pool.rotation_args(before, after, threads)
+    return pool.rotation_args(before, after, threads, start)
 
 
-def create_pool(proxy: Proxy, kind: str, count: int, concurrency: int = 64) -> SessionPool:
-    """`count` sessions of `kind`, created through our proxy as a caller creates them (session
-    token, then create); the stub names each after the create's X-Request-Id, which our proxy
-    forwards to Cynopsis."""
+def bind_pool(database_url: str, pepper: str, kind: str, count: int) -> SessionPool:
+    """`count` sessions of `kind` for our proxy's caller (the subject `bench`), bound in the proxy's
+    database (`database_url`, the proxy's `pepper`) by the proxy's own binding writer, as its create
+    route binds them: thousands in a second, where creating them through the proxy takes minutes
+    on a loaded machine. Bound before they are first read: nothing remembers them as unknown."""
     started = time.monotonic()
-    asyncio.run(_create_all(proxy, kind, count, concurrency))
-    progress(f"  created {count:,} {kind} sessions on {proxy.name} in {time.monotonic() - started:.1f} s")
+    with ProxyDatabase(database_url, pepper=pepper) as database:
+        database.bind_sessions(kind, count, first_followup_seconds=None)
+    progress(f"  bound {count:,} {kind} sessions in {time.monotonic() - started:.1f} s")
     return SessionPool(kind, count)
 
 
-async def _create_all(proxy: Proxy, kind: str, count: int, concurrency: int) -> None:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=proxy.url, headers=proxy.headers(), timeout=60, limits=limits
-    ) as client:
-        numbers = iter(range(count))
-
-        async def worker() -> None:
-            for number in numbers:  # one shared iterator: each number is taken once
-                await _create_one(client, proxy.name, f"{kind}-{number}")
-
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
-
-
-async def _create_one(client: httpx.AsyncClient, name: str, session_id: str) -> None:
-    token = await client.post(SESSION_TOKEN_PATH, json={})
-    if token.status_code != 200:
-        raise BenchError(f"{name}: session-token answered {token.status_code}: {token.text[:500]}")
-    created = await client.post(
-        SESSIONS_PATH,
-        json={"session_token": token.json()["session_token"]},
-        headers={"X-Request-Id": session_id},
-    )
-    if created.status_code != 201:
-        raise BenchError(f"{name}: create session answered {created.status_code}: {created.text[:500]}")
-    if created.json().get("session_id") != session_id:
-        raise BenchError(
-            f"{name}: the stub named the session {created.json().get('session_id')!r}, not {session_id!r}: "
-            "does our proxy still forward the caller's X-Request-Id to Cynopsis?"
+def read_each(proxy: Proxy, pool: SessionPool, connections: int = 64) -> None:
+    """Every session of the pool read once at least, by wrk passes over the rotation, each starting
+    where the last one's counted reads ended: the measurement then starts in the steady state, even
+    without a warm-up. Our proxy holds each binding in its cache, as it does for a session a caller
+    polls (a first read fetches it from the database), and, on a build with the store, a terminal
+    result is stored on its first read. Then a pause longer than the reuse window, so that nothing
+    read here is reused by the first reads measured."""
+    started, done = time.monotonic(), 0
+    while done < pool.count:
+        reading = run_wrk(
+            proxy.url + "/",
+            connections=connections,
+            seconds=1,
+            headers=proxy.headers(),
+            script=ROTATION_SCRIPT,
+            script_args=our_rotation_args(pool, start=done),
         )
-
-
-def read_each(proxy: Proxy, pool: SessionPool, concurrency: int = 64) -> None:
-    """Every session of the pool read once (S1-final: a terminal result is stored on its first read,
-    so the measurement starts in the steady state even without a warm-up)."""
-    asyncio.run(_read_all(proxy, pool, concurrency))
-
-
-async def _read_all(proxy: Proxy, pool: SessionPool, concurrency: int) -> None:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=proxy.url, headers=proxy.headers(), timeout=60, limits=limits
-    ) as client:
-        numbers = iter(range(pool.count))
-
-        async def worker() -> None:
-            for number in numbers:
-                path = RESULT_PATH.format(session_id=pool.session_id(number))
-                answer = await client.get(path)
-                if answer.status_code != 200:
-                    raise BenchError(
-                        f"{proxy.name}: GET {path} answered {answer.status_code}: {answer.text[:300]}"
-                    )
-
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, pool.count))))
+        if reading.requests == 0 or reading.non_2xx or reading.socket_errors:
+            raise BenchError(f"{proxy.name}: reading the {pool.kind} sessions failed: {reading.output}")
+        done += reading.requests
+    progress(f"  read each of the {pool.count:,} {pool.kind} sessions in {time.monotonic() - started:.1f} s")
+    time.sleep(SHIPPED_REUSE_SECONDS + 0.2)
 
 
 def sample_sources(proxy: Proxy, session_ids: Sequence[str]) -> dict[str, int]:

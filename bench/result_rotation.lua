@@ -3,7 +3,7 @@
 -- another (single flight per session id and the reuse window of a pending result only ever join
 -- reads of the same session that are close in time).
 -- Arguments (after wrk's `--`): the path before the session's number, the path after it, the pool's
--- size and wrk's thread count. Path n is <before><n><after>, e.g. /v1/liveness/sessions/pending-7/result
+-- size, wrk's thread count and (optional) the session to start at. Path n is <before><n><after>, e.g. /v1/liveness/sessions/pending-7/result
 -- (ours, the naive proxy), /liveness_result/pending-7 (nginx), /service/liveness-v2/liveness_result/pending-7
 -- (the stub direct): every system reads the same sessions in the same order.
 -- Thread k of T reads sessions k, k+T, k+2T, ... (each thread is a Lua state of its own): no two
@@ -23,6 +23,8 @@ function init(args)
   for n = thread_index or 0, count - 1, threads do
     requests[#requests + 1] = wrk.format("GET", before .. n .. after)
   end
+  -- request() advances before it sends: the first request is requests[position + 1].
+  position = math.floor(tonumber(args[5] or "0") / threads) % #requests
 end
 
 function request()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from common import BENCH_DIR, RESULT_PATH, SESSIONS_PATH, STUB_RESULT_PATH, progress
 from proxies import PLAIN_CREATE_SETTINGS, Bench, Proxy
-from result_paths import HERD, PENDING, ROTATION_SCRIPT, SessionPool, create_pool, our_rotation_args
+from result_paths import HERD, PENDING, ROTATION_SCRIPT, SessionPool, bind_pool, our_rotation_args, read_each
 from wrk import WrkReading, run_wrk
 
 
@@ -20,21 +20,29 @@ class MainTargets:
 
     ours: Proxy
     naive: Proxy
+    # Our proxy's database, where the pools are bound.
+    database_url: str
     pools: dict[str, SessionPool] = field(default_factory=dict)
 
     def pool(self, bench: Bench, kind: str) -> SessionPool:
-        """The pool of `kind`, created on first use (the herd is one session)."""
+        """The pool of `kind`, bound on first use and, but for the herd (one session, read only by
+        S1-herd), read once (result_paths.read_each)."""
         if kind not in self.pools:
-            count = 1 if kind == HERD else bench.plan.rotation_sessions
-            self.pools[kind] = create_pool(self.ours, kind, count)
+            if kind == HERD:
+                self.pools[kind] = bind_pool(self.database_url, bench.pepper, kind, 1)
+            else:
+                pool = bind_pool(self.database_url, bench.pepper, kind, bench.plan.rotation_sessions)
+                read_each(self.ours, pool, bench.plan.connections)
+                self.pools[kind] = pool
         return self.pools[kind]
 
 
 def start_main_targets(bench: Bench) -> MainTargets:
     progress("starting our proxy and the naive proxy in front of the static stub")
+    database_url = bench.sqlite_url("main")
     env = bench.our_env(
         "main",
-        database_url=bench.sqlite_url("main"),
+        database_url=database_url,
         api_base=bench.stubs.stub,
         token_url=f"{bench.stubs.stub}/oauth/token",
         **PLAIN_CREATE_SETTINGS,
@@ -44,7 +52,7 @@ def start_main_targets(bench: Bench) -> MainTargets:
     bench.wait_ok(ours, "/readyz")
     # The naive proxy checks no ownership: any session the stub knows will do.
     bench.wait_ok(naive, RESULT_PATH.format(session_id=f"{PENDING}-0"))
-    return MainTargets(ours=ours, naive=naive)
+    return MainTargets(ours=ours, naive=naive, database_url=database_url)
 
 
 def rotation_target(bench: Bench, main: MainTargets, system: str, pool: SessionPool) -> tuple[str, list[str]]:

@@ -84,8 +84,8 @@ def _rows(measured: dict[str, Any], added: dict[str, dict[str, float]]) -> list[
     return [
         (
             "S0 latency added at one connection (ours minus stub direct)",
-            f"+{ours['p50_us']:,.0f} µs p50, +{ours['p99_us']:,.0f} µs p99",
-            f"nginx +{nginx['p50_us']:,.0f} µs p50, +{nginx['p99_us']:,.0f} µs p99; "
+            f"{ours['p50_us']:+,.0f} µs p50, {ours['p99_us']:+,.0f} µs p99",
+            f"nginx {nginx['p50_us']:+,.0f} µs p50, {nginx['p99_us']:+,.0f} µs p99; "
             f"stub direct {latency('stub_direct')}",
             f"{ours['p50_us'] / nginx['p50_us']:.1f}x nginx's p50" if nginx["p50_us"] > 0 else "—",
             "reported next to nginx",

@@ -2,9 +2,9 @@
 rotation, through our proxy as shipped (LIVENESS_PROXY_FINAL_RESULT_STORE on: since issue 21 a
 terminal result is stored on its first read and then served without a Cynopsis call) and through
 nginx, which proxies every read; interleaved repetitions. Every session is read once before the
-first window, so that the windows measure the steady state. Our proxy's Cynopsis calls per read,
-counted at the stub, and the X-Liveness-Result-Source of a few reads show which path was measured
-(a build before issue 21 calls Cynopsis on every read and sends no such header).
+first window (main_proxies.py), so that the windows measure the steady state. Our proxy's Cynopsis
+calls per read, counted at the stub, and the X-Liveness-Result-Source of a few reads show which path
+was measured (a build before issue 21 calls Cynopsis on every read and sends no such header).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from common import RESULT_PATH, progress
 from proxies import Bench, sample_failure
-from result_paths import FINAL, StubCalls, describe_sources, read_each, sample_sources
+from result_paths import FINAL, StubCalls, describe_sources, sample_sources
 from stats import (
     Outcome,
     Row,
@@ -40,8 +40,7 @@ TARGET_TO_NGINX = 0.20
 def scenario_s1_final(bench: Bench, main: MainTargets) -> Outcome:
     plan = bench.plan
     progress(f"S1-final result read of terminal sessions: wrk -t1 -c{plan.connections} -d{plan.seconds}s")
-    pool = main.pool(bench, FINAL)
-    read_each(main.ours, pool)
+    pool = main.pool(bench, FINAL)  # bound and read once: stored, on a build with the store
     calls = StubCalls(bench.stubs)
     measurements: dict[str, Callable[[int], WrkReading]] = {
         name: functools.partial(measure_rotation, bench, main, FINAL, name) for name in SYSTEMS

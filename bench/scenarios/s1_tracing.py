@@ -31,7 +31,15 @@ import httpx
 from common import BENCH_DIR, RESULT_PATH, BenchError, progress
 from processes import cpu_seconds, free_port
 from proxies import PLAIN_CREATE_SETTINGS, Bench, Proxy, issue_api_key, sample_failure
-from result_paths import PENDING, ROTATION_SCRIPT, SessionPool, StubCalls, create_pool, our_rotation_args
+from result_paths import (
+    PENDING,
+    ROTATION_SCRIPT,
+    SessionPool,
+    StubCalls,
+    bind_pool,
+    our_rotation_args,
+    read_each,
+)
 from stats import Outcome, Row, fmt_rate_and_p99, interleaved, median_of, ratio, summarize_all
 from wrk import WrkReading, run_wrk
 
@@ -135,15 +143,15 @@ def traced_proxies(bench: Bench, sink: Sink) -> Iterator[dict[str, TracedTarget]
     try:
         for name, env in envs.items():
             proxies[name] = bench.start_ours(f"ours-s1t-{name}", env, key=keys[name])
-        for proxy in proxies.values():
+        targets = {}
+        for name, proxy in proxies.items():
             bench.wait_ok(proxy, "/readyz")
-        # Each its own sessions (S1's rotation, on its own database): both at once, as the keys.
-        with concurrent.futures.ThreadPoolExecutor(len(proxies)) as pool:
-            created = {
-                name: pool.submit(create_pool, proxy, PENDING, bench.plan.rotation_sessions)
-                for name, proxy in proxies.items()
-            }
-            targets = {name: TracedTarget(proxies[name], future.result()) for name, future in created.items()}
+            # Its own sessions, S1's rotation, in its own database, read once as S1's are.
+            sessions = bind_pool(
+                bench.sqlite_url(f"s1t-{name}"), bench.pepper, PENDING, bench.plan.rotation_sessions
+            )
+            read_each(proxy, sessions, bench.plan.connections)
+            targets[name] = TracedTarget(proxy, sessions)
         yield targets
     finally:
         # Stopped before the sink's totals are read: a shutdown flushes the spans still queued.

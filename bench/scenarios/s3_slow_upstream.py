@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import httpx
 from common import RESULT_PATH, progress
 from proxies import Bench, sample_failure
-from result_paths import PENDING, ROTATION_SCRIPT, create_pool, our_rotation_args
+from result_paths import PENDING, ROTATION_SCRIPT, bind_pool, our_rotation_args, read_each
 from stats import (
     Outcome,
     fmt_met,
@@ -40,8 +40,6 @@ SLOW_UPSTREAM_SECONDS = 0.5
 # Our p99 against nginx's, in front of the same stub.
 P99_TO_NGINX_LIMIT = 1.1
 WRK_THREADS = 2
-# Sessions created at once: each takes two 500 ms calls (session token, create).
-CREATE_CONCURRENCY = 512
 
 
 def measure_slow_read(
@@ -105,7 +103,10 @@ def scenario_s3(bench: Bench) -> Outcome:
     naive = bench.start_naive("naive-slow", bench.stubs.slow_stub)
     try:
         bench.wait_ok(ours, "/readyz")
-        pool = create_pool(ours, PENDING, plan.rotation_sessions, CREATE_CONCURRENCY)
+        pool = bind_pool(bench.sqlite_url("s3"), bench.pepper, PENDING, plan.rotation_sessions)
+        # Once each, as S1's (the bindings in the proxy's cache); on every connection, as each
+        # read waits 500 ms.
+        read_each(ours, pool, connections)
         path = RESULT_PATH.format(session_id=pool.session_id(0))
         bench.wait_ok(naive, path)
         headers = ours.headers()
