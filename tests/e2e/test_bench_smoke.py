@@ -215,6 +215,7 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
             _assert_spread(scenarios["S3"]["measured"][system], figure, f"S3/{system}")
     for ratio in ("ours_to_ideal", "ours_to_nginx", "ours_p99_to_nginx_p99"):
         assert _is_number(scenarios["S3"]["ratios"][ratio]), ratio
+    _assert_spread(scenarios["S3"]["measured"]["ours"], "stub_calls_per_read", "S3/ours")
 
     # S4: token requests counted (no judgement of the count: that is the benchmark's to report).
     s4 = scenarios["S4"]
