@@ -70,13 +70,15 @@ class ProxyDatabase:
         finally:
             self._runner.close()
 
-    def bind_sessions(self, prefix: str, count: int) -> None:
-        """`count` sessions `<prefix>-<n>`, bound by the proxy's own binding writer (group commit,
-        as the create route binds them) with the finalizer's first follow-up due at once."""
-        self._runner.run(self._bind_sessions(prefix, count))
+    def bind_sessions(self, prefix: str, count: int, *, first_followup_seconds: float | None = 0) -> None:
+        """`count` sessions `<prefix>-<n>` of the subject `bench` (the benchmark's API keys'), bound
+        by the proxy's own binding writer (group commit, as the create route binds them) with the
+        finalizer's first follow-up due after `first_followup_seconds` (None: none, as a proxy with
+        the finalizer off binds them)."""
+        self._runner.run(self._bind_sessions(prefix, count, first_followup_seconds))
 
-    async def _bind_sessions(self, prefix: str, count: int) -> None:
-        ownership = SessionOwnership(self._engine, first_followup_seconds=0)
+    async def _bind_sessions(self, prefix: str, count: int, first_followup_seconds: float | None) -> None:
+        ownership = SessionOwnership(self._engine, first_followup_seconds=first_followup_seconds)
         # A real commitment, as the create route records it: the verdict's chain event needs it.
         keys = SubjectKeys.from_settings_values(pepper=self._pepper, subject_key="")
         commitment = (await SubjectRegistry(self._engine, keys).resolve("bench")).commitment

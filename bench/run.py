@@ -5,8 +5,10 @@ proxy (the floor), all in front of one static nginx stub of the Cynopsis API, on
                                   [--out bench/results] [--profile | --profile-only] [--update-docs]
                                   [--fleet auto|require|skip]
 
-Scenarios (see bench/README.md): S1 result read, S1t the same with tracing off, on at sampling 0%
-and on at 100% (in S1's repetitions), S1s the same beside slow readers, S2 create
+Scenarios (see bench/README.md): S0 the latency added at one connection, S1 result read (pending
+sessions in rotation: the uncached path), S1-final the same of terminal sessions, S1-herd 64
+connections polling one pending session (Cynopsis calls counted), S1t S1 with tracing off, on at
+sampling 0% and on at 100% (in S1's repetitions), S1s the same beside slow readers, S2 create
 session, S2i and S2b what an Idempotency-Key and session-token binding cost a create, S3 slow
 upstream (500 ms), S4 token stampede (one process, and a fleet on PostgreSQL + Redis), S5 memory
 over many requests, S6 start-up time, S7 the finalizer's cost to S1/S2 (on vs off) and the
@@ -45,6 +47,9 @@ from profiling import profile_scenario
 from proxies import PROXY_LOG_LEVEL, Bench
 from report import machine_info, markdown_table, render_chart, update_docs
 from scenarios.main_proxies import MainTargets, start_main_targets
+from scenarios.s0_added_latency import scenario_s0
+from scenarios.s1_final import scenario_s1_final
+from scenarios.s1_herd import scenario_s1_herd
 from scenarios.s1_slow_readers import scenario_s1_slow_readers
 from scenarios.s1_tracing import S1_FAMILY, scenario_s1_family
 from scenarios.s2_costs import S2_FAMILY, scenario_s2_family
@@ -57,18 +62,29 @@ from scenarios.s8_auth_flood import scenario_s8
 from stats import Outcome, Row
 from stubs import start_nginx
 
-ALL_SCENARIOS = ("S1", "S1t", "S1s", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7", "S8")
-_SCENARIO_NAMES = {name.upper(): name for name in ALL_SCENARIOS}
+ALL_SCENARIOS = (
+    "S0", "S1", "S1-final", "S1-herd", "S1t", "S1s", "S2", "S2i", "S2b", "S3", "S4", "S5", "S6", "S7", "S8",
+)  # fmt: skip
+# --scenarios ignores case and hyphens: s1final, S1-FINAL and S1-final are one scenario.
+_SCENARIO_NAMES = {name.upper().replace("-", ""): name for name in ALL_SCENARIOS}
+# Those that read through the main proxies (scenarios/main_proxies.py).
+_ON_MAIN_PROXIES = {"S0", "S1", "S1-final", "S1-herd", "S1t", "S2", "S2i", "S5"}
 
 
 def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[dict[str, Any], list[Row]]:
     chosen = bench.plan.scenarios
     outcomes: dict[str, Outcome] = {}
     main: MainTargets | None = None
-    if {"S1", "S1t", "S2", "S2i"} & set(chosen) or profile or "S5" in chosen:
+    if _ON_MAIN_PROXIES & set(chosen) or profile:
         main = start_main_targets(bench)
     if set(S1_FAMILY) & set(chosen) and main is not None:
         outcomes |= scenario_s1_family(bench, main, chosen)
+    if "S0" in chosen and main is not None:
+        outcomes["S0"] = scenario_s0(bench, main)
+    if "S1-final" in chosen and main is not None:
+        outcomes["S1-final"] = scenario_s1_final(bench, main)
+    if "S1-herd" in chosen and main is not None:
+        outcomes["S1-herd"] = scenario_s1_herd(bench, main)
     if "S1s" in chosen:
         outcomes["S1s"] = scenario_s1_slow_readers(bench)
     if set(S2_FAMILY) & set(chosen):
@@ -88,8 +104,10 @@ def run_scenarios(bench: Bench, out: Path, date: str, profile: bool) -> tuple[di
         outcomes["S7"] = scenario_s7(bench)
     if "S8" in chosen:
         outcomes["S8"] = scenario_s8(bench)
-    rows = [row for outcome in outcomes.values() for row in outcome.rows]
-    return {name: outcome.data for name, outcome in outcomes.items()}, rows
+    # In the order of ALL_SCENARIOS (S0 first), whatever order they ran in.
+    ordered = [name for name in ALL_SCENARIOS if name in outcomes]
+    rows = [row for name in ordered for row in outcomes[name].rows]
+    return {name: outcomes[name].data for name in ordered}, rows
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -102,7 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios",
         # Case-insensitive (s2i, S2I and S2i are one scenario); unknown names are kept to be refused.
         type=lambda text: tuple(
-            _SCENARIO_NAMES.get(part.strip().upper(), part.strip())
+            _SCENARIO_NAMES.get(part.strip().upper().replace("-", ""), part.strip())
             for part in text.split(",")
             if part.strip()
         ),
@@ -115,7 +133,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="also profile one S1 and one S2 run with py-spy"
     )
     parser.add_argument("--profile-only", action="store_true", help="only the py-spy runs of S1 and S2")
-    parser.add_argument("--update-docs", action="store_true", help="table and chart into docs/performance.*")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="table and chart into docs/performance.* and README.md's performance section",
+    )
     parser.add_argument(
         "--fleet",
         choices=("auto", "require", "skip"),

@@ -1,6 +1,7 @@
 """The nginx stubs: one nginx process (bench/stub-nginx.conf, one worker) serving the static stub of
 the Cynopsis API, the nginx reference proxy, the slow (500 ms) stub and its nginx proxy, and S4's
-token stub, whose log counts the token requests.
+token stub, whose log counts the token requests; its count of requests served and the log of our
+proxy's reads of S1-herd's session count our proxy's Cynopsis calls.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from common import BENCH_DIR, BenchError
 from plan import Plan
 from processes import Children, free_port
@@ -29,6 +31,8 @@ class Stubs:
     slow_nginx_proxy_port: int
     token_stub_port: int
     token_log: Path
+    # Our proxy's reads of the herd session (`herd-<n>`), one line each, `$msec` first.
+    herd_log: Path
 
     @property
     def stub(self) -> str:
@@ -69,6 +73,7 @@ def render_nginx_conf(stubs: Stubs, *, token_lifetime_seconds: int, open_files: 
         "slow_nginx_proxy_port": stubs.slow_nginx_proxy_port,
         "token_stub_port": stubs.token_stub_port,
         "token_log": stubs.token_log,
+        "herd_log": stubs.herd_log,
         "token_lifetime": token_lifetime_seconds,
         "nofile": open_files,
     }
@@ -95,6 +100,7 @@ def start_nginx(children: Children, prefix: Path, plan: Plan, open_files: int) -
         slow_nginx_proxy_port=free_port(),
         token_stub_port=free_port(),
         token_log=prefix / "s4-token-requests.log",
+        herd_log=prefix / "s1-herd-calls.log",
     )
     conf = prefix / "nginx.conf"
     conf.write_text(
@@ -121,8 +127,20 @@ def start_nginx(children: Children, prefix: Path, plan: Plan, open_files: int) -
     return stubs
 
 
+def requests_served(stubs: Stubs) -> int:
+    """Requests the nginx process has served so far, every server together (stub_status). Read
+    around one of our proxy's windows, the difference is its Cynopsis calls (nothing else talks to
+    nginx then), plus this request itself."""
+    answer = httpx.get(f"{stubs.stub}/bench/stub_status", timeout=10)
+    match = re.search(r"^\s*\d+\s+\d+\s+(\d+)\s*$", answer.text, re.MULTILINE)
+    if answer.status_code != 200 or match is None:
+        raise BenchError(f"nginx stub_status: unexpected answer {answer.status_code}: {answer.text[:300]}")
+    return int(match.group(1))
+
+
 def token_request_times(log: Path) -> list[float]:
-    """Epoch times of the S4 token stub's requests, one log line each ($msec first)."""
+    """Epoch times of the S4 token stub's requests (or of S1-herd's Cynopsis calls: the same
+    format), one log line each ($msec first)."""
     if not log.exists():
         return []
     return [float(line.split()[0]) for line in log.read_text().splitlines() if line.strip()]

@@ -1,6 +1,6 @@
 """S1t, what tracing costs a result read, measured in S1's own interleaved repetitions: S1's read
-(wrk GET, one session, c64) against our main proxy with tracing off (S1's "ours") and against two
-more of our proxies, each on its own SQLite database, with tracing on:
+(wrk GET, pending sessions in rotation, c64) against our main proxy with tracing off (S1's "ours")
+and against two more of our proxies, each on its own SQLite database (and sessions), with tracing on:
 
 - ours_trace0: OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0. wrk sends
   no traceparent, so every trace is a root the ratio sampler drops: the cost of spans that are
@@ -30,7 +30,16 @@ from typing import Any
 import httpx
 from common import BENCH_DIR, RESULT_PATH, BenchError, progress
 from processes import cpu_seconds, free_port
-from proxies import PLAIN_CREATE_SETTINGS, Bench, Proxy, create_session, issue_api_key, sample_failure
+from proxies import PLAIN_CREATE_SETTINGS, Bench, Proxy, issue_api_key, sample_failure
+from result_paths import (
+    PENDING,
+    ROTATION_SCRIPT,
+    SessionPool,
+    StubCalls,
+    bind_pool,
+    our_rotation_args,
+    read_each,
+)
 from stats import Outcome, Row, fmt_rate_and_p99, interleaved, median_of, ratio, summarize_all
 from wrk import WrkReading, run_wrk
 
@@ -106,7 +115,8 @@ def running_sink(bench: Bench) -> Iterator[Sink]:
 @dataclass(frozen=True, slots=True)
 class TracedTarget:
     proxy: Proxy
-    session_id: str
+    # Its own sessions, read in rotation as S1 reads the main proxy's.
+    pool: SessionPool
 
 
 @contextlib.contextmanager
@@ -136,7 +146,12 @@ def traced_proxies(bench: Bench, sink: Sink) -> Iterator[dict[str, TracedTarget]
         targets = {}
         for name, proxy in proxies.items():
             bench.wait_ok(proxy, "/readyz")
-            targets[name] = TracedTarget(proxy, create_session(proxy))
+            # Its own sessions, S1's rotation, in its own database, read once as S1's are.
+            sessions = bind_pool(
+                bench.sqlite_url(f"s1t-{name}"), bench.pepper, PENDING, bench.plan.rotation_sessions
+            )
+            read_each(proxy, sessions, bench.plan.connections)
+            targets[name] = TracedTarget(proxy, sessions)
         yield targets
     finally:
         # Stopped before the sink's totals are read: a shutdown flushes the spans still queued.
@@ -145,8 +160,14 @@ def traced_proxies(bench: Bench, sink: Sink) -> Iterator[dict[str, TracedTarget]
 
 
 def _read(bench: Bench, target: TracedTarget, seconds: int) -> WrkReading:
-    url = target.proxy.url + RESULT_PATH.format(session_id=target.session_id)
-    return run_wrk(url, connections=bench.plan.connections, seconds=seconds, headers=target.proxy.headers())
+    return run_wrk(
+        target.proxy.url + "/",
+        connections=bench.plan.connections,
+        seconds=seconds,
+        headers=target.proxy.headers(),
+        script=ROTATION_SCRIPT,
+        script_args=our_rotation_args(target.pool),
+    )
 
 
 def _reads_served(section: dict[str, Any]) -> int:
@@ -250,13 +271,14 @@ def scenario_s1_family(bench: Bench, main: MainTargets, chosen: Sequence[str]) -
     """S1 and S1t, those of them in `chosen`, in one set of interleaved repetitions."""
     wanted = [name for name in S1_FAMILY if name in chosen]
     progress(f"{'/'.join(wanted)} result read: wrk -t1 -c{bench.plan.connections} -d{bench.plan.seconds}s")
-    measurements = s1_measurements(bench, main)
+    calls = StubCalls(bench.stubs)
+    measurements = s1_measurements(bench, main, calls)
     if "S1" not in wanted:  # S1t alone: its baseline only
         measurements = {"ours": measurements["ours"]}
     if "S1t" not in wanted:
         readings, warmups = interleaved(bench.plan, bench.plan.seconds, measurements)
         readings["stub_direct"] = [measure_stub_direct(bench, main)]
-        return {"S1": s1_outcome(bench, main, summarize_all(readings, warmups))}
+        return {"S1": s1_outcome(bench, main, summarize_all(readings, warmups), calls)}
     cpu = ProxyCpu()
     measurements["ours"] = cpu.around("ours", main.ours.process.pid, measurements["ours"])
     outcomes: dict[str, Outcome] = {}
@@ -275,11 +297,11 @@ def scenario_s1_family(bench: Bench, main: MainTargets, chosen: Sequence[str]) -
             for name, target in targets.items():
                 if measured[name]["non_2xx"]["max"] > 0:
                     measured[name]["sample_failure"] = sample_failure(
-                        target.proxy, "GET", RESULT_PATH.format(session_id=target.session_id)
+                        target.proxy, "GET", RESULT_PATH.format(session_id=target.pool.session_id(0))
                     )
         totals = sink.counts()
         sink_cpu_seconds = cpu_seconds(sink.pid) - sink_cpu_before
     if "S1" in wanted:
-        outcomes["S1"] = s1_outcome(bench, main, measured)
+        outcomes["S1"] = s1_outcome(bench, main, measured, calls)
     outcomes["S1t"] = s1t_outcome(bench, measured, cpu, sink, totals, sink_cpu_seconds)
     return outcomes

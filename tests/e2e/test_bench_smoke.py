@@ -1,8 +1,8 @@
-"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S1-S8, S1t
-and S1s beside S1, and S2i and S2b beside S2) against nginx stubs, the naive proxy and our proxy, and writes
-its JSON, Markdown and chart. Nothing here judges a timing or a target: the smoke run is too short
-for either to mean anything. What it proves is that every scenario runs, reports numbers and
-ratios, and that our proxy answered 2xx throughout.
+"""The benchmark harness end to end, tiny: `bench/run.py --smoke` runs every scenario (S0-S8, S1t,
+S1s, S1-final and S1-herd beside S1, and S2i and S2b beside S2) against nginx stubs, the naive proxy
+and our proxy, and writes its JSON, Markdown and chart. Nothing here judges a timing or a target:
+the smoke run is too short for either to mean anything. What it proves is that every scenario runs,
+reports numbers and ratios, and that our proxy answered 2xx throughout.
 
 Needs wrk, nginx and nginx's echo module (Debian: wrk, nginx-light, libnginx-mod-http-echo; .ci/run
 and bench/install-tools install them). Without them the test is skipped, unless
@@ -29,7 +29,11 @@ import pytest
 from services import REQUIRE_SERVICES, postgres_problem, redis_problem
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
-SCENARIOS = ("S1", "S1s", "S1t", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7", "S8")
+SCENARIOS = (
+    "S0", "S1", "S1-final", "S1-herd", "S1s", "S1t", "S2", "S2b", "S2i", "S3", "S4", "S5", "S6", "S7", "S8",
+)  # fmt: skip
+# X-Liveness-Result-Source (issue 21), or "absent" on a build before it.
+RESULT_SOURCES = {"upstream", "shared", "stored", "absent"}
 ECHO_MODULE = Path("/usr/share/nginx/modules/ngx_http_echo_module.so")
 
 
@@ -116,6 +120,41 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
         assert _is_number(scenarios["S1"]["ratios"][ratio]), ratio
     for ratio in ("ours_to_ours_s1", "ours_to_nginx", "ours_to_naive"):
         assert _is_number(scenarios["S2"]["ratios"][ratio]), ratio
+    # S1 read pending sessions in rotation: our proxy called Cynopsis for its reads (how many per
+    # read is for the benchmark to judge: the smoke run's rotation is short) and said, or did not
+    # say, where its sampled answers came from.
+    s1_path = scenarios["S1"]["uncached_path"]
+    assert s1_path["sessions_in_rotation"] == report["plan"]["rotation_sessions"]
+    _assert_spread(s1_path, "stub_calls_per_read", "S1/uncached_path")
+    assert s1_path["stub_calls_per_read"]["max"] > 0, s1_path
+    assert set(s1_path["result_sources_sampled"]) <= RESULT_SOURCES, s1_path
+    assert sum(s1_path["result_sources_sampled"].values()) > 0, s1_path
+    # S0: one connection through ours, nginx and the stub direct; the latency each proxy adds.
+    s0 = scenarios["S0"]
+    for system in ("ours", "nginx", "stub_direct"):
+        for figure in ("requests_per_second", "p50_ms", "p99_ms", "non_2xx"):
+            _assert_spread(s0["measured"][system], figure, f"S0/{system}")
+        assert s0["measured"][system]["non_2xx"]["max"] == 0, system
+    for ratio in ("ours_added_p50_us", "ours_added_p99_us", "nginx_added_p50_us", "nginx_added_p99_us"):
+        assert _is_number(s0["ratios"][ratio]), ratio
+    # S1-final and S1-herd: ours and nginx, every read 2xx; our proxy's Cynopsis calls counted (the
+    # herd's per window, from the stub's log: at least the first read's call, whatever the build).
+    for name in ("S1-final", "S1-herd"):
+        measured = scenarios[name]["measured"]
+        for system in ("ours", "nginx"):
+            for figure in ("requests_per_second", "p50_ms", "p99_ms", "non_2xx"):
+                _assert_spread(measured[system], figure, f"{name}/{system}")
+            assert measured[system]["non_2xx"]["max"] == 0, (
+                name,
+                system,
+                measured[system].get("sample_failure"),
+            )
+        assert _is_number(scenarios[name]["ratios"]["ours_to_nginx"]), name
+        assert set(measured["ours"]["result_sources_sampled"]) <= RESULT_SOURCES, name
+    _assert_spread(scenarios["S1-final"]["measured"]["ours"], "stub_calls_per_read", "S1-final/ours")
+    herd = scenarios["S1-herd"]["measured"]["ours"]
+    assert [window["calls"] > 0 for window in herd["stub_calls"]] == [True] * report["plan"]["reps"], herd
+    _assert_spread(herd, "stub_calls_per_reuse_window", "S1-herd/ours")
     # S1t: S1's read with tracing on at sampling 0% and 100%, in S1's repetitions beside its "ours"
     # (off); the sink counted the exports: none at 0% (nothing sampled), spans at 100%.
     s1t = scenarios["S1t"]
@@ -174,8 +213,9 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     for system in ("ours", "nginx", "naive"):
         for figure in ("requests_per_second", "p99_ms", "errors"):
             _assert_spread(scenarios["S3"]["measured"][system], figure, f"S3/{system}")
-    for ratio in ("ours_to_ideal", "ours_to_nginx"):
+    for ratio in ("ours_to_ideal", "ours_to_nginx", "ours_p99_to_nginx_p99"):
         assert _is_number(scenarios["S3"]["ratios"][ratio]), ratio
+    _assert_spread(scenarios["S3"]["measured"]["ours"], "stub_calls_per_read", "S3/ours")
 
     # S4: token requests counted (no judgement of the count: that is the benchmark's to report).
     s4 = scenarios["S4"]
