@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from common import PY_SPY, BenchError, progress
+from processes import cpu_seconds
+from profile_breakdown import breakdown, render
 from proxies import Bench
 from scenarios.main_proxies import MainTargets, measure_create_session, measure_result_read
 
@@ -87,7 +89,11 @@ def profile_scenario(bench: Bench, main: MainTargets, scenario: str, out: Path, 
     # the database driver's worker thread, waiting on its queue, shows up as a third of the time.
     time.sleep(0.5)  # attached before the load starts, so the samples cover all of it
     measure = measure_result_read if scenario == "S1" else measure_create_session
+    cpu_before = cpu_seconds(main.ours.process.pid)
     reading = measure(bench, main, "ours", seconds)
+    # The CPU of the whole process (its threads too) over the window, sampler included: py-spy
+    # reads from outside, so this is what turns each component's share into microseconds.
+    cpu_us_per_request = (cpu_seconds(main.ours.process.pid) - cpu_before) / max(reading.requests, 1) * 1e6
     with contextlib.suppress(subprocess.TimeoutExpired):
         spy.wait(timeout=seconds + 60)
     log = bench.children.log_tail(spy)
@@ -100,5 +106,9 @@ def profile_scenario(bench: Bench, main: MainTargets, scenario: str, out: Path, 
         f"{reading.requests_per_second:,.0f} req/s (py-spy --gil at {PROFILE_RATE_HZ} Hz, under load)"
     )
     text = render_top(title, total, own, inclusive)
+    components = render(breakdown(output.read_text()), round(cpu_us_per_request))
+    text += (
+        f"\nby component ({cpu_us_per_request:,.0f} µs of CPU per request in this window):\n\n{components}\n"
+    )
     (out / f"profile-{scenario}-{date}.top.txt").write_text(text)
     return text
