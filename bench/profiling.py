@@ -16,6 +16,7 @@ from common import PY_SPY, BenchError, progress
 from processes import cpu_seconds
 from profile_breakdown import breakdown, render
 from proxies import Bench
+from result_paths import PENDING
 from scenarios.main_proxies import MainTargets, measure_create_session, measure_result_read
 
 PROFILE_RATE_HZ = 250
@@ -76,6 +77,10 @@ def profile_scenario(bench: Bench, main: MainTargets, scenario: str, out: Path, 
     """One extra S1 or S2 run with py-spy sampling our proxy; returns the top-functions text."""
     seconds = bench.plan.seconds
     output = out / f"profile-{scenario}-{date}.txt"
+    if scenario == "S1":
+        # Bound and read once before the sampler attaches (a pool is made on first use): the profile
+        # is of the steady state, not of the first reads that fetch each binding from the database.
+        main.pool(bench, PENDING)
     progress(f"profiling {scenario}: py-spy record --rate {PROFILE_RATE_HZ} for {seconds} s")
     spy = bench.children.start(
         f"py-spy-{scenario}",
