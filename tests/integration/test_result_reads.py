@@ -169,22 +169,27 @@ def test_with_a_window_of_0_every_sequential_read_calls_upstream(make_proxy: Mak
 def test_a_starter_that_goes_away_does_not_fail_the_callers_waiting_on_its_call(
     make_proxy: MakeProxy,
 ) -> None:
+    """The call runs in the task of the read that started it: when that read's client goes away,
+    the call goes with it, and a read that was waiting on it makes the call itself."""
     with make_proxy(proxy_overrides=SLOW_UPSTREAM) as proxy, ThreadPoolExecutor(4) as pool:
         with proxy.client() as client:
             session_id = proxy.create_session(client)
-        slow_result(proxy, 1.5)
-        starter = in_background(pool, proxy, session_id, timeout=0.3)
+        slow_result(proxy, 1.0)
+        starter = in_background(pool, proxy, session_id, timeout=0.5)
         wait_until(lambda: proxy.result_reads(session_id) == 1)
+        waiting = in_background(pool, proxy, session_id)
         with pytest.raises(httpx.ReadTimeout):
             starter.result()  # the starter's request is cancelled in the proxy
-        follower = read(proxy, session_id)
+        follower = waiting.result()
         calls = proxy.result_reads(session_id)
         rows = proxy.audit_rows()
-    assert (follower.status_code, follower.headers[SOURCE]) == (200, "shared")
+    assert (follower.status_code, follower.headers[SOURCE]) == (200, "upstream")
     assert follower.json()["status"] == "CREATED"
-    assert calls == 1
+    assert calls == 2
     [cancelled] = [row for row in rows if row["action"] == "result.read" and row["status"] == 499]
     assert (cancelled["problem"], detail_of(cancelled)) == ("cancelled", {"result_source": "upstream"})
+    [answered] = [row for row in rows if row["action"] == "result.read" and row["status"] == 200]
+    assert detail_of(answered) == {"result_source": "upstream"}
 
 
 def test_a_failed_call_is_shared_by_its_waiting_callers_only_and_never_reused(make_proxy: MakeProxy) -> None:

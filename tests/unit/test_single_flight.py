@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from liveness_proxy.errors import ServiceUnavailable, UpstreamRateLimited
+from liveness_proxy.errors import UpstreamRateLimited
 from liveness_proxy.sandbox import ManualClock
 from liveness_proxy.upstream import SingleFlight
 
@@ -29,8 +29,8 @@ class Calls:
         return f"answer {self.made}"
 
 
-def flights(clock: ManualClock, reuse: float = 0.3, **options: float) -> SingleFlight[str, str]:
-    return SingleFlight(reuse_seconds=reuse, clock=clock.now, **options)  # type: ignore[arg-type]
+def flights(clock: ManualClock, reuse: float = 0.3, **options: int) -> SingleFlight[str, str]:
+    return SingleFlight(reuse_seconds=reuse, clock=clock.now, **options)
 
 
 async def test_concurrent_callers_share_one_call_and_only_the_first_started_it() -> None:
@@ -83,18 +83,40 @@ async def test_an_error_reaches_each_waiting_caller_as_its_own_copy_and_is_never
     assert await flight.join("s", call).value() == "answer 2"
 
 
-async def test_a_cancelled_caller_leaves_the_call_to_the_others() -> None:
+async def test_a_cancelled_joiner_cancels_nothing_else() -> None:
     clock, call = ManualClock(), Calls()
     flight = flights(clock)
-    first = asyncio.ensure_future(flight.join("s", call).value())
-    second = flight.join("s", call)
+    starter = asyncio.ensure_future(flight.join("s", call).value())
     await asyncio.sleep(0)
-    first.cancel()
+    leaving = asyncio.ensure_future(flight.join("s", call).value())
+    staying = flight.join("s", call)
+    await asyncio.sleep(0)
+    leaving.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await leaving
     call.release.set()
-    assert await second.value() == "answer 1"
+    assert (await starter, await staying.value(), staying.started) == ("answer 1", "answer 1", False)
     assert call.made == 1
+
+
+async def test_when_the_starter_leaves_its_joiners_make_the_call_themselves() -> None:
+    """The call runs in the starter's own task: cancelled with it (its client went away), the call
+    is made again by one of the callers still waiting, and the others join that one."""
+    clock, call = ManualClock(), Calls()
+    flight = flights(clock)
+    starter = asyncio.ensure_future(flight.join("s", call).value())
+    await asyncio.sleep(0)
+    joined = [flight.join("s", call) for _ in range(3)]
+    waiting = [asyncio.ensure_future(place.value()) for place in joined]
+    await asyncio.sleep(0)
+    starter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starter
+    call.release.set()
+    assert await asyncio.gather(*waiting) == ["answer 2"] * 3
+    assert [place.started for place in joined] == [True, False, False]
+    assert call.made == 2
+    assert flight.in_flight == 0
 
 
 async def test_forget_all_drops_reused_values_and_keeps_a_call_in_flight_from_leaving_its_own() -> None:
@@ -121,16 +143,14 @@ async def test_the_reused_values_are_bounded() -> None:
     assert flight.join("a", call).started  # the oldest went first
 
 
-async def test_close_lets_calls_finish_for_the_grace_then_cancels_them() -> None:
+async def test_after_close_nothing_is_kept_and_calls_still_answer() -> None:
     clock, call = ManualClock(), Calls()
-    flight = flights(clock, close_grace_seconds=0.05)
+    flight = flights(clock, reuse=5)
     waiting = flight.join("s", call)
     await flight.close()
-    assert flight.in_flight == 0
-    with pytest.raises(ServiceUnavailable):
-        await waiting.value()
-    # After close a caller's call runs in its own task, shared with nobody.
     call.release.set()
+    assert await waiting.value() == "answer 1"
+    assert flight.reused == 0
     late = flight.join("s", call)
     assert (await late.value(), late.started) == ("answer 2", True)
 

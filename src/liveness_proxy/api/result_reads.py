@@ -100,13 +100,13 @@ class ResultReads:
             owner.session_id,
             functools.partial(self._read_upstream, owner, request_id, caller_secrets, may_store=by_owner),
         )
-        source: ResultSource = "upstream" if joined.started else "shared"
-        audit.detail = _DETAIL[source]  # a failure shared with this caller says so too
+        audit.detail = _DETAIL["upstream" if joined.started else "shared"]  # a shared failure says so
         shaped = await joined.value()
         audit.upstream_status = shaped.status
+        # A joiner whose starter left made the call itself after all (`started` says so then).
         if not joined.started:
             shaped.refuse_caller_secrets(caller_secrets)
-        return self._answered(source, shaped.body, audit)
+        return self._answered("upstream" if joined.started else "shared", shaped.body, audit)
 
     def _answered(self, source: ResultSource, body: bytes, audit: AuditContext) -> Response:
         audit.detail = _DETAIL[source]

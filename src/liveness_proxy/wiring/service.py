@@ -360,10 +360,6 @@ async def running_service(
         result_flights: SingleFlight[str, ShapedResult] = SingleFlight(
             reuse_seconds=settings.liveness_proxy_result_reuse_seconds,
             clock=clock,
-            # A call every waiting caller left may still record a verdict; not longer than a shutdown.
-            close_grace_seconds=min(
-                settings.liveness_proxy_shutdown_timeout_seconds, settings.cynopsis_timeout_seconds
-            ),
         )
         audit = AuditLog(
             engine,
