@@ -22,7 +22,10 @@ from pathlib import Path
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tracing", ("liveness_proxy/tracing/", "opentelemetry/")),
     ("audit record (chain, group commit)", ("store/audit", "store/group_commit.py", "api/audit_policy.py")),
-    ("result reads (single flight, stored results)", ("api/result_reads.py",)),
+    (
+        "result reads (single flight, stored results)",
+        ("api/result_reads.py", "api/final_results.py", "upstream/single_flight.py"),
+    ),
     ("store reads (ownership, verdicts)", ("liveness_proxy/store/",)),
     ("upstream exchange (client, parsing, timeouts)", ("liveness_proxy/http/", "liveness_proxy/upstream/")),
     ("access log", ("observability.py", "structlog/")),
