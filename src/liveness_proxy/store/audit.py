@@ -126,17 +126,17 @@ class _DriverStatements:
 
     @classmethod
     def build(cls, dialect: Dialect) -> _DriverStatements:
-        # S608 below: the SQL is built from our own table's names, quoted by the dialect, and the
+        # S608/B608 below: the SQL is built from our own table's names, quoted by the dialect, and the
         # constant HEAD_ROW_ID; every value is a bound parameter.
         placeholder = _positional_placeholder(dialect.paramstyle)
         quote = dialect.identifier_preparer.quote
         head = quote(audit_chain_head.name)
         last_seq, last_hash, row_id = (quote(name) for name in ("last_seq", "last_hash", "id"))
         where = f"WHERE {row_id} = {int(HEAD_ROW_ID)}"
-        lock_head = f"UPDATE {head} SET {last_seq} = {last_seq} + {placeholder(1)} {where}"  # noqa: S608
+        lock_head = f"UPDATE {head} SET {last_seq} = {last_seq} + {placeholder(1)} {where}"  # noqa: S608 # nosec B608
         return cls(
             lock_head=f"{lock_head} RETURNING {last_seq}, {last_hash}",
-            store_head_hash=f"UPDATE {head} SET {last_hash} = {placeholder(1)} {where}",  # noqa: S608
+            store_head_hash=f"UPDATE {head} SET {last_hash} = {placeholder(1)} {where}",  # noqa: S608 # nosec B608
             quote=quote,
             placeholder=placeholder,
             _inserts={},
@@ -152,7 +152,8 @@ class _DriverStatements:
             names = ", ".join(self.quote(name) for name in columns)
             marks = ", ".join(self.placeholder(position) for position in range(1, len(columns) + 1))
             table = self.quote(audit_records.name)
-            sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"  # noqa: S608 - as in build
+            # Our own table's names, quoted by the dialect, as in `build`; every value is bound.
+            sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"  # noqa: S608 # nosec B608
             known = self._inserts[columns] = (sql, operator.itemgetter(*columns))
         return known
 

@@ -84,9 +84,11 @@ class Joined(Generic[V]):
             return self._reused.value
         if self._flight is not None:
             return await self._flights._fly(self._key, self._call, self._flight)
-        assert self._waiter is not None
+        waiter = self._waiter
+        if waiter is None:  # a place is a reused value, the call's maker or a joiner: never none
+            raise RuntimeError("a place in a single flight with nothing to wait for")
         try:
-            return await self._waiter
+            return await waiter
         except _StarterLeft:
             again = self._flights.join(self._key, self._call)
             value = await again.value()
