@@ -65,7 +65,6 @@ from liveness_proxy.errors import (
     render_problem,
 )
 from liveness_proxy.middleware import new_request_id, request_id_of
-from liveness_proxy.serving.cycle import CoalescingCycle
 from liveness_proxy.wiring import ServeOptions
 
 # " HTTP/1.1\r\n" after the target; ": " and CRLF of each header field; the empty line at the end.
@@ -317,7 +316,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or not self._request_in_flight():
             return
         cycle = self.cycle
-        if self.pipeline or _answer_on_the_wire(cycle):
+        if self.pipeline or cycle.response_started:
             # Half an answer cannot be taken back, and with pipelined requests queued `cycle` is
             # not the one running: the client sees the connection cut.
             self.transport.close()
@@ -388,9 +387,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- refusals ------------------------------------------------------------------------------
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # uvicorn builds its own cycle class inside on_headers_complete; ours only changes `send`
-        # (one write per answer) and adds no state of its own, so the instance can take its class.
-        cycle.__class__ = CoalescingCycle
         self._running_cycle = cycle
         super()._start_asgi_task(cycle, functools.partial(self._run_app_unless_refused, cycle, app))
 
@@ -413,7 +409,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._write_refusal(error, new_request_id())
             return
         cycle = self.cycle
-        if self._body_incomplete and not self.pipeline and not _answer_on_the_wire(cycle):
+        if self._body_incomplete and not self.pipeline and not cycle.response_started:
             # The refusal is about the body of the request the app is running (bad framing, too many
             # trailers), and the app has not begun its answer: it would wait for the rest of the
             # body until its body deadline. The refusal is the request's answer instead.
@@ -462,12 +458,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.transport.write(STATUS_LINE[error.response_status()] + head + b"\r\n" + body)
         self.transport.close()
-
-
-def _answer_on_the_wire(cycle: RequestResponseCycle) -> bool:
-    """Whether any of the app's answer was written: a head CoalescingCycle still holds (its body has
-    not come) was not, so a refusal can still take its place."""
-    return cycle.response_started and not getattr(cycle, "held_head", b"")
 
 
 def protocol_class(limits: ServeLimits) -> Callable[..., asyncio.Protocol]:
