@@ -137,10 +137,6 @@ class SingleFlight(Generic[K, V]):
     def reused(self) -> int:
         return len(self._reused)
 
-    def forget(self, key: K) -> None:
-        """Drops `key`'s reused value (a call in flight still answers the callers waiting on it)."""
-        self._reused.pop(key, None)
-
     def forget_all(self) -> None:
         """Drops every reused value, and keeps the calls in flight from leaving theirs."""
         self._reused.clear()
